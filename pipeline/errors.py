@@ -1,0 +1,37 @@
+"""The project's exception types.
+
+Every error a user can cause (a bad path, a bad option, a bad file) is a
+:class:`PipelineError`: the CLI prints its message on one line and exits with
+status 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PipelineError(Exception):
+    """A user-facing error: the message says what was wrong and how to fix it."""
+
+
+class DataError(PipelineError):
+    """The image folder is missing, empty or badly laid out."""
+
+
+class BackboneError(PipelineError):
+    """Unknown backbone, bad input size, unknown layer."""
+
+
+class WeightsError(PipelineError):
+    """Weights cannot be found, read or do not fit the backbone."""
+
+
+class CacheError(PipelineError):
+    """A feature cache is missing, stale, locked or malformed."""
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ``"; did you mean a, b?"`` for the closest choices, or ``""``."""
+    close = difflib.get_close_matches(word.lower(), list(choices), n=n, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""
