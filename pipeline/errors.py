@@ -31,6 +31,18 @@ class CacheError(PipelineError):
     """A feature cache is missing, stale, locked or malformed."""
 
 
+class HeadError(PipelineError):
+    """A head cannot be fitted, loaded or used: unknown name, bad cache, wrong features."""
+
+
+class ReportError(PipelineError):
+    """Nothing to report, or a results file that cannot be read."""
+
+
+class PredictError(PipelineError):
+    """A model or image input that ``predict`` cannot use."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``"; did you mean a, b?"`` for the closest choices, or ``""``."""
     close = difflib.get_close_matches(word.lower(), list(choices), n=n, cutoff=0.5)

@@ -1,0 +1,73 @@
+"""Small Keras layers that saved models carry, registered so they load by name.
+
+:class:`ImagePreprocessing` puts a backbone's ImageNet preprocessing inside a
+model, so a saved fine-tuned model takes plain RGB images with values 0..255
+and nobody has to remember means or channel order. It is registered with
+``keras.saving.register_keras_serializable``, so ``keras.saving.load_model``
+reads it with the default ``safe_mode=True`` once this module is imported
+(``pipeline.finetune.load_finetuned`` does that for you).
+
+This module imports Keras at import time; the rest of the package imports it
+lazily.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from pipeline.backbones import (
+    _CAFFE_BGR_MEAN,
+    _TORCH_MEAN,
+    _TORCH_STD,
+    PREPROCESSING_MODES,
+)
+from pipeline.errors import BackboneError
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class ImagePreprocessing(keras.layers.Layer):
+    """Keras ImageNet preprocessing as a layer (no weights).
+
+    Computes exactly what :func:`pipeline.backbones.preprocess` computes on
+    NumPy arrays: ``caffe`` (RGB to BGR, minus the BGR means), ``tf`` (scale
+    to [-1, 1]), ``torch`` (scale to [0, 1], ImageNet mean and std) or
+    ``none`` (identity: the backbone rescales inside itself).
+
+    Parameters
+    ----------
+    mode : str
+        One of ``"caffe"``, ``"tf"``, ``"torch"``, ``"none"``.
+    """
+
+    def __init__(self, mode: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if mode not in PREPROCESSING_MODES:
+            raise BackboneError(
+                f"unknown preprocessing mode {mode!r}; expected one of "
+                f"{', '.join(PREPROCESSING_MODES)}"
+            )
+        self.mode = mode
+        self.supports_masking = True
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, self.compute_dtype)
+        if self.mode == "caffe":
+            x = keras.ops.flip(x, axis=-1) - _constant(_CAFFE_BGR_MEAN, self.compute_dtype)
+        elif self.mode == "tf":
+            x = x / 127.5 - 1.0
+        elif self.mode == "torch":
+            mean = _constant(_TORCH_MEAN, self.compute_dtype)
+            std = _constant(_TORCH_STD, self.compute_dtype)
+            x = (x / 255.0 - mean) / std
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mode": self.mode}
+
+
+def _constant(values: np.ndarray, dtype: str):
+    return keras.ops.convert_to_tensor(np.asarray(values, dtype=np.float32), dtype=dtype)
