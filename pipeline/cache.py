@@ -68,7 +68,9 @@ class FeatureSet:
         """``(features, labels)`` of one split."""
         mask = self.split == split
         if not mask.any():
-            raise CacheError(f"cache {self.path} has no {split!r} images (splits: {', '.join(self.splits)})")
+            raise CacheError(
+                f"cache {self.path} has no {split!r} images (splits: {', '.join(self.splits)})"
+            )
         return self.features[mask], self.labels[mask]
 
 
@@ -118,7 +120,9 @@ def _open_for_reading(path: str | Path) -> Iterator[h5py.File]:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise CacheError(f"{path} is not a readable HDF5 file ({exc}); delete it and re-run") from None
+        raise CacheError(
+            f"{path} is not a readable HDF5 file ({exc}); delete it and re-run"
+        ) from None
     with f:
         version = f.attrs.get("format_version")
         if version is None:
@@ -168,8 +172,7 @@ def cache_lock(path: str | Path) -> Iterator[None]:
 
     lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a+")
-    try:
+    with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,9 +186,7 @@ def cache_lock(path: str | Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
-        yield
-    finally:
-        handle.close()
+        yield  # closing the handle releases the lock
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -263,9 +264,14 @@ class CacheWriter:
         with h5py.File(tmp, "w") as f:
             n = len(paths)
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # all space now: no metadata writes later
+            dcpl.set_alloc_time(
+                h5py.h5d.ALLOC_TIME_EARLY
+            )  # all space now: no metadata writes later
             f.create_dataset(
-                "features", shape=(n, width), dtype=dtype, chunks=_chunk_rows(n, width, dtype),
+                "features",
+                shape=(n, width),
+                dtype=dtype,
+                chunks=_chunk_rows(n, width, dtype),
                 dcpl=dcpl,
             )
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
@@ -279,7 +285,9 @@ class CacheWriter:
         return cls(path, h5py.File(work, "r+"), progress), note
 
     @classmethod
-    def _try_resume(cls, path: Path, config_json: str, fingerprint: str, width: int) -> CacheWriter | str:
+    def _try_resume(
+        cls, path: Path, config_json: str, fingerprint: str, width: int
+    ) -> CacheWriter | str:
         try:
             progress = json.loads(progress_path_of(path).read_text())
             f = h5py.File(work_path_of(path), "r+")
@@ -297,7 +305,12 @@ class CacheWriter:
         return cls(path, f, progress)
 
     def write_batch(
-        self, start: int, features: np.ndarray, ok: np.ndarray, errors: dict[int, str], seconds: float
+        self,
+        start: int,
+        features: np.ndarray,
+        ok: np.ndarray,
+        errors: dict[int, str],
+        seconds: float,
     ) -> None:
         """Store the features of records ``start .. start + len(ok)``.
 
@@ -316,7 +329,9 @@ class CacheWriter:
                     self._file["features"][row] = values
         self._file.flush()  # the rows reach the OS before the progress says they exist
         self._progress["next_index"] = start + len(ok)
-        self._progress["skipped"].extend([start + offset, reason] for offset, reason in errors.items())
+        self._progress["skipped"].extend(
+            [start + offset, reason] for offset, reason in errors.items()
+        )
         self._progress["seconds"] = self.seconds + seconds
         _atomic_write_text(progress_path_of(self.path), json.dumps(self._progress))
 
@@ -331,12 +346,16 @@ class CacheWriter:
         keep[list(skipped)] = False
         kept = np.flatnonzero(keep)
         if len(kept) == 0:
-            raise CacheError("no image could be read; see the reasons above and check the data folder")
+            raise CacheError(
+                "no image could be read; see the reasons above and check the data folder"
+            )
         width, dtype = work["features"].shape[1], work["features"].dtype
         tmp = self.path.with_name(self.path.name + ".tmp")
         with h5py.File(tmp, "w") as out:
             features = out.create_dataset(
-                "features", shape=(len(kept), width), dtype=dtype,
+                "features",
+                shape=(len(kept), width),
+                dtype=dtype,
                 chunks=_chunk_rows(len(kept), width, dtype),
             )
             step = max(1, _CHUNK_BYTES * 16 // max(1, width * dtype.itemsize))
@@ -348,10 +367,14 @@ class CacheWriter:
                 out.create_dataset(name, data=work[name][...][keep])
             group = out.create_group("skipped")
             order = sorted(skipped)
-            group.create_dataset("paths", data=_string_array(work["paths"].asstr()[order] if order else []))
+            group.create_dataset(
+                "paths", data=_string_array(work["paths"].asstr()[order] if order else [])
+            )
             group.create_dataset("reasons", data=_string_array([skipped[i] for i in order]))
             group.create_dataset("labels", data=work["labels"][...][order].astype(np.int32))
-            group.create_dataset("split", data=_string_array(work["split"].asstr()[order] if order else []))
+            group.create_dataset(
+                "split", data=_string_array(work["split"].asstr()[order] if order else [])
+            )
             for key, value in attrs.items():
                 out.attrs[key] = _string_array(value) if isinstance(value, list | tuple) else value
             out.attrs["format_version"] = FORMAT_VERSION

@@ -32,13 +32,22 @@ def _optional_int(value: str) -> int | None:
 
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="mobilenet_v2", help="registry name (see `backbones`)")
-    p.add_argument("--weights", default="imagenet", type=_weights, help="imagenet | none | PATH to a .h5 file")
-    p.add_argument("--input-size", type=_optional_int, default=None, help="square input side (default: the backbone's)")
+    p.add_argument(
+        "--weights", default="imagenet", type=_weights, help="imagenet | none | PATH to a .h5 file"
+    )
+    p.add_argument(
+        "--input-size",
+        type=_optional_int,
+        default=None,
+        help="square input side (default: the backbone's)",
+    )
     p.add_argument("--pooling", default="avg", help="avg | max | flatten")
     p.add_argument("--layer", default=None, help="cut the backbone at this named layer")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--float16", action="store_true", help="store features as float16")
-    p.add_argument("--precision", default="float32", help="float32 | mixed_float16 | mixed_bfloat16 (GPU)")
+    p.add_argument(
+        "--precision", default="float32", help="float32 | mixed_float16 | mixed_bfloat16 (GPU)"
+    )
     p.add_argument("--workers", type=_optional_int, default=None, help="decoding threads")
     p.add_argument("--artifacts", default="artifacts", help="output root (default: artifacts)")
 
@@ -53,34 +62,53 @@ def _feature_config(args: argparse.Namespace):
     from pipeline.features import FeatureConfig
 
     return FeatureConfig(
-        backbone=args.backbone, weights=args.weights, input_size=args.input_size,
-        pooling=args.pooling, layer=args.layer or None, batch_size=args.batch_size,
-        float16=args.float16, precision=args.precision, workers=args.workers,
+        backbone=args.backbone,
+        weights=args.weights,
+        input_size=args.input_size,
+        pooling=args.pooling,
+        layer=args.layer or None,
+        batch_size=args.batch_size,
+        float16=args.float16,
+        precision=args.precision,
+        workers=args.workers,
     )
 
 
 def _split_config(args: argparse.Namespace):
     from pipeline.images import SplitConfig
 
-    return SplitConfig(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    return SplitConfig(
+        seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction
+    )
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
     from pipeline.backbones import list_backbones
 
-    rows = [("name", "keras class", "params", "input", "min", "avg/max", "flatten", "preprocessing")]
+    rows = [
+        ("name", "keras class", "params", "input", "min", "avg/max", "flatten", "preprocessing")
+    ]
     for s in list_backbones(args.pattern):
         prep = "inside the model" if s.preprocessing == "none" else s.preprocessing
-        rows.append((
-            s.name, s.builder + (f"(alpha={s.builder_kwargs['alpha']})" if s.builder_kwargs else ""),
-            f"{s.params:,}", str(s.default_size), str(s.min_size), str(s.channels),
-            f"{s.feature_width('flatten'):,}", prep,
-        ))
+        rows.append(
+            (
+                s.name,
+                s.builder + (f"(alpha={s.builder_kwargs['alpha']})" if s.builder_kwargs else ""),
+                f"{s.params:,}",
+                str(s.default_size),
+                str(s.min_size),
+                str(s.channels),
+                f"{s.feature_width('flatten'):,}",
+                prep,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    print("params: headless (include_top=False); input: default square size; "
-          "avg/max, flatten: feature width at the default input")
+    print(
+        "params: headless (include_top=False); input: default square size; "
+        "avg/max, flatten: feature width at the default input"
+    )
     return 0
 
 
@@ -96,8 +124,12 @@ def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.features import extract_features
 
     summary = extract_features(
-        args.data, _feature_config(args), split=_split_config(args),
-        artifacts_dir=args.artifacts, cache_path=args.output, progress=not args.quiet,
+        args.data,
+        _feature_config(args),
+        split=_split_config(args),
+        artifacts_dir=args.artifacts,
+        cache_path=args.output,
+        progress=not args.quiet,
     )
     print(summary.format())
     return 0
@@ -107,8 +139,12 @@ def cmd_bench_features(args: argparse.Namespace) -> int:
     from pipeline.bench import bench_features
 
     bench_features(
-        args.data, backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
-        n_images=args.images, out=args.out,
+        args.data,
+        backbone=args.backbone,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        n_images=args.images,
+        out=args.out,
     )
     return 0
 
@@ -129,10 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("features", help="stage one: cache backbone features of an image folder")
-    p.add_argument("--data", required=True, help="folder of class subfolders (optionally under train/ val/ test/)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder of class subfolders (optionally under train/ val/ test/)",
+    )
     _add_feature_options(p)
     _add_split_options(p)
-    p.add_argument("--output", default=None, help="cache file (default: artifacts/features/<dataset>/<config>.h5)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="cache file (default: artifacts/features/<dataset>/<config>.h5)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_features)
 
@@ -141,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--weights", default="imagenet", type=_weights)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--images", type=int, default=400, help="N: images of the small run (the large one uses 4N)")
+    p.add_argument(
+        "--images", type=int, default=400, help="N: images of the small run (the large one uses 4N)"
+    )
     p.add_argument("--out", default="artifacts/bench/features.json")
     p.set_defaults(func=cmd_bench_features)
 
@@ -152,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later stages add their commands here (each module owns its parser section).
 _LATER_STAGES: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _finetune_commands(sub: argparse._SubParsersAction) -> None:
+    from pipeline.finetune import add_cli  # stage three: finetune, bench-finetune
+
+    add_cli(sub)
+
+
+_LATER_STAGES.append(_finetune_commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,10 @@ class CacheError(PipelineError):
     """A feature cache is missing, stale, locked or malformed."""
 
 
+class FinetuneError(PipelineError):
+    """Bad fine-tuning option (LAYERS...) or a checkpoint of another configuration."""
+
+
 class HeadError(PipelineError):
     """A head cannot be fitted, loaded or used: unknown name, bad cache, wrong features."""
 

@@ -68,7 +68,9 @@ class FeatureConfig:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PipelineError(f"BATCH must be a positive integer; got {self.batch_size!r}")
         if self.precision not in PRECISIONS:
-            raise PipelineError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+            raise PipelineError(
+                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+            )
         if self.workers is not None and self.workers < 1:
             raise PipelineError(f"workers must be at least 1; got {self.workers}")
         return spec
@@ -94,7 +96,9 @@ class ExtractionSummary:
     def format(self) -> str:
         lines = [*self.notes]
         if self.status == "up to date":
-            lines.append(f"{self.cache_path} is up to date ({self.extracted} images); nothing to do")
+            lines.append(
+                f"{self.cache_path} is up to date ({self.extracted} images); nothing to do"
+            )
         else:
             lines.append(
                 f"{self.status} {self.cache_path}: {self.extracted} images, {len(self.skipped)} skipped, "
@@ -105,7 +109,9 @@ class ExtractionSummary:
         return "\n".join(lines)
 
 
-def cache_path_for(dataset: str, config: FeatureConfig, artifacts_dir: str | Path = "artifacts") -> Path:
+def cache_path_for(
+    dataset: str, config: FeatureConfig, artifacts_dir: str | Path = "artifacts"
+) -> Path:
     """Where the cache of ``dataset`` under ``config`` lives.
 
     ``artifacts/features/<dataset>/<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16].h5``;
@@ -179,8 +185,14 @@ def extract_features(
         if state:
             attrs = cache.read_attrs(path)
             return ExtractionSummary(
-                path, "up to date", len(folder.records), int(attrs["n_images"]),
-                cache.read_skipped(path), float(attrs["seconds"]), path.stat().st_size, notes,
+                path,
+                "up to date",
+                len(folder.records),
+                int(attrs["n_images"]),
+                cache.read_skipped(path),
+                float(attrs["seconds"]),
+                path.stat().st_size,
+                notes,
             )
         if state is False:
             notes.append(f"{path} was made from other images or options; rebuilding it")
@@ -189,30 +201,45 @@ def extract_features(
         width = int(model.output_shape[-1])
         records = folder.records
         writer, note = cache.CacheWriter.open(
-            path, config_json=config_json, fingerprint=fingerprint,
-            paths=[r.path for r in records], labels=[r.label for r in records],
-            splits=[r.split for r in records], width=width,
+            path,
+            config_json=config_json,
+            fingerprint=fingerprint,
+            paths=[r.path for r in records],
+            labels=[r.label for r in records],
+            splits=[r.split for r in records],
+            width=width,
             dtype="float16" if config.float16 else "float32",
         )
         if note:
             notes.append(note)
         status = "resumed" if writer.next_index > 0 else "built"
         try:
-            _run(model, writer, folder, spec, size, config, progress)
+            warmup = _run(model, writer, folder, spec, size, config, progress)
             attrs = _attrs(folder, config, spec, size, weights_id, width, writer)
+            attrs["warmup_seconds"] = warmup
             writer.finalize(attrs)
         finally:
             writer.close()
 
     skipped = cache.read_skipped(path)
     return ExtractionSummary(
-        path, status, len(records), len(records) - len(skipped), skipped,
-        float(attrs["seconds"]), path.stat().st_size, notes,
+        path,
+        status,
+        len(records),
+        len(records) - len(skipped),
+        skipped,
+        float(attrs["seconds"]),
+        path.stat().st_size,
+        notes,
     )
 
 
 def _config_json(
-    folder: ImageFolder, config: FeatureConfig, spec: backbones.BackboneSpec, size: int, weights_id: str
+    folder: ImageFolder,
+    config: FeatureConfig,
+    spec: backbones.BackboneSpec,
+    size: int,
+    weights_id: str,
 ) -> str:
     """Everything that changes the features, as one comparable string."""
     identity = {
@@ -239,34 +266,51 @@ def _build_model(config: FeatureConfig, spec: backbones.BackboneSpec, size: int)
         keras.config.set_dtype_policy(config.precision)
     try:
         return backbones.build_feature_extractor(
-            spec, weights=config.weights, input_size=size, pooling=config.pooling, layer=config.layer
+            spec,
+            weights=config.weights,
+            input_size=size,
+            pooling=config.pooling,
+            layer=config.layer,
         )
     finally:
         keras.config.set_dtype_policy(previous)
 
 
-def _run(model, writer, folder, spec, size, config, progress) -> None:
+def _run(model, writer, folder, spec, size, config, progress) -> float:
+    """Extract every remaining batch; return the first batch's seconds (graph compilation)."""
     from tqdm.auto import tqdm
 
     records = folder.records
     paths = [r.path for r in records]
     batches = iter_batches(
-        folder.root, paths, size=size, batch_size=config.batch_size, preprocess=spec.preprocess,
-        start=writer.next_index, workers=config.workers or default_workers(),
+        folder.root,
+        paths,
+        size=size,
+        batch_size=config.batch_size,
+        preprocess=spec.preprocess,
+        start=writer.next_index,
+        workers=config.workers or default_workers(),
     )
     bar = tqdm(
-        total=len(records), initial=writer.next_index, unit="img", disable=not progress,
-        desc=f"{spec.name} features", dynamic_ncols=True,
+        total=len(records),
+        initial=writer.next_index,
+        unit="img",
+        disable=not progress,
+        desc=f"{spec.name} features",
+        dynamic_ncols=True,
     )
+    warmup = None
     with bar:
         started = time.perf_counter()
         for batch in batches:
             features = _forward(model, batch.x, config.batch_size)
             elapsed, started = time.perf_counter() - started, time.perf_counter()
+            warmup = elapsed if warmup is None else warmup
             writer.write_batch(batch.start, features, batch.ok, batch.errors, elapsed)
             for offset, reason in batch.errors.items():
                 bar.write(f"skipped {paths[batch.start + offset]}: {reason}")
             bar.update(batch.size)
+    return warmup or 0.0
 
 
 def _forward(model, x: np.ndarray, batch_size: int) -> np.ndarray:

@@ -134,7 +134,9 @@ def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFold
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"data folder {root} does not exist; pass DATA=<folder of class subfolders>")
+        raise DataError(
+            f"data folder {root} does not exist; pass DATA=<folder of class subfolders>"
+        )
     if not root.is_dir():
         raise DataError(f"DATA={root} is a file; pass a folder of class subfolders")
     split = split or SplitConfig()
@@ -151,10 +153,12 @@ def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFold
 def _scan_classes(root: Path, class_dirs: list[Path], where: str) -> dict[str, list[str]]:
     if not class_dirs:
         loose = [p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
-        hint = f" (found {len(loose)} loose images: move them into one folder per class)" if loose else ""
-        raise DataError(
-            f"no class folders in {where}: expected {where}/<class>/<image>{hint}"
+        hint = (
+            f" (found {len(loose)} loose images: move them into one folder per class)"
+            if loose
+            else ""
         )
+        raise DataError(f"no class folders in {where}: expected {where}/<class>/<image>{hint}")
     by_class: dict[str, list[str]] = {}
     for class_dir in class_dirs:
         images = _images_under(class_dir)
@@ -186,20 +190,23 @@ def _scan_split_folders(root: Path, split_folders: list[Path]) -> ImageFolder:
             f"{root} has {', '.join(f.name + '/' for f in split_folders)} but no train/ folder"
         )
     per_split = {
-        s: _scan_classes(root, _class_folders(f), where=str(f)) if s == "train" else
-        _scan_optional_split(root, f)
+        s: _scan_classes(root, _class_folders(f), where=str(f))
+        if s == "train"
+        else _scan_optional_split(root, f)
         for s, f in names.items()
     }
     class_names = sorted(set().union(*per_split.values()))
     index = {name: i for i, name in enumerate(class_names)}
     notes = [
         f"class {c!r} appears in {s}/ but not in train/"
-        for s in ("val", "test") if s in per_split
+        for s in ("val", "test")
+        if s in per_split
         for c in sorted(set(per_split[s]) - set(per_split["train"]))
     ]
     records = [
         ImageRecord(path, index[c], s)
-        for s in SPLITS if s in per_split
+        for s in SPLITS
+        if s in per_split
         for c, paths in sorted(per_split[s].items())
         for path in paths
     ]
@@ -281,7 +288,9 @@ def _to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float32)
-        scale = 255.0 / 65535.0 if mode.startswith("I;16") else 255.0 / max(float(values.max()), 255.0)
+        scale = (
+            255.0 / 65535.0 if mode.startswith("I;16") else 255.0 / max(float(values.max()), 255.0)
+        )
         image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L")
     elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -317,7 +326,10 @@ class Batch:
 
 
 def _load_batch(
-    root: Path, paths: Sequence[str], start: int, size: int,
+    root: Path,
+    paths: Sequence[str],
+    start: int,
+    size: int,
     preprocess: Callable[[np.ndarray], np.ndarray],
 ) -> Batch:
     images, ok, errors = [], np.zeros(len(paths), dtype=bool), {}

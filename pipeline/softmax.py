@@ -35,5 +35,7 @@ def build_softmax_head(
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     units, activation = (1, "sigmoid") if sigmoid else (n_classes, "softmax")
     # float32 output even under a mixed-precision policy: stable losses and probabilities.
-    outputs = keras.layers.Dense(units, activation=activation, dtype="float32", name="head_output")(x)
+    outputs = keras.layers.Dense(units, activation=activation, dtype="float32", name="head_output")(
+        x
+    )
     return keras.Model(inputs, outputs, name="softmax_head")

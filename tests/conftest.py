@@ -46,7 +46,11 @@ def split_folder(tmp_path: Path) -> Path:
     for split, n in (("train", 5), ("val", 3)):
         for c, name in enumerate(COLOURS):
             for i in range(n):
-                make_image(root / split / name / f"{i}.jpg", COLOURS[name], seed=1000 * c + 10 * i + len(split))
+                make_image(
+                    root / split / name / f"{i}.jpg",
+                    COLOURS[name],
+                    seed=1000 * c + 10 * i + len(split),
+                )
     return root
 
 
@@ -70,4 +74,6 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 def needs_assets(*parts: str):
     """Skip unless ``../shared/assets/<parts>`` exists."""
-    return pytest.mark.skipif(not ASSETS.joinpath(*parts).exists(), reason=f"needs {ASSETS.joinpath(*parts)}")
+    return pytest.mark.skipif(
+        not ASSETS.joinpath(*parts).exists(), reason=f"needs {ASSETS.joinpath(*parts)}"
+    )

@@ -94,9 +94,24 @@ def test_names_resolve_and_unknown_names_suggest():
 
 def test_seed_table_models_are_all_registered():
     seed_table = [
-        "Xception", "VGG16", "VGG19", "ResNet50", "ResNet101", "ResNet152", "ResNet50V2",
-        "ResNet101V2", "ResNet152V2", "InceptionV3", "InceptionResNetV2", "MobileNet",
-        "MobileNetV2", "DenseNet121", "DenseNet169", "DenseNet201", "NASNetMobile", "NASNetLarge",
+        "Xception",
+        "VGG16",
+        "VGG19",
+        "ResNet50",
+        "ResNet101",
+        "ResNet152",
+        "ResNet50V2",
+        "ResNet101V2",
+        "ResNet152V2",
+        "InceptionV3",
+        "InceptionResNetV2",
+        "MobileNet",
+        "MobileNetV2",
+        "DenseNet121",
+        "DenseNet169",
+        "DenseNet201",
+        "NASNetMobile",
+        "NASNetLarge",
     ]
     assert {get_backbone(n).builder for n in seed_table} == set(seed_table)
 
@@ -139,7 +154,9 @@ def test_failed_imagenet_download_names_the_file_and_the_alternative(monkeypatch
     from keras.src.utils import file_utils
 
     def offline(fname, origin=None, **kwargs):
-        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service not known")
+        raise Exception(
+            f"URL fetch failure on {origin}: None -- [Errno -2] Name or service not known"
+        )
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(WeightsError) as info:

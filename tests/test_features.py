@@ -27,7 +27,9 @@ TINY = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, bat
 
 
 def run(folder, tmp_path, config=TINY, **kwargs):
-    return extract_features(folder, config, artifacts_dir=tmp_path / "art", progress=False, **kwargs)
+    return extract_features(
+        folder, config, artifacts_dir=tmp_path / "art", progress=False, **kwargs
+    )
 
 
 def test_cache_round_trip(image_folder, tmp_path):
@@ -63,7 +65,11 @@ def test_second_run_returns_at_once_and_changes_rebuild(image_folder, tmp_path):
 
 def test_other_options_give_another_cache(image_folder, tmp_path):
     a = run(image_folder, tmp_path)
-    b = run(image_folder, tmp_path, FeatureConfig(**{**TINY.__dict__, "pooling": "max", "float16": True}))
+    b = run(
+        image_folder,
+        tmp_path,
+        FeatureConfig(**{**TINY.__dict__, "pooling": "max", "float16": True}),
+    )
     assert a.cache_path != b.cache_path and b.cache_path.name.endswith("_max_random_f16.h5")
     assert load_features(b.cache_path).features.dtype == np.float16
     assert load_features(a.cache_path).features.dtype == np.float32
@@ -112,7 +118,9 @@ def test_interrupted_run_resumes_without_recomputing(image_folder, tmp_path, mon
     monkeypatch.setattr(CacheWriter, "write_batch", original)
     starts = []
     monkeypatch.setattr(
-        CacheWriter, "write_batch", lambda self, start, *a, **k: (starts.append(start), original(self, start, *a, **k))
+        CacheWriter,
+        "write_batch",
+        lambda self, start, *a, **k: (starts.append(start), original(self, start, *a, **k)),
     )
     resumed = run(image_folder, tmp_path, config)
     assert resumed.status == "resumed" and starts == [8]
@@ -137,12 +145,29 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
     folder = make_folder(tmp_path / "many", per_class=60)
     weights = _weights_file(tmp_path)
     args = [
-        sys.executable, "-m", "pipeline", "features", "--data", str(folder), "--backbone", "mobilenet_v2",
-        "--weights", weights, "--input-size", "32", "--batch-size", "1", "--quiet",
+        sys.executable,
+        "-m",
+        "pipeline",
+        "features",
+        "--data",
+        str(folder),
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        weights,
+        "--input-size",
+        "32",
+        "--batch-size",
+        "1",
+        "--quiet",
     ]
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-    path = cache_path_for("many", FeatureConfig(backbone="mobilenet_v2", weights=weights, input_size=32), killed_dir)
-    process = subprocess.Popen([*args, "--artifacts", str(killed_dir)], cwd=REPO, stderr=subprocess.PIPE)
+    path = cache_path_for(
+        "many", FeatureConfig(backbone="mobilenet_v2", weights=weights, input_size=32), killed_dir
+    )
+    process = subprocess.Popen(
+        [*args, "--artifacts", str(killed_dir)], cwd=REPO, stderr=subprocess.PIPE
+    )
     progress = cache.progress_path_of(path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -158,13 +183,23 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
     done_before = json.loads(progress.read_text())["next_index"]
     assert 20 <= done_before < 120 and not path.exists()
 
-    resumed = subprocess.run([*args, "--artifacts", str(killed_dir)], cwd=REPO, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [*args, "--artifacts", str(killed_dir)], cwd=REPO, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at image {done_before} of 120" in resumed.stdout
-    clean = subprocess.run([*args, "--artifacts", str(clean_dir)], cwd=REPO, capture_output=True, text=True)
+    clean = subprocess.run(
+        [*args, "--artifacts", str(clean_dir)], cwd=REPO, capture_output=True, text=True
+    )
     assert clean.returncode == 0, clean.stderr
     a = load_features(path)
-    b = load_features(cache_path_for("many", FeatureConfig(backbone="mobilenet_v2", weights=weights, input_size=32), clean_dir))
+    b = load_features(
+        cache_path_for(
+            "many",
+            FeatureConfig(backbone="mobilenet_v2", weights=weights, input_size=32),
+            clean_dir,
+        )
+    )
     np.testing.assert_array_equal(a.paths, b.paths)
     np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
 
@@ -182,10 +217,14 @@ def test_work_file_of_other_options_is_discarded_not_mixed(image_folder, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run(image_folder, tmp_path, config)
     monkeypatch.setattr(CacheWriter, "write_batch", original)
-    (image_folder / "red" / "img00.png").write_bytes((image_folder / "red" / "img01.png").read_bytes())
+    (image_folder / "red" / "img00.png").write_bytes(
+        (image_folder / "red" / "img01.png").read_bytes()
+    )
     summary = run(image_folder, tmp_path, config)
     assert summary.status == "built"
-    assert any("discarded an unfinished run (the images have changed since)" in n for n in summary.notes)
+    assert any(
+        "discarded an unfinished run (the images have changed since)" in n for n in summary.notes
+    )
     assert path.exists()
 
 
@@ -214,7 +253,10 @@ def test_a_corrupt_finished_cache_is_rebuilt(image_folder, tmp_path):
         (["--data", "{data}", "--input-size", "16"], "below mobilenet_v2's minimum of 32"),
         (["--data", "{data}", "--pooling", "mean"], "POOLING must be one of avg, max, flatten"),
         (["--data", "{data}", "--layer", "nope"], "LAYER='nope' is not a layer"),
-        (["--data", "{data}", "--weights", "{missing}"], "neither 'imagenet', 'none' nor an existing"),
+        (
+            ["--data", "{data}", "--weights", "{missing}"],
+            "neither 'imagenet', 'none' nor an existing",
+        ),
         (["--data", "{data}", "--weights", "{garbage}"], "does not fit backbone mobilenet_v2"),
         (["--data", "{data}", "--batch-size", "0"], "BATCH must be a positive integer"),
     ],
@@ -222,7 +264,11 @@ def test_a_corrupt_finished_cache_is_rebuilt(image_folder, tmp_path):
 def test_cli_user_errors_print_one_line_and_exit_2(image_folder, tmp_path, capsys, argv, message):
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not weights")
-    subs = {"missing": str(tmp_path / "missing"), "data": str(image_folder), "garbage": str(garbage)}
+    subs = {
+        "missing": str(tmp_path / "missing"),
+        "data": str(image_folder),
+        "garbage": str(garbage),
+    }
     argv = [a.format(**subs) for a in argv]
     code = main(["features", *argv, *_defaults(argv, tmp_path)])
     err = capsys.readouterr().err
@@ -241,32 +287,73 @@ def _defaults(argv: list[str], tmp_path: Path) -> list[str]:
 
 
 def test_cli_features_and_backbones(image_folder, tmp_path, capsys):
-    assert main(["features", "--data", str(image_folder), "--weights", "none", "--input-size", "32",
-                 "--quiet", "--artifacts", str(tmp_path / "art")]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--data",
+                str(image_folder),
+                "--weights",
+                "none",
+                "--input-size",
+                "32",
+                "--quiet",
+                "--artifacts",
+                str(tmp_path / "art"),
+            ]
+        )
+        == 0
+    )
     assert "built " in capsys.readouterr().out
     assert main(["backbones"]) == 0
     table = capsys.readouterr().out
-    assert "vgg16" in table and "caffe" in table and "25,088" in table and "convnext_xlarge" in table
+    assert (
+        "vgg16" in table and "caffe" in table and "25,088" in table and "convnext_xlarge" in table
+    )
 
 
 def test_make_features_runs_for_real(image_folder, tmp_path):
     result = subprocess.run(
-        ["make", "-s", "features", f"DATA={image_folder}", "BACKBONE=mobilenet_v2", "WEIGHTS=none",
-         "INPUT_SIZE=32", "BATCH=4", f"ARTIFACTS={tmp_path / 'art'}", f"PYTHON={sys.executable}",
-         f"VENV={Path(sys.executable).parent.parent}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            "make",
+            "-s",
+            "features",
+            f"DATA={image_folder}",
+            "BACKBONE=mobilenet_v2",
+            "WEIGHTS=none",
+            "INPUT_SIZE=32",
+            "BATCH=4",
+            f"ARTIFACTS={tmp_path / 'art'}",
+            f"PYTHON={sys.executable}",
+            f"VENV={Path(sys.executable).parent.parent}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "art/features/shapes/mobilenet_v2_32_avg_random.h5").exists()
     bad = subprocess.run(
-        ["make", "-s", "features", f"DATA={tmp_path / 'nowhere'}", "WEIGHTS=none",
-         f"VENV={Path(sys.executable).parent.parent}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            "make",
+            "-s",
+            "features",
+            f"DATA={tmp_path / 'nowhere'}",
+            "WEIGHTS=none",
+            f"VENV={Path(sys.executable).parent.parent}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_split_config_is_recorded(image_folder, tmp_path):
-    summary = run(image_folder, tmp_path, split=SplitConfig(seed=7, val_fraction=0.25, test_fraction=0.0))
+    summary = run(
+        image_folder, tmp_path, split=SplitConfig(seed=7, val_fraction=0.25, test_fraction=0.0)
+    )
     attrs = load_features(summary.cache_path).attrs
     assert (attrs["split_seed"], attrs["val_fraction"], attrs["test_fraction"]) == (7, 0.25, 0.0)

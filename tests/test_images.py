@@ -56,7 +56,9 @@ def test_images_in_nested_subfolders_take_the_class_folder_label(tmp_path):
     folder = scan_folder(root)
     red = folder.class_names.index("red")
     assert sorted(r.path for r in folder.records if r.label == red) == [
-        "red/img00.png", "red/img01.png", "red/more/deep.png",
+        "red/img00.png",
+        "red/img01.png",
+        "red/more/deep.png",
     ]
 
 
@@ -203,7 +205,9 @@ def test_batches_keep_order_skip_bad_files_and_resume(tmp_path):
     paths = [r.path for r in scan_folder(root).records]
     expected = [load_image(root / p, 16) for p in paths if not p.endswith("zz_bad.png")]
 
-    batches = list(iter_batches(root, paths, size=16, batch_size=3, preprocess=lambda b: b, workers=2))
+    batches = list(
+        iter_batches(root, paths, size=16, batch_size=3, preprocess=lambda b: b, workers=2)
+    )
     assert [b.start for b in batches] == [0, 3, 6]
     assert sum(b.size for b in batches) == len(paths)
     bad = paths.index("red/zz_bad.png")
@@ -211,5 +215,7 @@ def test_batches_keep_order_skip_bad_files_and_resume(tmp_path):
     assert list(errors) == [bad] and "empty" in errors[bad]
     np.testing.assert_array_equal(np.concatenate([b.x for b in batches]), np.stack(expected))
 
-    resumed = list(iter_batches(root, paths, size=16, batch_size=3, preprocess=lambda b: b, start=6))
+    resumed = list(
+        iter_batches(root, paths, size=16, batch_size=3, preprocess=lambda b: b, start=6)
+    )
     assert [b.start for b in resumed] == [6]
