@@ -357,3 +357,22 @@ def test_split_config_is_recorded(image_folder, tmp_path):
     )
     attrs = load_features(summary.cache_path).attrs
     assert (attrs["split_seed"], attrs["val_fraction"], attrs["test_fraction"]) == (7, 0.25, 0.0)
+
+
+def test_each_cached_row_is_the_backbone_output_of_its_own_image(image_folder, tmp_path):
+    """Rows stay aligned with paths even when a bad image sits inside a batch."""
+    from pipeline.backbones import build_feature_extractor, get_backbone
+    from pipeline.images import load_image
+
+    (image_folder / "blue" / "img02b.png").write_bytes(b"")  # sorts into the middle of a batch
+    weights = _weights_file(tmp_path)
+    config = FeatureConfig(**{**TINY.__dict__, "weights": weights})
+    fs = load_features(run(image_folder, tmp_path, config).cache_path)
+    assert "blue/img02b.png" not in set(fs.paths)
+    model = build_feature_extractor("mobilenet_v2", weights=weights, input_size=32)
+    spec = get_backbone("mobilenet_v2")
+    images = np.stack([load_image(image_folder / p, 32) for p in fs.paths])
+    expected = model.predict_on_batch(spec.preprocess(images))
+    np.testing.assert_allclose(fs.features, expected, rtol=1e-4, atol=1e-5)
+    names = list(fs.class_names)
+    assert [names[label] for label in fs.labels] == [p.split("/")[0] for p in fs.paths]
