@@ -376,3 +376,13 @@ def test_each_cached_row_is_the_backbone_output_of_its_own_image(image_folder, t
     np.testing.assert_allclose(fs.features, expected, rtol=1e-4, atol=1e-5)
     names = list(fs.class_names)
     assert [names[label] for label in fs.labels] == [p.split("/")[0] for p in fs.paths]
+
+
+def test_mixed_precision_stores_float32_and_restores_the_global_policy(image_folder, tmp_path):
+    import keras
+
+    config = FeatureConfig(**{**TINY.__dict__, "precision": "mixed_float16"})
+    fs = load_features(run(image_folder, tmp_path, config).cache_path)
+    assert fs.features.dtype == np.float32 and np.isfinite(fs.features).all()
+    assert fs.attrs["precision"] == "mixed_float16"
+    assert keras.config.dtype_policy().name == "float32"

@@ -219,3 +219,16 @@ def test_batches_keep_order_skip_bad_files_and_resume(tmp_path):
         iter_batches(root, paths, size=16, batch_size=3, preprocess=lambda b: b, start=6)
     )
     assert [b.start for b in resumed] == [6]
+
+
+def test_input_pipeline_and_cache_never_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipeline.images, pipeline.cache, pipeline.features, pipeline.backbones, pipeline.cli;"
+        "bad = [m for m in ('tensorflow', 'keras', 'torch', 'jax') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

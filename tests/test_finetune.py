@@ -1,0 +1,259 @@
+"""Stage three: freezing, warm start, resume, the saved model, refusals, `make finetune`.
+
+MobileNetV2 with random weights at 32x32 on a tiny colour folder: every run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import COLOURS, make_folder
+
+from pipeline import finetune as ft
+from pipeline.errors import FinetuneError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(weights="none", input_size=32, batch_size=8, head_epochs=2, epochs=1, layers=5)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> tuple[Path, Path]:
+    """A 3-class folder and an artifacts folder holding its stage-one cache."""
+    from pipeline.features import FeatureConfig, extract_features
+    from pipeline.images import SplitConfig
+
+    root = tmp_path_factory.mktemp("finetune")
+    data = make_folder(root / "colours", per_class=8, classes=tuple(COLOURS))
+    extract_features(
+        data,
+        FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, batch_size=8),
+        split=SplitConfig(seed=0, val_fraction=0.2, test_fraction=0.2),
+        artifacts_dir=root / "artifacts",
+        progress=False,
+    )
+    return data, root / "artifacts"
+
+
+@pytest.fixture
+def artifacts(colours, tmp_path) -> Path:
+    """A private copy of the artifacts (stage-one cache only) for one test."""
+    out = tmp_path / "artifacts"
+    shutil.copytree(colours[1] / "features", out / "features")
+    return out
+
+
+@pytest.fixture(scope="module")
+def base():
+    from pipeline.backbones import build_base, get_backbone
+
+    return build_base(get_backbone("mobilenet_v2"), weights="none", input_size=32)
+
+
+def cache_file(artifacts: Path) -> Path:
+    return artifacts / "features" / "colours" / "mobilenet_v2_32_avg_random.h5"
+
+
+# --- freezing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 40, "all"])
+def test_exactly_the_last_n_layers_are_trainable_and_batchnorm_never(base, n):
+    import keras
+
+    layers = ft.backbone_layers(base)
+    count = ft.resolve_layers(n, base, "mobilenet_v2")
+    names = ft.set_trainable(base, count)
+    last = layers[len(layers) - count :] if count else []
+    expected = [lyr.name for lyr in last if not isinstance(lyr, keras.layers.BatchNormalization)]
+    assert names == expected
+    assert [lyr.name for lyr in layers if lyr.trainable] == expected
+    assert not any(
+        lyr.trainable for lyr in layers if isinstance(lyr, keras.layers.BatchNormalization)
+    )
+    trainable_weights = {id(w) for lyr in last for w in lyr.trainable_weights}
+    assert {id(w) for w in base.trainable_weights} == trainable_weights
+    if n == "all":
+        assert count == len(layers) == 153
+
+
+def test_last_block_of_mobilenet_v2(base):
+    count = ft.last_block_size(base)
+    layers = ft.backbone_layers(base)
+    assert layers[-count].name == "block_16_expand"
+    assert layers[-count - 1].name == "block_15_add"
+
+
+@pytest.mark.parametrize("value", [-1, "-3", "abc", "1.5", 2.5, True])
+def test_layers_must_be_a_whole_number_at_least_zero(value):
+    with pytest.raises(FinetuneError, match="LAYERS"):
+        ft.parse_layers(value)
+
+
+def test_layers_deeper_than_the_backbone_says_the_depth(base):
+    with pytest.raises(FinetuneError, match=r"depth of mobilenet_v2 \(153 layers\)"):
+        ft.resolve_layers(154, base, "mobilenet_v2")
+
+
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "none"])
+def test_preprocessing_layer_matches_stage_one(mode):
+    from pipeline.backbones import preprocess
+    from pipeline.layers import ImagePreprocessing
+
+    batch = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    layer = ImagePreprocessing(mode)
+    got = np.asarray(layer(batch.astype(np.float32)))
+    np.testing.assert_allclose(got, preprocess(batch, mode), rtol=1e-5, atol=1e-4)
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+def save_stage_two_head(artifacts: Path) -> list[np.ndarray]:
+    """A head as stage two saves it: build_softmax_head, softmax.keras and softmax.json."""
+    import keras
+
+    from pipeline.cache import read_attrs
+    from pipeline.softmax import build_softmax_head
+
+    keras.utils.set_random_seed(7)
+    head = build_softmax_head(1280, 3)
+    folder = artifacts / "heads" / "colours" / "mobilenet_v2_32_avg_random"
+    folder.mkdir(parents=True)
+    head.save(folder / "softmax.keras")
+    attrs = read_attrs(cache_file(artifacts))
+    manifest = {
+        "kind": "head",
+        "fingerprint": attrs["fingerprint"],
+        "class_names": attrs["class_names"],
+    }
+    (folder / "softmax.json").write_text(json.dumps(manifest))
+    return [
+        *head.get_layer("head_dense").get_weights(),
+        *head.get_layer("head_output").get_weights(),
+    ]
+
+
+def test_warm_start_from_the_stage_two_head_and_saved_model(colours, artifacts):
+    import keras
+
+    saved = save_stage_two_head(artifacts)
+    config = ft.FinetuneConfig(**{**TINY, "epochs": 0})
+    result = ft.finetune(colours[0], config, artifacts_dir=artifacts, progress=False, echo=print)
+
+    assert result.head_source == "stage two"
+    head = result.model.get_layer("softmax_head")
+    got = [
+        *head.get_layer("head_dense").get_weights(),
+        *head.get_layer("head_output").get_weights(),
+    ]
+    for a, b in zip(got, saved, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [h["phase"] for h in result.history] == []  # nothing trained: it costs nothing
+
+    # The saved model: loads with safe_mode, same weights, same predictions.
+    loaded = keras.saving.load_model(result.model_path)
+    for a, b in zip(loaded.weights, result.model.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert loaded.get_layer("preprocessing").get_config()["mode"] == "tf"
+    from pipeline.images import load_image
+
+    images = sorted(colours[0].glob("*/*.png"))[:6]
+    x = np.stack([load_image(p, 32) for p in images]).astype(np.float32)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6
+    )
+
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["kind"] == "finetuned"
+    assert manifest["class_names"] == ["blue", "green", "red"]
+    assert manifest["input_size"] == 32 and manifest["backbone"] == "mobilenet_v2"
+    assert manifest["predictions"] == result.predictions_path.name
+    # The results contract of pipeline.report: every val/test image of the cache.
+    predictions = json.loads(result.predictions_path.read_text())
+    assert predictions["class_names"] == manifest["class_names"]
+    entries = predictions["predictions"]
+    assert len(entries) == 12 and {e["split"] for e in entries.values()} == {"val", "test"}
+    assert all(e["label"] == path.split("/")[0] for path, e in entries.items())
+    np.testing.assert_allclose([sum(e["proba"]) for e in entries.values()], 1.0, atol=1e-4)
+
+
+def test_resume_and_refuse_a_checkpoint_of_another_configuration(colours, artifacts, monkeypatch):
+    config = ft.FinetuneConfig(**{**TINY, "epochs": 3, "patience": 10})
+    real_fit, calls = ft._fit_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_fit_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(colours[0], config, artifacts_dir=artifacts, progress=False)
+    name = "mobilenet_v2_32_random_layers-5"
+    checkpoint = artifacts / "finetune" / "colours" / f"{name}.checkpoint"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["epoch"] == 1 and state["head_source"] == "scratch"
+    before = sorted(p.name for p in checkpoint.iterdir())
+
+    other = ft.FinetuneConfig(**{**TINY, "epochs": 3, "patience": 10, "learning_rate": 1e-4})
+    with pytest.raises(FinetuneError, match="another configuration.*learning_rate"):
+        ft.finetune(colours[0], other, artifacts_dir=artifacts, progress=False)
+    assert sorted(p.name for p in checkpoint.iterdir()) == before  # nothing lost
+
+    monkeypatch.setattr(ft, "_fit_one_epoch", real_fit)
+    result = ft.finetune(colours[0], config, artifacts_dir=artifacts, progress=False)
+    assert result.resumed_from == 1
+    assert [h["epoch"] for h in result.history if h["phase"] == 2] == [1, 2, 3]
+    assert [h["phase"] for h in result.history].count(1) == 2  # phase one on cached features
+    assert not checkpoint.exists()
+    assert result.plot_path.stat().st_size > 0
+    assert result.history_path.with_suffix(".csv").read_text().startswith("phase,epoch,loss")
+
+
+def test_cli_refusals_are_one_line_and_exit_2(colours, artifacts, capsys):
+    from pipeline.cli import main
+
+    common = ["finetune", "--data", str(colours[0]), "--weights", "none", "--input-size", "32",
+              "--artifacts", str(artifacts), "--quiet"]  # fmt: skip
+    for layers, message in (("abc", "whole number"), ("-2", ">= 0"), ("999", "153 layers")):
+        assert main([*common, "--layers", layers]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: LAYERS") and message in err
+    assert not (artifacts / "finetune").exists()
+
+
+def test_make_finetune_end_to_end(colours, tmp_path):
+    out = tmp_path / "artifacts"
+    variables = [f"DATA={colours[0]}", "WEIGHTS=none", "INPUT_SIZE=32", "LAYERS=3", "EPOCHS=1",
+                 "HEAD_EPOCHS=2", "BATCH=8", f"ARTIFACTS={out}", f"PY={sys.executable}"]  # fmt: skip
+    make = ["make", "-s", "-o", "install", "-o", "weights-from-assets", "finetune"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    run = subprocess.run([*make, *variables], cwd=REPO, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "fine-tuned 3 of 153 backbone layers" in run.stdout
+    folder = out / "finetune" / "colours"
+    for suffix in (
+        ".keras",
+        ".json",
+        ".predictions.json",
+        ".history.json",
+        ".history.csv",
+        ".curves.png",
+    ):
+        assert (folder / f"mobilenet_v2_32_random_layers-3{suffix}").is_file()
+
+    bad = subprocess.run(
+        [*make, *variables, "LAYERS=-1"], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    assert bad.returncode != 0
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
+        "error: LAYERS must be >= 0 (0 trains the head only, 'all' every layer); got -1"
+    ]
