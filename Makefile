@@ -21,12 +21,20 @@ BATCH ?= 32
 FLOAT16 ?= 0
 PRECISION ?= float32
 SEED ?= 0
+HEAD ?= all
+NORM ?=
+PCA ?=
+CV ?= 3
+MODEL ?=
+IMAGES ?=
+OUT ?=
 
 FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
 	--pooling $(POOLING) $(if $(LAYER),--layer $(LAYER)) --batch-size $(BATCH) \
 	$(if $(filter 1 yes true,$(FLOAT16)),--float16) --precision $(PRECISION) --artifacts $(ARTIFACTS)
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
+.PHONY: head report predict bench-heads
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,6 +54,8 @@ weights-from-assets: ## offline machines: copy ../shared/assets weights into the
 demo: install weights-from-assets ## install, then run the pipeline on the embedded digits data
 	$(PY) -m pipeline demo-data --out $(DEMO_DATA)
 	$(PY) -m pipeline features --data $(DEMO_DATA) $(FEATURE_ARGS)
+	$(PY) -m pipeline head --data $(DEMO_DATA) $(FEATURE_ARGS) --head all
+	$(PY) -m pipeline report --data $(DEMO_DATA) --artifacts $(ARTIFACTS)
 
 demo-data: install ## write scikit-learn's digits as PNG class folders under artifacts/data/digits
 	$(PY) -m pipeline demo-data --out $(DEMO_DATA)
@@ -55,6 +65,18 @@ backbones: install ## print the backbone registry
 
 features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1)
 	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) --seed $(SEED)
+
+head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV=)
+	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED)
+
+report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
+	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)
+
+predict: install ## classify new images: MODEL=<head .json/.joblib/.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv]
+	$(PY) -m pipeline predict $(if $(MODEL),--model $(MODEL)) $(if $(IMAGES),--images $(IMAGES)) --batch-size $(BATCH) --artifacts $(ARTIFACTS) $(if $(OUT),--out $(OUT))
+
+bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)
+	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
 
 test: install ## run the test suite
 	$(PY) -m pytest -q
@@ -67,6 +89,28 @@ format: install ## apply ruff fixes and formatting
 
 bench-features: install weights-from-assets ## benchmark stage one vs the pure forward pass (BENCH_DATA=, N=)
 	$(PY) -m pipeline bench-features --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --batch-size $(BATCH) --images $(or $(N),400) --out $(ARTIFACTS)/bench/features.json
+
+# Stage three (fine-tuning). LAYERS: n >= 0 | all | block (the backbone's last block).
+LAYERS ?= block
+EPOCHS ?= 10
+LR ?= 1e-5
+HEAD_EPOCHS ?= 50
+PATIENCE ?= 3
+AUGMENT ?= 1
+CLASS_WEIGHT ?= balanced
+RESTART ?= 0
+NAME ?=
+FINETUNE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
+	--layers $(LAYERS) --epochs $(EPOCHS) --lr $(LR) --head-epochs $(HEAD_EPOCHS) --patience $(PATIENCE) \
+	--augment $(AUGMENT) --class-weight $(CLASS_WEIGHT) --batch-size $(BATCH) --precision $(PRECISION) \
+	--seed $(SEED) --restart $(RESTART) $(if $(NAME),--name $(NAME)) --artifacts $(ARTIFACTS)
+.PHONY: finetune bench-finetune
+
+finetune: install weights-from-assets ## stage three: fine-tune the last LAYERS layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= LAYERS= EPOCHS= LR= AUGMENT= PATIENCE= NAME= RESTART=1)
+	$(PY) -m pipeline finetune --data $(DATA) $(FINETUNE_ARGS)
+
+bench-finetune: install weights-from-assets ## one phase-two epoch (last block) / one stage-one pass (BENCH_DATA=, N=)
+	$(PY) -m pipeline bench-finetune --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --weights $(WEIGHTS) --batch-size $(BATCH) --images $(or $(N),256) --out $(ARTIFACTS)/bench/finetune.json
 
 clean: ## remove artifacts (keeps artifacts/README.md)
 	find $(ARTIFACTS) -mindepth 1 ! -name README.md -delete

@@ -200,6 +200,145 @@ def build_parser() -> argparse.ArgumentParser:
 _LATER_STAGES: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+# --- stage two: heads, report, predict (pipeline.heads, pipeline.report, pipeline.predict)
+
+
+def _cache_for(args: argparse.Namespace):
+    """The cache named by --cache, or the one stage one wrote for --data and the feature options."""
+    from pathlib import Path
+
+    from pipeline.features import cache_path_for
+
+    if args.cache:
+        return Path(args.cache)
+    if not args.data:
+        raise PipelineError(
+            "give --data (the image folder stage one read) or --cache (a feature cache)"
+        )
+    return cache_path_for(
+        Path(args.data).expanduser().resolve().name, _feature_config(args), args.artifacts
+    )
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    from pipeline.heads import fit_heads
+
+    fit_heads(
+        _cache_for(args),
+        args.head,
+        artifacts_dir=args.artifacts,
+        norm=args.norm or None,
+        pca=args.pca,
+        cv=args.cv,
+        seed=args.seed,
+        jobs=args.jobs,
+        log=print,
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.report import write_report
+
+    if not (args.dataset or args.data):
+        raise PipelineError("give --data (the image folder) or --dataset (its name)")
+    dataset = args.dataset or Path(args.data).expanduser().resolve().name
+    result = write_report(
+        dataset, artifacts_dir=args.artifacts, out_dir=args.out, n_resamples=args.resamples
+    )
+    print(result.format())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.predict import predict_images
+
+    out = args.out or Path(args.artifacts) / "predictions" / f"{Path(args.model).stem}.csv"
+    summary = predict_images(args.model, args.images, out, batch_size=args.batch_size)
+    print(summary.format())
+    return 0
+
+
+def cmd_bench_heads(args: argparse.Namespace) -> int:
+    from pipeline.heads import bench_heads
+
+    caches = list(args.cache or [])
+    if args.data:
+        from pipeline.features import extract_features
+
+        for data in args.data:  # "up to date" in a second when stage one already ran
+            caches.append(
+                extract_features(
+                    data,
+                    _feature_config(args),
+                    artifacts_dir=args.artifacts,
+                    split=_split_config(args),
+                    progress=False,
+                ).cache_path
+            )
+    if not caches:
+        raise PipelineError("give --data folders or --cache files to benchmark")
+    bench_heads(caches, out=args.out, cv=args.cv, log=print)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_stage_two(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("head", help="stage two: fit heads on cached features")
+    p.add_argument("--data", default=None, help="image folder of stage one (locates the cache)")
+    p.add_argument("--cache", default=None, help="feature cache file (instead of --data)")
+    _add_feature_options(p)
+    p.add_argument(
+        "--head",
+        default="all",
+        help="svm | rbf_svm | logreg | knn | ridge | softmax | forest | all, or a comma list",
+    )
+    p.add_argument("--norm", default=None, help="l2 | standard | none (default: each head's own)")
+    p.add_argument(
+        "--pca", type=_optional_int, default=None, help="keep this many principal components"
+    )
+    p.add_argument("--cv", type=int, default=3, help="folds of the hyper-parameter search")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="parallel fits of the search")
+    p.set_defaults(func=cmd_head)
+
+    p = sub.add_parser("report", help="write the Markdown/HTML/JSON report comparing the heads")
+    p.add_argument("--data", default=None, help="image folder (its name names the data set)")
+    p.add_argument("--dataset", default=None, help="data set name (instead of --data)")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: artifacts/reports/<dataset>)"
+    )
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="classify new images with a head or a fine-tuned model")
+    p.add_argument(
+        "--model", required=True, help="head manifest/.joblib/.keras or fine-tuned .keras"
+    )
+    p.add_argument("--images", required=True, help="image file or folder")
+    p.add_argument("--out", default=None, help="CSV (default: artifacts/predictions/<model>.csv)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--artifacts", default="artifacts")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench-heads", help="fit time of the default heads over extraction time")
+    p.add_argument("--data", action="append", default=None, help="image folder (repeatable)")
+    p.add_argument("--cache", action="append", default=None, help="feature cache (repeatable)")
+    _add_feature_options(p)
+    _add_split_options(p)
+    p.add_argument("--cv", type=int, default=3)
+    p.add_argument("--out", default="artifacts/bench/heads.json")
+    p.set_defaults(func=cmd_bench_heads)
+
+
+_LATER_STAGES.append(_add_stage_two)
+
+
 def _finetune_commands(sub: argparse._SubParsersAction) -> None:
     from pipeline.finetune import add_cli  # stage three: finetune, bench-finetune
 

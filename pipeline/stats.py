@@ -72,7 +72,9 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"need two 1-D arrays of the same length; got shapes {a.shape} and {b.shape}")
+        raise ValueError(
+            f"need two 1-D arrays of the same length; got shapes {a.shape} and {b.shape}"
+        )
     only_a = int(np.sum(a & ~b))
     only_b = int(np.sum(~a & b))
     discordant = only_a + only_b

@@ -175,6 +175,10 @@ def test_warm_start_from_the_stage_two_head_and_saved_model(colours, artifacts):
     assert manifest["class_names"] == ["blue", "green", "red"]
     assert manifest["input_size"] == 32 and manifest["backbone"] == "mobilenet_v2"
     assert manifest["predictions"] == result.predictions_path.name
+    from pipeline.predict import predict_images  # what `make predict MODEL=...` calls
+
+    predict_images(result.model_path, colours[0] / "red", result.model_path.with_suffix(".csv"))
+    assert len(result.model_path.with_suffix(".csv").read_text().splitlines()) == 9  # header + 8
     # The results contract of pipeline.report: every val/test image of the cache.
     predictions = json.loads(result.predictions_path.read_text())
     assert predictions["class_names"] == manifest["class_names"]
