@@ -197,7 +197,9 @@ def predict_images(
         raise PredictError(f"batch size must be a positive integer; got {batch_size!r}")
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise PredictError(f"MODEL={model_path} is not a file; give a head manifest or a .keras model")
+        raise PredictError(
+            f"MODEL={model_path} is not a file; give a head manifest or a .keras model"
+        )
     try:
         manifest, _ = read_manifest(model_path)
     except PipelineError as exc:

@@ -280,8 +280,12 @@ def _config(run: Run) -> dict[str, Any]:
         )
         if "n_epochs" in m:
             config["n_epochs"] = m["n_epochs"]
-    else:
-        config["params"] = m.get("params")
+    else:  # stage three: its options (a dict under "config"), or whatever "params" holds
+        options = m.get("config") if isinstance(m.get("config"), dict) else None
+        shown = ("layers", "learning_rate", "lr", "epochs", "augment", "batch_size", "seed")
+        config["params"] = (
+            {key: options[key] for key in shown if key in options} if options else m.get("params")
+        )
     return config
 
 
@@ -443,7 +447,7 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
         fig.tight_layout()
         figures[f"confusion_{group}.png"] = _png(fig)
 
-        fig, ax = plt.subplots(figsize=(max(5, 0.5 * k * len(rows) / 2 + 2), 3.2))
+        fig, ax = plt.subplots(figsize=(max(7, 0.25 * k * len(rows) + 2), 3.4))
         width = 0.8 / len(rows)
         for i, row in enumerate(rows):
             ax.bar(
@@ -456,33 +460,29 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
             np.arange(k) + 0.4 - width / 2, names, rotation=45 if k > 4 else 0, fontsize=8
         )
         ax.set_ylabel(f"F1 ({primary})")
-        ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=7, ncol=min(len(rows), 4))
+        ax.set_ylim(0, 1.2)  # headroom for the legend
+        ax.legend(fontsize=7, ncol=min(len(rows), 3), loc="upper center")
         ax.set_title(f"per-class F1: {group}", fontsize=9)
-        fig.tight_layout()
         figures[f"per_class_f1_{group}.png"] = _png(fig)
 
     points = [
-        (row["fit_seconds"], row["splits"][primary]["accuracy"], row["run"])
+        (row["group"], row["name"], row["fit_seconds"], row["splits"][primary]["accuracy"])
         for row in data["runs"]
         if primary in row["splits"] and row["fit_seconds"]
     ]
     if points:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for seconds, accuracy, label in points:
-            ax.scatter(seconds, accuracy)
-            ax.annotate(
-                label.split("/")[-1] if len(groups) < 2 else label,
-                (seconds, accuracy),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for group in sorted({p[0] for p in points}):  # one colour per cache (and fine-tuned)
+            mine = [p for p in points if p[0] == group]
+            ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=group)
+            for _, name, seconds, accuracy in mine:
+                ax.annotate(name, (seconds, accuracy), fontsize=7, xytext=(4, 2),
+                            textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("fit time (s, with the hyper-parameter search)")
         ax.set_ylabel(f"accuracy ({primary})")
         ax.set_title("accuracy against fit time", fontsize=9)
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="lower right")
         figures["accuracy_vs_fit_time.png"] = _png(fig)
     return figures
 
@@ -491,7 +491,7 @@ def _png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 

@@ -148,7 +148,8 @@ def test_fit_heads_writes_heads_and_manifests(fitted):
         assert manifest["fingerprint"] == "f" * 64 and manifest["config_json"]
         assert set(manifest["metrics"]) == {"val", "test"}
         assert manifest["metrics"]["val"]["accuracy"] >= 0.9
-        assert manifest["cv"]["folds"] == 3 and manifest["cv"]["score"] > 0.8
+        assert manifest["cv"]["folds"] == (1 if name == "softmax" else 3)
+        assert manifest["cv"]["score"] > 0.8
         assert manifest["fit_seconds"] > 0 and manifest["predict_seconds_per_image"] > 0
         key = next(iter(HEADS[name].grid))
         assert manifest["params"][key] in HEADS[name].grid[key]
@@ -314,3 +315,12 @@ def test_hymenoptera_figures(tmp_path):
     }
     assert results["svm"] >= 0.93, results
     assert max(results.values()) >= 0.954, results
+
+
+def test_a_class_with_one_train_image_skips_the_search(tmp_path):
+    X, y = blobs(8, 2, 6, separation=4.0)
+    keep = np.r_[np.arange(8), 8]  # class 1 has a single image, in train
+    path = write_cache(tmp_path / "c.h5", X[keep], y[keep], ["train"] * 9, ("a", "b"))
+    (result,) = fit_heads(path, "svm", artifacts_dir=tmp_path, pca=3)
+    assert result.manifest["cv"]["folds"] == 0 and result.manifest["cv"]["score"] is None
+    assert result.manifest["pca"] == 3 and result.manifest["params"] == {"C": 1.0}
