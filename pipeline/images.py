@@ -8,8 +8,11 @@ bounded by ``prefetch * batch_size`` images whatever the data set's size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -343,6 +346,21 @@ def _load_batch(
     return Batch(start, preprocess(raw), ok, errors)
 
 
+def _lower_thread_priority() -> None:
+    """Run this decoding thread at the lowest CPU priority (Linux: nice 19).
+
+    On a CPU-bound machine the backbone's thread pool waits for its slowest
+    shard, so a decoder competing at equal priority stalls every op. At nice 19
+    decoders use the forward pass's idle gaps, and still get the whole CPU
+    whenever the prefetch queue runs dry, so they cannot starve. Measured on
+    2 cores (MobileNetV2, 224): 0.87 of the pure forward pass at equal
+    priority, 0.98 to 1.0 at nice 19.
+    """
+    if sys.platform.startswith("linux"):  # elsewhere the id is not a thread's
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def default_workers() -> int:
     """Decoding threads: one per core, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
@@ -385,7 +403,9 @@ def iter_batches(
     prefetch = prefetch or workers + 1
     starts = iter(range(start, len(paths), batch_size))
     pending: deque[Future[Batch]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="decode", initializer=_lower_thread_priority
+    ) as pool:
 
         def submit_next() -> None:
             first = next(starts, None)
