@@ -11,7 +11,6 @@ TensorFlow import.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import re
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import BackboneError, WeightsError, did_you_mean
+from pipeline.files import sha256_file
 
 if TYPE_CHECKING:
     import keras
@@ -224,12 +224,7 @@ def weights_identity(weights: str) -> str:
         return "none"
     if weights == "imagenet":
         return f"imagenet (keras {importlib.metadata.version('keras')})"
-    path = _check_weights_path(weights)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{sha256_file(_check_weights_path(weights))}"
 
 
 def _check_weights_path(weights: str) -> Path:

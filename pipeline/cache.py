@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError
+from pipeline.files import write_bytes_atomic
 
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
@@ -189,12 +190,6 @@ def cache_lock(path: str | Path) -> Iterator[None]:
         yield  # closing the handle releases the lock
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _string_array(values: Sequence[str]) -> np.ndarray:
     return np.array(list(values), dtype=_STR)
 
@@ -281,7 +276,7 @@ class CacheWriter:
             f.attrs["fingerprint"] = fingerprint
         os.replace(tmp, work)
         progress = {"next_index": 0, "skipped": [], "seconds": 0.0}
-        _atomic_write_text(progress_file, json.dumps(progress))
+        write_bytes_atomic(progress_file, json.dumps(progress))
         return cls(path, h5py.File(work, "r+"), progress), note
 
     @classmethod
@@ -333,7 +328,7 @@ class CacheWriter:
             [start + offset, reason] for offset, reason in errors.items()
         )
         self._progress["seconds"] = self.seconds + seconds
-        _atomic_write_text(progress_path_of(self.path), json.dumps(self._progress))
+        write_bytes_atomic(progress_path_of(self.path), json.dumps(self._progress))
 
     def finalize(self, attrs: dict[str, Any]) -> Path:
         """Write the finished cache (readable images only) and remove the work files."""

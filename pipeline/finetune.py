@@ -54,6 +54,7 @@ import numpy as np
 
 from pipeline import backbones
 from pipeline.errors import FinetuneError, did_you_mean
+from pipeline.files import sha256_file, write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import keras
@@ -635,7 +636,7 @@ def finetune(
         s: float(np.mean(correct[predictions["split"] == s]))
         for s in ("val", "test") if np.any(predictions["split"] == s)
     }  # fmt: skip
-    _write_json(paths["predictions"], _predictions_json(predictions, features.class_names))
+    write_json_atomic(paths["predictions"], _predictions_json(predictions, features.class_names))
     _write_history(paths["history"], paths["history_csv"], history)
     plot_curves(history, paths["plot"], title=f"{folder.name}: {name}")
     _save_model(model, paths["model"])
@@ -678,7 +679,7 @@ def finetune(
         "keras_version": keras.__version__,
         "keras_backend": keras.backend.backend(),
     }
-    _write_json(paths["manifest"], manifest)
+    write_json_atomic(paths["manifest"], manifest)
     checkpoint.remove()
     return FinetuneResult(
         model_path=paths["model"], manifest_path=paths["manifest"],
@@ -793,19 +794,9 @@ def _stage_two_mismatch(path: Path, features: FeatureSet) -> str | None:
     if list(manifest.get("class_names", [])) != list(features.class_names):
         return f"the stage-two head {path} has other classes"
     expected = manifest.get("sha256", {}).get("keras")
-    if expected and _sha256(path) != expected:
+    if expected and sha256_file(path) != expected:
         return f"the stage-two head {path} does not match the sha256 in {manifest_path.name}"
     return None
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def copy_stage_two_head(path: str | Path, width: int, n_classes: int) -> keras.Model:
@@ -974,24 +965,7 @@ def _save_model(model, path: Path) -> None:
     # An uncompiled copy: no optimizer state in the file, nothing to warn about on loading.
     clean = keras.Model.from_config(model.get_config())
     clean.set_weights(model.get_weights())
-    tmp = path.with_name(path.stem + ".partial.keras")
-    clean.save(str(tmp))
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+    write_atomic(path, lambda tmp: clean.save(str(tmp)))
 
 
 _HISTORY_COLUMNS = (
@@ -1000,7 +974,7 @@ _HISTORY_COLUMNS = (
 
 
 def _write_history(json_path: Path, csv_path: Path, history: list[dict]) -> None:
-    _write_json(json_path, history)
+    write_json_atomic(json_path, history)
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=_HISTORY_COLUMNS)
         writer.writeheader()
@@ -1139,10 +1113,8 @@ class _Checkpoint:
         else:
             state["wait"] = int(state["wait"]) + 1
         optimizer_file = f"optimizer-{epoch}.npz"
-        tmp = self.folder / f"optimizer-{epoch}.tmp.npz"
         values = {f"v{i}": ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)}
-        np.savez(tmp, **values)
-        os.replace(tmp, self.folder / optimizer_file)
+        write_atomic(self.folder / optimizer_file, lambda tmp: np.savez(tmp, **values))
         state.update(epoch=epoch, optimizer=optimizer_file, history=history, seconds=seconds)
         self._write_state(state)
         return state
@@ -1155,13 +1127,11 @@ class _Checkpoint:
 
     def _save_weights(self, model, stem: str) -> str:
         name = f"{stem}.weights.h5"
-        tmp = self.folder / f"{stem}.tmp.weights.h5"
-        model.save_weights(str(tmp))
-        os.replace(tmp, self.folder / name)
+        write_atomic(self.folder / name, lambda tmp: model.save_weights(str(tmp)))
         return name
 
     def _write_state(self, state: dict) -> None:
-        _write_json(self.state_path, state)
+        write_json_atomic(self.state_path, state)
         keep = {state["last"], state["best"], state.get("optimizer"), "state.json"}
         for path in self.folder.iterdir():  # files of superseded epochs
             if path.name not in keep:
@@ -1265,7 +1235,7 @@ def bench_finetune(
         f"({result['finetune_images_per_second']} images/s); ratio {result['ratio']}"
     )
     if out:
-        _write_json(Path(out), result)
+        write_json_atomic(Path(out), result)
         print(f"wrote {out}")
     return result
 

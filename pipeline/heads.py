@@ -40,7 +40,6 @@ line. joblib files still run code when loaded: load only heads you made.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -59,6 +58,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.errors import HeadError, did_you_mean
+from pipeline.files import sha256_file, write_atomic, write_json_atomic
 
 MANIFEST_VERSION = 1
 NORMS = ("l2", "standard", "none")
@@ -740,34 +740,6 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- saving and loading
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename into place; a failure leaves ``path`` as it was."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
-        path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=_plain) + "\n")
-    )
-    return path
-
-
 def save_head(
     estimator: Pipeline,
     manifest: dict[str, Any],
@@ -783,15 +755,15 @@ def save_head(
     last = estimator.steps[-1][1]
     if isinstance(last, SoftmaxClassifier):
         keras_path = out_dir / f"{name}.keras"
-        _write_atomic(keras_path, lambda tmp: last.model_.save(tmp))
+        write_atomic(keras_path, lambda tmp: last.model_.save(tmp))
         files["keras"] = keras_path.name
         model, last.model_ = last.model_, None  # the .keras file holds it
         try:
-            _write_atomic(out_dir / f"{name}.joblib", lambda tmp: joblib.dump(estimator, tmp))
+            write_atomic(out_dir / f"{name}.joblib", lambda tmp: joblib.dump(estimator, tmp))
         finally:
             last.model_ = model
     else:
-        _write_atomic(out_dir / f"{name}.joblib", lambda tmp: joblib.dump(estimator, tmp))
+        write_atomic(out_dir / f"{name}.joblib", lambda tmp: joblib.dump(estimator, tmp))
     files["model"] = f"{name}.joblib"
     if predictions:
         files["predictions"] = f"{name}.predictions.json"
@@ -802,7 +774,7 @@ def save_head(
     manifest = {
         **manifest,
         "files": files,
-        "sha256": {key: _sha256(out_dir / f) for key, f in files.items()},
+        "sha256": {key: sha256_file(out_dir / f) for key, f in files.items()},
     }
     return write_json_atomic(out_dir / f"{name}.json", manifest)
 
@@ -928,7 +900,7 @@ def load_head(path: str | Path) -> Head:
             raise HeadError(
                 f"head file {file} is missing; re-run `make head HEAD={manifest.get('head')}`"
             )
-        if _sha256(file) != hashes.get(key):
+        if sha256_file(file) != hashes.get(key):
             raise HeadError(
                 f"head file {file} is corrupt, truncated or from another run (its checksum differs "
                 f"from {manifest_path.name}); re-run `make head HEAD={manifest.get('head')}`"

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError, PredictError
+from pipeline.files import write_bytes_atomic
 from pipeline.images import IMAGE_EXTENSIONS, iter_batches
 
 
@@ -237,10 +238,5 @@ def predict_images(
     writer = csv.writer(buffer)
     writer.writerow(["path", "class", "probability", "score"])
     writer.writerows(rows)
-    tmp = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(buffer.getvalue())
-        os.replace(tmp, out_csv)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(out_csv, buffer.getvalue())
     return PredictionSummary(out_csv, label, len(rows), skipped)

@@ -73,7 +73,6 @@ import base64
 import html
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -84,6 +83,7 @@ import numpy as np
 
 from pipeline import stats
 from pipeline.errors import ReportError, did_you_mean
+from pipeline.files import write_bytes_atomic
 
 EVAL_SPLITS = ("val", "test")
 
@@ -701,15 +701,6 @@ def _html(data: dict[str, Any], figures: dict[str, bytes]) -> str:
     return "\n".join(parts)
 
 
-def _write_atomic(path: Path, payload: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_bytes(payload if isinstance(payload, bytes) else payload.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(
     dataset: str,
     *,
@@ -766,11 +757,11 @@ def write_report(
     out = Path(out_dir) if out_dir else Path(artifacts_dir) / "reports" / dataset
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, png in figures.items():
-        _write_atomic(out / "figures" / name, png)
+        write_bytes_atomic(out / "figures" / name, png)
     paths = out / "report.md", out / "report.html", out / "report.json"
-    _write_atomic(paths[0], _markdown(data, list(figures)))
-    _write_atomic(paths[1], _html(data, figures))
-    _write_atomic(paths[2], json.dumps(data, indent=1) + "\n")
+    write_bytes_atomic(paths[0], _markdown(data, list(figures)))
+    write_bytes_atomic(paths[1], _html(data, figures))
+    write_bytes_atomic(paths[2], json.dumps(data, indent=1) + "\n")
 
     lines = [f"{dataset}: {len(runs)} runs, ranked on {data['primary_split']}:"]
     lines += [
