@@ -21,6 +21,9 @@ BATCH ?= 32
 FLOAT16 ?= 0
 PRECISION ?= float32
 SEED ?= 0
+VAL_FRACTION ?= 0.2
+TEST_FRACTION ?= 0.2
+SPLIT_ARGS = --seed $(SEED) --val-fraction $(VAL_FRACTION) --test-fraction $(TEST_FRACTION)
 HEAD ?= all
 NORM ?=
 PCA ?=
@@ -64,7 +67,7 @@ backbones: install ## print the backbone registry
 	$(PY) -m pipeline backbones
 
 features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1)
-	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) --seed $(SEED)
+	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS)
 
 head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV=)
 	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED)
@@ -103,7 +106,7 @@ NAME ?=
 FINETUNE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
 	--layers $(LAYERS) --epochs $(EPOCHS) --lr $(LR) --head-epochs $(HEAD_EPOCHS) --patience $(PATIENCE) \
 	--augment $(AUGMENT) --class-weight $(CLASS_WEIGHT) --batch-size $(BATCH) --precision $(PRECISION) \
-	--seed $(SEED) --restart $(RESTART) $(if $(NAME),--name $(NAME)) --artifacts $(ARTIFACTS)
+	$(SPLIT_ARGS) --restart $(RESTART) $(if $(NAME),--name $(NAME)) --artifacts $(ARTIFACTS)
 .PHONY: finetune bench-finetune
 
 finetune: install weights-from-assets ## stage three: fine-tune the last LAYERS layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= LAYERS= EPOCHS= LR= AUGMENT= PATIENCE= NAME= RESTART=1)

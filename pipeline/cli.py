@@ -191,13 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="artifacts/bench/features.json")
     p.set_defaults(func=cmd_bench_features)
 
-    for register in _LATER_STAGES:
-        register(sub)
+    _add_stage_two(sub)
+    _add_stage_three(sub)
     return parser
-
-
-# Later stages add their commands here (each module owns its parser section).
-_LATER_STAGES: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 # --- stage two: heads, report, predict (pipeline.heads, pipeline.report, pipeline.predict)
@@ -336,16 +332,88 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_heads)
 
 
-_LATER_STAGES.append(_add_stage_two)
+# --- stage three: finetune, bench-finetune (pipeline.finetune)
 
 
-def _finetune_commands(sub: argparse._SubParsersAction) -> None:
-    from pipeline.finetune import add_cli  # stage three: finetune, bench-finetune
+def _flag(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
 
-    add_cli(sub)
+
+def _add_stage_three(sub: argparse._SubParsersAction) -> None:
+    from pipeline.finetune import FLIPS, PRECISIONS, FinetuneConfig
+
+    defaults = FinetuneConfig()
+    p = sub.add_parser("finetune", help="stage three: fine-tune the last LAYERS layers")
+    p.add_argument(
+        "--data", required=True, help="image folder (as in stage one) or a stage-one .h5"
+    )
+    p.add_argument("--backbone", default=defaults.backbone)
+    p.add_argument("--weights", default=defaults.weights, type=_weights)
+    p.add_argument("--input-size", type=_optional_int, default=None)
+    p.add_argument("--layers", default=str(defaults.layers), help="n >= 0 | all | block")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="most phase-two epochs")
+    p.add_argument("--lr", type=float, default=defaults.learning_rate, help="phase-two Adam rate")
+    p.add_argument("--head-epochs", type=int, default=defaults.head_epochs)
+    p.add_argument("--head-lr", type=float, default=defaults.head_learning_rate)
+    p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--augment", type=_flag, default=True, help="1 | 0")
+    p.add_argument("--flip", default=defaults.flip, help="|".join(FLIPS))
+    p.add_argument("--rotation", type=float, default=defaults.rotation)
+    p.add_argument("--zoom", type=float, default=defaults.zoom)
+    p.add_argument("--class-weight", default=defaults.class_weight, help="balanced | none")
+    p.add_argument("--precision", default=defaults.precision, help="|".join(PRECISIONS))
+    _add_split_options(p)
+    p.add_argument("--workers", type=_optional_int, default=None)
+    p.add_argument("--name", default=None, help="output name")
+    p.add_argument("--restart", type=_flag, default=False, help="discard an unfinished run")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("bench-finetune", help="one phase-two epoch vs one stage-one pass")
+    p.add_argument("--data", required=True)
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--weights", default="imagenet", type=_weights)
+    p.add_argument("--input-size", type=_optional_int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--out", default="artifacts/bench/finetune.json")
+    p.set_defaults(func=cmd_bench_finetune)
 
 
-_LATER_STAGES.append(_finetune_commands)
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pipeline.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        backbone=args.backbone, weights=args.weights, input_size=args.input_size,
+        layers=args.layers, epochs=args.epochs, learning_rate=args.lr,
+        head_epochs=args.head_epochs, head_learning_rate=args.head_lr, patience=args.patience,
+        batch_size=args.batch_size, augment=args.augment, flip=args.flip,
+        rotation=args.rotation, zoom=args.zoom, class_weight=args.class_weight,
+        precision=args.precision, seed=args.seed, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, workers=args.workers, name=args.name or None,
+        restart=args.restart,
+    )  # fmt: skip
+    config.validate()  # bad options fail before Keras is imported
+    result = finetune(args.data, config, artifacts_dir=args.artifacts, progress=not args.quiet)
+    print(result.format(notes=False))  # the notes were printed as they happened
+    return 0
+
+
+def cmd_bench_finetune(args: argparse.Namespace) -> int:
+    from pipeline.finetune import bench_finetune
+
+    bench_finetune(
+        args.data, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
+        batch_size=args.batch_size, n_images=args.images, out=args.out,
+    )  # fmt: skip
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,7 +114,7 @@ def cache_path_for(
 ) -> Path:
     """Where the cache of ``dataset`` under ``config`` lives.
 
-    ``artifacts/features/<dataset>/<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16].h5``;
+    ``artifacts/features/<dataset>/<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16][_<precision>].h5``;
     data changes rebuild the same file, other weights or options get another.
     """
     spec = backbones.get_backbone(config.backbone)
@@ -129,6 +129,8 @@ def cache_path_for(
     parts.append(weights_tag)
     if config.float16:
         parts.append("f16")
+    if config.precision != "float32":  # other numerics: another file, never a rebuild over this one
+        parts.append(config.precision.replace("_", "-"))
     return Path(artifacts_dir) / "features" / dataset / ("_".join(parts) + ".h5")
 
 

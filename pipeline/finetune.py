@@ -35,9 +35,9 @@ Everything goes through the ``keras`` namespace and NumPy batches from
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -54,7 +54,7 @@ import numpy as np
 
 from pipeline import backbones
 from pipeline.errors import FinetuneError, did_you_mean
-from pipeline.files import sha256_file, write_atomic, write_json_atomic
+from pipeline.files import sha256_file, write_atomic, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import keras
@@ -434,8 +434,9 @@ class FinetuneResult:
     notes: list[str] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
 
-    def format(self) -> str:
-        lines = [*self.notes]
+    def format(self, *, notes: bool = True) -> str:
+        """The run's summary; ``notes=False`` leaves out the notes already echoed during it."""
+        lines = [*self.notes] if notes else []
         test = f", test accuracy {self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
         phase_two = [h for h in self.history if h["phase"] == 2]
         per_epoch = np.mean([h["seconds"] for h in phase_two]) / 60 if phase_two else 0.0
@@ -536,6 +537,11 @@ def finetune(
         backbone=spec.name, weights=config.weights, input_size=size, pooling="avg",
         batch_size=config.batch_size, workers=config.workers,
     )  # fmt: skip
+    if given_cache is not None:  # the cache's own storage and numerics, or it would be rebuilt
+        made = json.loads(cache.read_attrs(given_cache)["config_json"])
+        feature_config = replace(
+            feature_config, float16=made["dtype"] == "float16", precision=made["precision"]
+        )
     cache_path = given_cache or cache_path_for(folder.name, feature_config, artifacts_dir)
     name = config.name or _default_name(spec.name, size, cache_path, config.layers)
     out_dir = Path(artifacts_dir) / "finetune" / folder.name
@@ -793,6 +799,13 @@ def _stage_two_mismatch(path: Path, features: FeatureSet) -> str | None:
         return f"the stage-two head {path} was fit on other images (fingerprint differs)"
     if list(manifest.get("class_names", [])) != list(features.class_names):
         return f"the stage-two head {path} has other classes"
+    if manifest.get("norm", "none") != "none" or manifest.get("pca"):
+        # Stage three feeds the head raw pooled features: a head fit after a
+        # normalisation or PCA step would start from badly scaled inputs.
+        return (
+            f"the stage-two head {path} was fit with NORM={manifest.get('norm')} "
+            f"PCA={manifest.get('pca')}, not on raw features"
+        )
     expected = manifest.get("sha256", {}).get("keras")
     if expected and sha256_file(path) != expected:
         return f"the stage-two head {path} does not match the sha256 in {manifest_path.name}"
@@ -975,10 +988,11 @@ _HISTORY_COLUMNS = (
 
 def _write_history(json_path: Path, csv_path: Path, history: list[dict]) -> None:
     write_json_atomic(json_path, history)
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=_HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=_HISTORY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_bytes_atomic(csv_path, table.getvalue())
 
 
 def plot_curves(history: list[dict], path: str | Path, *, title: str = "") -> Path:
@@ -1006,10 +1020,7 @@ def plot_curves(history: list[dict], path: str | Path, *, title: str = "") -> Pa
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -1186,8 +1197,11 @@ def bench_finetune(
     labels = np.array([r.label for r in records])
 
     extractor = backbones.build_feature_extractor(spec, weights=weights, input_size=size)
-    first = next(iter_batches(folder.root, paths[:batch_size], size=size, batch_size=batch_size,
-                              preprocess=spec.preprocess))  # fmt: skip
+    with contextlib.closing(
+        iter_batches(folder.root, paths[:batch_size], size=size, batch_size=batch_size,
+                     preprocess=spec.preprocess)
+    ) as warmup:  # fmt: skip
+        first = next(warmup)
     extractor.predict_on_batch(first.x)
     tick = time.perf_counter()
     for batch in iter_batches(folder.root, paths, size=size, batch_size=batch_size,
@@ -1241,83 +1255,3 @@ def bench_finetune(
 
 
 # --- command line ----------------------------------------------------------------------------
-
-
-def _flag(value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("1", "yes", "true", "on"):
-        return True
-    if text in ("0", "no", "false", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` and ``bench-finetune`` commands to the CLI."""
-    from pipeline.cli import _optional_int, _weights
-
-    defaults = FinetuneConfig()
-    p = sub.add_parser("finetune", help="stage three: fine-tune the last LAYERS layers")
-    p.add_argument(
-        "--data", required=True, help="image folder (as in stage one) or a stage-one .h5"
-    )
-    p.add_argument("--backbone", default=defaults.backbone)
-    p.add_argument("--weights", default=defaults.weights, type=_weights)
-    p.add_argument("--input-size", type=_optional_int, default=None)
-    p.add_argument("--layers", default=str(defaults.layers), help="n >= 0 | all | block")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="most phase-two epochs")
-    p.add_argument("--lr", type=float, default=defaults.learning_rate, help="phase-two Adam rate")
-    p.add_argument("--head-epochs", type=int, default=defaults.head_epochs)
-    p.add_argument("--head-lr", type=float, default=defaults.head_learning_rate)
-    p.add_argument("--patience", type=int, default=defaults.patience)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--augment", type=_flag, default=True, help="1 | 0")
-    p.add_argument("--flip", default=defaults.flip, help="|".join(FLIPS))
-    p.add_argument("--rotation", type=float, default=defaults.rotation)
-    p.add_argument("--zoom", type=float, default=defaults.zoom)
-    p.add_argument("--class-weight", default=defaults.class_weight, help="balanced | none")
-    p.add_argument("--precision", default=defaults.precision, help="|".join(PRECISIONS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--workers", type=_optional_int, default=None)
-    p.add_argument("--name", default=None, help="output name")
-    p.add_argument("--restart", type=_flag, default=False, help="discard an unfinished run")
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_finetune)
-
-    p = sub.add_parser("bench-finetune", help="one phase-two epoch vs one stage-one pass")
-    p.add_argument("--data", required=True)
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--weights", default="imagenet", type=_weights)
-    p.add_argument("--input-size", type=_optional_int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--out", default="artifacts/bench/finetune.json")
-    p.set_defaults(func=_cmd_bench_finetune)
-
-
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    config = FinetuneConfig(
-        backbone=args.backbone, weights=args.weights, input_size=args.input_size,
-        layers=args.layers, epochs=args.epochs, learning_rate=args.lr,
-        head_epochs=args.head_epochs, head_learning_rate=args.head_lr, patience=args.patience,
-        batch_size=args.batch_size, augment=args.augment, flip=args.flip,
-        rotation=args.rotation, zoom=args.zoom, class_weight=args.class_weight,
-        precision=args.precision, seed=args.seed, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, workers=args.workers, name=args.name or None,
-        restart=args.restart,
-    )  # fmt: skip
-    config.validate()  # bad options fail before Keras is imported
-    result = finetune(args.data, config, artifacts_dir=args.artifacts, progress=not args.quiet)
-    print(result.format().split("\n", len(result.notes))[-1])
-    return 0
-
-
-def _cmd_bench_finetune(args: argparse.Namespace) -> int:
-    bench_finetune(
-        args.data, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
-        batch_size=args.batch_size, n_images=args.images, out=args.out,
-    )  # fmt: skip
-    return 0

@@ -510,6 +510,10 @@ def fit_heads(
         build_head(name, norm=norm, pca=pca, seed=seed)
     if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
         raise HeadError(f"CV must be a whole number of folds, at least 2; got {cv!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs == 0 or jobs < -1:
+        raise HeadError(
+            f"JOBS must be a positive number of processes, or -1 for all cores; got {jobs!r}"
+        )
     fs = load_features(cache_path)
     X_train, y_train = _check_cache(fs, pca)
     out_dir = head_dir(fs.attrs, fs.path, artifacts_dir)
@@ -929,6 +933,10 @@ def load_head(path: str | Path) -> Head:
 # --------------------------------------------------------------------------- benchmark
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a (no extraction time in the cache)" if value is None else f"{value:.3f}"
+
+
 def bench_heads(
     cache_paths: Sequence[str | Path],
     *,
@@ -986,8 +994,8 @@ def bench_heads(
         if log is not None:
             log(
                 f"{row['dataset']}: heads {total:.1f} s with search ({total_refit:.1f} s final fits) / "
-                f"extraction {extraction:.1f} s = ratio {row['ratio']:.3f} "
-                f"({row['ratio_final_fit']:.3f} final fits; target <= 0.1); "
+                f"extraction {extraction:.1f} s = ratio {_ratio(row['ratio'])} "
+                f"({_ratio(row['ratio_final_fit'])} final fits; target <= 0.1); "
                 + ", ".join(f"{h} {s:.2f} s" for h, s in fit.items())
             )
     summary = {

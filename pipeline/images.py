@@ -106,7 +106,7 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively, hidden entries skipped), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -164,7 +164,7 @@ def _scan_classes(root: Path, class_dirs: list[Path], where: str) -> dict[str, l
         raise DataError(f"no class folders in {where}: expected {where}/<class>/<image>{hint}")
     by_class: dict[str, list[str]] = {}
     for class_dir in class_dirs:
-        images = _images_under(class_dir)
+        images = images_under(class_dir)
         if not images:
             raise DataError(
                 f"class folder {class_dir} holds no images "
@@ -219,7 +219,7 @@ def _scan_split_folders(root: Path, split_folders: list[Path]) -> ImageFolder:
 def _scan_optional_split(root: Path, folder: Path) -> dict[str, list[str]]:
     by_class = {}
     for class_dir in _class_folders(folder):
-        images = _images_under(class_dir)
+        images = images_under(class_dir)
         if not images:
             raise DataError(f"class folder {class_dir} holds no images; add images or remove it")
         by_class[class_dir.name] = [p.relative_to(root).as_posix() for p in images]

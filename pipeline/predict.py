@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError, PredictError
 from pipeline.files import write_bytes_atomic
-from pipeline.images import IMAGE_EXTENSIONS, iter_batches
+from pipeline.images import IMAGE_EXTENSIONS, images_under, iter_batches
 
 
 @dataclass
@@ -62,15 +61,10 @@ def list_images(images: str | Path) -> tuple[Path, list[str]]:
         raise PredictError(
             f"IMAGES={images} does not exist; give an image file or a folder of images"
         )
-    found = []
-    for dirpath, dirnames, filenames in os.walk(images):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append((Path(dirpath) / name).relative_to(images).as_posix())
+    found = [p.relative_to(images).as_posix() for p in images_under(images)]
     if not found:
         raise PredictError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {images}")
-    return images, sorted(found)
+    return images, found
 
 
 def _head_predictor(

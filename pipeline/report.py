@@ -315,6 +315,12 @@ def _mcnemar(a: Run, b: Run, split: str) -> dict[str, Any] | None:
     }
 
 
+def _selection_score(row: dict[str, Any], run: Run) -> float:
+    if "val" in row["splits"]:
+        return float(row["splits"]["val"]["accuracy"])
+    return float(run.manifest.get("cv", {}).get("score") or 0.0)
+
+
 def primary_split(runs: Sequence[Run]) -> str:
     """``test`` when any run has it, else ``val``."""
     return "test" if any("test" in r.splits for r in runs) else "val"
@@ -359,10 +365,12 @@ def build_report_data(
         if run.kind != "finetuned":
             continue
         for group in groups:
-            heads = [r for r in rows if r["group"] == group and primary in r["splits"]]
+            heads = [r for r in rows if r["group"] == group and r["kind"] == "head"]
             if not heads:
                 continue
-            best = max(heads, key=lambda r: r["splits"][primary]["accuracy"])
+            # Chosen without the test images (val accuracy, else cross-validation on
+            # train), so the McNemar test on test is not run against a test-picked head.
+            best = max(heads, key=lambda r: _selection_score(r, by_id[r["run"]]))
             for split in EVAL_SPLITS:
                 if c := _mcnemar(run, by_id[best["run"]], split):
                     comparisons.append(c)
@@ -404,10 +412,6 @@ def build_report_data(
 
 def _figures(data: dict[str, Any]) -> dict[str, bytes]:
     """PNG bytes of every figure, by file name."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
     primary = data["primary_split"]
     figures: dict[str, bytes] = {}
@@ -422,7 +426,7 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
         cols = min(4, len(rows))
         nrows = -(-len(rows) // cols)
         side = 2.2 + 0.25 * k
-        fig, axes = plt.subplots(nrows, cols, figsize=(side * cols, side * nrows), squeeze=False)
+        fig, axes = _subplots(nrows, cols, figsize=(side * cols, side * nrows), squeeze=False)
         for ax in axes.ravel()[len(rows) :]:
             ax.axis("off")
         for ax, row in zip(axes.ravel(), rows, strict=False):
@@ -447,7 +451,7 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
         fig.tight_layout()
         figures[f"confusion_{group}.png"] = _png(fig)
 
-        fig, ax = plt.subplots(figsize=(max(7, 0.25 * k * len(rows) + 2), 3.4))
+        fig, ax = _subplots(figsize=(max(7, 0.25 * k * len(rows) + 2), 3.4))
         width = 0.8 / len(rows)
         for i, row in enumerate(rows):
             ax.bar(
@@ -471,7 +475,7 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
         if primary in row["splits"] and row["fit_seconds"]
     ]
     if points:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = _subplots(figsize=(7, 4.5))
         for group in sorted({p[0] for p in points}):  # one colour per cache (and fine-tuned)
             mine = [p for p in points if p[0] == group]
             ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=group)
@@ -487,12 +491,17 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
     return figures
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Any, Any]:
+    """``plt.subplots`` without pyplot: no global figure registry, the user's backend untouched."""
+    from matplotlib.figure import Figure
 
+    figure = Figure(figsize=kwargs.pop("figsize", None))
+    return figure, figure.subplots(nrows, ncols, **kwargs)
+
+
+def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -738,6 +747,8 @@ def write_report(
     --------
     >>> print(write_report("hymenoptera_data").format())
     """
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ReportError(f"RESAMPLES must be a positive whole number; got {n_resamples!r}")
     runs, notes = collect_runs(dataset, artifacts_dir)
     if not runs:
         heads = Path(artifacts_dir) / "heads"

@@ -176,8 +176,8 @@ def bootstrap_metrics(
     rng = np.random.default_rng(seed)
     out: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
     cell = y_true * n_classes + y_pred
-    # Blocks bound memory at about 8 MB of indices whatever n and n_resamples are.
-    block = max(1, min(n_resamples, 1_000_000 // n))
+    # Blocks bound memory (indices and confusion matrices) whatever n, k and n_resamples are.
+    block = max(1, min(n_resamples, 1_000_000 // (n + n_classes * n_classes)))
     for begin in range(0, n_resamples, block):
         b = min(block, n_resamples - begin)
         idx = rng.integers(0, n, size=(b, n))

@@ -382,7 +382,9 @@ def test_mixed_precision_stores_float32_and_restores_the_global_policy(image_fol
     import keras
 
     config = FeatureConfig(**{**TINY.__dict__, "precision": "mixed_float16"})
-    fs = load_features(run(image_folder, tmp_path, config).cache_path)
+    summary = run(image_folder, tmp_path, config)
+    assert summary.cache_path.name == "mobilenet_v2_32_avg_random_mixed-float16.h5"  # not float32's
+    fs = load_features(summary.cache_path)
     assert fs.features.dtype == np.float32 and np.isfinite(fs.features).all()
     assert fs.attrs["precision"] == "mixed_float16"
     assert keras.config.dtype_policy().name == "float32"

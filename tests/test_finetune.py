@@ -261,3 +261,18 @@ def test_make_finetune_end_to_end(colours, tmp_path):
     assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
         "error: LAYERS must be >= 0 (0 trains the head only, 'all' every layer); got -1"
     ]
+
+
+def test_a_stage_two_head_fit_on_normalised_features_is_not_a_warm_start(tmp_path):
+    """Stage three feeds raw pooled features: a head fit after NORM or PCA must not be copied."""
+    from types import SimpleNamespace
+
+    head = tmp_path / "softmax.keras"
+    head.write_bytes(b"model")
+    features = SimpleNamespace(attrs={"fingerprint": "f"}, class_names=("a", "b"))
+    manifest = {"fingerprint": "f", "class_names": ["a", "b"], "norm": "none", "pca": None}
+    head.with_suffix(".json").write_text(json.dumps(manifest))
+    assert ft._stage_two_mismatch(head, features) is None
+    for change in ({"norm": "l2"}, {"norm": "standard"}, {"pca": 16}):
+        head.with_suffix(".json").write_text(json.dumps({**manifest, **change}))
+        assert "not on raw features" in ft._stage_two_mismatch(head, features)

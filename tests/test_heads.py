@@ -258,6 +258,8 @@ def test_refusals_write_nothing(tmp_path):
     before = _tree(artifacts / "heads")
     with pytest.raises(HeadError, match="did you mean"):
         fit_heads(one_class, "svm,sofmax", artifacts_dir=artifacts)
+    with pytest.raises(HeadError, match="JOBS must be a positive number"):
+        fit_heads(unseen, "svm", artifacts_dir=artifacts, jobs=0)
     assert _tree(artifacts / "heads") == before == {}
 
 

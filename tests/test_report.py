@@ -126,6 +126,8 @@ def test_no_heads_is_one_clear_error(tmp_path, artifacts):
         write_report("synthetc", artifacts_dir=artifacts)
     with pytest.raises(ReportError, match="run `make head"):
         write_report("anything", artifacts_dir=tmp_path)
+    with pytest.raises(ReportError, match="RESAMPLES must be a positive whole number; got 0"):
+        write_report("synthetic", artifacts_dir=artifacts, n_resamples=0)
 
 
 def _make(*args: str) -> subprocess.CompletedProcess:
