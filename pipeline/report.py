@@ -421,7 +421,11 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
             groups.setdefault(row["group"], []).append(row)
 
     for group, rows in groups.items():
-        names = rows[0]["class_names"]
+        # Runs of a rebuilt cache may have another class list: plot the commonest one
+        # (the tables still show every run).
+        lists = [tuple(r["class_names"]) for r in rows]
+        names = list(max(set(lists), key=lists.count))
+        rows = [r for r in rows if r["class_names"] == names]
         k = len(names)
         cols = min(4, len(rows))
         nrows = -(-len(rows) // cols)
@@ -643,13 +647,23 @@ def _tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]
     return tables
 
 
+def _selection_note(data: dict[str, Any]) -> str:
+    note = "Heads' hyper-parameters were chosen by cross-validation on the train split only."
+    if any(r["kind"] == "finetuned" for r in data["runs"]):
+        note += (
+            " Fine-tuned runs picked their best epoch on val, so their val figures (and McNemar"
+            " tests on val) lean optimistic; test figures, where present, do not."
+        )
+    return note
+
+
 def _markdown(data: dict[str, Any], figures: Sequence[str]) -> str:
     lines = [
         f"# Heads report: {data['dataset']}",
         "",
         f"Created {data['created']}. Intervals: 95% percentile bootstrap over images "
         f"({data['bootstrap']['resamples']} resamples, seed {data['bootstrap']['seed']}). "
-        f"Hyper-parameters were chosen by cross-validation on the train split only.",
+        f"{_selection_note(data)}",
         "",
     ]
     for title, header, rows in _tables(data):
@@ -685,8 +699,7 @@ def _html(data: dict[str, Any], figures: dict[str, bytes]) -> str:
         f"<title>Heads report: {esc(data['dataset'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>Heads report: {esc(data['dataset'])}</h1>",
         f"<p>Created {esc(data['created'])}. Intervals: 95% percentile bootstrap over images "
-        f"({data['bootstrap']['resamples']} resamples). Hyper-parameters chosen by cross-validation "
-        "on the train split only.</p>",
+        f"({data['bootstrap']['resamples']} resamples). {esc(_selection_note(data))}</p>",
     ]
     for title, header, rows in _tables(data):
         parts.append(f"<h2>{esc(title)}</h2>")
