@@ -997,6 +997,12 @@ def _write_history(json_path: Path, csv_path: Path, history: list[dict]) -> None
 
 def plot_curves(history: list[dict], path: str | Path, *, title: str = "") -> Path:
     """Loss and accuracy per epoch of both phases, as a PNG (matplotlib, no pyplot state)."""
+    figure = curves_figure(history, title=title)
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def curves_figure(history: list[dict], *, title: str = "") -> Any:
+    """The training-curve figure of :func:`plot_curves` (also drawn by the report)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4), dpi=100)
@@ -1020,7 +1026,7 @@ def plot_curves(history: list[dict], path: str | Path, *, title: str = "") -> Pa
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
+    return figure
 
 
 # --- checkpoints -----------------------------------------------------------------------------

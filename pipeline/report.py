@@ -42,6 +42,9 @@ Heads (stage two) and fine-tuned models (stage three) share one format.
   ``fit_seconds``               no        training time (plotted against accuracy)
   ``predict_seconds_per_image`` no        inference time per image
   ``fingerprint``               no        stage-one fingerprint of the images it used
+  ``history``                   no        file name of the per-epoch log (a JSON list of
+                                          ``{phase, epoch, loss, accuracy, val_loss,
+                                          val_accuracy}``), drawn as training curves
   ============================  ========  ===============================================
 
   The same manifest sits beside the model ``<stem>.keras`` for
@@ -101,6 +104,7 @@ class Run:
     splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool]] = field(
         default_factory=dict
     )
+    history: list[dict[str, Any]] = field(default_factory=list)  # fine-tuned: per-epoch log
 
     @property
     def run_id(self) -> str:
@@ -214,9 +218,21 @@ def collect_runs(
         if not splits:
             notes.append(f"skipped {path}: no val or test predictions")
             continue
-        runs.append(Run(name, kind, group, manifest, class_names, splits))
+        history = (
+            _read_history(path.parent / manifest["history"]) if manifest.get("history") else []
+        )
+        runs.append(Run(name, kind, group, manifest, class_names, splits, history))
     _note_stale(runs, notes)
     return runs, notes
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    """A fine-tuned run's per-epoch log, or ``[]`` when it is missing or unreadable."""
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return history if isinstance(history, list) else []
 
 
 def _note_stale(runs: list[Run], notes: list[str]) -> None:
@@ -350,6 +366,7 @@ def build_report_data(
                 "predict_seconds_per_image": m.get("predict_seconds_per_image"),
                 "extraction_seconds": m.get("extraction_seconds"),
                 "config": _config(run),
+                "history": run.history,
                 "splits": evaluate_run(run, n_resamples=n_resamples, seed=seed),
             }
         )
@@ -492,6 +509,14 @@ def _figures(data: dict[str, Any]) -> dict[str, bytes]:
         ax.set_title("accuracy against fit time", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         figures["accuracy_vs_fit_time.png"] = _png(fig)
+
+    from pipeline.finetune import curves_figure
+
+    for row in data["runs"]:
+        if row["kind"] == "finetuned" and row["history"]:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["name"])
+            title = f"training curves: {row['name']}"
+            figures[f"curves_{safe}.png"] = _png(curves_figure(row["history"], title=title))
     return figures
 
 

@@ -60,7 +60,14 @@ def _finetuned(artifacts: Path, name: str = "ft_mobilenet") -> dict:
         "fit_seconds": 12.5,
         "predict_seconds_per_image": 0.004,
         "params": {"learning_rate": 1e-5},
+        "history": f"{name}.history.json",
     }
+    history = [
+        {"phase": phase, "epoch": epoch, "loss": 1.0 / (i + 1), "accuracy": 0.5 + 0.1 * i,
+         "val_loss": 1.1 / (i + 1), "val_accuracy": 0.5 + 0.08 * i}
+        for i, (phase, epoch) in enumerate([(1, 1), (1, 2), (2, 1), (2, 2)])
+    ]  # fmt: skip
+    (folder / f"{name}.history.json").write_text(json.dumps(history))
     (folder / f"{name}.json").write_text(json.dumps(manifest))
     return manifest
 
@@ -104,6 +111,8 @@ def test_report_files_and_figures(artifacts):
     assert "McNemar" in page and "ft_mobilenet" in page
     md = result.markdown.read_text()
     assert "## Leaderboard" in md and "figures/accuracy_vs_fit_time.png" in md
+    assert "figures/curves_ft_mobilenet.png" in md  # the fine-tuned run's training curves
+    assert (out / "figures" / "curves_ft_mobilenet.png").stat().st_size > 1000
     assert "McNemar" in result.format()
 
 
