@@ -807,6 +807,9 @@ def write_report(
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, png in figures.items():
         write_bytes_atomic(out / "figures" / name, png)
+    for stale in (out / "figures").glob("*.png"):  # figures of runs no longer reported
+        if stale.name not in figures:
+            stale.unlink()
     paths = out / "report.md", out / "report.html", out / "report.json"
     write_bytes_atomic(paths[0], _markdown(data, list(figures)))
     write_bytes_atomic(paths[1], _html(data, figures))
