@@ -58,6 +58,15 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2)
 
 
+def _add_bench_options(p: argparse.ArgumentParser, *, images: int, out: str) -> None:
+    p.add_argument("--data", required=True, help="image folder to benchmark on")
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--weights", default="imagenet", type=_weights)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images", type=int, default=images, help="images (N) to time on")
+    p.add_argument("--out", default=out, help="JSON file for the figures")
+
+
 def _feature_config(args: argparse.Namespace):
     from pipeline.features import FeatureConfig
 
@@ -181,14 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("bench-features", help="benchmark stage one against the pure forward pass")
-    p.add_argument("--data", required=True)
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--weights", default="imagenet", type=_weights)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--images", type=int, default=400, help="N: images of the small run (the large one uses 4N)"
-    )
-    p.add_argument("--out", default="artifacts/bench/features.json")
+    _add_bench_options(p, images=400, out="artifacts/bench/features.json")
     p.set_defaults(func=cmd_bench_features)
 
     _add_stage_two(sub)
@@ -377,13 +379,8 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench-finetune", help="one phase-two epoch vs one stage-one pass")
-    p.add_argument("--data", required=True)
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--weights", default="imagenet", type=_weights)
+    _add_bench_options(p, images=256, out="artifacts/bench/finetune.json")
     p.add_argument("--input-size", type=_optional_int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--out", default="artifacts/bench/finetune.json")
     p.set_defaults(func=cmd_bench_finetune)
 
 
