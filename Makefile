@@ -66,7 +66,7 @@ demo-data: install ## write scikit-learn's digits as PNG class folders under art
 backbones: install ## print the backbone registry
 	$(PY) -m pipeline backbones
 
-features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1)
+features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1 PRECISION= SEED= VAL_FRACTION= TEST_FRACTION=)
 	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS)
 
 head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV=)
