@@ -11,9 +11,11 @@ TensorFlow import.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,6 +239,24 @@ def _check_weights_path(weights: str) -> Path:
     if not os.access(path, os.R_OK):
         raise WeightsError(f"weights file {path} is not readable; check its permissions")
     return path
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Build models under a Keras dtype policy (``"mixed_float16"`` ...), then restore the old one.
+
+    Layers keep the policy they were built with, so the global setting only needs to
+    hold while a model is constructed.
+    """
+    import keras
+
+    previous = keras.config.dtype_policy()
+    if precision != "float32":
+        keras.config.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def build_feature_extractor(

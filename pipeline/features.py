@@ -261,12 +261,7 @@ def _config_json(
 
 
 def _build_model(config: FeatureConfig, spec: backbones.BackboneSpec, size: int):
-    import keras
-
-    previous = keras.config.dtype_policy()
-    if config.precision != "float32":
-        keras.config.set_dtype_policy(config.precision)
-    try:
+    with backbones.dtype_policy(config.precision):
         return backbones.build_feature_extractor(
             spec,
             weights=config.weights,
@@ -274,8 +269,6 @@ def _build_model(config: FeatureConfig, spec: backbones.BackboneSpec, size: int)
             pooling=config.pooling,
             layer=config.layer,
         )
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def _run(model, writer, folder, spec, size, config, progress) -> float:

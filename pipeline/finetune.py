@@ -44,7 +44,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +55,7 @@ import numpy as np
 from pipeline import backbones
 from pipeline.errors import FinetuneError, did_you_mean
 from pipeline.files import sha256_file, write_atomic, write_bytes_atomic, write_json_atomic
+from pipeline.images import default_workers
 
 if TYPE_CHECKING:
     import keras
@@ -330,19 +331,6 @@ def load_finetuned(path: str | Path) -> keras.Model:
     return keras.saving.load_model(str(path), compile=False)
 
 
-@contextlib.contextmanager
-def _dtype_policy(precision: str) -> Iterator[None]:
-    import keras
-
-    previous = keras.config.dtype_policy()
-    if precision != "float32":
-        keras.config.set_dtype_policy(precision)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -547,7 +535,7 @@ def finetune(
     out_dir = Path(artifacts_dir) / "finetune" / folder.name
     paths = output_paths(out_dir, name)
 
-    with _dtype_policy(config.precision):
+    with backbones.dtype_policy(config.precision):
         base = backbones.build_base(spec, weights=config.weights, input_size=size)
     depth = len(backbone_layers(base))
     n_layers = resolve_layers(config.layers, base, spec.name)
@@ -575,12 +563,12 @@ def finetune(
     splits = _check_splits(features)
     n_classes = len(features.class_names)
     root = Path(features.attrs.get("data_root", folder.root))
-    workers = config.workers or _default_workers()
+    workers = config.workers or default_workers()
 
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    with _dtype_policy(config.precision):
+    with backbones.dtype_policy(config.precision):
         head, head_source = _starting_head(
             features, artifacts_dir, folder.name, n_classes,
             resumed_source=state["head_source"] if state else None, note=note,
@@ -695,12 +683,6 @@ def finetune(
         best_epoch=int(state["best_epoch"]), history=history, seconds=seconds,
         resumed_from=resumed_from, notes=notes, model=model,
     )  # fmt: skip
-
-
-def _default_workers() -> int:
-    from pipeline.images import default_workers
-
-    return default_workers()
 
 
 def _resolve_data(
@@ -1224,7 +1206,7 @@ def bench_finetune(
     set_trainable(base, layers)
     _compile(model, keras.optimizers.Adam(1e-5), sigmoid=False)
     seq = image_sequence(folder.root, paths, labels, size=size, batch_size=batch_size,
-                        shuffle_seed=0, workers=_default_workers())  # fmt: skip
+                        shuffle_seed=0, workers=default_workers())  # fmt: skip
     x, y = seq[0]
     model.train_on_batch(x, y)
     tick = time.perf_counter()
