@@ -145,7 +145,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_features(args: argparse.Namespace) -> int:
-    from pipeline.bench import bench_features
+    from pipeline.benchmarks import bench_features
 
     bench_features(
         args.data,

@@ -11,8 +11,11 @@ import difflib
 from collections.abc import Iterable
 
 
-class PipelineError(Exception):
-    """A user-facing error: the message says what was wrong and how to fix it."""
+class PipelineError(ValueError):
+    """A user-facing error: the message says what was wrong and how to fix it.
+
+    A :class:`ValueError`, so code that catches bad values catches it too.
+    """
 
 
 class DataError(PipelineError):

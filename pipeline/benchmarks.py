@@ -140,7 +140,7 @@ def _run_child(
     command = [
         sys.executable,
         "-m",
-        "pipeline.bench",
+        "pipeline.benchmarks",
         mode,
         str(folder),
         backbone,
