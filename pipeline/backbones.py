@@ -24,18 +24,15 @@ import numpy as np
 
 from pipeline.errors import BackboneError, WeightsError, did_you_mean
 from pipeline.files import sha256_file
+from pipeline.options import POOLINGS
+from pipeline.preprocessing import MODES, normalise
 
 if TYPE_CHECKING:
     import keras
 
-POOLINGS = ("avg", "max", "flatten")
-
 # Preprocessing modes, as keras.applications.imagenet_utils defines them.
 # "none" means the model rescales inside itself and wants raw 0..255 RGB.
-PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
-_CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
-_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+PREPROCESSING_MODES = MODES
 
 
 @dataclass(frozen=True)
@@ -90,76 +87,188 @@ class BackboneSpec:
 def preprocess(batch: np.ndarray, mode: str) -> np.ndarray:
     """Apply a Keras ImageNet preprocessing ``mode`` to uint8 RGB images.
 
-    Matches ``keras.applications.imagenet_utils.preprocess_input`` for
-    ``caffe`` (RGB to BGR, minus the BGR means), ``tf`` (scale to [-1, 1]) and
-    ``torch`` (scale to [0, 1], ImageNet mean and std); ``none`` returns 0..255.
+    Matches ``keras.applications.imagenet_utils.preprocess_input`` (the test
+    suite compares them); the arithmetic lives in :mod:`pipeline.preprocessing`.
+    Returns a new contiguous float32 array; the caller's array is never touched.
     """
-    x = batch.astype(np.float32)  # a copy: the caller's array is never touched
-    if mode == "caffe":
-        x = x[..., ::-1] - _CAFFE_BGR_MEAN
-    elif mode == "tf":
-        x *= 1.0 / 127.5
-        x -= 1.0
-    elif mode == "torch":
-        x *= 1.0 / 255.0
-        x -= _TORCH_MEAN
-        x /= _TORCH_STD
-    elif mode != "none":
+    if mode not in PREPROCESSING_MODES:
         raise BackboneError(
             f"unknown preprocessing mode {mode!r}; expected one of {', '.join(PREPROCESSING_MODES)}"
         )
+    x = normalise(batch.astype(np.float32), mode)
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _spec(name, builder, prep, default, minimum, channels, grid, params, **kwargs) -> BackboneSpec:
-    return BackboneSpec(name, builder, prep, default, minimum, channels, grid, params, kwargs)
 
 
 # Parameters and grids are those of the headless Keras models; the test suite
 # builds every entry with weights=None and checks these numbers against it.
+# fmt: off
 _REGISTRY: tuple[BackboneSpec, ...] = (
-    _spec("xception", "Xception", "tf", 299, 71, 2048, 10, 20861480),
-    _spec("vgg16", "VGG16", "caffe", 224, 32, 512, 7, 14714688),
-    _spec("vgg19", "VGG19", "caffe", 224, 32, 512, 7, 20024384),
-    _spec("resnet50", "ResNet50", "caffe", 224, 32, 2048, 7, 23587712),
-    _spec("resnet101", "ResNet101", "caffe", 224, 32, 2048, 7, 42658176),
-    _spec("resnet152", "ResNet152", "caffe", 224, 32, 2048, 7, 58370944),
-    _spec("resnet50_v2", "ResNet50V2", "tf", 224, 32, 2048, 7, 23564800),
-    _spec("resnet101_v2", "ResNet101V2", "tf", 224, 32, 2048, 7, 42626560),
-    _spec("resnet152_v2", "ResNet152V2", "tf", 224, 32, 2048, 7, 58331648),
-    _spec("inception_v3", "InceptionV3", "tf", 299, 75, 2048, 8, 21802784),
-    _spec("inception_resnet_v2", "InceptionResNetV2", "tf", 299, 75, 1536, 8, 54336736),
-    _spec("mobilenet", "MobileNet", "tf", 224, 32, 1024, 7, 3228864),
-    _spec("mobilenet_025", "MobileNet", "tf", 224, 32, 256, 7, 218544, alpha=0.25),
-    _spec("mobilenet_v2", "MobileNetV2", "tf", 224, 32, 1280, 7, 2257984),
-    _spec("mobilenet_v3_small", "MobileNetV3Small", "none", 224, 32, 576, 7, 939120),
-    _spec("mobilenet_v3_large", "MobileNetV3Large", "none", 224, 32, 960, 7, 2996352),
-    _spec("densenet121", "DenseNet121", "torch", 224, 32, 1024, 7, 7037504),
-    _spec("densenet169", "DenseNet169", "torch", 224, 32, 1664, 7, 12642880),
-    _spec("densenet201", "DenseNet201", "torch", 224, 32, 1920, 7, 18321984),
-    _spec("nasnet_mobile", "NASNetMobile", "tf", 224, 32, 1056, 7, 4269716),
-    _spec("nasnet_large", "NASNetLarge", "tf", 331, 32, 4032, 11, 84916818),
-    _spec("efficientnet_b0", "EfficientNetB0", "none", 224, 32, 1280, 7, 4049571),
-    _spec("efficientnet_b1", "EfficientNetB1", "none", 240, 32, 1280, 8, 6575239),
-    _spec("efficientnet_b2", "EfficientNetB2", "none", 260, 32, 1408, 9, 7768569),
-    _spec("efficientnet_b3", "EfficientNetB3", "none", 300, 32, 1536, 10, 10783535),
-    _spec("efficientnet_b4", "EfficientNetB4", "none", 380, 32, 1792, 12, 17673823),
-    _spec("efficientnet_b5", "EfficientNetB5", "none", 456, 32, 2048, 15, 28513527),
-    _spec("efficientnet_b6", "EfficientNetB6", "none", 528, 32, 2304, 17, 40960143),
-    _spec("efficientnet_b7", "EfficientNetB7", "none", 600, 32, 2560, 19, 64097687),
-    _spec("efficientnet_v2_b0", "EfficientNetV2B0", "none", 224, 32, 1280, 7, 5919312),
-    _spec("efficientnet_v2_b1", "EfficientNetV2B1", "none", 240, 32, 1280, 8, 6931124),
-    _spec("efficientnet_v2_b2", "EfficientNetV2B2", "none", 260, 32, 1408, 9, 8769374),
-    _spec("efficientnet_v2_b3", "EfficientNetV2B3", "none", 300, 32, 1536, 10, 12930622),
-    _spec("efficientnet_v2_s", "EfficientNetV2S", "none", 384, 32, 1280, 12, 20331360),
-    _spec("efficientnet_v2_m", "EfficientNetV2M", "none", 480, 32, 1280, 15, 53150388),
-    _spec("efficientnet_v2_l", "EfficientNetV2L", "none", 480, 32, 1280, 15, 117746848),
-    _spec("convnext_tiny", "ConvNeXtTiny", "none", 224, 32, 768, 7, 27820128),
-    _spec("convnext_small", "ConvNeXtSmall", "none", 224, 32, 768, 7, 49454688),
-    _spec("convnext_base", "ConvNeXtBase", "none", 224, 32, 1024, 7, 87566464),
-    _spec("convnext_large", "ConvNeXtLarge", "none", 224, 32, 1536, 7, 196230336),
-    _spec("convnext_xlarge", "ConvNeXtXLarge", "none", 224, 32, 2048, 7, 348147968),
+    BackboneSpec(
+        name="xception", builder="Xception", preprocessing="tf",
+        default_size=299, min_size=71, channels=2048, grid=10, params=20861480,
+    ),
+    BackboneSpec(
+        name="vgg16", builder="VGG16", preprocessing="caffe",
+        default_size=224, min_size=32, channels=512, grid=7, params=14714688,
+    ),
+    BackboneSpec(
+        name="vgg19", builder="VGG19", preprocessing="caffe",
+        default_size=224, min_size=32, channels=512, grid=7, params=20024384,
+    ),
+    BackboneSpec(
+        name="resnet50", builder="ResNet50", preprocessing="caffe",
+        default_size=224, min_size=32, channels=2048, grid=7, params=23587712,
+    ),
+    BackboneSpec(
+        name="resnet101", builder="ResNet101", preprocessing="caffe",
+        default_size=224, min_size=32, channels=2048, grid=7, params=42658176,
+    ),
+    BackboneSpec(
+        name="resnet152", builder="ResNet152", preprocessing="caffe",
+        default_size=224, min_size=32, channels=2048, grid=7, params=58370944,
+    ),
+    BackboneSpec(
+        name="resnet50_v2", builder="ResNet50V2", preprocessing="tf",
+        default_size=224, min_size=32, channels=2048, grid=7, params=23564800,
+    ),
+    BackboneSpec(
+        name="resnet101_v2", builder="ResNet101V2", preprocessing="tf",
+        default_size=224, min_size=32, channels=2048, grid=7, params=42626560,
+    ),
+    BackboneSpec(
+        name="resnet152_v2", builder="ResNet152V2", preprocessing="tf",
+        default_size=224, min_size=32, channels=2048, grid=7, params=58331648,
+    ),
+    BackboneSpec(
+        name="inception_v3", builder="InceptionV3", preprocessing="tf",
+        default_size=299, min_size=75, channels=2048, grid=8, params=21802784,
+    ),
+    BackboneSpec(
+        name="inception_resnet_v2", builder="InceptionResNetV2", preprocessing="tf",
+        default_size=299, min_size=75, channels=1536, grid=8, params=54336736,
+    ),
+    BackboneSpec(
+        name="mobilenet", builder="MobileNet", preprocessing="tf",
+        default_size=224, min_size=32, channels=1024, grid=7, params=3228864,
+    ),
+    BackboneSpec(
+        name="mobilenet_025", builder="MobileNet", preprocessing="tf",
+        default_size=224, min_size=32, channels=256, grid=7, params=218544, builder_kwargs={"alpha": 0.25},
+    ),
+    BackboneSpec(
+        name="mobilenet_v2", builder="MobileNetV2", preprocessing="tf",
+        default_size=224, min_size=32, channels=1280, grid=7, params=2257984,
+    ),
+    BackboneSpec(
+        name="mobilenet_v3_small", builder="MobileNetV3Small", preprocessing="none",
+        default_size=224, min_size=32, channels=576, grid=7, params=939120,
+    ),
+    BackboneSpec(
+        name="mobilenet_v3_large", builder="MobileNetV3Large", preprocessing="none",
+        default_size=224, min_size=32, channels=960, grid=7, params=2996352,
+    ),
+    BackboneSpec(
+        name="densenet121", builder="DenseNet121", preprocessing="torch",
+        default_size=224, min_size=32, channels=1024, grid=7, params=7037504,
+    ),
+    BackboneSpec(
+        name="densenet169", builder="DenseNet169", preprocessing="torch",
+        default_size=224, min_size=32, channels=1664, grid=7, params=12642880,
+    ),
+    BackboneSpec(
+        name="densenet201", builder="DenseNet201", preprocessing="torch",
+        default_size=224, min_size=32, channels=1920, grid=7, params=18321984,
+    ),
+    BackboneSpec(
+        name="nasnet_mobile", builder="NASNetMobile", preprocessing="tf",
+        default_size=224, min_size=32, channels=1056, grid=7, params=4269716,
+    ),
+    BackboneSpec(
+        name="nasnet_large", builder="NASNetLarge", preprocessing="tf",
+        default_size=331, min_size=32, channels=4032, grid=11, params=84916818,
+    ),
+    BackboneSpec(
+        name="efficientnet_b0", builder="EfficientNetB0", preprocessing="none",
+        default_size=224, min_size=32, channels=1280, grid=7, params=4049571,
+    ),
+    BackboneSpec(
+        name="efficientnet_b1", builder="EfficientNetB1", preprocessing="none",
+        default_size=240, min_size=32, channels=1280, grid=8, params=6575239,
+    ),
+    BackboneSpec(
+        name="efficientnet_b2", builder="EfficientNetB2", preprocessing="none",
+        default_size=260, min_size=32, channels=1408, grid=9, params=7768569,
+    ),
+    BackboneSpec(
+        name="efficientnet_b3", builder="EfficientNetB3", preprocessing="none",
+        default_size=300, min_size=32, channels=1536, grid=10, params=10783535,
+    ),
+    BackboneSpec(
+        name="efficientnet_b4", builder="EfficientNetB4", preprocessing="none",
+        default_size=380, min_size=32, channels=1792, grid=12, params=17673823,
+    ),
+    BackboneSpec(
+        name="efficientnet_b5", builder="EfficientNetB5", preprocessing="none",
+        default_size=456, min_size=32, channels=2048, grid=15, params=28513527,
+    ),
+    BackboneSpec(
+        name="efficientnet_b6", builder="EfficientNetB6", preprocessing="none",
+        default_size=528, min_size=32, channels=2304, grid=17, params=40960143,
+    ),
+    BackboneSpec(
+        name="efficientnet_b7", builder="EfficientNetB7", preprocessing="none",
+        default_size=600, min_size=32, channels=2560, grid=19, params=64097687,
+    ),
+    BackboneSpec(
+        name="efficientnet_v2_b0", builder="EfficientNetV2B0", preprocessing="none",
+        default_size=224, min_size=32, channels=1280, grid=7, params=5919312,
+    ),
+    BackboneSpec(
+        name="efficientnet_v2_b1", builder="EfficientNetV2B1", preprocessing="none",
+        default_size=240, min_size=32, channels=1280, grid=8, params=6931124,
+    ),
+    BackboneSpec(
+        name="efficientnet_v2_b2", builder="EfficientNetV2B2", preprocessing="none",
+        default_size=260, min_size=32, channels=1408, grid=9, params=8769374,
+    ),
+    BackboneSpec(
+        name="efficientnet_v2_b3", builder="EfficientNetV2B3", preprocessing="none",
+        default_size=300, min_size=32, channels=1536, grid=10, params=12930622,
+    ),
+    BackboneSpec(
+        name="efficientnet_v2_s", builder="EfficientNetV2S", preprocessing="none",
+        default_size=384, min_size=32, channels=1280, grid=12, params=20331360,
+    ),
+    BackboneSpec(
+        name="efficientnet_v2_m", builder="EfficientNetV2M", preprocessing="none",
+        default_size=480, min_size=32, channels=1280, grid=15, params=53150388,
+    ),
+    BackboneSpec(
+        name="efficientnet_v2_l", builder="EfficientNetV2L", preprocessing="none",
+        default_size=480, min_size=32, channels=1280, grid=15, params=117746848,
+    ),
+    BackboneSpec(
+        name="convnext_tiny", builder="ConvNeXtTiny", preprocessing="none",
+        default_size=224, min_size=32, channels=768, grid=7, params=27820128,
+    ),
+    BackboneSpec(
+        name="convnext_small", builder="ConvNeXtSmall", preprocessing="none",
+        default_size=224, min_size=32, channels=768, grid=7, params=49454688,
+    ),
+    BackboneSpec(
+        name="convnext_base", builder="ConvNeXtBase", preprocessing="none",
+        default_size=224, min_size=32, channels=1024, grid=7, params=87566464,
+    ),
+    BackboneSpec(
+        name="convnext_large", builder="ConvNeXtLarge", preprocessing="none",
+        default_size=224, min_size=32, channels=1536, grid=7, params=196230336,
+    ),
+    BackboneSpec(
+        name="convnext_xlarge", builder="ConvNeXtXLarge", preprocessing="none",
+        default_size=224, min_size=32, channels=2048, grid=7, params=348147968,
+    ),
 )
+# fmt: on
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _REGISTRY}
 # Keras class names are accepted too ("ResNet50V2" resolves to "resnet50_v2").
 _ALIASES = {spec.builder.lower(): spec.name for spec in _REGISTRY if not spec.builder_kwargs}

@@ -144,6 +144,8 @@ def _attrs_of(f: h5py.File) -> dict[str, Any]:
         elif isinstance(value, np.generic):
             value = value.item()
         out[key] = value
+    if "dtype" not in out and "features" in f:  # caches written before the attribute existed
+        out["dtype"] = str(f["features"].dtype)
     return out
 
 

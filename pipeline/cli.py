@@ -213,9 +213,9 @@ def _cache_for(args: argparse.Namespace):
         raise PipelineError(
             "give --data (the image folder stage one read) or --cache (a feature cache)"
         )
-    return cache_path_for(
-        Path(args.data).expanduser().resolve().name, _feature_config(args), args.artifacts
-    )
+    from pipeline.artifacts import dataset_name
+
+    return cache_path_for(dataset_name(args.data), _feature_config(args), args.artifacts)
 
 
 def cmd_head(args: argparse.Namespace) -> int:
@@ -253,9 +253,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from pipeline.artifacts import Artifacts
     from pipeline.predict import predict_images
 
-    out = args.out or Path(args.artifacts) / "predictions" / f"{Path(args.model).stem}.csv"
+    out = args.out or Artifacts(args.artifacts).predictions_csv(Path(args.model).stem)
     summary = predict_images(args.model, args.images, out, batch_size=args.batch_size)
     print(summary.format())
     return 0

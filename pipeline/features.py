@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline import backbones, cache
-from pipeline.errors import PipelineError
+from pipeline.artifacts import Artifacts
 from pipeline.images import ImageFolder, SplitConfig, default_workers, iter_batches, scan_folder
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+from pipeline.options import check_options
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,84 @@ class FeatureConfig:
 
     def validate(self) -> backbones.BackboneSpec:
         """Check every option without building anything; return the backbone spec."""
-        spec = backbones.get_backbone(self.backbone)
-        backbones.resolve_input_size(spec, self.input_size)
-        backbones.check_pooling(self.pooling)
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise PipelineError(f"BATCH must be a positive integer; got {self.batch_size!r}")
-        if self.precision not in PRECISIONS:
-            raise PipelineError(
-                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
-            )
-        if self.workers is not None and self.workers < 1:
-            raise PipelineError(f"workers must be at least 1; got {self.workers}")
-        return spec
+        return resolve_features(self).spec
+
+    @classmethod
+    def from_cache_attrs(cls, attrs: Mapping[str, Any], **overrides: Any) -> FeatureConfig:
+        """The configuration a finished cache was made with (from its attributes).
+
+        ``overrides`` replace fields that do not change the features
+        (``batch_size``, ``workers``).
+        """
+        config = cls(
+            backbone=str(attrs["backbone"]),
+            weights=str(attrs["weights_source"]),
+            input_size=int(attrs["input_size"]),
+            pooling=str(attrs["pooling"]),
+            layer=str(attrs.get("layer") or "") or None,
+            float16=str(attrs.get("dtype", "float32")) == "float16",
+            precision=str(attrs.get("precision", "float32")),
+        )
+        return replace(config, **overrides)
+
+
+@dataclass(frozen=True)
+class ResolvedFeatures:
+    """A :class:`FeatureConfig` resolved once: what every later step needs, computed here.
+
+    Made by :func:`resolve_features` (as timm's ``resolve_model_data_config``):
+    the backbone spec, the input size, the weights' identity and the stored
+    dtype, so nothing downstream re-resolves or parses them.
+    """
+
+    config: FeatureConfig
+    spec: backbones.BackboneSpec
+    input_size: int
+    weights_id: str
+    dtype: str  # how features are stored: "float32" or "float16"
+
+    @property
+    def weights_tag(self) -> str:
+        """``imagenet``, ``random`` or ``w-<first 10 hex of the weights file's sha256>``."""
+        if self.config.weights in ("imagenet", "none"):
+            return "imagenet" if self.config.weights == "imagenet" else "random"
+        return "w-" + self.weights_id.split(":")[1][:10]
+
+    @property
+    def cache_stem(self) -> str:
+        """``<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16][_<precision>]``."""
+        config = self.config
+        parts = [self.spec.name, str(self.input_size), config.pooling]
+        if config.layer:
+            parts.append("".join(c if c.isalnum() else "-" for c in config.layer))
+        parts.append(self.weights_tag)
+        if self.dtype == "float16":
+            parts.append("f16")
+        if config.precision != "float32":  # other numerics: another file, never a rebuild
+            parts.append(config.precision.replace("_", "-"))
+        return "_".join(parts)
+
+
+def resolve_features(config: FeatureConfig) -> ResolvedFeatures:
+    """Check ``config`` (one table of constraints, :mod:`pipeline.options`) and resolve it.
+
+    Raises
+    ------
+    PipelineError
+        The first bad option, named as the user types it.
+    """
+    check_options(asdict(config), ("pooling", "batch_size", "precision", "workers"))
+    if config.input_size is not None:
+        check_options({"input_size": config.input_size})
+    spec = backbones.get_backbone(config.backbone)
+    size = backbones.resolve_input_size(spec, config.input_size)
+    return ResolvedFeatures(
+        config=config,
+        spec=spec,
+        input_size=size,
+        weights_id=backbones.weights_identity(config.weights),
+        dtype="float16" if config.float16 else "float32",
+    )
 
 
 @dataclass
@@ -110,28 +177,15 @@ class ExtractionSummary:
 
 
 def cache_path_for(
-    dataset: str, config: FeatureConfig, artifacts_dir: str | Path = "artifacts"
+    dataset: str, config: FeatureConfig | ResolvedFeatures, artifacts_dir: str | Path = "artifacts"
 ) -> Path:
     """Where the cache of ``dataset`` under ``config`` lives.
 
     ``artifacts/features/<dataset>/<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16][_<precision>].h5``;
     data changes rebuild the same file, other weights or options get another.
     """
-    spec = backbones.get_backbone(config.backbone)
-    size = backbones.resolve_input_size(spec, config.input_size)
-    if config.weights in ("imagenet", "none"):
-        weights_tag = "imagenet" if config.weights == "imagenet" else "random"
-    else:
-        weights_tag = "w-" + backbones.weights_identity(config.weights).split(":")[1][:10]
-    parts = [spec.name, str(size), config.pooling]
-    if config.layer:
-        parts.append("".join(c if c.isalnum() else "-" for c in config.layer))
-    parts.append(weights_tag)
-    if config.float16:
-        parts.append("f16")
-    if config.precision != "float32":  # other numerics: another file, never a rebuild over this one
-        parts.append(config.precision.replace("_", "-"))
-    return Path(artifacts_dir) / "features" / dataset / ("_".join(parts) + ".h5")
+    resolved = config if isinstance(config, ResolvedFeatures) else resolve_features(config)
+    return Artifacts(artifacts_dir).cache_path(dataset, resolved.cache_stem)
 
 
 def extract_features(
@@ -172,13 +226,10 @@ def extract_features(
     >>> summary = extract_features("data/flowers", FeatureConfig(backbone="vgg16"))
     >>> print(summary.format())
     """
-    config = config or FeatureConfig()
-    spec = config.validate()
-    size = backbones.resolve_input_size(spec, config.input_size)
+    resolved = resolve_features(config or FeatureConfig())
     folder = scan_folder(data_dir, split)
-    weights_id = backbones.weights_identity(config.weights)
-    path = Path(cache_path) if cache_path else cache_path_for(folder.name, config, artifacts_dir)
-    config_json = _config_json(folder, config, spec, size, weights_id)
+    path = Path(cache_path) if cache_path else cache_path_for(folder.name, resolved, artifacts_dir)
+    config_json = _config_json(folder, resolved)
     fingerprint = folder.fingerprint()
     notes = [f"warning: {w}" for w in folder.warnings]
 
@@ -199,7 +250,7 @@ def extract_features(
         if state is False:
             notes.append(f"{path} was made from other images or options; rebuilding it")
 
-        model = _build_model(config, spec, size)
+        model = _build_model(resolved)
         width = int(model.output_shape[-1])
         records = folder.records
         writer, note = cache.CacheWriter.open(
@@ -210,14 +261,14 @@ def extract_features(
             labels=[r.label for r in records],
             splits=[r.split for r in records],
             width=width,
-            dtype="float16" if config.float16 else "float32",
+            dtype=resolved.dtype,
         )
         if note:
             notes.append(note)
         status = "resumed" if writer.next_index > 0 else "built"
         try:
-            warmup = _run(model, writer, folder, spec, size, config, progress)
-            attrs = _attrs(folder, config, spec, size, weights_id, width, writer)
+            warmup = _run(model, writer, folder, resolved, progress)
+            attrs = _attrs(folder, resolved, width, writer)
             attrs["warmup_seconds"] = warmup
             writer.finalize(attrs)
         finally:
@@ -236,23 +287,18 @@ def extract_features(
     )
 
 
-def _config_json(
-    folder: ImageFolder,
-    config: FeatureConfig,
-    spec: backbones.BackboneSpec,
-    size: int,
-    weights_id: str,
-) -> str:
+def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
     """Everything that changes the features, as one comparable string."""
+    config, spec = resolved.config, resolved.spec
     identity = {
         "format_version": cache.FORMAT_VERSION,
         "backbone": spec.name,
-        "weights": weights_id,
-        "input_size": size,
+        "weights": resolved.weights_id,
+        "input_size": resolved.input_size,
         "pooling": config.pooling,
         "layer": config.layer or "",
         "preprocessing": spec.preprocessing,
-        "dtype": "float16" if config.float16 else "float32",
+        "dtype": resolved.dtype,
         "precision": config.precision,
         "split_source": folder.split_source,
         "split": asdict(folder.split) if folder.split else None,
@@ -260,21 +306,23 @@ def _config_json(
     return json.dumps(identity, sort_keys=True)
 
 
-def _build_model(config: FeatureConfig, spec: backbones.BackboneSpec, size: int):
+def _build_model(resolved: ResolvedFeatures):
+    config = resolved.config
     with backbones.dtype_policy(config.precision):
         return backbones.build_feature_extractor(
-            spec,
+            resolved.spec,
             weights=config.weights,
-            input_size=size,
+            input_size=resolved.input_size,
             pooling=config.pooling,
             layer=config.layer,
         )
 
 
-def _run(model, writer, folder, spec, size, config, progress) -> float:
+def _run(model, writer, folder, resolved: ResolvedFeatures, progress) -> float:
     """Extract every remaining batch; return the first batch's seconds (graph compilation)."""
     from tqdm.auto import tqdm
 
+    config, spec, size = resolved.config, resolved.spec, resolved.input_size
     records = folder.records
     paths = [r.path for r in records]
     batches = iter_batches(
@@ -318,21 +366,23 @@ def _forward(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.asarray(model.predict_on_batch(x), dtype=np.float32)[:n]
 
 
-def _attrs(folder, config, spec, size, weights_id, width, writer) -> dict:
+def _attrs(folder, resolved: ResolvedFeatures, width, writer) -> dict:
     import importlib.metadata
 
     import keras
 
+    config, spec = resolved.config, resolved.spec
     n_skipped = len(writer.skipped)
     return {
         "backbone": spec.name,
-        "weights": weights_id,
+        "weights": resolved.weights_id,
         "weights_source": config.weights,
-        "input_size": size,
+        "input_size": resolved.input_size,
         "pooling": config.pooling,
         "layer": config.layer or "",
         "preprocessing": spec.preprocessing,
         "precision": config.precision,
+        "dtype": resolved.dtype,
         "feature_width": width,
         "class_names": list(folder.class_names),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -17,13 +17,15 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.artifacts import dataset_name
 from pipeline.errors import DataError
+from pipeline.options import check_options, option_label
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -46,14 +48,11 @@ class SplitConfig:
     test_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise DataError(f"{name} must be in [0, 1); got {value}")
+        check_options(asdict(self), error=DataError)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise DataError(
-                f"val_fraction + test_fraction must leave images for training; got "
-                f"{self.val_fraction} + {self.test_fraction}"
+                f"{option_label('val_fraction')} + {option_label('test_fraction')} must leave images for "
+                f"training; got {self.val_fraction} + {self.test_fraction}"
             )
 
 
@@ -79,7 +78,8 @@ class ImageFolder:
 
     @property
     def name(self) -> str:
-        return self.root.name
+        """The data set's name (the resolved folder name: ``.`` and its full path agree)."""
+        return dataset_name(self.root)
 
     def counts(self) -> dict[str, int]:
         """Number of images per split."""

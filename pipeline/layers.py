@@ -16,21 +16,16 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from pipeline.backbones import (
-    _CAFFE_BGR_MEAN,
-    _TORCH_MEAN,
-    _TORCH_STD,
-    PREPROCESSING_MODES,
-)
 from pipeline.errors import BackboneError
+from pipeline.preprocessing import MODES, normalise
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class ImagePreprocessing(keras.layers.Layer):
     """Keras ImageNet preprocessing as a layer (no weights).
 
-    Computes exactly what :func:`pipeline.backbones.preprocess` computes on
-    NumPy arrays: ``caffe`` (RGB to BGR, minus the BGR means), ``tf`` (scale
+    The arithmetic of :func:`pipeline.preprocessing.normalise`, which the
+    image reader applies to NumPy batches: ``caffe`` (RGB to BGR, minus the BGR means), ``tf`` (scale
     to [-1, 1]), ``torch`` (scale to [0, 1], ImageNet mean and std) or
     ``none`` (identity: the backbone rescales inside itself).
 
@@ -42,32 +37,26 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        if mode not in PREPROCESSING_MODES:
+        if mode not in MODES:
             raise BackboneError(
-                f"unknown preprocessing mode {mode!r}; expected one of "
-                f"{', '.join(PREPROCESSING_MODES)}"
+                f"unknown preprocessing mode {mode!r}; expected one of {', '.join(MODES)}"
             )
         self.mode = mode
         self.supports_masking = True
 
     def call(self, inputs):
-        x = keras.ops.cast(inputs, self.compute_dtype)
-        if self.mode == "caffe":
-            x = keras.ops.flip(x, axis=-1) - _constant(_CAFFE_BGR_MEAN, self.compute_dtype)
-        elif self.mode == "tf":
-            x = x / 127.5 - 1.0
-        elif self.mode == "torch":
-            mean = _constant(_TORCH_MEAN, self.compute_dtype)
-            std = _constant(_TORCH_STD, self.compute_dtype)
-            x = (x / 255.0 - mean) / std
-        return x
+        dtype = self.compute_dtype
+        return normalise(
+            keras.ops.cast(inputs, dtype),
+            self.mode,
+            flip=lambda x, axis: keras.ops.flip(x, axis=axis),
+            constant=lambda values: keras.ops.convert_to_tensor(
+                np.asarray(values, dtype=np.float32), dtype=dtype
+            ),
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self) -> dict:
         return {**super().get_config(), "mode": self.mode}
-
-
-def _constant(values: np.ndarray, dtype: str):
-    return keras.ops.convert_to_tensor(np.asarray(values, dtype=np.float32), dtype=dtype)

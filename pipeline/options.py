@@ -96,7 +96,7 @@ class Option:
         typed = [p for p in parts if p]
         return f"{typed[0]} ({typed[1]})" if len(typed) == 2 else typed[0]
 
-    def check(self, value: Any) -> None:
+    def check(self, value: Any, error: type[PipelineError] = PipelineError) -> None:
         if any(c.accepts(value) if c is not None else value is None for c in self.constraints):
             return
         described = [c.describe() for c in self.constraints if c is not None]
@@ -105,9 +105,7 @@ class Option:
         if words and isinstance(value, str):
             hint = did_you_mean(value, words)
         optional = " (or unset)" if None in self.constraints else ""
-        raise PipelineError(
-            f"{self.label} must be {' or '.join(described)}{optional}; got {value!r}{hint}"
-        )
+        raise error(f"{self.label} must be {' or '.join(described)}{optional}; got {value!r}{hint}")
 
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -154,11 +152,17 @@ OPTIONS: dict[str, Option] = {
 }
 
 
-def check_options(values: Mapping[str, Any], names: Sequence[str] | None = None) -> None:
+def check_options(
+    values: Mapping[str, Any],
+    names: Sequence[str] | None = None,
+    *,
+    error: type[PipelineError] = PipelineError,
+) -> None:
     """Check ``values`` (field name -> value) against :data:`OPTIONS`.
 
     ``names`` limits the check to those fields; fields without an entry are
     ignored (they are checked where they are resolved, e.g. the backbone name).
+    ``error`` is the :class:`PipelineError` subclass to raise.
 
     Raises
     ------
@@ -167,10 +171,10 @@ def check_options(values: Mapping[str, Any], names: Sequence[str] | None = None)
     """
     for name in names if names is not None else values:
         if name in OPTIONS and name in values:
-            OPTIONS[name].check(values[name])
+            OPTIONS[name].check(values[name], error)
 
 
-def label(name: str) -> str:
+def option_label(name: str) -> str:
     """How the user types the option ``name`` (``"BATCH= (--batch-size)"``)."""
     return OPTIONS[name].label
 

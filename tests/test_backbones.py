@@ -61,26 +61,31 @@ def test_unknown_layer_lists_valid_names():
         build_feature_extractor("mobilenet_v2", weights="none", input_size=32, layer="block_99")
 
 
-@pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])
-def test_preprocessing_matches_keras_and_never_touches_the_input(mode):
-    from keras.applications import imagenet_utils
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_preprocessing_equals_the_family_preprocess_input_and_never_touches_the_input(name):
+    """Each entry against the ``preprocess_input`` of its own keras.applications module."""
+    import importlib
 
+    import keras
+
+    spec = BACKBONES[name]
+    family = importlib.import_module(getattr(keras.applications, spec.builder).__module__)
     batch = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
     original = batch.copy()
-    ours = preprocess(batch, mode)
-    theirs = imagenet_utils.preprocess_input(batch.astype(np.float32), mode=mode)
+    ours = spec.preprocess(batch)
+    theirs = np.asarray(family.preprocess_input(batch.astype(np.float32)))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(batch, original)
 
 
-def test_each_family_has_the_preprocessing_keras_documents():
-    assert get_backbone("vgg16").preprocessing == "caffe"
-    assert get_backbone("resnet50").preprocessing == "caffe"
-    assert get_backbone("resnet50_v2").preprocessing == "tf"
-    assert get_backbone("densenet121").preprocessing == "torch"
-    assert get_backbone("efficientnet_b0").preprocessing == "none"
-    assert get_backbone("convnext_tiny").preprocessing == "none"
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "none"])
+def test_preprocessing_layer_computes_what_the_image_reader_computes(mode):
+    from pipeline.layers import ImagePreprocessing
+
+    batch = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    layer_out = np.asarray(ImagePreprocessing(mode)(batch.astype(np.float32)))
+    np.testing.assert_allclose(layer_out, preprocess(batch, mode), rtol=1e-5, atol=1e-4)
 
 
 def test_names_resolve_and_unknown_names_suggest():
