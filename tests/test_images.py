@@ -109,8 +109,12 @@ def test_bad_layouts_say_what_is_wrong(tmp_path, layout, message):
 
 
 def test_bad_split_fractions_are_refused():
-    with pytest.raises(DataError, match="val_fraction"):
+    with pytest.raises(
+        DataError, match=r"VAL_FRACTION= \(--val-fraction\) must be a number in \[0, 1\)"
+    ):
         SplitConfig(val_fraction=1.5)
+    with pytest.raises(DataError, match=r"SEED= \(--seed\) must be a whole number"):
+        SplitConfig(seed=-1)
     with pytest.raises(DataError, match="leave images for training"):
         SplitConfig(val_fraction=0.5, test_fraction=0.5)
 
