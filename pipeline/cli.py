@@ -236,13 +236,12 @@ def cmd_head(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from pipeline.artifacts import dataset_name
     from pipeline.report import write_report
 
     if not (args.dataset or args.data):
         raise PipelineError("give --data (the image folder) or --dataset (its name)")
-    dataset = args.dataset or Path(args.data).expanduser().resolve().name
+    dataset = args.dataset or dataset_name(args.data)
     result = write_report(
         dataset, artifacts_dir=args.artifacts, out_dir=args.out, n_resamples=args.resamples
     )
@@ -348,15 +347,16 @@ def _flag(value: str) -> bool:
 
 
 def _add_stage_three(sub: argparse._SubParsersAction) -> None:
-    from pipeline.finetune import FLIPS, PRECISIONS, FinetuneConfig
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.options import FLIPS, PRECISIONS
 
     defaults = FinetuneConfig()
     p = sub.add_parser("finetune", help="stage three: fine-tune the last LAYERS layers")
     p.add_argument(
         "--data", required=True, help="image folder (as in stage one) or a stage-one .h5"
     )
-    p.add_argument("--backbone", default=defaults.backbone)
-    p.add_argument("--weights", default=defaults.weights, type=_weights)
+    p.add_argument("--backbone", default=defaults.features.backbone)
+    p.add_argument("--weights", default=defaults.features.weights, type=_weights)
     p.add_argument("--input-size", type=_optional_int, default=None)
     p.add_argument("--layers", default=str(defaults.layers), help="n >= 0 | all | block")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="most phase-two epochs")
@@ -364,13 +364,13 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-epochs", type=int, default=defaults.head_epochs)
     p.add_argument("--head-lr", type=float, default=defaults.head_learning_rate)
     p.add_argument("--patience", type=int, default=defaults.patience)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--batch-size", type=int, default=defaults.features.batch_size)
     p.add_argument("--augment", type=_flag, default=True, help="1 | 0")
     p.add_argument("--flip", default=defaults.flip, help="|".join(FLIPS))
     p.add_argument("--rotation", type=float, default=defaults.rotation)
     p.add_argument("--zoom", type=float, default=defaults.zoom)
     p.add_argument("--class-weight", default=defaults.class_weight, help="balanced | none")
-    p.add_argument("--precision", default=defaults.precision, help="|".join(PRECISIONS))
+    p.add_argument("--precision", default=defaults.features.precision, help="|".join(PRECISIONS))
     _add_split_options(p)
     p.add_argument("--workers", type=_optional_int, default=None)
     p.add_argument("--name", default=None, help="output name")
@@ -386,16 +386,18 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from pipeline.features import FeatureConfig
     from pipeline.finetune import FinetuneConfig, finetune
 
-    config = FinetuneConfig(
+    features = FeatureConfig(
         backbone=args.backbone, weights=args.weights, input_size=args.input_size,
-        layers=args.layers, epochs=args.epochs, learning_rate=args.lr,
-        head_epochs=args.head_epochs, head_learning_rate=args.head_lr, patience=args.patience,
-        batch_size=args.batch_size, augment=args.augment, flip=args.flip,
-        rotation=args.rotation, zoom=args.zoom, class_weight=args.class_weight,
-        precision=args.precision, seed=args.seed, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, workers=args.workers, name=args.name or None,
+        batch_size=args.batch_size, precision=args.precision, workers=args.workers,
+    )  # fmt: skip
+    config = FinetuneConfig(
+        features=features, split=_split_config(args), layers=args.layers, epochs=args.epochs,
+        learning_rate=args.lr, head_epochs=args.head_epochs, head_learning_rate=args.head_lr,
+        patience=args.patience, augment=args.augment, flip=args.flip, rotation=args.rotation,
+        zoom=args.zoom, class_weight=args.class_weight, name=args.name or None,
         restart=args.restart,
     )  # fmt: skip
     config.validate()  # bad options fail before Keras is imported
@@ -405,7 +407,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_finetune(args: argparse.Namespace) -> int:
-    from pipeline.finetune import bench_finetune
+    from pipeline.benchmarks import bench_finetune
 
     bench_finetune(
         args.data, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
@@ -414,8 +416,16 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``pipeline`` script and ``python -m pipeline``: quiet start-up, then :func:`main`."""
+    from pipeline.console import filter_native_logs
+
+    filter_native_logs()
+    sys.exit(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipeline`` and the ``pipeline`` script."""
+    """Run one command; returns the exit status (2 for a user error)."""
     # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) is noise here.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
@@ -430,4 +440,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from heads_helpers import synthetic_cache
 
-from pipeline.errors import ReportError
+from pipeline.errors import PipelineError, ReportError
 from pipeline.heads import fit_heads
 from pipeline.report import collect_runs, write_report
 
@@ -22,13 +22,25 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    cache = synthetic_cache(tmp, n_classes=6, width=12, separation=1.2, per_class=15)
+    cache = synthetic_cache(
+        tmp,
+        n_classes=6,
+        width=12,
+        separation=1.2,
+        per_class=15,
+        weights="imagenet (keras 3.0.0)",  # identity and source differ, as for real weights
+        weights_source="imagenet",
+    )
     fit_heads(cache, "svm,knn,softmax", artifacts_dir=tmp / "artifacts")
     return tmp / "artifacts"
 
 
-def _finetuned(artifacts: Path, name: str = "ft_mobilenet") -> dict:
-    """A stage-three run as its engineer would write it: manifest + predictions JSON."""
+def _finetuned(artifacts: Path, name: str = "ft_mobilenet", *, version: int = 2) -> dict:
+    """A stage-three run as stage three writes it: manifest, predictions and history JSON.
+
+    ``version=1``: the old fine-tuned manifest (``format_version``, ``weights`` the
+    source, ``weights_id`` the identity, top-level ``predictions`` and ``history``).
+    """
     preds = json.loads(
         (artifacts / "heads" / "synthetic" / "synth" / "svm.predictions.json").read_text()
     )
@@ -52,16 +64,31 @@ def _finetuned(artifacts: Path, name: str = "ft_mobilenet") -> dict:
     )
     manifest = {
         "kind": "finetuned",
+        "manifest_version": 2,
         "name": name,
         "class_names": names,
         "backbone": "mobilenet_v2",
+        "weights": "sha256:" + "ab" * 32,
+        "weights_source": "my_weights.h5",
         "input_size": 32,
-        "predictions": f"{name}.predictions.json",
+        "files": {
+            "model": f"{name}.keras",
+            "predictions": f"{name}.predictions.json",
+            "history": f"{name}.history.json",
+        },
         "fit_seconds": 12.5,
         "predict_seconds_per_image": 0.004,
         "params": {"learning_rate": 1e-5},
-        "history": f"{name}.history.json",
     }
+    if version == 1:
+        del manifest["manifest_version"], manifest["files"]
+        manifest.update(
+            format_version=1,
+            weights="my_weights.h5",
+            weights_id="sha256:" + "ab" * 32,
+            predictions=f"{name}.predictions.json",
+            history=f"{name}.history.json",
+        )
     history = [
         {"phase": phase, "epoch": epoch, "loss": 1.0 / (i + 1), "accuracy": 0.5 + 0.1 * i,
          "val_loss": 1.1 / (i + 1), "val_accuracy": 0.5 + 0.08 * i}
@@ -116,16 +143,87 @@ def test_report_files_and_figures(artifacts):
     assert "McNemar" in result.format()
 
 
-def test_broken_finetuned_runs_are_skipped_with_a_note(artifacts):
+def _config_rows(markdown: str) -> dict[str, list[str]]:
+    """The configuration table of report.md: run -> cells (after the run)."""
+    section = markdown.split("## Configuration of each run", 1)[1].split("##", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells, strict=True))
+    return rows
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_weights_column_is_the_source_for_heads_and_finetuned_runs(artifacts, version):
+    manifest = _finetuned(artifacts, name=f"ft_v{version}", version=version)
+    try:
+        result = write_report("synthetic", artifacts_dir=artifacts, n_resamples=50)
+    finally:
+        for path in (artifacts / "finetune" / "synthetic").glob(f"ft_v{version}.*"):
+            path.unlink()
+    rows = _config_rows(result.markdown.read_text())
+    assert rows["synth/svm"]["weights"] == "imagenet"
+    assert rows["synth/svm"]["weights identity"] == "imagenet (keras 3.0.0)"
+    ft = rows[f"finetuned/ft_v{version}"]
+    assert ft["weights"] == "my_weights.h5"
+    assert ft["weights identity"] == "sha256:abababababab"
+    data = json.loads(result.json.read_text())
+    config = {r["run"]: r["config"] for r in data["runs"]}[f"finetuned/ft_v{version}"]
+    assert (
+        config["weights"] == "sha256:" + "ab" * 32 and config["weights_source"] == "my_weights.h5"
+    )
+    # The version-1 run's history (a top-level key then) is still drawn.
+    assert (result.markdown.parent / "figures" / f"curves_ft_v{version}.png").is_file()
+    assert manifest["name"] in result.markdown.read_text()
+
+
+@pytest.mark.parametrize(
+    ("manifest", "why"),
+    [
+        ({"kind": "finetuned", "manifest_version": 2, "class_names": ["x"]}, "class_names"),
+        ("{not json", "not readable JSON"),
+        (
+            {"kind": "finetuned", "manifest_version": 2, "class_names": ["a", "b"],
+             "files": {"predictions": "../../heads/synthetic/synth/svm.predictions.json"}},
+            "points outside",
+        ),
+        (
+            {"kind": "finetuned", "manifest_version": 2, "class_names": ["a", "b"],
+             "files": {"predictions": "missing.json"}},
+            "not readable",
+        ),
+        ({"kind": "finetuned", "manifest_version": 2, "class_names": ["a", "b"]}, "no predictions"),
+    ],
+)  # fmt: skip
+def test_broken_finetuned_runs_are_skipped_with_a_note(artifacts, manifest, why):
     folder = artifacts / "finetune" / "synthetic"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bad.json").write_text(
-        json.dumps({"kind": "finetuned", "class_names": ["x"], "predictions": "missing.json"})
-    )
-    runs, notes = collect_runs("synthetic", artifacts)
+    bad = folder / "bad.json"
+    bad.write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    try:
+        runs, notes = collect_runs("synthetic", artifacts)
+    finally:
+        bad.unlink()
     assert "bad" not in {r.name for r in runs}
-    assert any("bad.json" in n for n in notes)
-    (folder / "bad.json").unlink()
+    assert {r.run_id for r in runs} >= {"synth/svm", "synth/softmax"}
+    assert any("bad.json" in n and why in n for n in notes), notes
+
+
+def test_malformed_predictions_file_is_skipped_with_a_note(artifacts):
+    _finetuned(artifacts, name="ft_broken")
+    folder = artifacts / "finetune" / "synthetic"
+    (folder / "ft_broken.predictions.json").write_text(
+        json.dumps({"class_names": ["class0"], "predictions": {}})
+    )
+    try:
+        runs, notes = collect_runs("synthetic", artifacts)
+    finally:
+        for path in folder.glob("ft_broken.*"):
+            path.unlink()
+    assert "ft_broken" not in {r.name for r in runs}
+    assert any("ft_broken.json" in n and "has classes" in n for n in notes), notes
 
 
 def test_no_heads_is_one_clear_error(tmp_path, artifacts):
@@ -135,7 +233,7 @@ def test_no_heads_is_one_clear_error(tmp_path, artifacts):
         write_report("synthetc", artifacts_dir=artifacts)
     with pytest.raises(ReportError, match="run `make head"):
         write_report("anything", artifacts_dir=tmp_path)
-    with pytest.raises(ReportError, match="RESAMPLES must be a positive whole number; got 0"):
+    with pytest.raises(PipelineError, match=r"--resamples must be a whole number .*; got 0"):
         write_report("synthetic", artifacts_dir=artifacts, n_resamples=0)
 
 
