@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -255,6 +256,186 @@ def _child_main(argv: list[str]) -> None:
         )
     result["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(result))
+
+
+def bench_finetune(
+    data: str | Path,
+    *,
+    backbone: str = "mobilenet_v2",
+    weights: str = "imagenet",
+    input_size: int | None = None,
+    batch_size: int = 32,
+    n_images: int = 256,
+    out: str | Path | None = "artifacts/bench/finetune.json",
+) -> dict:
+    """Time one phase-two epoch (last block unfrozen) against one stage-one pass.
+
+    ``make bench-finetune``. Both run over the same ``n_images`` training
+    images, decoded by :mod:`pipeline.images`; each is warmed up with one batch
+    first, so tracing and compilation are not counted.
+
+    Returns
+    -------
+    dict
+        Seconds and images per second of both, their ratio, layers unfrozen.
+    """
+    import contextlib
+
+    import keras
+
+    from pipeline import backbones
+    from pipeline.features import FeatureConfig, resolve_features
+    from pipeline.files import write_json_atomic
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.finetune_model import build_augmentation, build_finetune_model, compile_model
+    from pipeline.freezing import backbone_layers, last_block_size, set_trainable
+    from pipeline.image_feed import image_sequence
+    from pipeline.images import default_workers, iter_batches
+    from pipeline.softmax import build_softmax_head
+
+    resolved = resolve_features(
+        FeatureConfig(backbone=backbone, weights=weights, input_size=input_size)
+    )
+    spec, size = resolved.spec, resolved.input_size
+    folder = scan_folder(data)
+    train = [r for r in folder.records if r.split == "train"] or list(folder.records)
+    order = np.random.default_rng(0).permutation(len(train))[:n_images]
+    records = [train[i] for i in sorted(order)]
+    paths = [r.path for r in records]
+    labels = np.array([r.label for r in records])
+
+    extractor = backbones.build_feature_extractor(spec, weights=weights, input_size=size)
+    batches = dict(size=size, batch_size=batch_size, preprocess=spec.preprocess)
+    with contextlib.closing(iter_batches(folder.root, paths[:batch_size], **batches)) as warmup:
+        extractor.predict_on_batch(next(warmup).x)
+    tick = time.perf_counter()
+    for batch in iter_batches(folder.root, paths, **batches):
+        extractor.predict_on_batch(batch.x)
+    forward_seconds = time.perf_counter() - tick
+
+    base = backbones.build_base(spec, weights=weights, input_size=size)
+    layers = last_block_size(base)
+    head = build_softmax_head(int(extractor.output_shape[-1]), len(folder.class_names))
+    augmentation = build_augmentation(FinetuneConfig())
+    model = build_finetune_model(spec, base, head, size=size, augmentation=augmentation)
+    set_trainable(base, layers)
+    compile_model(model, 1e-5, sigmoid=False)
+    seq = image_sequence(
+        folder.root, paths, labels, size=size, batch_size=batch_size, shuffle_seed=0,
+        workers=default_workers(),
+    )  # fmt: skip
+    model.train_on_batch(*seq[0])
+    tick = time.perf_counter()
+    model.fit(seq, epochs=1, verbose=0)
+    train_seconds = time.perf_counter() - tick
+
+    result = {
+        "backbone": spec.name,
+        "weights": weights,
+        "input_size": size,
+        "images": len(paths),
+        "batch_size": batch_size,
+        "layers_unfrozen": layers,
+        "depth": len(backbone_layers(base)),
+        "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+        "stage_one_seconds": round(forward_seconds, 2),
+        "stage_one_images_per_second": round(len(paths) / forward_seconds, 1),
+        "finetune_epoch_seconds": round(train_seconds, 2),
+        "finetune_images_per_second": round(len(paths) / train_seconds, 1),
+        "ratio": round(train_seconds / forward_seconds, 2),
+        "keras_backend": keras.backend.backend(),
+        "cpu_count": os.cpu_count(),
+    }
+    print(
+        f"stage one: {len(paths)} images in {forward_seconds:.1f} s "
+        f"({result['stage_one_images_per_second']} images/s); phase-two epoch, last block "
+        f"({layers} layers) trainable: {train_seconds:.1f} s "
+        f"({result['finetune_images_per_second']} images/s); ratio {result['ratio']}"
+    )
+    if out:
+        write_json_atomic(Path(out), result)
+        print(f"wrote {out}")
+    return result
+
+
+def _ratio_text(value: float | None) -> str:
+    return "n/a (no extraction time in the cache)" if value is None else f"{value:.3f}"
+
+
+def bench_heads(
+    cache_paths: list[str | Path],
+    *,
+    out: str | Path | None = None,
+    cv: int = 3,
+    seed: int = 0,
+    log: Any = None,
+) -> dict:
+    """Fit time of the default heads over stage-one extraction time, per cache.
+
+    ``make bench-heads``. The heads are fitted into a temporary folder (the
+    user's heads are not touched); Keras is warmed up first, as stage one's
+    time excludes start-up too. ``ratio`` is the sum of the heads' fit times,
+    hyper-parameter search included, divided by the cache's ``seconds``
+    attribute (stage one's extraction time); ``ratio_final_fit`` counts only
+    the final fit of each head with its chosen hyper-parameters.
+
+    Returns
+    -------
+    dict
+        ``{"target": 0.1, "caches": [{"cache", "dataset", "extraction_seconds",
+        "fit_seconds": {head: s}, "refit_seconds": {head: s}, "total_fit_seconds",
+        "ratio", "ratio_final_fit", "accuracy": {...}}]}``, also written to
+        ``out`` as JSON when given.
+    """
+    from pipeline.cache import read_attrs
+    from pipeline.files import write_json_atomic
+    from pipeline.heads import DEFAULT_HEADS, fit_heads
+    from pipeline.softmax import SoftmaxClassifier
+
+    # Stage one's seconds exclude start-up (TensorFlow initialisation, model building);
+    # a one-epoch fit on noise pays the Keras start-up here, outside the timing.
+    X, y = np.random.default_rng(seed).normal(size=(8, 4)), np.arange(8) % 2
+    SoftmaxClassifier(max_epochs=1, validation_fraction=0.0).fit(X, y)
+    rows = []
+    for cache_path in cache_paths:
+        attrs = read_attrs(cache_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            results = fit_heads(cache_path, DEFAULT_HEADS, artifacts_dir=tmp, cv=cv, seed=seed)
+        fit = {r.head: r.manifest["fit_seconds"] for r in results}
+        refit = {r.head: r.manifest["refit_seconds"] for r in results}
+        total, total_refit = float(sum(fit.values())), float(sum(refit.values()))
+        extraction = float(attrs["seconds"])
+        row = {
+            "cache": str(cache_path),
+            "dataset": attrs.get("dataset"),
+            "n_images": attrs.get("n_images"),
+            "extraction_seconds": extraction,
+            "fit_seconds": fit,
+            "refit_seconds": refit,
+            "total_fit_seconds": total,
+            "total_refit_seconds": total_refit,
+            "ratio": total / extraction if extraction > 0 else None,
+            "ratio_final_fit": total_refit / extraction if extraction > 0 else None,
+            "accuracy": {r.head: r.manifest["metrics"] for r in results},
+        }
+        rows.append(row)
+        if log is not None:
+            log(
+                f"{row['dataset']}: heads {total:.1f} s with search ({total_refit:.1f} s final "
+                f"fits) / extraction {extraction:.1f} s = ratio {_ratio_text(row['ratio'])} "
+                f"({_ratio_text(row['ratio_final_fit'])} final fits; target <= 0.1); "
+                + ", ".join(f"{h} {s:.2f} s" for h, s in fit.items())
+            )
+    summary = {
+        "target": 0.1,
+        "heads": list(DEFAULT_HEADS),
+        "cv": cv,
+        "caches": rows,
+        "cpu_count": os.cpu_count(),
+    }
+    if out is not None:
+        write_json_atomic(out, summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_heads(args: argparse.Namespace) -> int:
-    from pipeline.heads import bench_heads
+    from pipeline.benchmarks import bench_heads
 
     caches = list(args.cache or [])
     if args.data:

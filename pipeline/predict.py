@@ -5,7 +5,7 @@
 - a head of stage two: its manifest ``<head>.json``, its ``<head>.joblib`` or,
   for the softmax head, ``softmax.keras``. The backbone is rebuilt from the
   manifest (backbone, weights source, input size, pooling, layer), its features
-  are checked against the head's (:meth:`pipeline.heads.Head.check_features`)
+  are checked against the head's (:meth:`pipeline.head_store.Head.check_features`)
   and the head is applied;
 - a fine-tuned model of stage three: ``<name>.keras`` with ``<name>.json``
   beside it whose ``"kind"`` is ``"finetuned"``. The model takes float32 RGB
@@ -72,7 +72,7 @@ def _head_predictor(
 ) -> tuple[str, int, Callable[[np.ndarray], np.ndarray], Callable, tuple]:
     """Preprocess, size and a function from a preprocessed batch to ``(pred, scores, is_proba)``."""
     from pipeline import backbones
-    from pipeline.heads import load_head
+    from pipeline.head_store import load_head
 
     head = load_head(model_path)
     m = head.manifest
@@ -107,8 +107,6 @@ def _head_predictor(
 
 
 def _finetuned_predictor(model_path: Path, manifest: dict[str, Any]):
-    import keras
-
     keras_path = model_path if model_path.suffix == ".keras" else model_path.with_suffix(".keras")
     if not keras_path.is_file():
         raise PredictError(
@@ -121,10 +119,10 @@ def _finetuned_predictor(model_path: Path, manifest: dict[str, Any]):
         raise PredictError(
             f"manifest {keras_path.with_suffix('.json')} needs 'class_names' and 'input_size'"
         ) from None
-    import pipeline.layers  # noqa: F401  (registers the model's ImagePreprocessing layer)
+    from pipeline.finetune_model import load_finetuned
 
     try:
-        model = keras.saving.load_model(keras_path, compile=False)
+        model = load_finetuned(keras_path)
     except Exception as exc:
         raise PredictError(f"fine-tuned model {keras_path} cannot be loaded: {exc}") from None
     k = len(class_names)
@@ -186,7 +184,7 @@ def predict_images(
     >>> predict_images("artifacts/heads/hymenoptera_data/mobilenet_v2_224_avg_imagenet/svm.json",
     ...                "new_images/", "predictions.csv")
     """
-    from pipeline.heads import read_manifest
+    from pipeline.head_store import find_manifest
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"batch size must be a positive integer; got {batch_size!r}")
@@ -196,7 +194,7 @@ def predict_images(
             f"MODEL={model_path} is not a file; give a head manifest or a .keras model"
         )
     try:
-        manifest, _ = read_manifest(model_path)
+        manifest, _ = find_manifest(model_path)
     except PipelineError as exc:
         raise PredictError(f"MODEL={model_path}: {exc}") from None
     kind = manifest.get("kind")
