@@ -28,6 +28,7 @@ HEAD ?= all
 NORM ?=
 PCA ?=
 CV ?= 3
+JOBS ?= 1
 MODEL ?=
 IMAGES ?=
 OUT ?=
@@ -69,13 +70,13 @@ backbones: install ## print the backbone registry
 features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1 PRECISION= SEED= VAL_FRACTION= TEST_FRACTION=)
 	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS)
 
-head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV=)
-	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED)
+head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS=)
+	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS)
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)
 
-predict: install ## classify new images: MODEL=<head .json/.joblib/.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv]
+predict: install ## classify new images: MODEL=<head .json/.joblib/.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv] (class folders: accuracy)
 	$(PY) -m pipeline predict $(if $(MODEL),--model $(MODEL)) $(if $(IMAGES),--images $(IMAGES)) --batch-size $(BATCH) --artifacts $(ARTIFACTS) $(if $(OUT),--out $(OUT))
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)

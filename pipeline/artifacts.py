@@ -12,7 +12,7 @@ Data Science's ``config.py`` names its folders)::
       finetune/<dataset>/<name>.*               stage three: manifest .json, .keras, predictions,
                                                 history, curves, checkpoint folder
       reports/<dataset>/report.{md,html,json}   the report, figures/ beside it
-      predictions/<model>.csv                   make predict
+      predictions/<dataset>/<model>/<images>.csv  make predict
       bench/<name>.json                         benchmarks
 
 One manifest schema serves heads and fine-tuned runs (:data:`MANIFEST_VERSION`):
@@ -156,8 +156,14 @@ class Artifacts:
     def reports_dir(self, dataset: str) -> Path:
         return self.root / "reports" / safe_name(dataset)
 
-    def predictions_csv(self, model_stem: str) -> Path:
-        return self.root / "predictions" / f"{safe_name(model_stem)}.csv"
+    def predictions_csv(self, dataset: str, model: str, images: str) -> Path:
+        """``make predict``'s default output for the images ``images`` and a model of ``dataset``.
+
+        ``model`` is unique among the data set's models (``<cache stem>_<head>`` or a
+        fine-tuned run's name), so data sets, backbones and heads never share a file.
+        """
+        folder = self.root / "predictions" / safe_name(dataset) / safe_name(model)
+        return folder / f"{safe_name(images)}.csv"
 
     def bench_file(self, name: str) -> Path:
         return self.root / "bench" / f"{safe_name(name)}.json"

@@ -18,7 +18,10 @@ changes HDF5 metadata; progress (next record, skipped records) is kept in a
 small JSON sidecar replaced atomically after each batch is flushed. A ``kill -9``
 at any moment therefore loses at most the batch in flight. The finished file is
 written under a temporary name and renamed into place, so it is never seen half
-written. A lock file (``flock``) refuses a second concurrent run.
+written. A lock (``filelock``: ``flock`` on Linux and macOS) refuses a second
+concurrent run. A write that fails (read-only folder, full disk) raises a
+:class:`~pipeline.files.WriteError` and leaves the work file and its progress as
+they were after the last finished batch, so the next run resumes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +38,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.artifacts import safe_name
 from pipeline.errors import CacheError
-from pipeline.files import write_bytes_atomic
+from pipeline.files import WriteError, cannot_write, run_lock, write_bytes_atomic
 
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
@@ -146,7 +151,48 @@ def _attrs_of(f: h5py.File) -> dict[str, Any]:
         out[key] = value
     if "dtype" not in out and "features" in f:  # caches written before the attribute existed
         out["dtype"] = str(f["features"].dtype)
-    return out
+    return _checked_attrs(out, f.filename)
+
+
+# What a reader may rely on: attribute -> (accepted types, what it must be). A cache is a
+# file anyone can edit or send, so its attributes are checked before anything uses them.
+_ATTR_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "class_names": ((list,), "a list of at least two class names"),
+    "backbone": ((str,), "a backbone name"),
+    "weights": ((str,), "a weights identity"),
+    "weights_source": ((str,), "a string"),
+    "input_size": ((int,), "a positive whole number"),
+    "pooling": ((str,), "a string"),
+    "layer": ((str,), "a string"),
+    "dataset": ((str,), "a string"),
+    "data_root": ((str,), "an absolute path"),
+    "n_images": ((int,), "a whole number"),
+    "seconds": ((int, float), "a number"),
+}
+
+
+def _checked_attrs(attrs: dict[str, Any], path: str) -> dict[str, Any]:
+    """``attrs`` after checking their types; ``dataset`` made a safe file-name component."""
+    for key, (types, meaning) in _ATTR_TYPES.items():
+        value = attrs.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, types) and not isinstance(value, bool)
+        if key == "class_names":
+            ok = ok and len(value) >= 2 and all(isinstance(c, str) and c for c in value)
+        elif key == "input_size":
+            ok = ok and value > 0
+        elif key == "data_root":
+            ok = ok and Path(value).is_absolute() and "\x00" not in value
+        if not ok:
+            raise CacheError(
+                f"{path}: attribute {key!r} must be {meaning}, got {value!r:.80}; "
+                "the cache was edited or damaged: delete it and re-run `make features`"
+            )
+    if isinstance(attrs.get("dataset"), str):
+        # Later stages name folders after it: never a path, never '..'.
+        attrs["dataset"] = safe_name(attrs["dataset"])
+    return attrs
 
 
 def cache_matches(path: str | Path, config_json: str, fingerprint: str) -> bool | None:
@@ -168,28 +214,41 @@ def cache_matches(path: str | Path, config_json: str, fingerprint: str) -> bool 
 def cache_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on a cache for the duration of a run.
 
-    The lock is an ``flock`` on ``<path>.lock``, released by the OS even when
-    the process is killed, so a crash never leaves a stale lock behind.
+    A lock on ``<path>.lock`` (:func:`pipeline.files.run_lock`), released by
+    the OS even when the process is killed, so a crash never leaves a stale
+    lock behind. Take it only to write: reading a finished cache needs no lock
+    (it is replaced atomically), so read-only folders can be read.
     """
-    import fcntl
 
-    lock_path = Path(f"{path}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            raise CacheError(
-                f"cache {path} is being written by another run ({owner}); "
-                "wait for it to finish or stop it"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        yield  # closing the handle releases the lock
+    def busy(owner: str) -> CacheError:
+        return CacheError(
+            f"cache {path} is being written by another run ({owner}); "
+            "wait for it to finish or stop it"
+        )
+
+    with run_lock(f"{path}.lock", busy):
+        yield
+
+
+@contextlib.contextmanager
+def _writing(path: Path, *cleanup: Path) -> Iterator[None]:
+    """h5py's write failures as one :class:`WriteError` naming the folder; remove ``cleanup``.
+
+    h5py's ``OSError`` rarely carries an errno (a full disk reads "Can't write
+    data"), so every ``OSError`` while writing is reported as a failed write.
+    """
+    try:
+        yield
+    except OSError as exc:
+        for leftover in cleanup:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        if isinstance(exc, WriteError):
+            raise
+        found = re.search(r"error message = '([^']+)'", str(exc))
+        if found:
+            exc = OSError(exc.errno, found.group(1))
+        raise cannot_write(path.parent, exc) from None
 
 
 def _string_array(values: Sequence[str]) -> np.ndarray:
@@ -258,7 +317,7 @@ class CacheWriter:
             progress_file.unlink(missing_ok=True)
 
         tmp = work.with_name(work.name + ".tmp")
-        with h5py.File(tmp, "w") as f:
+        with _writing(path, tmp), h5py.File(tmp, "w") as f:
             n = len(paths)
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(
@@ -276,10 +335,12 @@ class CacheWriter:
             f.create_dataset("split", data=_string_array(splits))
             f.attrs["config_json"] = config_json
             f.attrs["fingerprint"] = fingerprint
-        os.replace(tmp, work)
+        with _writing(path, tmp):
+            os.replace(tmp, work)
         progress = {"next_index": 0, "skipped": [], "seconds": 0.0}
         write_bytes_atomic(progress_file, json.dumps(progress))
-        return cls(path, h5py.File(work, "r+"), progress), note
+        with _writing(path):
+            return cls(path, h5py.File(work, "r+"), progress), note
 
     @classmethod
     def _try_resume(
@@ -317,6 +378,16 @@ class CacheWriter:
         if start != self.next_index:
             raise CacheError(f"internal: batch starts at {start}, cache expects {self.next_index}")
         rows = start + np.flatnonzero(ok)
+        with _writing(self.path):
+            self._write_rows(rows, features)
+        self._progress["next_index"] = start + len(ok)
+        self._progress["skipped"].extend(
+            [start + offset, reason] for offset, reason in errors.items()
+        )
+        self._progress["seconds"] = self.seconds + seconds
+        write_bytes_atomic(progress_path_of(self.path), json.dumps(self._progress))
+
+    def _write_rows(self, rows: np.ndarray, features: np.ndarray) -> None:
         if len(rows):
             # Consecutive rows in one write; skipped rows stay zero and are dropped at finalize.
             if rows[-1] - rows[0] + 1 == len(rows):
@@ -325,12 +396,6 @@ class CacheWriter:
                 for row, values in zip(rows, features, strict=True):
                     self._file["features"][row] = values
         self._file.flush()  # the rows reach the OS before the progress says they exist
-        self._progress["next_index"] = start + len(ok)
-        self._progress["skipped"].extend(
-            [start + offset, reason] for offset, reason in errors.items()
-        )
-        self._progress["seconds"] = self.seconds + seconds
-        write_bytes_atomic(progress_path_of(self.path), json.dumps(self._progress))
 
     def finalize(self, attrs: dict[str, Any]) -> Path:
         """Write the finished cache (readable images only) and remove the work files."""
@@ -346,8 +411,18 @@ class CacheWriter:
             raise CacheError(
                 "no image could be read; see the reasons above and check the data folder"
             )
-        width, dtype = work["features"].shape[1], work["features"].dtype
         tmp = self.path.with_name(self.path.name + ".tmp")
+        with _writing(self.path, tmp):
+            self._write_finished(tmp, kept, keep, skipped, attrs)
+            os.replace(tmp, self.path)
+        self.close()
+        work_path_of(self.path).unlink(missing_ok=True)
+        progress_path_of(self.path).unlink(missing_ok=True)
+        return self.path
+
+    def _write_finished(self, tmp: Path, kept, keep, skipped: dict[int, str], attrs) -> None:
+        work = self._file
+        width, dtype = work["features"].shape[1], work["features"].dtype
         with h5py.File(tmp, "w") as out:
             features = out.create_dataset(
                 "features",
@@ -377,11 +452,6 @@ class CacheWriter:
             out.attrs["format_version"] = FORMAT_VERSION
             out.attrs["config_json"] = work.attrs["config_json"]
             out.attrs["fingerprint"] = work.attrs["fingerprint"]
-        os.replace(tmp, self.path)
-        self.close()
-        work_path_of(self.path).unlink(missing_ok=True)
-        progress_path_of(self.path).unlink(missing_ok=True)
-        return self.path
 
     def close(self) -> None:
         if self._file.id.valid:

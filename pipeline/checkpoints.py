@@ -8,6 +8,11 @@ the per-epoch log), each replaced atomically. ``state.json`` is written last
 and names the files it belongs to, so a run killed mid-save resumes from the
 previous complete epoch.
 
+A run holds ``<name>.lock`` beside the folder from :meth:`Checkpoint.open` to
+:meth:`Checkpoint.release`, so a second run of the same name refuses with one
+line. ``state.json`` is checked against its schema (types, and file names that
+stay inside the folder and exist) before anything it names is loaded.
+
 Keras's ``BackupAndRestore`` keeps weights and the epoch only: not the best
 weights and patience of early stopping, nor the log, and it resumes whatever
 configuration it finds. :class:`Checkpoint` records the configuration that
@@ -17,6 +22,7 @@ from a callback (:class:`pipeline.training.CheckpointedEarlyStopping`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import warnings
@@ -27,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import FinetuneError
-from pipeline.files import write_atomic, write_json_atomic
+from pipeline.files import run_lock, write_atomic, write_json_atomic
 
 CHECKPOINT_VERSION = 2  # 2: the configuration is recorded as FinetuneConfig.identity()
 
@@ -37,22 +43,52 @@ class Checkpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._lock = contextlib.ExitStack()
 
     @property
     def state_path(self) -> Path:
         return self.folder / "state.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder.with_name(self.folder.stem + ".lock")
+
+    def release(self) -> None:
+        """Give up the run's lock (taken by :meth:`open`)."""
+        self._lock.close()
 
     def open(
         self, identity: dict[str, Any], *, restart: bool, note: Callable[[str], None]
     ) -> dict | None:
         """The saved state when it belongs to ``identity``; refuse one that does not.
 
+        Takes the run's lock first: the caller calls :meth:`release` when the
+        run ends, however it ends.
+
         Raises
         ------
         FinetuneError
-            An unreadable state, or one made with another configuration (the
-            first differences named); the checkpoint is left untouched.
+            Another run of the same name holds the lock; an unreadable or
+            malformed state, or one made with another configuration (the first
+            differences named); the checkpoint is left untouched.
         """
+
+        def busy(owner: str) -> FinetuneError:
+            return FinetuneError(
+                f"the run {self.folder.stem!r} is being trained by another process ({owner}); "
+                "wait for it to finish, or pass NAME=other to start another run"
+            )
+
+        self._lock.enter_context(run_lock(self.lock_path, busy))
+        try:
+            return self._open(identity, restart=restart, note=note)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(
+        self, identity: dict[str, Any], *, restart: bool, note: Callable[[str], None]
+    ) -> dict | None:
         if not self.state_path.is_file():
             return None
         if restart:
@@ -66,7 +102,13 @@ class Checkpoint:
                 f"checkpoint {self.state_path} is unreadable ({exc}); delete {self.folder} "
                 "or pass RESTART=1 to start over"
             ) from None
-        saved = state.get("identity", {})
+        problem = _state_problem(state, self.folder)
+        if problem:
+            raise FinetuneError(
+                f"checkpoint {self.state_path} is malformed ({problem}); pass RESTART=1 to "
+                f"start over (or delete {self.folder})"
+            )
+        saved = state["identity"]
         differ = [
             f"{key} {saved.get(key)!r} (now {value!r})"
             for key, value in identity.items() if saved.get(key) != value
@@ -174,6 +216,41 @@ class Checkpoint:
         for path in self.folder.iterdir():  # files of superseded epochs
             if path.name not in keep:
                 path.unlink(missing_ok=True)
+
+
+_COUNTS = ("epoch", "best_epoch", "wait")
+_NUMBERS = ("best_val_accuracy", "phase_one_val_accuracy", "seconds")
+_FILES = ("last", "best", "optimizer", "random")  # optimizer and random may be null
+
+
+def _state_problem(state: Any, folder: Path) -> str:
+    """What is wrong with a ``state.json`` (``""`` when it fits the schema)."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    if not isinstance(state.get("identity"), dict):
+        return "'identity' must be an object"
+    for key in _COUNTS:
+        value = state.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return f"{key!r} must be a whole number >= 0, got {value!r:.40}"
+    for key in _NUMBERS:
+        value = state.get(key, 0.0)
+        if not (isinstance(value, int | float) and not isinstance(value, bool)):
+            return f"{key!r} must be a number, got {value!r:.40}"
+    if not isinstance(state.get("head_source"), str):
+        return "'head_source' must be a string"
+    history = state.get("history")
+    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        return "'history' must be a list of objects"
+    for key in _FILES:
+        name = state.get(key)
+        if name is None and key in ("optimizer", "random"):
+            continue
+        if not (isinstance(name, str) and name == Path(name).name and not name.startswith(".")):
+            return f"{key!r} must name a file in the checkpoint folder, got {name!r:.60}"
+        if not (folder / name).is_file():
+            return f"{key!r} names {name}, which is missing"
+    return ""
 
 
 def _random_state(model) -> list:

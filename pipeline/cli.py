@@ -2,19 +2,139 @@
 
 Each command is a thin call of a public function; the Makefile calls these.
 A :class:`~pipeline.errors.PipelineError` prints one line and exits with
-status 2; anything else is a bug and keeps its traceback.
+status 2; anything else is a bug and keeps its traceback. Hints in those
+lines that name a make command (```make features```) are completed here with
+the variables of the command the user ran, so they can be pasted as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.options import CLASS_WEIGHTS, FLIPS, NORMS, POOLINGS, PRECISIONS
 
 Command = Callable[[argparse.Namespace], int]
+
+RANDOM_WEIGHTS_WARNING = (
+    "warning: WEIGHTS=none builds the backbone with random weights: its features give only a "
+    "baseline (what no transfer scores), not a model to use; WEIGHTS=imagenet transfers"
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _one_of(words: Sequence[str]) -> str:
+    """A metavar listing the accepted words (checked by pipeline.options, with "did you mean")."""
+    return "{" + ",".join(words) + "}"
+
+
+# --- make commands in hints
+
+# make variable, argparse dest, the Makefile's default (a variable is written when it differs).
+_MAKE_VARIABLES: tuple[tuple[str, str, object], ...] = (
+    ("DATA", "data", None),
+    ("MODEL", "model", None),
+    ("IMAGES", "images", None),
+    ("BACKBONE", "backbone", "mobilenet_v2"),
+    ("WEIGHTS", "weights", "imagenet"),
+    ("INPUT_SIZE", "input_size", None),
+    ("POOLING", "pooling", "avg"),
+    ("LAYER", "layer", None),
+    ("FLOAT16", "float16", False),
+    ("PRECISION", "precision", "float32"),
+    ("SEED", "seed", 0),
+    ("VAL_FRACTION", "val_fraction", 0.2),
+    ("TEST_FRACTION", "test_fraction", 0.2),
+    ("ARTIFACTS", "artifacts", "artifacts"),
+)
+_FEATURE_VARIABLES = ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "POOLING", "LAYER", "FLOAT16",
+                      "PRECISION", "ARTIFACTS")  # fmt: skip
+_SPLIT_VARIABLES = ("SEED", "VAL_FRACTION", "TEST_FRACTION")
+# The variables each target reads (others of the user's command would not change it).
+_TARGET_VARIABLES = {
+    "features": (*_FEATURE_VARIABLES, *_SPLIT_VARIABLES),
+    "head": (*_FEATURE_VARIABLES, "SEED"),
+    "report": ("DATA", "ARTIFACTS"),
+    "predict": ("MODEL", "IMAGES", "ARTIFACTS"),
+    "finetune": ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "PRECISION", *_SPLIT_VARIABLES,
+                 "ARTIFACTS"),
+}  # fmt: skip
+_PLACEHOLDERS = {
+    "DATA": "path/to/images",
+    "MODEL": "path/to/model.json",
+    "IMAGES": "path/to/images",
+}
+_MAKE_HINT = re.compile(r"`make ([a-z][a-z-]*)([^`]*)`")
+
+
+def make_command(target: str, args: argparse.Namespace | None = None, **explicit: str) -> str:
+    """``make <target> VAR=value ...``: ``explicit`` values, then the user's own from ``args``.
+
+    Only variables that ``target`` reads and that differ from the Makefile's
+    defaults are written; the data folder (or model and images) always is, as
+    a placeholder when ``args`` does not know it.
+
+    Examples
+    --------
+    >>> ns = argparse.Namespace(data="photos", backbone="vgg16", weights="imagenet")
+    >>> make_command("features", ns)
+    'make features DATA=photos BACKBONE=vgg16'
+    """
+    wanted = _TARGET_VARIABLES.get(target, ("DATA", "ARTIFACTS"))
+    words = [f"make {target}"]
+    for var, dest, default in _MAKE_VARIABLES:
+        if var not in wanted or var in explicit:
+            continue
+        value = getattr(args, dest, None) if args is not None else None
+        if isinstance(value, bool):
+            value = 1 if value else None
+        if value is None and var in _PLACEHOLDERS:
+            value = _PLACEHOLDERS[var]
+        if value is not None and value != default:
+            words.append(f"{var}={shlex.quote(str(value))}")
+    words += [f"{var}={shlex.quote(str(value))}" for var, value in explicit.items()]
+    return " ".join(words)
+
+
+def fill_make_hints(message: str, args: argparse.Namespace | None) -> str:
+    """Every ```make <target> [VAR=value] [...]``` in ``message`` completed by :func:`make_command`.
+
+    Values the hint names (``HEAD=svm``) are kept; ``...`` and ``VAR=...`` are
+    placeholders, filled from ``args``.
+    """
+
+    def complete(match: re.Match) -> str:
+        try:
+            words = shlex.split(match.group(2))  # a complete command stays as it is
+        except ValueError:
+            words = match.group(2).split()
+        explicit = {}
+        for word in words:
+            var, _, value = word.partition("=")
+            if value and value != "..." and var.isupper():
+                explicit[var] = value
+        return f"`{make_command(match.group(1), args, **explicit)}`"
+
+    return _MAKE_HINT.sub(complete, message)
+
+
+def _warn_random_weights(args: argparse.Namespace) -> None:
+    if getattr(args, "weights", None) == "none":
+        print(RANDOM_WEIGHTS_WARNING)
 
 
 def _weights(value: str) -> str:
@@ -30,39 +150,52 @@ def _optional_int(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
 
 
+_WEIGHTS_HELP = "imagenet | none (random: a baseline only) | PATH to a .h5 weights file"
+
+
 def _add_feature_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="mobilenet_v2", help="registry name (see `backbones`)")
     p.add_argument(
-        "--weights", default="imagenet", type=_weights, help="imagenet | none | PATH to a .h5 file"
+        "--backbone", default="mobilenet_v2", help="registry name (`python -m pipeline backbones`)"
     )
+    p.add_argument("--weights", default="imagenet", type=_weights, help=_WEIGHTS_HELP)
     p.add_argument(
         "--input-size",
         type=_optional_int,
         default=None,
         help="square input side (default: the backbone's)",
     )
-    p.add_argument("--pooling", default="avg", help="avg | max | flatten")
+    p.add_argument(
+        "--pooling", default="avg", metavar=_one_of(POOLINGS), help="last feature map to vector"
+    )
     p.add_argument("--layer", default=None, help="cut the backbone at this named layer")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--float16", action="store_true", help="store features as float16")
     p.add_argument(
-        "--precision", default="float32", help="float32 | mixed_float16 | mixed_bfloat16 (GPU)"
+        "--precision",
+        default="float32",
+        metavar=_one_of(PRECISIONS),
+        help="compute precision (mixed ones for GPUs)",
     )
-    p.add_argument("--workers", type=_optional_int, default=None, help="decoding threads")
-    p.add_argument("--artifacts", default="artifacts", help="output root (default: artifacts)")
+    p.add_argument(
+        "--workers",
+        type=_optional_int,
+        default=None,
+        help="decoding threads (default: cores, <= 8)",
+    )
+    p.add_argument("--artifacts", default="artifacts", help="output root")
 
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="val share (no split folders)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test share (no split folders)")
 
 
 def _add_bench_options(p: argparse.ArgumentParser, *, images: int, out: str) -> None:
     p.add_argument("--data", required=True, help="image folder to benchmark on")
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--weights", default="imagenet", type=_weights)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backbone", default="mobilenet_v2", help="registry name")
+    p.add_argument("--weights", default="imagenet", type=_weights, help=_WEIGHTS_HELP)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--images", type=int, default=images, help="images (N) to time on")
     p.add_argument("--out", default=out, help="JSON file for the figures")
 
@@ -132,6 +265,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.features import extract_features
 
+    _warn_random_weights(args)
     summary = extract_features(
         args.data,
         _feature_config(args),
@@ -139,6 +273,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         artifacts_dir=args.artifacts,
         cache_path=args.output,
         progress=not args.quiet,
+        log=print,  # what the scan found, before the backbone is built
     )
     print(summary.format())
     return 0
@@ -162,18 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Transfer learning for small image data sets: features, heads, fine-tuning.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    p = sub.add_parser("backbones", help="list the registered backbones")
+    p = _command(sub, "backbones", "list the registered backbones")
     p.add_argument("pattern", nargs="?", default=None, help="shell pattern, e.g. 'resnet*'")
     p.set_defaults(func=cmd_backbones)
 
-    p = sub.add_parser("demo-data", help="write scikit-learn's digits as a folder of PNG files")
-    p.add_argument("--out", default="artifacts/data/digits")
+    p = _command(sub, "demo-data", "write scikit-learn's digits as a folder of PNG files")
+    p.add_argument("--out", default="artifacts/data/digits", help="output folder")
     p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("features", help="stage one: cache backbone features of an image folder")
+    p = _command(sub, "features", "stage one: cache backbone features of an image folder")
     p.add_argument(
         "--data",
         required=True,
@@ -189,13 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("bench-features", help="benchmark stage one against the pure forward pass")
+    p = _command(sub, "bench-features", "benchmark stage one against the pure forward pass")
     _add_bench_options(p, images=400, out="artifacts/bench/features.json")
     p.set_defaults(func=cmd_bench_features)
 
     _add_stage_two(sub)
     _add_stage_three(sub)
     return parser
+
+
+def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows defaults."""
+    return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
 
 
 # --- stage two: heads, report, predict (pipeline.heads, pipeline.report, pipeline.predict)
@@ -221,6 +363,7 @@ def _cache_for(args: argparse.Namespace):
 def cmd_head(args: argparse.Namespace) -> int:
     from pipeline.heads import fit_heads
 
+    _warn_random_weights(args)
     fit_heads(
         _cache_for(args),
         args.head,
@@ -250,15 +393,45 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pipeline.artifacts import Artifacts
     from pipeline.predict import predict_images
 
-    out = args.out or Artifacts(args.artifacts).predictions_csv(Path(args.model).stem)
-    summary = predict_images(args.model, args.images, out, batch_size=args.batch_size)
-    print(summary.format())
+    if not (args.model and args.images):
+        raise PipelineError(_predict_usage(args))
+    result = predict_images(
+        args.model,
+        args.images,
+        args.out,
+        batch_size=args.batch_size,
+        artifacts_dir=args.artifacts,
+    )
+    print(result.format())
     return 0
+
+
+def _predict_usage(args: argparse.Namespace) -> str:
+    """Which of MODEL and IMAGES is missing, and a command to paste (with a model found here)."""
+    from pipeline.artifacts import Artifacts
+
+    missing = [
+        text
+        for given, text in (
+            (args.model, "MODEL= (--model: a head's .json, or a fine-tuned .keras)"),
+            (args.images, "IMAGES= (--images: an image file or a folder)"),
+        )
+        if not given
+    ]
+    model = args.model
+    if not model:
+        art = Artifacts(args.artifacts)
+        found = [p for d in art.datasets_with_heads() for p in art.run_manifests(d)]
+        if not found:
+            return (
+                f"make predict needs {' and '.join(missing)}; there is no model under "
+                f"{args.artifacts} yet: fit one with `make head DATA=...` first"
+            )
+        model = str(max(found, key=lambda p: p.stat().st_mtime))  # the newest
+    example = make_command("predict", argparse.Namespace(**{**vars(args), "model": model}))
+    return f"make predict needs {' and '.join(missing)}, e.g. `{example}`"
 
 
 def cmd_bench_heads(args: argparse.Namespace) -> int:
@@ -286,51 +459,70 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
 
 
 def _add_stage_two(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("head", help="stage two: fit heads on cached features")
+    p = _command(sub, "head", "stage two: fit heads on cached features")
     p.add_argument("--data", default=None, help="image folder of stage one (locates the cache)")
     p.add_argument("--cache", default=None, help="feature cache file (instead of --data)")
     _add_feature_options(p)
     p.add_argument(
         "--head",
         default="all",
-        help="svm | rbf_svm | logreg | knn | ridge | softmax | forest | all, or a comma list",
+        help="svm | rbf_svm | logreg | knn | ridge | softmax | forest | all, or a comma list "
+        "(all: every head but forest)",
     )
-    p.add_argument("--norm", default=None, help="l2 | standard | none (default: each head's own)")
+    p.add_argument(
+        "--norm",
+        default=None,
+        metavar=_one_of(NORMS),
+        help="feature normalisation for every head (default: each head's own)",
+    )
     p.add_argument(
         "--pca", type=_optional_int, default=None, help="keep this many principal components"
     )
     p.add_argument("--cv", type=int, default=3, help="folds of the hyper-parameter search")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=1, help="parallel fits of the search")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's folds")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
+    )
     p.set_defaults(func=cmd_head)
 
-    p = sub.add_parser("report", help="write the Markdown/HTML/JSON report comparing the heads")
+    p = _command(sub, "report", "write the Markdown/HTML/JSON report comparing the heads")
     p.add_argument("--data", default=None, help="image folder (its name names the data set)")
     p.add_argument("--dataset", default=None, help="data set name (instead of --data)")
-    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--artifacts", default="artifacts", help="output root")
     p.add_argument(
         "--out", default=None, help="output folder (default: artifacts/reports/<dataset>)"
     )
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("predict", help="classify new images with a head or a fine-tuned model")
+    p = _command(sub, "predict", "classify new images with a head or a fine-tuned model")
+    # Not required=True: the missing one is named as a make variable, with a command to paste.
     p.add_argument(
-        "--model", required=True, help="head manifest/.joblib/.keras or fine-tuned .keras"
+        "--model",
+        default=None,
+        help="a head's .json/.joblib/softmax.keras or a fine-tuned .keras (make: MODEL=)",
     )
-    p.add_argument("--images", required=True, help="image file or folder")
-    p.add_argument("--out", default=None, help="CSV (default: artifacts/predictions/<model>.csv)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument(
+        "--images",
+        default=None,
+        help="image file or folder; images in class folders are scored (make: IMAGES=)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="CSV (default: <artifacts>/predictions/<dataset>/<model>/<images>.csv)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--artifacts", default="artifacts", help="output root")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("bench-heads", help="fit time of the default heads over extraction time")
+    p = _command(sub, "bench-heads", "fit time of the default heads over extraction time")
     p.add_argument("--data", action="append", default=None, help="image folder (repeatable)")
     p.add_argument("--cache", action="append", default=None, help="feature cache (repeatable)")
     _add_feature_options(p)
     _add_split_options(p)
-    p.add_argument("--cv", type=int, default=3)
-    p.add_argument("--out", default="artifacts/bench/heads.json")
+    p.add_argument("--cv", type=int, default=3, help="folds of the search")
+    p.add_argument("--out", default="artifacts/bench/heads.json", help="JSON file for the figures")
     p.set_defaults(func=cmd_bench_heads)
 
 
@@ -348,40 +540,61 @@ def _flag(value: str) -> bool:
 
 def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     from pipeline.finetune import FinetuneConfig
-    from pipeline.options import FLIPS, PRECISIONS
 
     defaults = FinetuneConfig()
-    p = sub.add_parser("finetune", help="stage three: fine-tune the last LAYERS layers")
+    p = _command(sub, "finetune", "stage three: fine-tune the last LAYERS layers")
     p.add_argument(
         "--data", required=True, help="image folder (as in stage one) or a stage-one .h5"
     )
-    p.add_argument("--backbone", default=defaults.features.backbone)
-    p.add_argument("--weights", default=defaults.features.weights, type=_weights)
-    p.add_argument("--input-size", type=_optional_int, default=None)
+    p.add_argument("--backbone", default=defaults.features.backbone, help="registry name")
+    p.add_argument(
+        "--weights", default=defaults.features.weights, type=_weights, help=_WEIGHTS_HELP
+    )
+    p.add_argument("--input-size", type=_optional_int, default=None, help="default: the backbone's")
     p.add_argument("--layers", default=str(defaults.layers), help="n >= 0 | all | block")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="most phase-two epochs")
     p.add_argument("--lr", type=float, default=defaults.learning_rate, help="phase-two Adam rate")
-    p.add_argument("--head-epochs", type=int, default=defaults.head_epochs)
-    p.add_argument("--head-lr", type=float, default=defaults.head_learning_rate)
-    p.add_argument("--patience", type=int, default=defaults.patience)
-    p.add_argument("--batch-size", type=int, default=defaults.features.batch_size)
+    p.add_argument(
+        "--head-epochs", type=int, default=defaults.head_epochs, help="most phase-one epochs"
+    )
+    p.add_argument(
+        "--head-lr", type=float, default=defaults.head_learning_rate, help="phase-one Adam rate"
+    )
+    p.add_argument(
+        "--patience", type=int, default=defaults.patience, help="epochs without improvement"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=defaults.features.batch_size, help="images per step"
+    )
     p.add_argument("--augment", type=_flag, default=True, help="1 | 0")
-    p.add_argument("--flip", default=defaults.flip, help="|".join(FLIPS))
-    p.add_argument("--rotation", type=float, default=defaults.rotation)
-    p.add_argument("--zoom", type=float, default=defaults.zoom)
-    p.add_argument("--class-weight", default=defaults.class_weight, help="balanced | none")
-    p.add_argument("--precision", default=defaults.features.precision, help="|".join(PRECISIONS))
+    p.add_argument("--flip", default=defaults.flip, metavar=_one_of(FLIPS), help="random flips")
+    p.add_argument("--rotation", type=float, default=defaults.rotation, help="random rotation")
+    p.add_argument("--zoom", type=float, default=defaults.zoom, help="random zoom")
+    p.add_argument(
+        "--class-weight",
+        default=defaults.class_weight,
+        metavar=_one_of(CLASS_WEIGHTS),
+        help="loss weights per class",
+    )
+    p.add_argument(
+        "--precision",
+        default=defaults.features.precision,
+        metavar=_one_of(PRECISIONS),
+        help="compute precision",
+    )
     _add_split_options(p)
-    p.add_argument("--workers", type=_optional_int, default=None)
-    p.add_argument("--name", default=None, help="output name")
-    p.add_argument("--restart", type=_flag, default=False, help="discard an unfinished run")
-    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument(
+        "--workers", type=_optional_int, default=None, help="decoding threads (default: cores)"
+    )
+    p.add_argument("--name", default=None, help="output name (default: from the options)")
+    p.add_argument("--restart", type=_flag, default=False, help="1: discard an unfinished run")
+    p.add_argument("--artifacts", default="artifacts", help="output root")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("bench-finetune", help="one phase-two epoch vs one stage-one pass")
+    p = _command(sub, "bench-finetune", "one phase-two epoch vs one stage-one pass")
     _add_bench_options(p, images=256, out="artifacts/bench/finetune.json")
-    p.add_argument("--input-size", type=_optional_int, default=None)
+    p.add_argument("--input-size", type=_optional_int, default=None, help="default: the backbone's")
     p.set_defaults(func=cmd_bench_finetune)
 
 
@@ -401,6 +614,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         restart=args.restart,
     )  # fmt: skip
     config.validate()  # bad options fail before Keras is imported
+    _warn_random_weights(args)
     result = finetune(args.data, config, artifacts_dir=args.artifacts, progress=not args.quiet)
     print(result.format(notes=False))  # the notes were printed as they happened
     return 0
@@ -428,11 +642,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user error)."""
     # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) is noise here.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a usage error: argparse has printed it
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None) * 2
     try:
         return args.func(args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {fill_make_hints(str(exc), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -196,6 +196,7 @@ def extract_features(
     artifacts_dir: str | Path = "artifacts",
     cache_path: str | Path | None = None,
     progress: bool = True,
+    log: Callable[[str], Any] | None = None,
 ) -> ExtractionSummary:
     """Extract and cache the features of every image in ``data_dir``.
 
@@ -214,6 +215,9 @@ def extract_features(
         Explicit cache file instead of the default name.
     progress : bool
         Show a progress bar.
+    log : callable, optional
+        Called with :func:`describe_folder`'s line once the folder is scanned,
+        before anything is extracted.
 
     Returns
     -------
@@ -228,29 +232,26 @@ def extract_features(
     """
     resolved = resolve_features(config or FeatureConfig())
     folder = scan_folder(data_dir, split)
+    if log is not None:
+        log(describe_folder(folder))
     path = Path(cache_path) if cache_path else cache_path_for(folder.name, resolved, artifacts_dir)
     config_json = _config_json(folder, resolved)
     fingerprint = folder.fingerprint()
     notes = [f"warning: {w}" for w in folder.warnings]
 
+    # Up to date: read only, no lock (a finished cache is replaced atomically), so a
+    # read-only artifacts folder works. Otherwise build the model first: a bad layer or
+    # weights file is refused before any lock or work file exists.
+    if cache.cache_matches(path, config_json, fingerprint):
+        return _up_to_date(path, folder, notes)
+    model = _build_model(resolved)
     with cache.cache_lock(path):
         state = cache.cache_matches(path, config_json, fingerprint)
-        if state:
-            attrs = cache.read_attrs(path)
-            return ExtractionSummary(
-                path,
-                "up to date",
-                len(folder.records),
-                int(attrs["n_images"]),
-                cache.read_skipped(path),
-                float(attrs["seconds"]),
-                path.stat().st_size,
-                notes,
-            )
+        if state:  # another run finished it while the model was built
+            return _up_to_date(path, folder, notes)
         if state is False:
             notes.append(f"{path} was made from other images or options; rebuilding it")
 
-        model = _build_model(resolved)
         width = int(model.output_shape[-1])
         records = folder.records
         writer, note = cache.CacheWriter.open(
@@ -281,6 +282,46 @@ def extract_features(
         len(records),
         len(records) - len(skipped),
         skipped,
+        float(attrs["seconds"]),
+        path.stat().st_size,
+        notes,
+    )
+
+
+def describe_folder(folder: ImageFolder) -> str:
+    """What a scan found: classes, images per split and where the split came from.
+
+    Examples
+    --------
+    >>> print(describe_folder(scan_folder("artifacts/data/digits")))  # doctest: +SKIP
+    found 1797 images of 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) in artifacts/data/digits
+      split: train 1077, val 360, test 360 (stratified by class, SEED=0, VAL_FRACTION=0.2, TEST_FRACTION=0.2)
+    """
+    names = folder.class_names
+    shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:10]) + f", ... {names[-1]}"
+    counts = ", ".join(f"{split} {n}" for split, n in folder.counts().items())
+    if folder.split_source == "folders":
+        source = "from the split folders " + ", ".join(f"{s}/" for s in folder.counts())
+    else:
+        s = folder.split
+        source = (
+            f"stratified by class, SEED={s.seed}, VAL_FRACTION={s.val_fraction:g}, "
+            f"TEST_FRACTION={s.test_fraction:g}"
+        )
+    return (
+        f"found {len(folder.records)} images of {len(names)} classes ({shown}) in {folder.root}\n"
+        f"  split: {counts} ({source})"
+    )
+
+
+def _up_to_date(path: Path, folder: ImageFolder, notes: list[str]) -> ExtractionSummary:
+    attrs = cache.read_attrs(path)
+    return ExtractionSummary(
+        path,
+        "up to date",
+        len(folder.records),
+        int(attrs["n_images"]),
+        cache.read_skipped(path),
         float(attrs["seconds"]),
         path.stat().st_size,
         notes,

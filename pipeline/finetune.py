@@ -283,12 +283,15 @@ def finetune(
     >>> print(result.format())
     """
     run = _prepare(Path(data), config or FinetuneConfig(), artifacts_dir, progress, echo)
-    model, head, head_source = _assemble(run)
-    sigmoid = int(head.output_shape[-1]) == 1
-    resumed_from = int(run.state["epoch"]) if run.state else None
-    state = _phase_one(run, model, head, head_source, sigmoid)
-    state = _phase_two(run, model, state, sigmoid, progress, callbacks)
-    return _write_outputs(run, model, state, sigmoid, resumed_from)
+    try:  # the run holds its lock (taken by checkpoint.open) until here
+        model, head, head_source = _assemble(run)
+        sigmoid = int(head.output_shape[-1]) == 1
+        resumed_from = int(run.state["epoch"]) if run.state else None
+        state = _phase_one(run, model, head, head_source, sigmoid)
+        state = _phase_two(run, model, state, sigmoid, progress, callbacks)
+        return _write_outputs(run, model, state, sigmoid, resumed_from)
+    finally:
+        run.checkpoint.release()
 
 
 def _prepare(
@@ -334,22 +337,26 @@ def _prepare(
         "layers_resolved": layers,
         **config.identity(resolved),
     }
-    checkpoint = Checkpoint(files.checkpoint)
-    state = checkpoint.open(identity, restart=config.restart, note=note)
-
-    summary = extract_features(
-        data_dir, config.features, split=config.split, artifacts_dir=artifacts_dir,
-        cache_path=given_cache, progress=progress,
-    )  # fmt: skip
-    for line in summary.notes:
-        note(line)
-    if summary.status != "up to date":
-        note(f"stage one: {summary.status} {summary.cache_path}")
-    features = cache.load_features(summary.cache_path)
+    checkpoint = Checkpoint(files.checkpoint)  # validated above: a refused run locks nothing
+    state = checkpoint.open(identity, restart=config.restart, note=note)  # takes the run's lock
+    try:
+        summary = extract_features(
+            data_dir, config.features, split=config.split, artifacts_dir=artifacts_dir,
+            cache_path=given_cache, progress=progress,
+        )  # fmt: skip
+        for line in summary.notes:
+            note(line)
+        if summary.status != "up to date":
+            note(f"stage one: {summary.status} {summary.cache_path}")
+        features = cache.load_features(summary.cache_path)
+        splits = _check_splits(features)
+    except BaseException:
+        checkpoint.release()
+        raise
     return _Run(
         config=config, resolved=resolved, dataset=dataset, name=name, files=files,
         head_path=artifacts.stage_two_softmax(dataset, summary.cache_path.stem),
-        features=features, splits=_check_splits(features),
+        features=features, splits=splits,
         root=Path(features.attrs.get("data_root", folder.root)), base=base, layers=layers,
         depth=len(backbone_layers(base)), checkpoint=checkpoint, identity=identity, state=state,
         notes=notes,

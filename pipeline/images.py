@@ -9,6 +9,7 @@ bounded by ``prefetch * batch_size`` images whatever the data set's size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import sys
@@ -33,6 +34,10 @@ IMAGE_EXTENSIONS = frozenset(
 # Split folder names as users spell them -> the split name stored in caches.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
+# The most pixels an image may have once decoded (after JPEG's reduced-scale decoding):
+# Pillow's default bomb limit, about 256 MiB of RGB. Larger images are skipped with a
+# reason. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``) applies as well when set lower.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -96,27 +101,87 @@ class ImageFolder:
         digest = hashlib.sha256()
         digest.update("\x1f".join(self.class_names).encode())
         for record in self.records:
-            stat = os.stat(self.root / record.path)
-            line = f"{record.path}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\x1f{record.label}\x1f{record.split}\n"
+            stat = _stat_line(self.root / record.path)
+            line = f"{record.path}\x1f{stat}\x1f{record.label}\x1f{record.split}\n"
             digest.update(line.encode())
         return digest.hexdigest()
+
+
+def _stat_line(path: Path) -> str:
+    """Size and modification time; a dangling link or a link loop says so instead."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:  # skipped at decoding, with the reason; fixing it changes this
+        return f"unreadable\x1f{exc.errno}"
+    return f"{stat.st_size}\x1f{stat.st_mtime_ns}"
+
+
+def shown(path: str | Path) -> str:
+    """``path`` printable on one line: bytes that are not UTF-8 as ``\\xff`` escapes."""
+    text = str(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates of a Windows name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_name(path: Path) -> None:
+    """Refuse a name that is not valid UTF-8: caches, heads and reports store names as UTF-8."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"name is not valid UTF-8: {shown(path)}; rename it (for example "
+            "`convmv -f latin1 -t utf-8 -r --notest <data folder>`) and run again"
+        ) from None
 
 
 def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def images_under(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, hidden entries skipped), sorted."""
+def images_under(folder: Path, notes: list[str] | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden entries skipped), sorted.
+
+    Symbolic links to folders are followed, each folder once: a link back to a
+    folder already scanned (a loop) is skipped, with a line added to ``notes``.
+    Links to files are listed even when dangling or looping; decoding skips
+    them with the reason.
+
+    Raises
+    ------
+    DataError
+        A file or folder name that is not valid UTF-8 (the message names it).
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            stat = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirnames[:] = []
+            if notes is not None:
+                notes.append(f"skipped {shown(dirpath)}: symbolic link to a folder already scanned")
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_image_name(f))
+        for name in dirnames:
+            _check_name(Path(dirpath) / name)
+        for name in filenames:
+            if _is_image_name(name):
+                _check_name(Path(dirpath) / name)
+                found.append(Path(dirpath) / name)
     return sorted(found)
 
 
 def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for path in found:
+        _check_name(path)
+    return found
 
 
 def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFolder:
@@ -142,18 +207,22 @@ def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFold
         )
     if not root.is_dir():
         raise DataError(f"DATA={root} is a file; pass a folder of class subfolders")
+    _check_name(root.resolve())
     split = split or SplitConfig()
     subfolders = _class_folders(root)
     split_folders = [p for p in subfolders if p.name.lower() in SPLIT_FOLDERS]
     if split_folders:
         return _scan_split_folders(root, split_folders)
 
-    by_class = _scan_classes(root, subfolders, where=str(root))
+    notes: list[str] = []
+    by_class = _scan_classes(root, subfolders, where=str(root), notes=notes)
     records = _stratified_split(by_class, split)
-    return ImageFolder(root, tuple(by_class), tuple(records), "stratified", split)
+    return ImageFolder(root, tuple(by_class), tuple(records), "stratified", split, tuple(notes))
 
 
-def _scan_classes(root: Path, class_dirs: list[Path], where: str) -> dict[str, list[str]]:
+def _scan_classes(
+    root: Path, class_dirs: list[Path], where: str, notes: list[str]
+) -> dict[str, list[str]]:
     if not class_dirs:
         loose = [p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
         hint = (
@@ -164,7 +233,7 @@ def _scan_classes(root: Path, class_dirs: list[Path], where: str) -> dict[str, l
         raise DataError(f"no class folders in {where}: expected {where}/<class>/<image>{hint}")
     by_class: dict[str, list[str]] = {}
     for class_dir in class_dirs:
-        images = images_under(class_dir)
+        images = images_under(class_dir, notes)
         if not images:
             raise DataError(
                 f"class folder {class_dir} holds no images "
@@ -192,15 +261,16 @@ def _scan_split_folders(root: Path, split_folders: list[Path]) -> ImageFolder:
         raise DataError(
             f"{root} has {', '.join(f.name + '/' for f in split_folders)} but no train/ folder"
         )
+    scan_notes: list[str] = []
     per_split = {
-        s: _scan_classes(root, _class_folders(f), where=str(f))
+        s: _scan_classes(root, _class_folders(f), where=str(f), notes=scan_notes)
         if s == "train"
-        else _scan_optional_split(root, f)
+        else _scan_optional_split(root, f, scan_notes)
         for s, f in names.items()
     }
     class_names = sorted(set().union(*per_split.values()))
     index = {name: i for i, name in enumerate(class_names)}
-    notes = [
+    notes = scan_notes + [
         f"class {c!r} appears in {s}/ but not in train/"
         for s in ("val", "test")
         if s in per_split
@@ -216,10 +286,10 @@ def _scan_split_folders(root: Path, split_folders: list[Path]) -> ImageFolder:
     return ImageFolder(root, tuple(class_names), tuple(records), "folders", None, tuple(notes))
 
 
-def _scan_optional_split(root: Path, folder: Path) -> dict[str, list[str]]:
+def _scan_optional_split(root: Path, folder: Path, notes: list[str]) -> dict[str, list[str]]:
     by_class = {}
     for class_dir in _class_folders(folder):
-        images = images_under(class_dir)
+        images = images_under(class_dir, notes)
         if not images:
             raise DataError(f"class folder {class_dir} holds no images; add images or remove it")
         by_class[class_dir.name] = [p.relative_to(root).as_posix() for p in images]
@@ -254,13 +324,18 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     resized (bilinear, antialiased) to a square without keeping its aspect
     ratio, as Keras's loaders do.
 
+    Decoding is bounded: an image of more than :data:`MAX_IMAGE_PIXELS` pixels
+    (counted after JPEG's reduced-scale decoding) is refused before its pixels
+    are read, whatever ``PIL.Image.MAX_IMAGE_PIXELS`` says.
+
     Raises
     ------
     ImageError
-        Empty, truncated, corrupt or non-image file (the message says which).
+        Empty, truncated, corrupt, too large or non-image file, a dangling
+        symbolic link or a link loop (the message says which).
     """
     try:
-        if os.path.getsize(path) == 0:
+        if _file_size(path) == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's palette/EXIF chatter
@@ -268,6 +343,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
                 if image.format == "JPEG":
                     # Decode at a reduced DCT scale when the file is >= 2x the target.
                     image.draft("RGB", (size, size))
+                _check_pixels(image)
                 image.load()
                 return _to_rgb_array(_oriented(image), size)
     except ImageError:
@@ -278,6 +354,32 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageError(f"too large to decode safely: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _file_size(path: str | Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError("symbolic link loop (the link leads back to itself)") from None
+        if os.path.islink(path) and isinstance(exc, FileNotFoundError):
+            target = shown(os.readlink(path))
+            raise ImageError(
+                f"dangling symbolic link (its target {target} does not exist)"
+            ) from None
+        raise ImageError(f"cannot read the file: {exc.strerror or exc}") from None
+
+
+def _check_pixels(image: Image.Image) -> None:
+    limit = MAX_IMAGE_PIXELS
+    if Image.MAX_IMAGE_PIXELS is not None:  # Pillow's guard, when someone set it lower
+        limit = min(limit, int(Image.MAX_IMAGE_PIXELS))
+    width, height = image.size
+    if width * height > limit:
+        raise ImageError(
+            f"too large to decode safely: {width}x{height} = {width * height} pixels, above "
+            f"the limit of {limit} (pipeline.images.MAX_IMAGE_PIXELS)"
+        )
 
 
 def _oriented(image: Image.Image) -> Image.Image:

@@ -15,16 +15,19 @@
   the outputs.
 
 Images are decoded by :mod:`pipeline.images` exactly as in stage one;
-unreadable files are skipped and reported, like stage one does.
+unreadable files are skipped and reported, like stage one does. An image's
+true label is the name of the nearest folder above it (``IMAGES`` itself
+included) that is one of the model's classes, so ``IMAGES=data/test`` or
+``IMAGES=data/test/ants`` are scored against their class folders.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -33,23 +36,156 @@ from pipeline.errors import PipelineError, PredictError
 from pipeline.files import write_bytes_atomic
 from pipeline.images import IMAGE_EXTENSIONS, images_under, iter_batches
 
+# Leading characters that make Excel, LibreOffice or Sheets read a cell as a formula (OWASP).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+TABLE_LIMIT = 20  # print every prediction when there are at most this many images
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a ``'`` in front when a spreadsheet would evaluate it as a formula.
+
+    Examples
+    --------
+    >>> spreadsheet_safe("=HYPERLINK(...)"), spreadsheet_safe("ants/1.jpg")
+    ("'=HYPERLINK(...)", 'ants/1.jpg')
+    """
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
 
 @dataclass
-class PredictionSummary:
-    """What :func:`predict_images` did."""
+class Predictions:
+    """What :func:`predict_images` predicted, and where it wrote it.
+
+    Attributes
+    ----------
+    out_csv : Path
+        The CSV written.
+    model : str
+        The model, in words.
+    class_names : tuple of str
+        Column order of ``scores``.
+    paths : list of str
+        Image paths relative to ``IMAGES`` (a folder) or the file's name.
+    pred : ndarray of int64
+        Predicted class index of each image.
+    scores : ndarray of float64, shape (n, n_classes)
+        Probabilities (``is_proba``) or decision scores of every class.
+    is_proba : bool
+        Whether ``scores`` are probabilities.
+    labels : ndarray of int64
+        True class index from the image's class folder, ``-1`` outside class folders.
+    skipped : list of (path, reason)
+        Images that could not be read.
+    """
 
     out_csv: Path
     model: str
-    predicted: int
+    class_names: tuple[str, ...]
+    paths: list[str]
+    pred: np.ndarray
+    scores: np.ndarray
+    is_proba: bool
+    labels: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    def format(self) -> str:
+    @property
+    def n_predicted(self) -> int:
+        return len(self.paths)
+
+    @property
+    def n_labelled(self) -> int:
+        """Images inside a class folder (they have a true label)."""
+        return int(np.sum(self.labels >= 0))
+
+    @property
+    def accuracy(self) -> float | None:
+        """Accuracy on the images inside class folders; ``None`` when there are none."""
+        known = self.labels >= 0
+        return float(np.mean(self.pred[known] == self.labels[known])) if known.any() else None
+
+    @property
+    def value_column(self) -> str:
+        return "probability" if self.is_proba else "score"
+
+    def columns(self) -> list[str]:
+        """CSV header: ``path, [true_label,] predicted, probability|score, p_<class>|score_<class>...``."""
+        prefix = "p_" if self.is_proba else "score_"
+        label = ["true_label"] if self.n_labelled else []
+        return ["path", *label, "predicted", self.value_column] + [
+            prefix + c for c in self.class_names
+        ]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per image, keyed by :meth:`columns` (values as Python objects, not text)."""
+        names, columns = self.class_names, self.columns()
+        out = []
+        for i, path in enumerate(self.paths):
+            p = int(self.pred[i])
+            row: dict[str, Any] = {"path": path}
+            if self.n_labelled:
+                row["true_label"] = names[self.labels[i]] if self.labels[i] >= 0 else None
+            row["predicted"] = names[p]
+            row[self.value_column] = float(self.scores[i, p])
+            row.update(zip(columns[-len(names) :], map(float, self.scores[i]), strict=True))
+            out.append(row)
+        return out
+
+    def to_csv(self) -> str:
+        """The CSV text; text cells that a spreadsheet would evaluate are prefixed with ``'``."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow([spreadsheet_safe(c) for c in self.columns()])
+        for record in self.records():
+            writer.writerow(
+                [
+                    f"{v:.6f}" if isinstance(v, float) else spreadsheet_safe(v or "")
+                    for v in record.values()
+                ]
+            )
+        return buffer.getvalue()
+
+    def format(self, table_limit: int = TABLE_LIMIT) -> str:
+        """What ``make predict`` prints: the file, skipped images, a table when few, accuracy."""
         lines = [
-            f"wrote {self.out_csv}: {self.predicted} images predicted with {self.model}, "
+            f"wrote {self.out_csv}: {self.n_predicted} images predicted with {self.model}, "
             f"{len(self.skipped)} skipped"
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        if 0 < self.n_predicted <= table_limit:
+            lines += self._table()
+        accuracy = self.accuracy
+        if accuracy is not None:
+            correct = int(round(accuracy * self.n_labelled))
+            outside = self.n_predicted - self.n_labelled
+            rest = f"; {outside} outside class folders not scored" if outside else ""
+            lines.append(
+                f"accuracy {accuracy:.3f} ({correct}/{self.n_labelled} images in class "
+                f"folders{rest})"
+            )
         return "\n".join(lines)
+
+    def _table(self) -> list[str]:
+        labelled = bool(self.n_labelled)
+        header = ["path", *(["true"] if labelled else []), "predicted", self.value_column]
+        rows = [header]
+        for record in self.records():
+            row = [_shorten(record["path"], 48)]
+            if labelled:
+                row.append(record["true_label"] or "-")
+            value = record[self.value_column]
+            row += [record["predicted"], f"{value:.3f}"]
+            if labelled and record["true_label"] not in (None, record["predicted"]):
+                row[-1] += "  wrong"
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        return [
+            "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows
+        ]
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def list_images(images: str | Path) -> tuple[Path, list[str]]:
@@ -67,10 +203,36 @@ def list_images(images: str | Path) -> tuple[Path, list[str]]:
     return images, found
 
 
-def _head_predictor(
-    model_path: Path,
-) -> tuple[str, int, Callable[[np.ndarray], np.ndarray], Callable, tuple]:
-    """Preprocess, size and a function from a preprocessed batch to ``(pred, scores, is_proba)``."""
+def true_labels(root: Path, paths: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
+    """Class index of the nearest folder above each image named like a class, else ``-1``.
+
+    The folders searched are those of the relative path and ``root`` itself.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    top = root.resolve().name
+    labels = np.full(len(paths), -1, dtype=np.int64)
+    for i, rel in enumerate(paths):
+        for folder in reversed((top, *PurePosixPath(rel).parts[:-1])):
+            if folder in index:
+                labels[i] = index[folder]
+                break
+    return labels
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded model: how to size, preprocess and score a batch, and its output name."""
+
+    label: str  # in words, for messages
+    dataset: str  # the data set it was trained on
+    model_id: str  # unique among the models of that data set
+    size: int
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, bool]]
+    class_names: tuple[str, ...]
+
+
+def _head_predictor(model_path: Path) -> Predictor:
     from pipeline import backbones
     from pipeline.head_store import load_head
 
@@ -102,11 +264,22 @@ def _head_predictor(
         features = np.asarray(extractor.predict_on_batch(x), dtype=np.float32)
         return head.predict(features)
 
-    label = f"{spec.name} + {head.name} head"
-    return label, int(m["input_size"]), spec.preprocess, run, head.class_names
+    # heads/<dataset>/<cache stem>/<head>.json
+    stem = m.get("cache_stem") or head.path.resolve().parent.name
+    return Predictor(
+        label=f"{spec.name} + {head.name} head",
+        dataset=m.get("dataset") or head.path.resolve().parent.parent.name,
+        model_id=f"{stem}_{head.name}",
+        size=int(m["input_size"]),
+        preprocess=spec.preprocess,
+        run=run,
+        class_names=head.class_names,
+    )
 
 
-def _finetuned_predictor(model_path: Path, manifest: dict[str, Any]):
+def _finetuned_predictor(model_path: Path, manifest: Mapping[str, Any]) -> Predictor:
+    from pipeline.softmax import two_columns
+
     keras_path = model_path if model_path.suffix == ".keras" else model_path.with_suffix(".keras")
     if not keras_path.is_file():
         raise PredictError(
@@ -128,66 +301,39 @@ def _finetuned_predictor(model_path: Path, manifest: dict[str, Any]):
     k = len(class_names)
 
     def run(x: np.ndarray):
-        p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
-        if p.ndim == 2 and p.shape[1] == 1 and k == 2:
-            p = np.hstack([1.0 - p, p])
+        raw = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+        p = two_columns(raw) if k == 2 else raw  # one sigmoid unit: P(class 1)
         if p.ndim != 2 or p.shape[1] != k:
             raise PredictError(
-                f"{keras_path} outputs shape {p.shape}, expected (n, {k}) for {k} classes"
+                f"{keras_path} outputs shape {raw.shape}, expected (n, {k}) for {k} classes"
             )
         return np.argmax(p, axis=1), p, True
 
     def as_float(batch: np.ndarray) -> np.ndarray:
         return batch.astype(np.float32)
 
-    return f"fine-tuned {keras_path.name}", size, as_float, run, class_names
+    # finetune/<dataset>/<name>.keras
+    return Predictor(
+        label=f"fine-tuned {keras_path.name}",
+        dataset=str(manifest.get("dataset") or keras_path.resolve().parent.name),
+        model_id=str(manifest.get("name") or keras_path.stem),
+        size=size,
+        preprocess=as_float,
+        run=run,
+        class_names=class_names,
+    )
 
 
-def predict_images(
-    model_path: str | Path,
-    images: str | Path,
-    out_csv: str | Path,
-    *,
-    batch_size: int = 32,
-    log: Callable[[str], Any] | None = None,
-) -> PredictionSummary:
-    """Classify new images and write a CSV of ``path, class, probability, score``.
-
-    Parameters
-    ----------
-    model_path : path
-        A head (manifest, ``.joblib`` or ``softmax.keras``) or a fine-tuned
-        ``.keras`` model with its ``"finetuned"`` manifest beside it.
-    images : path
-        An image file or a folder (searched recursively).
-    out_csv : path
-        Output CSV, written atomically. ``probability`` is filled for models
-        with probabilities, ``score`` (the decision score of the predicted
-        class) for the others.
-    batch_size : int
-        Images per forward pass.
-    log : callable, optional
-        Called with a line for each skipped image.
-
-    Returns
-    -------
-    PredictionSummary
-        Output path, counts, skipped images with reasons.
+def load_predictor(model_path: str | Path) -> Predictor:
+    """The model at ``model_path`` (a head or a fine-tuned model), ready to score batches.
 
     Raises
     ------
     PredictError, HeadError
-        Unusable model or input; nothing is written then.
-
-    Examples
-    --------
-    >>> predict_images("artifacts/heads/hymenoptera_data/mobilenet_v2_224_avg_imagenet/svm.json",
-    ...                "new_images/", "predictions.csv")
+        Missing file or manifest, or a manifest of an unknown kind.
     """
     from pipeline.head_store import find_manifest
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise PredictError(f"batch size must be a positive integer; got {batch_size!r}")
     model_path = Path(model_path)
     if not model_path.is_file():
         raise PredictError(
@@ -199,36 +345,110 @@ def predict_images(
         raise PredictError(f"MODEL={model_path}: {exc}") from None
     kind = manifest.get("kind")
     if kind == "head":
-        label, size, preprocess, run, class_names = _head_predictor(model_path)
-    elif kind == "finetuned":
-        label, size, preprocess, run, class_names = _finetuned_predictor(model_path, manifest)
-    else:
-        raise PredictError(
-            f"MODEL={model_path}: manifest kind {kind!r} is neither 'head' nor 'finetuned'"
-        )
-    root, paths = list_images(images)
+        return _head_predictor(model_path)
+    if kind == "finetuned":
+        return _finetuned_predictor(model_path, manifest)
+    raise PredictError(
+        f"MODEL={model_path}: manifest kind {kind!r} is neither 'head' nor 'finetuned'"
+    )
 
-    rows, skipped = [], []
-    for batch in iter_batches(root, paths, size=size, batch_size=batch_size, preprocess=preprocess):
+
+def default_output(
+    predictor: Predictor, images: str | Path, artifacts_dir: str | Path = "artifacts"
+) -> Path:
+    """``artifacts/predictions/<dataset>/<model id>/<images name>.csv`` (see :mod:`pipeline.artifacts`)."""
+    from pipeline.artifacts import Artifacts, dataset_name
+
+    images = Path(images).expanduser()
+    name = images.stem if images.is_file() else dataset_name(images)
+    return Artifacts(artifacts_dir).predictions_csv(predictor.dataset, predictor.model_id, name)
+
+
+def predict_images(
+    model_path: str | Path,
+    images: str | Path,
+    out_csv: str | Path | None = None,
+    *,
+    batch_size: int = 32,
+    artifacts_dir: str | Path = "artifacts",
+    log: Callable[[str], Any] | None = None,
+) -> Predictions:
+    """Classify new images, write a CSV of every class's probability, return the predictions.
+
+    Parameters
+    ----------
+    model_path : path
+        A head (manifest, ``.joblib`` or ``softmax.keras``) or a fine-tuned
+        ``.keras`` model with its ``"finetuned"`` manifest beside it.
+    images : path
+        An image file or a folder (searched recursively). Images inside folders
+        named like the model's classes get a true label (see :func:`true_labels`).
+    out_csv : path, optional
+        Output CSV, written atomically. Default
+        ``<artifacts_dir>/predictions/<dataset>/<model id>/<images name>.csv``,
+        where the model id is ``<cache stem>_<head>`` for a head and the run's
+        name for a fine-tuned model. Columns: ``path``, ``true_label`` (only
+        when some image is in a class folder), ``predicted``, then
+        ``probability`` and ``p_<class>`` for every class for models with
+        probabilities, ``score`` and ``score_<class>`` (decision values) for the
+        others. Text cells starting with ``= + - @`` get a leading ``'``.
+    batch_size : int
+        Images per forward pass.
+    artifacts_dir : path
+        Root of the default output.
+    log : callable, optional
+        Called with a line for each skipped image.
+
+    Returns
+    -------
+    Predictions
+        Paths, predicted classes, every class's scores, true labels, the
+        accuracy on images in class folders, skipped images, the CSV's path.
+
+    Raises
+    ------
+    PredictError, HeadError
+        Unusable model or input; nothing is written then.
+
+    Examples
+    --------
+    >>> result = predict_images(
+    ...     "artifacts/heads/hymenoptera_data/mobilenet_v2_224_avg_imagenet/svm.json", "new/"
+    ... )
+    >>> result.records()[0]["predicted"], result.accuracy
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PredictError(f"batch size must be a positive integer; got {batch_size!r}")
+    predictor = load_predictor(model_path)
+    root, paths = list_images(images)
+    k = len(predictor.class_names)
+
+    kept, preds, scores, skipped, is_proba = [], [], [], [], True
+    for batch in iter_batches(
+        root, paths, size=predictor.size, batch_size=batch_size, preprocess=predictor.preprocess
+    ):
         for offset, reason in batch.errors.items():
             skipped.append((paths[batch.start + offset], reason))
             if log is not None:
                 log(f"skipped {paths[batch.start + offset]}: {reason}")
         if not len(batch.x):
             continue
-        pred, scores, is_proba = run(batch.x)
-        ok_paths = [paths[batch.start + i] for i in np.flatnonzero(batch.ok)]
-        for rel, p, row in zip(ok_paths, pred, scores, strict=True):
-            value = f"{float(row[int(p)]):.6f}"
-            rows.append(
-                [rel, class_names[int(p)], value if is_proba else "", "" if is_proba else value]
-            )
+        pred, batch_scores, is_proba = predictor.run(batch.x)
+        kept += [paths[batch.start + i] for i in np.flatnonzero(batch.ok)]
+        preds.append(np.asarray(pred, dtype=np.int64))
+        scores.append(np.asarray(batch_scores, dtype=np.float64))
 
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "class", "probability", "score"])
-    writer.writerows(rows)
-    write_bytes_atomic(out_csv, buffer.getvalue())
-    return PredictionSummary(out_csv, label, len(rows), skipped)
+    result = Predictions(
+        out_csv=Path(out_csv) if out_csv else default_output(predictor, images, artifacts_dir),
+        model=predictor.label,
+        class_names=predictor.class_names,
+        paths=kept,
+        pred=np.concatenate(preds) if preds else np.zeros(0, np.int64),
+        scores=np.concatenate(scores) if scores else np.zeros((0, k)),
+        is_proba=is_proba,
+        labels=true_labels(root, kept, predictor.class_names),
+        skipped=skipped,
+    )
+    result.out_csv.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(result.out_csv, result.to_csv())
+    return result

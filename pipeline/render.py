@@ -1,30 +1,47 @@
-"""The report's pages: its tables as Markdown and as one self-contained HTML page.
+"""The report's pages: its sections as Markdown and as one self-contained HTML page.
 
 The last step of the report (collect -> evaluate -> **render**). Every function
 takes the data of :func:`pipeline.evaluation.build_report_data` and returns
 text; nothing here reads results files, computes a statistic or writes a file.
-Each table is built once, as ``(title, header, rows)`` of strings
-(:func:`report_tables`), and written out by :func:`markdown` and :func:`html_page`.
+The page is built once, as sections of blocks (:func:`report_sections`), and
+written out by :func:`markdown` and :func:`html_page`, so both say the same.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pipeline.artifacts import EVAL_SPLITS
+from pipeline.evaluation import ALPHA
+from pipeline.plotting import confusion_name, safe_figure_name
 
 Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
+Block = tuple[str, Any]  # ("p", text), ("table", Table), ("figures", [names]), ("thumbs", split),
+# ("row", [[blocks], [blocks]]: columns side by side), ("verdict", [sentences]), ("list", [text])
+Section = tuple[str, str, list[Block]]  # (id, title, blocks)
 
-_EMPTY = "(none: needs both an svm and a softmax head, or a fine-tuned run)"
-_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}"
-    "img{max-width:100%;margin:1em 0}"
-)
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:0 auto;padding:1.5em 2em;max-width:1280px;
+ color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+h3{font-size:1.05em;margin:1.4em 0 .3em}
+nav{font-size:.9em;margin:.5em 0 1em}nav a{margin-right:1em}
+.verdict{background:#f4f8fb;border-left:4px solid #1f77b4;padding:.6em 1.2em;font-size:1.05em}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;margin:.6em 0 1em;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;white-space:nowrap}
+th{background:#f2f2f2}
+.gallery,.row{display:flex;flex-wrap:wrap;gap:1em 2em;align-items:flex-start}
+.gallery img{max-width:100%;height:auto}
+.thumbs{display:flex;flex-wrap:wrap;gap:.8em}
+.thumb{margin:0;width:150px;font-size:12px}
+.thumb img{display:block;border:1px solid #ccc;image-rendering:pixelated;max-width:140px}
+.thumb figcaption{margin-top:.2em;overflow-wrap:anywhere}
+.muted{color:#666;font-size:.9em}
+"""
 
 
 # --------------------------------------------------------------------------- cells
@@ -48,6 +65,10 @@ def _ci(entry: dict[str, Any], metric: str) -> str:
     return with_interval(entry[metric], entry[f"{metric}_ci"])
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
+
+
 def _short_identity(identity: Any) -> str:
     """A weights identity short enough for a table cell (``sha256:`` digests cut to 12)."""
     if isinstance(identity, str) and identity.startswith("sha256:"):
@@ -55,29 +76,196 @@ def _short_identity(identity: Any) -> str:
     return fmt(identity)
 
 
+def _listing(names: Sequence[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _rows(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["run"]: r for r in data["runs"]}
+
+
+# --------------------------------------------------------------------------- words
+
+
+def title(data: dict[str, Any]) -> str:
+    """The page title: the data set and what was compared."""
+    c = data["counts"]
+    parts = []
+    if c["heads"]:
+        caches = "backbone cache" if c["backbones"] == 1 else "backbone caches"
+        parts.append(f"{c['heads']} head{'s' * (c['heads'] != 1)} on {c['backbones']} {caches}")
+    if c["finetuned"]:
+        parts.append(f"{c['finetuned']} fine-tuned run{'s' * (c['finetuned'] != 1)}")
+    return f"{data['dataset']}: {' and '.join(parts)} compared"
+
+
+def cost_words(row: dict[str, Any]) -> str:
+    """``fit 1.2 s, 0.5 ms per image on cached features (stage one: ...)``."""
+    words = (
+        f"fit {fmt(row['fit_seconds'], 2)} s, {_ms(row['predict_seconds_per_image'])} ms per image"
+    )
+    if row["includes_backbone"]:
+        return words + " from the images, backbone included"
+    words += " on cached features"
+    if row.get("extraction_seconds_per_image"):
+        words += (
+            f" (stage one adds {_ms(row['extraction_seconds_per_image'])} ms per image and took "
+            f"{fmt(row['extraction_seconds'], 1)} s once for its backbone cache)"
+        )
+    return words
+
+
+def _runner_up_words(chosen: dict[str, Any]) -> str:
+    runner, test = chosen["runner_up"], chosen["runner_up_mcnemar"]
+    if runner is None:
+        return "It is the only run ranked."
+    if test is None:
+        return f"The runner-up, {runner}, predicted other images, so McNemar's test does not apply."
+    verdict = "cannot be told apart from it" if test["p_value"] >= ALPHA else "is worse"
+    return (
+        f"The runner-up, {runner}, {verdict}: exact McNemar test on {test['split']}, "
+        f"{test['only_a']} images only the chosen run gets right against {test['only_b']} "
+        f"only the runner-up gets right, p = {test['p_value']:.3g}."
+    )
+
+
+def verdict(data: dict[str, Any]) -> list[str]:
+    """The verdict at the top of the report, as sentences (one paragraph each)."""
+    chosen = data["selection"]
+    if chosen["winner"] is None:
+        return ["No run could be ranked: " + chosen["words"]]
+    row = _rows(data)[chosen["winner"]]
+    board = data["leaderboard"][0]
+    score = f"{chosen['metric']} {board['selection_score']:.3f}"
+    if chosen["rule"] == "val" and "accuracy_ci" in board:
+        score = f"{chosen['metric']} {_ci(board, 'accuracy')}"
+    lines = [f"Chosen run: {chosen['winner']} ({score}); {cost_words(row)}."]
+    final = chosen["final_test"]
+    if final:
+        lines.append(
+            f"Its accuracy on the untouched test split is {_ci(final, 'accuracy')} "
+            f"({final['n']} images): the number to quote."
+        )
+    else:
+        lines.append("There is no test split: no untouched figure to quote.")
+    lines.append(_runner_up_words(chosen))
+    split = chosen["compare_split"]
+    if chosen["runner_up"]:
+        tied = chosen["tied"]
+        lines.append(
+            f"Statistically tied with it (McNemar p ≥ {ALPHA} on {split}): {_listing(tied)}."
+            if tied
+            else "No other run is statistically tied with it."
+        )
+        overlap = chosen["overlapping"]
+        if overlap:
+            lines.append(
+                f"95% intervals on {split} overlapping the chosen run's: {_listing(overlap)}."
+            )
+    if data["baselines"]:
+        lines.append(
+            f"{len(data['baselines'])} runs on random backbone weights are baselines, "
+            "listed apart and not ranked."
+        )
+    return lines
+
+
 # --------------------------------------------------------------------------- tables
 
 
 def leaderboard_table(data: dict[str, Any]) -> Table:
-    """Every run on the primary split, best first."""
-    header = ["rank", "run", "accuracy [95% CI]", "balanced acc.", "macro F1", "fit s"]
+    """The ranked runs: selection score, interval, McNemar against the best, cost."""
+    chosen = data["selection"]
+    split = chosen["compare_split"]
+    head = "rank", "run"
+    if chosen["rule"] == "val":
+        header = [*head, f"{split} accuracy [95% CI]"]
+    else:
+        header = [*head, "CV accuracy (train)", f"{split} accuracy [95% CI], not ranked on"]
+    header += ["p vs #1 (McNemar)", "tied with #1", "fit s", "ms/image"]
+    rows = []
+    for e in data["leaderboard"]:
+        row = [str(e["rank"]), e["run"]]
+        if chosen["rule"] != "val":
+            row.append(fmt(e["selection_score"]))
+        row.append(_ci(e, "accuracy") if "accuracy" in e else "-")
+        test = e.get("mcnemar_vs_best")
+        row.append(f"{test['p_value']:.3g}" if test else "-")
+        row.append("chosen" if e["rank"] == 1 else "yes" if e.get("tied_with_best") else "")
+        row += [fmt(e["fit_seconds"], 2), _ms(e["predict_seconds_per_image"])]
+        rows.append(row)
+    return f"Leaderboard (ranked on {chosen['metric']})", header, rows
+
+
+def cost_table(data: dict[str, Any]) -> Table:
+    """What the chosen run and the runs tied with it cost, and what the times include."""
+    chosen = data["selection"]
+    rows_by_id = _rows(data)
+    header = [
+        "run", "fit s", "predict ms/image", "stage one ms/image", "end-to-end ms/image",
+        "what the times include",
+    ]  # fmt: skip
+    rows = []
+    for run in [chosen["winner"], *chosen["tied"]]:
+        r = rows_by_id[run]
+        what = (
+            "images in, backbone included"
+            if r["includes_backbone"]
+            else f"head on cached features; stage one {fmt(r['extraction_seconds'], 1)} s once"
+        )
+        rows.append(
+            [
+                run,
+                fmt(r["fit_seconds"], 2),
+                _ms(r["predict_seconds_per_image"]),
+                _ms(r["extraction_seconds_per_image"]),
+                _ms(r["end_to_end_seconds_per_image"]),
+                what,
+            ]
+        )
+    return "Cost of the chosen run and of the runs tied with it", header, rows
+
+
+def final_table(data: dict[str, Any]) -> Table | None:
+    """The chosen run's test figures, reported apart: nothing was chosen on them."""
+    final = data["selection"]["final_test"]
+    if not final:
+        return None
+    header = ["run", "test images", "accuracy [95% CI]", "balanced accuracy", "macro F1"]
+    row = [data["selection"]["winner"], str(final["n"]), _ci(final, "accuracy")]
+    row += [_ci(final, "balanced_accuracy"), _ci(final, "macro_f1")]
+    return "Final figures on the untouched test split", header, [row]
+
+
+def per_class_table(data: dict[str, Any], split: str) -> Table:
+    """Precision, recall, F1 and support of each class for the chosen run on ``split``."""
+    row = _rows(data)[data["selection"]["winner"]]
+    pc = row["splits"][split]["per_class"]
     rows = [
         [
-            str(i + 1),
-            e["run"],
-            with_interval(e["accuracy"], e["accuracy_ci"]),
-            fmt(e["balanced_accuracy"]),
-            fmt(e["macro_f1"]),
-            fmt(e["fit_seconds"], 2),
+            name,
+            fmt(pc["precision"][i]),
+            fmt(pc["recall"][i]),
+            fmt(pc["f1"][i]),
+            str(pc["support"][i]),
         ]
-        for i, e in enumerate(data["leaderboard"])
+        for i, name in enumerate(row["class_names"])
     ]
-    return f"Leaderboard ({data['primary_split']} split, every backbone cache)", header, rows
+    return f"Per class on {split}", ["class", "precision", "recall", "F1", "support"], rows
+
+
+def confused_table(data: dict[str, Any], split: str) -> Table:
+    """The most-confused class pairs of the chosen run on ``split``."""
+    pairs = data["errors"]["splits"][split]["most_confused"]
+    header = ["true class", "predicted as", "images", "share of the true class"]
+    rows = [[p["true"], p["pred"], str(p["count"]), f"{p['share']:.1%}"] for p in pairs]
+    return f"Most confused on {split}", header, rows
 
 
 def metrics_table(data: dict[str, Any], split: str) -> Table | None:
-    """Every metric with its interval of each run on ``split``; ``None`` when no run has it."""
-    runs = [r for r in data["runs"] if split in r["splits"]]
+    """Every metric with its interval of each compared run on ``split``; ``None`` if none has it."""
+    runs = [r for r in data["runs"] if split in r["splits"] and r["run"] not in data["baselines"]]
     if not runs:
         return None
     many = any("top5_accuracy" in r["splits"][split] for r in runs)
@@ -87,22 +275,23 @@ def metrics_table(data: dict[str, Any], split: str) -> Table | None:
     rows = []
     for r in runs:
         s = r["splits"][split]
-        row = [
-            r["run"],
-            str(s["n"]),
-            _ci(s, "accuracy"),
-            _ci(s, "balanced_accuracy"),
-            _ci(s, "macro_f1"),
-        ]
-        row += [fmt(s.get("top5_accuracy"))] if many else []
-        per_image = r["predict_seconds_per_image"]
-        row += [
-            fmt(s.get("log_loss")),
-            fmt(r["fit_seconds"], 2),
-            fmt(per_image * 1e3 if per_image is not None else None, 4),
-        ]
-        rows.append(row)
+        row = [r["run"], str(s["n"]), _ci(s, "accuracy"), _ci(s, "balanced_accuracy")]
+        row += [_ci(s, "macro_f1")] + ([fmt(s.get("top5_accuracy"))] if many else [])
+        row += [fmt(s.get("log_loss")), fmt(r["fit_seconds"], 2)]
+        rows.append(row + [_ms(r["predict_seconds_per_image"])])
     return f"Metrics on {split}", header, rows
+
+
+def baselines_table(data: dict[str, Any]) -> Table:
+    """Random-weight runs: their accuracy on each split, for reference only."""
+    rows_by_id = _rows(data)
+    rows = []
+    for run in data["baselines"]:
+        splits = rows_by_id[run]["splits"]
+        rows.append(
+            [run] + [_ci(splits[s], "accuracy") if s in splits else "-" for s in EVAL_SPLITS]
+        )
+    return "Random-weight baselines", ["run"] + [f"{s} accuracy" for s in EVAL_SPLITS], rows
 
 
 def mcnemar_table(data: dict[str, Any]) -> Table:
@@ -111,20 +300,8 @@ def mcnemar_table(data: dict[str, Any]) -> Table:
         "split", "a", "b", "n", "a right, b wrong", "b right, a wrong",
         "both right", "both wrong", "p (exact)",
     ]  # fmt: skip
-    rows = [
-        [
-            c["split"],
-            c["a"],
-            c["b"],
-            str(c["n"]),
-            str(c["only_a"]),
-            str(c["only_b"]),
-            str(c["both"]),
-            str(c["neither"]),
-            f"{c['p_value']:.4g}",
-        ]
-        for c in data["mcnemar"]
-    ]
+    keys = ("split", "a", "b", "n", "only_a", "only_b", "both", "neither")
+    rows = [[str(c[k]) for k in keys] + [f"{c['p_value']:.4g}"] for c in data["mcnemar"]]
     return "McNemar's exact test (same images)", header, rows
 
 
@@ -153,117 +330,259 @@ def configuration_table(data: dict[str, Any]) -> Table:
     for r in data["runs"]:
         c = r["config"]
         rows.append(
-            [
-                r["run"],
-                fmt(c.get("backbone")),
-                fmt(c.get("weights_source")),
-                _short_identity(c.get("weights")),
-                fmt(c.get("input_size")),
-                fmt(c.get("pooling")),
-                fmt(c.get("layer")),
-                fmt(c.get("norm")),
-                fmt(c.get("pca")),
-                _chosen(c),
-                fmt(c.get("cv_accuracy")),
-                fmt(c.get("seed")),
-            ]
+            [r["run"], fmt(c.get("backbone")), fmt(c.get("weights_source"))]
+            + [_short_identity(c.get("weights"))]
+            + [fmt(c.get(key)) for key in ("input_size", "pooling", "layer", "norm", "pca")]
+            + [_chosen(c), fmt(c.get("cv_accuracy")), fmt(c.get("seed"))]
         )
     return "Configuration of each run", header, rows
 
 
-def report_tables(data: dict[str, Any]) -> list[Table]:
-    """``(title, header, rows)`` of every table, in the report's order."""
-    tables = [leaderboard_table(data)]
-    tables += [t for split in EVAL_SPLITS if (t := metrics_table(data, split))]
-    tables += [mcnemar_table(data), configuration_table(data)]
-    return tables
+# --------------------------------------------------------------------------- sections
+
+
+def _figures(names: Sequence[str], available: Collection[str]) -> list[Block]:
+    shown = [n for n in names if n in available]
+    return [("figures", shown)] if shown else []
+
+
+def _error_section(data: dict[str, Any], available: Collection[str]) -> Section | None:
+    errors = data["errors"]
+    if not errors:
+        return None
+    winner = errors["run"]
+    if errors["has_proba"]:
+        order = "highest loss first (loss = -log of the true class's probability)"
+    else:
+        order = "no probabilities: the largest lead of the wrong class's score first"
+    blocks: list[Block] = []
+    for split in errors["splits"]:
+        blocks.append(("h3", f"{split}: {_rows(data)[winner]['splits'][split]['n']} images"))
+        side = [("table", per_class_table(data, split)), ("table", confused_table(data, split))]
+        blocks.append(("row", [_figures([confusion_name(winner, split)], available), side]))
+        blocks += [("p", f"The {split} images it gets most wrong, {order}:"), ("thumbs", split)]
+    return "errors", f"What the chosen run gets wrong ({winner})", blocks
+
+
+def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Section]:
+    """Every section of the report, in order; figures named only where ``available``."""
+    chosen = data["selection"]
+    verdict_blocks: list[Block] = [("verdict", verdict(data)), ("p", chosen["words"])]
+    verdict_blocks += [("table", t) for t in (final_table(data),) if t]
+    if chosen["winner"]:
+        verdict_blocks.append(("table", cost_table(data)))
+    sections: list[Section] = [("verdict", "Verdict", verdict_blocks)]
+    if data["leaderboard"]:
+        blocks = [("table", leaderboard_table(data))] + _figures(
+            ["forest.png", "cost.png"], available
+        )
+        sections.append(("leaderboard", "Leaderboard", blocks))
+    if section := _error_section(data, available):
+        sections.append(section)
+    others = [confusion_name(e["run"], chosen["compare_split"]) for e in data["leaderboard"][1:]]
+    blocks = _figures([*others, "roc.png", "calibration.png"], available)
+    blocks += [("table", mcnemar_table(data))] if data["mcnemar"] else []
+    if blocks:
+        sections.append(("comparisons", "Other runs compared", blocks))
+    curves = [
+        f"curves_{safe_figure_name(r['name'])}.png"
+        for r in data["runs"]
+        if r["kind"] == "finetuned"
+    ]
+    if curves:
+        note = "Phase one trains the head on cached features, phase two fine-tunes on images."
+        sections.append(
+            ("finetuned", "Fine-tuned runs", [("p", note)] + _figures(curves, available))
+        )
+    tables = [t for split in EVAL_SPLITS if (t := metrics_table(data, split))]
+    note = "For reference: the ranking uses only " + chosen["metric"] + "."
+    sections.append(("metrics", "Every metric", [("p", note)] + [("table", t) for t in tables]))
+    if data["baselines"]:
+        note = "Random backbone weights: a floor to beat, not a contender."
+        sections.append(("baselines", "Baselines", [("p", note), ("table", baselines_table(data))]))
+    sections.append(("configuration", "Configuration", [("table", configuration_table(data))]))
+    if data["notes"]:
+        sections.append(("notes", "Notes", [("list", data["notes"])]))
+    return sections
+
+
+def _intro(data: dict[str, Any]) -> str:
+    b = data["bootstrap"]
+    return (
+        f"Created {data['created']}. Intervals: 95% percentile bootstrap over images "
+        f"({b['resamples']} resamples, seed {b['seed']}). Heads' hyper-parameters were chosen "
+        "by cross-validation on the train split only."
+    )
 
 
 # --------------------------------------------------------------------------- pages
 
 
-def selection_note(data: dict[str, Any]) -> str:
-    """How each run chose its hyper-parameters, and what that means for val figures."""
-    note = "Heads' hyper-parameters were chosen by cross-validation on the train split only."
-    if any(r["kind"] == "finetuned" for r in data["runs"]):
-        note += (
-            " Fine-tuned runs picked their best epoch on val, so their val figures (and McNemar"
-            " tests on val) lean optimistic; test figures, where present, do not."
-        )
-    return note
+def thumbnail_names(thumbs: Mapping[str, bytes]) -> dict[str, str]:
+    """Image path -> file name of its thumbnail (``thumbnails/<name>`` beside report.md)."""
+    return {path: f"{i:02d}_{safe_figure_name(path)[-60:]}" for i, path in enumerate(thumbs)}
 
 
-def markdown(data: dict[str, Any], figures: Sequence[str]) -> str:
-    """``report.md``: the tables, then the figures as links to ``figures/<name>``."""
-    lines = [
-        f"# Heads report: {data['dataset']}",
-        "",
-        f"Created {data['created']}. Intervals: 95% percentile bootstrap over images "
-        f"({data['bootstrap']['resamples']} resamples, seed {data['bootstrap']['seed']}). "
-        f"{selection_note(data)}",
-        "",
-    ]
-    for title, header, rows in report_tables(data):
-        lines += [f"## {title}", ""]
-        if not rows:
-            lines += [_EMPTY, ""]
-            continue
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        lines += [
-            "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows
-        ]
-        lines.append("")
-    lines += ["## Figures", ""]
-    lines += [f"![{name}](figures/{name})" for name in figures]
-    if data["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
-    return "\n".join(lines) + "\n"
+def _thumb_caption(entry: dict[str, Any]) -> str:
+    words = f"true {entry['label']}, predicted {entry['pred']}"
+    if "p_pred" in entry:
+        words += f" (p {entry['p_pred']:.2f}; true class p {entry['p_true']:.2f})"
+    elif "margin" in entry:
+        words += f" (score {entry['margin']:.2f} above the true class's)"
+    return words
 
 
-def html_page(data: dict[str, Any], figures: Mapping[str, bytes]) -> str:
-    """``report.html``: one self-contained page, the figures embedded as base64 PNG."""
+def _markdown_table(table: Table) -> list[str]:
+    title_, header, rows = table
+    lines = [f"**{title_}**", ""]
+    if not rows:
+        return lines + ["(none)", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _flat(blocks: Sequence[Block]) -> list[Block]:
+    """Blocks with each ``row`` replaced by its blocks (Markdown has no side by side)."""
+    out: list[Block] = []
+    for kind, value in blocks:
+        out += [b for column in value for b in column] if kind == "row" else [(kind, value)]
+    return out
+
+
+def _markdown_block(
+    kind: str, value: Any, data: dict[str, Any], thumbs: Mapping[str, str]
+) -> list[str]:
+    if kind == "verdict":
+        return [f"**{value[0]}**", ""] + [line for v in value[1:] for line in (v, "")]
+    if kind in ("p", "h3"):
+        return [f"### {value}" if kind == "h3" else value, ""]
+    if kind == "table":
+        return _markdown_table(value)
+    if kind == "figures":
+        return [f"![{name}](figures/{name})" for name in value] + [""]
+    if kind == "thumbs":
+        lines = []
+        for e in data["errors"]["splits"][value]["top_losses"]:
+            image = f"![](thumbnails/{thumbs[e['path']]}) " if e["path"] in thumbs else ""
+            lines.append(f"- {image}`{e['path']}`: {_thumb_caption(e)}")
+        return lines + [""]
+    return [f"- {n}" for n in value] + [""]
+
+
+def markdown(
+    data: dict[str, Any], figures: Sequence[str], thumbs: Mapping[str, str] | None = None
+) -> str:
+    """``report.md``: the sections, figures as links to ``figures/<name>``, thumbnails to
+    ``thumbnails/<name>`` (``thumbs``: image path -> file name)."""
+    lines = [f"# {title(data)}", "", _intro(data), ""]
+    for _, heading, blocks in report_sections(data, figures):
+        lines += [f"## {heading}", ""]
+        for kind, value in _flat(blocks):
+            lines += _markdown_block(kind, value, data, thumbs or {})
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _png(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _html_table(table: Table) -> str:
     esc = html.escape
+    title_, header, rows = table
+    out = f"<h3>{esc(title_)}</h3>"
+    if not rows:
+        return out + "<p class='muted'>(none)</p>"
+    cells = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return out + f"<div class='scroll'><table><tr>{cells}</tr>{body}</table></div>"
+
+
+def _html_thumbs(data: dict[str, Any], split: str, thumbs: Mapping[str, bytes]) -> str:
+    esc = html.escape
+    items = []
+    for e in data["errors"]["splits"][split]["top_losses"]:
+        image = (
+            f"<img alt='{esc(e['path'])}' src='{_png(thumbs[e['path']])}'>"
+            if e["path"] in thumbs
+            else "<p class='muted'>(image not found)</p>"
+        )
+        caption = f"{esc(_thumb_caption(e))}<br><span class='muted'>{esc(e['path'])}</span>"
+        items.append(f"<figure class='thumb'>{image}<figcaption>{caption}</figcaption></figure>")
+    if not items:
+        return "<p class='muted'>No wrong prediction on this split.</p>"
+    return "<div class='thumbs'>" + "".join(items) + "</div>"
+
+
+def _html_block(
+    kind: str,
+    value: Any,
+    data: dict[str, Any],
+    figures: Mapping[str, bytes],
+    thumbs: Mapping[str, bytes],
+) -> str:
+    esc = html.escape
+    if kind == "verdict":
+        first = f"<p><strong>{esc(value[0])}</strong></p>"
+        return (
+            "<div class='verdict'>"
+            + first
+            + "".join(f"<p>{esc(v)}</p>" for v in value[1:])
+            + "</div>"
+        )
+    if kind == "p":
+        return f"<p>{esc(value)}</p>"
+    if kind == "h3":
+        return f"<h3>{esc(value)}</h3>"
+    if kind == "table":
+        return _html_table(value)
+    if kind == "figures":
+        images = "".join(f"<img alt='{esc(n)}' src='{_png(figures[n])}'>" for n in value)
+        return f"<div class='gallery'>{images}</div>"
+    if kind == "thumbs":
+        return _html_thumbs(data, value, thumbs)
+    if kind == "row":
+        cells = "".join(
+            "<div>" + "".join(_html_block(*b, data, figures, thumbs) for b in column) + "</div>"
+            for column in value
+        )
+        return f"<div class='row'>{cells}</div>"
+    return "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in value) + "</ul>"
+
+
+def html_page(
+    data: dict[str, Any], figures: Mapping[str, bytes], thumbs: Mapping[str, bytes] | None = None
+) -> str:
+    """``report.html``: one self-contained page, figures and thumbnails embedded as base64 PNG."""
+    esc = html.escape
+    thumbs = thumbs or {}
+    sections = report_sections(data, figures)
+    nav = "".join(f"<a href='#{sid}'>{esc(heading)}</a>" for sid, heading, _ in sections)
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>Heads report: {esc(data['dataset'])}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Heads report: {esc(data['dataset'])}</h1>",
-        f"<p>Created {esc(data['created'])}. Intervals: 95% percentile bootstrap over images "
-        f"({data['bootstrap']['resamples']} resamples). {esc(selection_note(data))}</p>",
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{esc(title(data))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title(data))}</h1><p class='muted'>{esc(_intro(data))}</p><nav>{nav}</nav>",
     ]
-    for title, header, rows in report_tables(data):
-        parts.append(f"<h2>{esc(title)}</h2>")
-        if not rows:
-            parts.append(f"<p>{_EMPTY}</p>")
-            continue
-        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
-        parts.append("</table>")
-    parts.append("<h2>Figures</h2>")
-    for name, png in figures.items():
-        encoded = base64.b64encode(png).decode("ascii")
-        parts.append(
-            f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{encoded}'></figure>"
-        )
-    if data["notes"]:
-        parts.append(
-            "<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in data["notes"]) + "</ul>"
-        )
+    for sid, heading, blocks in sections:
+        parts.append(f"<section id='{sid}'><h2>{esc(heading)}</h2>")
+        parts += [_html_block(kind, value, data, figures, thumbs) for kind, value in blocks]
+        parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:
-    """The few lines ``make report`` prints: top ten, McNemar results, notes."""
-    lines = [f"{data['dataset']}: {len(data['runs'])} runs, ranked on {data['primary_split']}:"]
-    lines += [
-        f"  {i + 1}. {e['run']:<48} {with_interval(e['accuracy'], e['accuracy_ci'])}"
-        for i, e in enumerate(data["leaderboard"][:10])
-    ]
-    lines += [
-        f"  McNemar {c['a']} vs {c['b']} ({c['split']}): {c['only_a']} vs {c['only_b']} "
-        f"discordant, p = {c['p_value']:.3g}"
-        for c in data["mcnemar"]
-    ]
+    """The few lines ``make report`` prints: the ranking, the verdict, notes."""
+    chosen = data["selection"]
+    lines = [f"{data['dataset']}: {len(data['runs'])} runs, ranked on {chosen['metric']}:"]
+    for e in data["leaderboard"][:10]:
+        shown = (
+            _ci(e, "accuracy")
+            if "accuracy" in e and chosen["rule"] == "val"
+            else fmt(e["selection_score"])
+        )
+        lines.append(f"  {e['rank']}. {e['run']:<48} {shown}")
+    lines += [f"  {sentence}" for sentence in verdict(data)[:2]]
     lines += [f"  note: {n}" for n in data["notes"]]
     return lines

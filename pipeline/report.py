@@ -129,8 +129,11 @@ class ReportResult:
 # --------------------------------------------------------------------------- collect
 
 
-def read_run(path: Path) -> Run:
+def read_run(path: Path, attrs_of: Any = None) -> Run:
     """One run from its manifest, its predictions and (fine-tuned) its history.
+
+    ``attrs_of`` maps a cache path to its attributes (or ``None``); by default
+    :func:`cache_attrs`. The cache gives a head its data root and image count.
 
     Raises
     ------
@@ -153,7 +156,27 @@ def read_run(path: Path) -> Run:
     group = path.parent.name if kind == "head" else "finetuned"
     history_file = artifacts.manifest_file(manifest, path, "history")
     history = artifacts.read_history(history_file) if history_file else []
-    return Run(name, kind, group, manifest, class_names, splits, history)
+    attrs = (attrs_of or cache_attrs)(manifest.get("cache")) or {}
+    root = manifest.get("data_root") or attrs.get("data_root")
+    n_images = attrs.get("n_images")
+    return Run(
+        name, kind, group, manifest, class_names, splits, history,
+        data_root=str(root) if root else None,
+        cache_images=int(n_images) if isinstance(n_images, int | float) and n_images else None,
+    )  # fmt: skip
+
+
+def cache_attrs(cache: Any) -> dict[str, Any] | None:
+    """The attributes of the cache a manifest names, or ``None`` (no cache, unreadable)."""
+    from pipeline.cache import read_attrs
+    from pipeline.errors import CacheError
+
+    if not isinstance(cache, str) or not Path(cache).is_file():
+        return None
+    try:
+        return read_attrs(cache)
+    except CacheError:
+        return None
 
 
 def collect_runs(
@@ -168,37 +191,109 @@ def collect_runs(
     notes : list of str
         What was skipped and why, and heads fit before their cache was rebuilt.
     """
+    seen: dict[Any, dict[str, Any] | None] = {}
+
+    def attrs_of(cache: Any) -> dict[str, Any] | None:  # each cache read once
+        key = cache if isinstance(cache, str) else None
+        if key not in seen:
+            seen[key] = cache_attrs(cache)
+        return seen[key]
+
     runs, notes = [], []
     for path in Artifacts(artifacts_dir).run_manifests(dataset):
         try:
-            runs.append(read_run(path))
+            runs.append(read_run(path, attrs_of))
         except ReportError as exc:
             notes.append(str(exc))
-    notes += _stale_notes(runs)
+    notes += _stale_notes(runs, attrs_of)
     return runs, notes
 
 
-def _stale_notes(runs: list[Run]) -> list[str]:
+def _stale_notes(runs: list[Run], attrs_of: Any) -> list[str]:
     """A note per head whose cache was rebuilt (other fingerprint) after it was fit."""
-    from pipeline.cache import read_attrs
-    from pipeline.errors import CacheError
-
     notes = []
-    seen: dict[str, str | None] = {}
     for run in runs:
         cache = run.manifest.get("cache")
         if run.kind != "head" or not cache:
             continue
-        if cache not in seen:
-            try:
-                seen[cache] = (
-                    read_attrs(cache).get("fingerprint") if Path(cache).is_file() else None
-                )
-            except CacheError:
-                seen[cache] = None
-        if seen[cache] is not None and seen[cache] != run.manifest.get("fingerprint"):
+        fingerprint = (attrs_of(cache) or {}).get("fingerprint")
+        if fingerprint is not None and fingerprint != run.manifest.get("fingerprint"):
             notes.append(f"{run.run_id} was fit before {cache} was rebuilt; re-run `make head`")
     return notes
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+
+THUMBNAIL_SIDE = 112  # pixels, the longer side
+
+
+def image_under(root: str | Path, relative: str) -> Path:
+    """``root / relative`` for a plain relative path that stays inside ``root``.
+
+    Raises
+    ------
+    ReportError
+        ``relative`` is absolute or has a ``..`` part.
+    """
+    parts = Path(relative).parts
+    if not relative or Path(relative).is_absolute() or ".." in parts or relative.startswith("~"):
+        raise ReportError(f"{relative!r} is not a path inside the data root {root}")
+    return Path(root) / relative
+
+
+def thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
+    """A PNG of the image at ``path`` with its longer side ``side`` pixels.
+
+    Small images (the 8x8 digits) are enlarged with nearest-neighbour
+    resampling so their pixels stay sharp; large ones are reduced with Lanczos.
+
+    Raises
+    ------
+    OSError
+        The file is gone or is not an image Pillow reads.
+    """
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = side / max(image.size)
+        size = tuple(max(1, round(v * scale)) for v in image.size)
+        method = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+        buffer = io.BytesIO()
+        image.resize(size, method).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def thumbnails(data: dict[str, Any], runs: list[Run]) -> tuple[dict[str, bytes], list[str]]:
+    """PNG thumbnails of the error analysis's images, by image path, and notes.
+
+    Images are opened only inside the winner's data root (from its cache's
+    attributes or its manifest); an image that is gone or unreadable is left
+    out with a note.
+    """
+    errors = data.get("errors")
+    if not errors:
+        return {}, []
+    run = next(r for r in runs if r.run_id == errors["run"])
+    wanted = [e["path"] for s in errors["splits"].values() for e in s["top_losses"]]
+    if not wanted:
+        return {}, []
+    if not run.data_root or not Path(run.data_root).is_dir():
+        where = run.data_root or "not recorded (its cache is gone?)"
+        return {}, [f"no thumbnails of the worst images: data root {where} is not a folder"]
+    out, missing = {}, []
+    for relative in dict.fromkeys(wanted):
+        try:
+            out[relative] = thumbnail(image_under(run.data_root, relative))
+        except (ReportError, OSError, ValueError) as exc:
+            missing.append(f"{relative} ({type(exc).__name__})")
+    notes = (
+        [f"thumbnails left out, image gone or unreadable: {', '.join(missing)}"] if missing else []
+    )
+    return out, notes
 
 
 # --------------------------------------------------------------------------- write
@@ -215,16 +310,24 @@ def _nothing_to_report(dataset: str, artifacts_dir: str | Path, notes: list[str]
     )
 
 
-def _write_files(out: Path, data: dict[str, Any], figures: dict[str, bytes]) -> tuple[Path, ...]:
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    for name, png in figures.items():
-        write_bytes_atomic(out / "figures" / name, png)
-    for stale in (out / "figures").glob("*.png"):  # figures of runs no longer reported
-        if stale.name not in figures:
+def _write_pngs(folder: Path, pngs: dict[str, bytes]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, png in pngs.items():
+        write_bytes_atomic(folder / name, png)
+    for stale in folder.glob("*.png"):  # figures of runs no longer reported
+        if stale.name not in pngs:
             stale.unlink()
+
+
+def _write_files(
+    out: Path, data: dict[str, Any], figures: dict[str, bytes], thumbs: dict[str, bytes]
+) -> tuple[Path, ...]:
+    _write_pngs(out / "figures", figures)
+    names = render.thumbnail_names(thumbs)
+    _write_pngs(out / "thumbnails", {names[path]: png for path, png in thumbs.items()})
     paths = out / "report.md", out / "report.html", out / "report.json"
-    write_bytes_atomic(paths[0], render.markdown(data, list(figures)))
-    write_bytes_atomic(paths[1], render.html_page(data, figures))
+    write_bytes_atomic(paths[0], render.markdown(data, list(figures), names))
+    write_bytes_atomic(paths[1], render.html_page(data, figures, thumbs))
     write_bytes_atomic(paths[2], json.dumps(data, indent=1) + "\n")
     return paths
 
@@ -275,7 +378,9 @@ def write_report(
     if len({r.class_names for r in runs}) > 1:
         notes.append("runs disagree on the class list; each is scored on its own classes")
     data = build_report_data(dataset, runs, notes, n_resamples=n_resamples, seed=seed)
+    thumbs, thumb_notes = thumbnails(data, runs)
+    data["notes"] += thumb_notes
     figures = report_figures(data)
     out = Path(out_dir) if out_dir else Artifacts(artifacts_dir).reports_dir(dataset)
-    paths = _write_files(out, data, figures)
+    paths = _write_files(out, data, figures, thumbs)
     return ReportResult(*paths, render.summary_lines(data))

@@ -2,19 +2,29 @@
 
 ``Flatten -> Dense(64, relu) -> Dropout(0.25) -> Dense(k, softmax)`` (a single
 sigmoid unit for two classes when asked), as in seed ``000_3437c29d2f3bb78b``.
-Stage two fits it on cached features; stage three puts the same head on top of
+Stage two fits it on cached features through :class:`SoftmaxClassifier` (the
+head as a scikit-learn classifier); stage three puts the same head on top of
 the backbone and starts from the stage-two weights, so the layer names here
 are a contract: do not rename them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 if TYPE_CHECKING:
     import keras
 
 HEAD_LAYERS = ("head_flatten", "head_dense", "head_dropout", "head_output")
+_CHUNK = 4096  # rows per forward call when predicting
 
 
 def build_softmax_head(
@@ -39,3 +49,250 @@ def build_softmax_head(
         x
     )
     return keras.Model(inputs, outputs, name="softmax_head")
+
+
+class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
+    """The seed documents' Keras softmax head as a scikit-learn classifier.
+
+    ``Flatten -> Dense(hidden, relu) -> Dropout(dropout) -> Dense(k, softmax)``
+    (:func:`build_softmax_head`), trained with Adam on sparse categorical
+    cross-entropy. A stratified ``validation_fraction`` of the training data is
+    held out for early stopping: training stops after ``patience`` epochs
+    without a lower held-out loss and keeps the best epoch's weights.
+
+    Parameters
+    ----------
+    hidden : int
+        Units of the hidden dense layer.
+    dropout : float
+        Dropout rate in [0, 1).
+    learning_rate : float
+        Adam's learning rate.
+    max_epochs : int
+        Upper bound on epochs.
+    batch_size : int
+        Mini-batch size.
+    patience : int
+        Epochs without improvement of the held-out loss before stopping.
+    validation_fraction : float
+        Share of the training data held out for early stopping, in [0, 1);
+        0 (or too few images per class) trains ``max_epochs`` on everything.
+    sigmoid : bool
+        Two classes only: one sigmoid unit and binary cross-entropy.
+    random_state : int
+        Seeds weight initialisation, dropout, the hold-out split and shuffling.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        Class labels seen in ``fit``.
+    n_features_in_ : int
+        Feature width seen in ``fit``.
+    model_ : keras.Model
+        The trained Keras model.
+    n_epochs_ : int
+        Epochs of the kept weights (the best held-out loss).
+    history_ : dict
+        ``{"loss": [...], "val_loss": [...]}`` per epoch.
+
+    Notes
+    -----
+    Training is Keras's own loop: ``Model.fit`` with an ``EarlyStopping``
+    callback (``monitor="val_loss"``, ``restore_best_weights=True``) on the
+    held-out split, whose loss a ``LambdaCallback`` logs each epoch. Batches
+    are full and reshuffled every epoch, so the training step is traced once per
+    fit. ``fit`` calls ``keras.utils.set_random_seed`` (the global Python, NumPy
+    and backend seeds), which is how Keras makes a run repeatable.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 64,
+        dropout: float = 0.25,
+        *,
+        learning_rate: float = 1e-3,
+        max_epochs: int = 100,
+        batch_size: int = 32,
+        patience: int = 5,
+        validation_fraction: float = 0.15,
+        sigmoid: bool = False,
+        random_state: int = 0,
+    ) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.sigmoid = sigmoid
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(
+                f"The {name!r} parameter of SoftmaxClassifier must be {what}. "
+                f"Got {getattr(self, name)!r} instead."
+            )
+
+        for name in ("hidden", "max_epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise bad(name, "an int in [1, inf)")
+        if not isinstance(self.learning_rate, float | int) or not self.learning_rate > 0:
+            raise bad("learning_rate", "a float in (0, inf)")
+        if not isinstance(self.dropout, float | int) or not 0 <= self.dropout < 1:
+            raise bad("dropout", "a float in [0, 1)")
+        if not isinstance(self.validation_fraction, float | int) or not (
+            0 <= self.validation_fraction < 1
+        ):
+            raise bad("validation_fraction", "a float in [0, 1)")
+
+    def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
+        """Train on ``X`` (n, d) and labels ``y`` (n,); returns ``self``."""
+        import keras
+
+        self._check_params()
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, encoded = np.unique(y, return_inverse=True)
+        k = len(self.classes_)
+        if k < 2:
+            raise ValueError(
+                f"SoftmaxClassifier needs samples of at least two classes; got one class: "
+                f"{self.classes_[0]!r}"
+            )
+        if self.sigmoid and k != 2:
+            raise ValueError(
+                f"The 'sigmoid' parameter of SoftmaxClassifier needs exactly two classes. "
+                f"Got {k} classes instead."
+            )
+        keras.utils.set_random_seed(int(self.random_state))
+        X_fit, y_fit, X_held, y_held = self._hold_out(X, encoded.astype(np.int64))
+
+        model = build_softmax_head(
+            X.shape[1],
+            k,
+            hidden=int(self.hidden),
+            dropout=float(self.dropout),
+            sigmoid=bool(self.sigmoid),
+        )
+        loss = "binary_crossentropy" if self.sigmoid else "sparse_categorical_crossentropy"
+        model.compile(optimizer=keras.optimizers.Adam(float(self.learning_rate)), loss=loss)
+        callbacks = []
+        if X_held is not None:
+            # The held-out loss, as Keras's ``validation_data`` would log it, computed in one
+            # forward call: ``validation_data`` rebuilds its input pipeline every epoch, which
+            # made fits 2 to 7 times slower than the arithmetic (measured on a 2-core CPU).
+            def held_out_loss(epoch: int, logs: dict) -> None:
+                logs["val_loss"] = _cross_entropy(self._proba(model, X_held), y_held)
+
+            callbacks = [
+                keras.callbacks.LambdaCallback(on_epoch_end=held_out_loss),
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss",
+                    patience=int(self.patience),
+                    min_delta=1e-6,
+                    restore_best_weights=True,
+                ),
+            ]
+        # Full batches only, reshuffled every epoch from the seed: one batch shape, one trace of
+        # the training step. With ``steps_per_epoch`` Keras keeps one iterator over the endless
+        # generator for the whole fit instead of building a new one every epoch.
+        size = min(int(self.batch_size), len(X_fit))
+        fitted = model.fit(
+            _batches(X_fit, self._target(y_fit), size, int(self.random_state)),
+            steps_per_epoch=len(X_fit) // size,
+            shuffle=False,  # the generator shuffles, from the seed
+            epochs=int(self.max_epochs),
+            callbacks=callbacks,
+            verbose=0,
+        )
+        self.history_ = {
+            key: [float(v) for v in fitted.history.get(key, [])] for key in ("loss", "val_loss")
+        }
+        self.n_epochs_ = callbacks[-1].best_epoch + 1 if callbacks else int(self.max_epochs)
+        self.model_ = model
+        return self
+
+    def _target(self, y: np.ndarray) -> np.ndarray:
+        """Labels as the loss takes them: class indices, or a float column for a sigmoid."""
+        return y.astype(np.float32)[:, None] if self.sigmoid else y
+
+    def _hold_out(self, X: np.ndarray, y: np.ndarray):
+        """Split off the early-stopping data, or ``None`` when it is too small to be useful."""
+        from sklearn.model_selection import train_test_split
+
+        k = int(y.max()) + 1
+        n_held = int(round(len(y) * self.validation_fraction))
+        if self.validation_fraction == 0 or n_held < k or np.bincount(y, minlength=k).min() < 2:
+            return X, y, None, None
+        X_fit, X_held, y_fit, y_held = train_test_split(
+            X, y, test_size=n_held, stratify=y, random_state=self.random_state
+        )
+        return X_fit, y_fit, X_held, y_held
+
+    def _proba(self, model: Any, X: np.ndarray) -> np.ndarray:
+        parts = [
+            np.asarray(model(X[start : start + _CHUNK], training=False))
+            for start in range(0, len(X), _CHUNK)
+        ]
+        return two_columns(np.concatenate(parts) if parts else np.zeros((0, len(self.classes_))))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, shape (n, n_classes), columns in ``classes_`` order."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return self._proba(self.model_, X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class of each row."""
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        model = state.pop("model_", None)
+        if model is not None:  # pickle (joblib, clone of fitted copies) via the .keras format
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.keras"
+                model.save(path)
+                state["_model_bytes"] = path.read_bytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        data = state.pop("_model_bytes", None)
+        self.__dict__.update(state)
+        if data is not None:
+            import keras
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.keras"
+                path.write_bytes(data)
+                self.model_ = keras.saving.load_model(path, compile=False)
+
+
+def two_columns(proba: Any) -> np.ndarray:
+    """Probabilities as ``(n, k)`` float64; a sigmoid's ``(n, 1)`` P(class 1) -> ``[1 - p, p]``.
+
+    Any other shape is returned as is (as float64), so callers need not check first.
+    """
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 1:
+        return np.hstack([1.0 - p, p])
+    return p
+
+
+def _cross_entropy(proba: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-probability of the true classes."""
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, 1.0))))
+
+
+def _batches(X: np.ndarray, y: np.ndarray, size: int, seed: int) -> Iterator[tuple]:
+    """Endless full mini-batches of ``(X, y)``, in a new seeded order every pass."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(X))
+        for start in range(0, len(order) - size + 1, size):
+            rows = order[start : start + size]
+            yield X[rows], y[rows]

@@ -193,3 +193,93 @@ def bootstrap_metrics(
         low, high = np.nanquantile(values, [alpha, 1 - alpha])
         result[m] = (float(low), float(high))
     return result
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support of each class of one confusion matrix.
+
+    Rows of ``cm`` are true classes, columns predictions. A class never
+    predicted has precision 0; a class absent from the true labels has recall
+    0 (scikit-learn's ``zero_division=0``).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    diag, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    precision = np.where(predicted > 0, diag / np.maximum(predicted, 1), 0.0)
+    recall = np.where(support > 0, diag / np.maximum(support, 1), 0.0)
+    f1 = np.where(support + predicted > 0, 2 * diag / np.maximum(support + predicted, 1), 0.0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
+
+
+def most_confused(cm: np.ndarray, top: int = 10) -> list[tuple[int, int, int]]:
+    """The ``top`` off-diagonal cells with the most images: ``(true, predicted, count)``.
+
+    Largest count first; ties in the order of the classes. Empty cells are left out.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    cells = [np.unravel_index(i, off.shape) for i in order]
+    return [(int(i), int(j), int(off[i, j])) for i, j in cells if off[i, j] > 0]
+
+
+def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC curve and its area for binary labels ``positive`` and higher-is-positive ``scores``.
+
+    Returns ``(fpr, tpr, auc)``; the curve starts at (0, 0), ends at (1, 1)
+    and has one point per distinct score (tied scores move along a diagonal,
+    as in scikit-learn). ``auc`` is NaN when one of the two classes is absent.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # end of each tie block
+    tp = np.cumsum(positive)[last]
+    fp = (last + 1) - tp
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0]), float("nan")
+    fpr = np.r_[0.0, fp / n_neg]
+    tpr = np.r_[0.0, tp / n_pos]
+    return fpr, tpr, float(np.trapezoid(tpr, fpr))
+
+
+def one_vs_rest_roc(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC of probabilities: class 1 against class 0 for two classes, else micro-averaged
+    one-vs-rest (every image-class pair is one binary decision)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape[1] == 2:
+        return roc_curve(y_true == 1, proba[:, 1])
+    onehot = np.zeros(proba.shape, dtype=bool)
+    onehot[np.arange(len(y_true)), y_true] = True
+    return roc_curve(onehot.ravel(), proba.ravel())
+
+
+def reliability(y_true: np.ndarray, proba: np.ndarray, bins: int = 10) -> dict[str, list]:
+    """Reliability diagram of the top-label confidence, in ``bins`` equal-width bins.
+
+    Returns ``confidence`` (mean top probability), ``accuracy`` and ``count``
+    of each non-empty bin, and ``ece``, the expected calibration error (the
+    count-weighted mean gap between confidence and accuracy).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)
+    confidence = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true).astype(np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    used = count > 0
+    mean_conf = np.bincount(which, confidence, bins)[used] / count[used]
+    accuracy = np.bincount(which, correct, bins)[used] / count[used]
+    ece = float(np.sum(count[used] * np.abs(mean_conf - accuracy)) / max(len(y_true), 1))
+    return {
+        "confidence": mean_conf.tolist(),
+        "accuracy": accuracy.tolist(),
+        "count": count[used].tolist(),
+        "ece": ece,
+    }

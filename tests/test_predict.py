@@ -11,7 +11,8 @@ import pytest
 from conftest import COLOURS, make_folder, make_image
 
 from pipeline.errors import PredictError
-from pipeline.heads import fit_heads, load_head
+from pipeline.head_store import load_head
+from pipeline.heads import fit_heads
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -53,20 +54,32 @@ def test_predict_with_a_head_matches_the_cached_features(heads, name, tmp_path):
     (data / "broken.jpg").write_bytes(b"not a jpeg at all")
     model = manifests[name] if name == "svm" else manifests[name].with_suffix(".keras")
     try:
-        summary = predict_images(model, data, tmp_path / "out.csv")
+        result = predict_images(model, data, tmp_path / "out.csv")
     finally:
         (data / "broken.jpg").unlink()
-    assert summary.predicted == 18 and [p for p, _ in summary.skipped] == ["broken.jpg"]
-    assert "skipped broken.jpg" in summary.format()
+    assert result.n_predicted == 18 and [p for p, _ in result.skipped] == ["broken.jpg"]
+    assert "skipped broken.jpg" in result.format()
     rows = {r["path"]: r for r in _rows(tmp_path / "out.csv")}
     assert len(rows) == 18
     fs = load_features(cache)
     pred, scores, is_proba = load_head(manifests[name]).predict(fs)
+    value, prefix = ("probability", "p_") if is_proba else ("score", "score_")
+    assert list(next(iter(rows.values()))) == [
+        "path", "true_label", "predicted", value, *(prefix + c for c in fs.class_names)
+    ]  # fmt: skip
     for path, p, row in zip(fs.paths, pred, scores, strict=True):
-        assert rows[path]["class"] == fs.class_names[p]
-        column = "probability" if is_proba else "score"
-        assert float(rows[path][column]) == pytest.approx(row[p], abs=1e-3)
-        assert rows[path]["score" if is_proba else "probability"] == ""
+        assert rows[path]["predicted"] == fs.class_names[p]
+        assert rows[path]["true_label"] == path.split("/")[0]
+        assert float(rows[path][value]) == pytest.approx(row[p], abs=1e-3)
+        for c, expected in zip(fs.class_names, row, strict=True):
+            assert float(rows[path][prefix + c]) == pytest.approx(expected, abs=1e-3)
+    # the returned predictions are the CSV's
+    order = [list(fs.paths).index(path) for path in result.paths]
+    np.testing.assert_array_equal(result.pred, pred[order])
+    np.testing.assert_allclose(result.scores, scores[order], atol=1e-3)
+    assert result.is_proba == is_proba
+    assert result.accuracy == pytest.approx(np.mean(pred == fs.labels))
+    assert result.format().splitlines()[-1].startswith(f"accuracy {result.accuracy:.3f} (")
 
 
 def test_predict_a_single_file(heads, tmp_path):
@@ -74,15 +87,32 @@ def test_predict_a_single_file(heads, tmp_path):
 
     _, data, _, manifests = heads
     image = make_image(tmp_path / "one.png", COLOURS["red"], seed=7)
-    summary = predict_images(manifests["svm"].with_suffix(".joblib"), image, tmp_path / "one.csv")
-    assert summary.predicted == 1
-    assert _rows(tmp_path / "one.csv")[0]["path"] == "one.png"
+    result = predict_images(manifests["svm"].with_suffix(".joblib"), image, tmp_path / "one.csv")
+    assert result.n_predicted == 1 and result.accuracy is None
+    row = _rows(tmp_path / "one.csv")[0]
+    assert row["path"] == "one.png" and "true_label" not in row
+    assert "accuracy" not in result.format()
 
 
-def _finetuned(tmp_path: Path, *, sigmoid: bool) -> Path:
+def test_default_outputs_differ_by_data_set_model_and_images(heads, tmp_path):
+    from pipeline.predict import predict_images
+
+    _, data, cache, manifests = heads
+    art = tmp_path / "art"
+    svm = predict_images(manifests["svm"], data, artifacts_dir=art)
+    softmax = predict_images(manifests["softmax"], data / "red", artifacts_dir=art)
+    stem = cache.stem
+    assert svm.out_csv == art / "predictions" / "colours" / f"{stem}_svm" / "colours.csv"
+    assert softmax.out_csv == art / "predictions" / "colours" / f"{stem}_softmax" / "red.csv"
+    assert svm.out_csv.is_file() and softmax.out_csv.is_file()
+    # IMAGES is itself a class folder: every image is labelled with it
+    assert {r["true_label"] for r in softmax.records()} == {"red"}
+
+
+def _finetuned(tmp_path: Path, *, sigmoid: bool, classes: list[str] | None = None) -> Path:
     import keras
 
-    classes = ["blue", "red"] if sigmoid else ["blue", "green", "red"]
+    classes = classes or (["blue", "red"] if sigmoid else ["blue", "green", "red"])
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
@@ -109,11 +139,54 @@ def test_predict_with_a_finetuned_model(tmp_path, sigmoid):
     model = _finetuned(tmp_path, sigmoid=sigmoid)
     classes = ("red", "blue") if sigmoid else tuple(COLOURS)
     images = make_folder(tmp_path / "new", per_class=2, classes=classes)
-    summary = predict_images(model, images, tmp_path / "ft.csv")
-    assert summary.predicted == 2 * len(classes)
-    for row in _rows(tmp_path / "ft.csv"):
-        assert row["class"] == row["path"].split("/")[0]
+    result = predict_images(model, images, tmp_path / "ft.csv")
+    assert result.n_predicted == 2 * len(classes)
+    rows = _rows(tmp_path / "ft.csv")
+    for row in rows:
+        assert row["predicted"] == row["true_label"] == row["path"].split("/")[0]
         assert 0.5 < float(row["probability"]) <= 1.0
+        assert sum(float(v) for k, v in row.items() if k.startswith("p_")) == pytest.approx(1, 1e-4)
+    assert rows == [{k: _cell(v) for k, v in r.items()} for r in result.records()]
+    text = result.format()
+    assert text.endswith(f"accuracy 1.000 ({len(rows)}/{len(rows)} images in class folders)")
+    assert "  path" in text and "red/img00.png" in text  # few images: a table
+
+
+def _cell(value):
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def test_spreadsheet_formulas_are_neutralised_and_outsiders_not_scored(tmp_path):
+    from pipeline.predict import predict_images
+
+    model = _finetuned(tmp_path, sigmoid=True, classes=["=blue", "red"])
+    images = tmp_path / "new"
+    formulas = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@SUM.png"]
+    for i, name in enumerate(formulas):  # outside class folders, predicted "=blue"
+        make_image(images / name, COLOURS["blue"], seed=i)
+    make_image(images / "red" / "plain.png", COLOURS["red"], seed=9)
+    result = predict_images(model, images, tmp_path / "safe.csv")
+    header = (tmp_path / "safe.csv").read_text().splitlines()[0]
+    assert header == "path,true_label,predicted,probability,p_=blue,p_red"
+    rows = {r["path"]: r for r in _rows(tmp_path / "safe.csv")}
+    assert set(rows) == {"'" + name for name in formulas} | {"red/plain.png"}
+    for name in formulas:
+        assert rows["'" + name]["predicted"] == "'=blue" and rows["'" + name]["true_label"] == ""
+    assert rows["red/plain.png"]["predicted"] == rows["red/plain.png"]["true_label"] == "red"
+    assert sorted(r["path"] for r in result.records()) == sorted([*formulas, "red/plain.png"])
+    assert result.n_labelled == 1
+    assert result.format().endswith(
+        "accuracy 1.000 (1/1 images in class folders; 4 outside class folders not scored)"
+    )
+
+
+def test_many_images_print_no_table(tmp_path):
+    from pipeline.predict import predict_images
+
+    model = _finetuned(tmp_path, sigmoid=True)
+    images = make_folder(tmp_path / "many", per_class=11, classes=("red", "blue"))
+    text = predict_images(model, images, tmp_path / "many.csv").format()
+    assert len(text.splitlines()) == 2 and "img00" not in text
 
 
 def test_predict_refusals(heads, tmp_path):
