@@ -50,7 +50,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from pipeline import artifacts
 from pipeline.errors import HeadError, did_you_mean
-from pipeline.options import check_options, option_label
+from pipeline.options import check_options
 from pipeline.softmax import SoftmaxClassifier
 
 # --------------------------------------------------------------------------- the head registry
@@ -313,8 +313,6 @@ def fit_heads(
     from pipeline.cache import load_features
 
     check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
-    if jobs == 0:  # the options table admits 0, which joblib refuses with a traceback
-        raise HeadError(f"{option_label('jobs')} must be -1 (all cores) or >= 1; got 0")
     names = resolve_heads(heads)
     fs = load_features(cache_path)
     X_train, y_train = _check_cache(fs, pca)

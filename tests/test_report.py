@@ -6,15 +6,18 @@ import json
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image
 from heads_helpers import synthetic_cache
 
+from pipeline.cache import load_features
 from pipeline.errors import PipelineError, ReportError
 from pipeline.heads import fit_heads
-from pipeline.report import collect_runs, write_report
+from pipeline.report import collect_runs, image_under, thumbnails, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
+    data_root = tmp / "data"
     cache = synthetic_cache(
         tmp,
         n_classes=6,
@@ -30,9 +34,53 @@ def artifacts(tmp_path_factory):
         per_class=15,
         weights="imagenet (keras 3.0.0)",  # identity and source differ, as for real weights
         weights_source="imagenet",
+        data_root=str(data_root),
     )
+    for i, relative in enumerate(load_features(cache).paths):  # the images the cache names
+        make_image(data_root / relative, (20 * i % 255, 90, 160), seed=i, size=(12, 9))
     fit_heads(cache, "svm,knn,softmax", artifacts_dir=tmp / "artifacts")
     return tmp / "artifacts"
+
+
+class Page(HTMLParser):
+    """What the report's HTML holds: section ids and titles, the verdict, images."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.sections: dict[str, str] = {}
+        self.verdict = ""
+        self.thumbnails: list[str] = []  # src of images inside figure.thumb
+        self.figures: list[str] = []  # alt of images inside div.gallery
+        self.title = ""
+        self._stack: list[tuple[str, str]] = []
+        self._section = ""
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        cls = attrs.get("class", "")
+        if tag == "section":
+            self._section = attrs["id"]
+        if tag == "img":
+            within = {c for _, c in self._stack}
+            if "thumb" in within:
+                self.thumbnails.append(attrs["src"])
+            if "gallery" in within:
+                self.figures.append(attrs["alt"])
+        if tag not in ("img", "meta", "br"):  # void elements have no end tag
+            self._stack.append((tag, cls))
+
+    def handle_endtag(self, tag):
+        assert self._stack.pop()[0] == tag, f"</{tag}> closes another element"
+
+    def handle_data(self, data):
+        within = {c for _, c in self._stack}
+        if "verdict" in within:
+            self.verdict += data
+        if self._stack and self._stack[-1][0] == "h2":
+            self.sections[self._section] = data
+        if self._stack and self._stack[-1][0] == "h1":
+            self.title += data
 
 
 def _finetuned(artifacts: Path, name: str = "ft_mobilenet", *, version: int = 2) -> dict:
@@ -105,7 +153,7 @@ def test_report_files_and_figures(artifacts):
     out = artifacts / "reports" / "synthetic"
     assert result.markdown == out / "report.md" and result.html.is_file() and result.json.is_file()
     data = json.loads(result.json.read_text())
-    assert data["primary_split"] == "test"
+    assert data["selection"]["rule"] == "val" and data["selection"]["compare_split"] == "val"
     runs = {r["run"]: r for r in data["runs"]}
     assert set(runs) == {"synth/svm", "synth/knn", "synth/softmax", "finetuned/ft_mobilenet"}
     svm = runs["synth/svm"]["splits"]["test"]
@@ -114,38 +162,112 @@ def test_report_files_and_figures(artifacts):
         assert low <= svm[key] <= high
     assert "top5_accuracy" in svm  # six classes
     assert "log_loss" not in svm and "log_loss" in runs["synth/softmax"]["splits"]["test"]
+    assert "roc" not in svm and "calibration" in runs["synth/softmax"]["splits"]["val"]
     assert np.array(svm["confusion"]).sum() == svm["n"] == 18
-    assert len(svm["per_class_f1"]) == 6
+    assert len(svm["per_class"]["recall"]) == 6 and sum(svm["per_class"]["support"]) == 18
     assert (
         runs["synth/svm"]["config"]["norm"] == "l2" and "C" in runs["synth/svm"]["config"]["params"]
     )
+    assert runs["synth/svm"]["extraction_seconds_per_image"] == pytest.approx(10.0 / 90)
+    assert runs["finetuned/ft_mobilenet"]["includes_backbone"]
     pairs = {(c["a"], c["b"], c["split"]) for c in data["mcnemar"]}
-    assert ("synth/svm", "synth/softmax", "val") in pairs and (
-        "synth/svm",
-        "synth/softmax",
-        "test",
-    ) in pairs
+    assert {("synth/svm", "synth/softmax", s) for s in ("val", "test")} <= pairs
     assert any(a == "finetuned/ft_mobilenet" for a, _, _ in pairs)
     for c in data["mcnemar"]:
         assert c["only_a"] + c["only_b"] + c["both"] + c["neither"] == c["n"]
         assert 0 <= c["p_value"] <= 1
-    assert len(data["leaderboard"]) == 4
-    assert [e["accuracy"] for e in data["leaderboard"]] == sorted(
-        (e["accuracy"] for e in data["leaderboard"]), reverse=True
-    )
+    board = data["leaderboard"]
+    assert len(board) == 4 and [e["rank"] for e in board] == [1, 2, 3, 4]
+    val = [runs[e["run"]]["splits"]["val"]["accuracy"] for e in board]
+    assert val == sorted(val, reverse=True)  # ranked on val
+    winner = data["selection"]["winner"]
+    assert winner == board[0]["run"]
+    assert data["selection"]["final_test"]["accuracy"] == runs[winner]["splits"]["test"]["accuracy"]
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"forest.png", "cost.png", "roc.png", "calibration.png"} <= figures
+    assert "curves_ft_mobilenet.png" in figures  # the fine-tuned run's training curves
+    assert f"confusion_{winner.replace('/', '_')}_test.png" in figures
     page = result.html.read_text()
-    assert page.count("data:image/png;base64,") == len(list((out / "figures").glob("*.png"))) >= 3
-    assert "McNemar" in page and "ft_mobilenet" in page
+    n_thumbs = len(list((out / "thumbnails").glob("*.png")))
+    assert page.count("data:image/png;base64,") == len(figures) + n_thumbs
     md = result.markdown.read_text()
-    assert "## Leaderboard" in md and "figures/accuracy_vs_fit_time.png" in md
-    assert "figures/curves_ft_mobilenet.png" in md  # the fine-tuned run's training curves
-    assert (out / "figures" / "curves_ft_mobilenet.png").stat().st_size > 1000
-    assert "McNemar" in result.format()
+    assert "## Leaderboard" in md and "figures/cost.png" in md and "thumbnails/" in md
+    assert "Chosen run:" in result.format()
+
+
+def test_html_structure_verdict_sections_and_thumbnails(artifacts):
+    _finetuned(artifacts)
+    result = write_report("synthetic", artifacts_dir=artifacts, n_resamples=100)
+    data = json.loads(result.json.read_text())
+    page = Page(result.html.read_text())
+    assert page.title == "synthetic: 3 heads on 1 backbone cache and 1 fine-tuned run compared"
+    assert list(page.sections) == [
+        "verdict",
+        "leaderboard",
+        "errors",
+        "comparisons",
+        "finetuned",
+        "metrics",
+        "configuration",
+    ]  # fmt: skip; no baselines section: no random-weight run
+    assert page.sections["finetuned"] == "Fine-tuned runs"
+    winner = data["selection"]["winner"]
+    assert f"Chosen run: {winner}" in page.verdict
+    assert "untouched test split" in page.verdict
+    assert data["selection"]["runner_up"] in page.verdict and "McNemar" in page.verdict
+    assert "ms per image" in page.verdict
+    worst = [e for s in data["errors"]["splits"].values() for e in s["top_losses"]]
+    assert len(worst) >= 2 and len(page.thumbnails) == len(worst)
+    assert all(src.startswith("data:image/png;base64,") for src in page.thumbnails)
+    assert {"forest.png", "cost.png", "roc.png", "calibration.png"} <= set(page.figures)
+    text = result.html.read_text()
+    assert "Most confused on val" in text and "Per class on test" in text
+    assert "<script" not in text and "http" not in text  # one self-contained file
+
+
+def test_random_weight_runs_are_listed_apart(artifacts, tmp_path):
+    folder = artifacts / "heads" / "synthetic" / "random_cache"
+    shutil.copytree(artifacts / "heads" / "synthetic" / "synth", folder)
+    for manifest in folder.glob("*.json"):
+        if not manifest.name.endswith(".predictions.json"):
+            m = json.loads(manifest.read_text())
+            manifest.write_text(json.dumps({**m, "weights_source": "none", "cache": None}))
+    try:
+        result = write_report("synthetic", artifacts_dir=artifacts, n_resamples=50)
+    finally:
+        shutil.rmtree(folder)
+    data = json.loads(result.json.read_text())
+    assert set(data["baselines"]) == {f"random_cache/{h}" for h in ("svm", "knn", "softmax")}
+    assert not any(e["run"].startswith("random_cache/") for e in data["leaderboard"])
+    page = Page(result.html.read_text())
+    assert page.sections["baselines"] == "Baselines" and "baselines" in page.verdict
+
+
+def test_thumbnails_only_inside_the_data_root(artifacts, tmp_path):
+    with pytest.raises(ReportError, match="not a path inside"):
+        image_under(tmp_path, "../outside.png")
+    with pytest.raises(ReportError, match="not a path inside"):
+        image_under(tmp_path, "/etc/passwd")
+    assert image_under(tmp_path, "val/a/1.png") == tmp_path / "val" / "a" / "1.png"
+    runs, _ = collect_runs("synthetic", artifacts)
+    svm = next(r for r in runs if r.run_id == "synth/svm")
+    assert svm.data_root and svm.cache_images == 90
+    errors = {
+        "run": "synth/svm",
+        "splits": {"val": {"top_losses": [
+            {"path": svm.splits["val"].paths[0]}, {"path": "val/class0/gone.png"},
+            {"path": "../../report.html"},
+        ]}},
+    }  # fmt: skip
+    thumbs, notes = thumbnails({"errors": errors}, runs)
+    assert list(thumbs) == [svm.splits["val"].paths[0]]
+    assert thumbs[svm.splits["val"].paths[0]][:4] == b"\x89PNG"
+    assert "gone.png" in notes[0] and "../../report.html" in notes[0]
 
 
 def _config_rows(markdown: str) -> dict[str, list[str]]:
     """The configuration table of report.md: run -> cells (after the run)."""
-    section = markdown.split("## Configuration of each run", 1)[1].split("##", 1)[0]
+    section = markdown.split("**Configuration of each run**", 1)[1].split("##", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
