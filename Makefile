@@ -20,6 +20,8 @@ LAYER ?=
 BATCH ?= 32
 FLOAT16 ?= 0
 PRECISION ?= float32
+RUNTIME ?= auto
+RUNTIME_PRECISION ?= auto
 SEED ?= 0
 VAL_FRACTION ?= 0.2
 TEST_FRACTION ?= 0.2
@@ -35,7 +37,8 @@ OUT ?=
 
 FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
 	--pooling $(POOLING) $(if $(LAYER),--layer $(LAYER)) --batch-size $(BATCH) \
-	$(if $(filter 1 yes true,$(FLOAT16)),--float16) --precision $(PRECISION) --artifacts $(ARTIFACTS)
+	$(if $(filter 1 yes true,$(FLOAT16)),--float16) --precision $(PRECISION) \
+	--runtime $(RUNTIME) --runtime-precision $(RUNTIME_PRECISION) --artifacts $(ARTIFACTS)
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
 .PHONY: head report predict bench-heads
@@ -67,7 +70,7 @@ demo-data: install ## write scikit-learn's digits as PNG class folders under art
 backbones: install ## print the backbone registry
 	$(PY) -m pipeline backbones
 
-features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1 PRECISION= SEED= VAL_FRACTION= TEST_FRACTION=)
+features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1 PRECISION= RUNTIME=auto|keras|openvino RUNTIME_PRECISION=auto|fp32|bf16 SEED= VAL_FRACTION= TEST_FRACTION=)
 	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS)
 
 head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS=)

@@ -18,7 +18,15 @@ from collections.abc import Callable, Sequence
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
-from pipeline.options import CLASS_WEIGHTS, FLIPS, NORMS, POOLINGS, PRECISIONS
+from pipeline.options import (
+    CLASS_WEIGHTS,
+    FLIPS,
+    NORMS,
+    POOLINGS,
+    PRECISIONS,
+    RUNTIME_PRECISIONS,
+    RUNTIMES,
+)
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -56,13 +64,15 @@ _MAKE_VARIABLES: tuple[tuple[str, str, object], ...] = (
     ("LAYER", "layer", None),
     ("FLOAT16", "float16", False),
     ("PRECISION", "precision", "float32"),
+    ("RUNTIME", "runtime", "auto"),
+    ("RUNTIME_PRECISION", "runtime_precision", "auto"),
     ("SEED", "seed", 0),
     ("VAL_FRACTION", "val_fraction", 0.2),
     ("TEST_FRACTION", "test_fraction", 0.2),
     ("ARTIFACTS", "artifacts", "artifacts"),
 )
 _FEATURE_VARIABLES = ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "POOLING", "LAYER", "FLOAT16",
-                      "PRECISION", "ARTIFACTS")  # fmt: skip
+                      "PRECISION", "RUNTIME", "RUNTIME_PRECISION", "ARTIFACTS")  # fmt: skip
 _SPLIT_VARIABLES = ("SEED", "VAL_FRACTION", "TEST_FRACTION")
 # The variables each target reads (others of the user's command would not change it).
 _TARGET_VARIABLES = {
@@ -177,6 +187,18 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
         help="compute precision (mixed ones for GPUs)",
     )
     p.add_argument(
+        "--runtime",
+        default="auto",
+        metavar=_one_of(RUNTIMES),
+        help="who runs the backbone (auto: the fastest that passes the check, else keras)",
+    )
+    p.add_argument(
+        "--runtime-precision",
+        default="auto",
+        metavar=_one_of(RUNTIME_PRECISIONS),
+        help="the runtime's precision (auto: bf16 where the CPU has it)",
+    )
+    p.add_argument(
         "--workers",
         type=_optional_int,
         default=None,
@@ -213,6 +235,8 @@ def _feature_config(args: argparse.Namespace):
         float16=args.float16,
         precision=args.precision,
         workers=args.workers,
+        runtime=args.runtime,
+        runtime_precision=args.runtime_precision,
     )
 
 

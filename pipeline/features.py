@@ -9,6 +9,7 @@ the data set. An interrupted run resumes from its last finished batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import backbones, cache
+from pipeline import backbones, cache, runtimes
 from pipeline.artifacts import Artifacts
 from pipeline.images import ImageFolder, SplitConfig, default_workers, iter_batches, scan_folder
 from pipeline.options import check_options
@@ -49,6 +50,12 @@ class FeatureConfig:
         Compute precision; the mixed ones pay off on GPUs only.
     workers : int, optional
         Decoding threads (default one per core, at most 8).
+    runtime : {"auto", "keras", "openvino"}
+        Who runs the backbone (:mod:`pipeline.runtimes`); ``auto`` takes the
+        fastest one whose features pass the check, else ``keras``.
+    runtime_precision : {"auto", "fp32", "bf16"}
+        The runtime's compute precision (OpenVINO's ``INFERENCE_PRECISION_HINT``);
+        ``auto`` is ``bf16`` where the CPU has it and the check passes.
     """
 
     backbone: str = "mobilenet_v2"
@@ -60,6 +67,8 @@ class FeatureConfig:
     float16: bool = False
     precision: str = "float32"
     workers: int | None = None
+    runtime: str = "auto"
+    runtime_precision: str = "auto"
 
     def validate(self) -> backbones.BackboneSpec:
         """Check every option without building anything; return the backbone spec."""
@@ -80,6 +89,8 @@ class FeatureConfig:
             layer=str(attrs.get("layer") or "") or None,
             float16=str(attrs.get("dtype", "float32")) == "float16",
             precision=str(attrs.get("precision", "float32")),
+            runtime=str(attrs.get("runtime", "keras")),
+            runtime_precision=str(attrs.get("runtime_precision", "fp32")),
         )
         return replace(config, **overrides)
 
@@ -98,6 +109,8 @@ class ResolvedFeatures:
     input_size: int
     weights_id: str
     dtype: str  # how features are stored: "float32" or "float16"
+    runtime: runtimes.RuntimeChoice = runtimes.RuntimeChoice()
+    store: runtimes.ConversionStore | None = None  # the converted model (runtimes other than keras)
 
     @property
     def weights_tag(self) -> str:
@@ -108,7 +121,7 @@ class ResolvedFeatures:
 
     @property
     def cache_stem(self) -> str:
-        """``<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16][_<precision>]``."""
+        """``<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16][_<precision>][_ov-<fp32|bf16>]``."""
         config = self.config
         parts = [self.spec.name, str(self.input_size), config.pooling]
         if config.layer:
@@ -118,29 +131,84 @@ class ResolvedFeatures:
             parts.append("f16")
         if config.precision != "float32":  # other numerics: another file, never a rebuild
             parts.append(config.precision.replace("_", "-"))
+        if self.runtime.tag:  # another runtime: another file, never mixed with Keras's
+            parts.append(self.runtime.tag)
         return "_".join(parts)
 
 
-def resolve_features(config: FeatureConfig) -> ResolvedFeatures:
+def resolve_features(
+    config: FeatureConfig, *, artifacts_dir: str | Path = "artifacts"
+) -> ResolvedFeatures:
     """Check ``config`` (one table of constraints, :mod:`pipeline.options`) and resolve it.
+
+    The runtime is chosen from what is installed, the CPU and the checks
+    recorded under ``artifacts_dir`` (:func:`pipeline.runtimes.choose`); nothing
+    is built or converted here.
 
     Raises
     ------
     PipelineError
         The first bad option, named as the user types it.
     """
-    check_options(asdict(config), ("pooling", "batch_size", "precision", "workers"))
+    check_options(
+        asdict(config),
+        ("pooling", "batch_size", "precision", "workers", "runtime", "runtime_precision"),
+    )
     if config.input_size is not None:
         check_options({"input_size": config.input_size})
     spec = backbones.get_backbone(config.backbone)
     size = backbones.resolve_input_size(spec, config.input_size)
-    return ResolvedFeatures(
+    resolved = ResolvedFeatures(
         config=config,
         spec=spec,
         input_size=size,
         weights_id=backbones.weights_identity(config.weights),
         dtype="float16" if config.float16 else "float32",
     )
+    if config.runtime == "keras":
+        return resolved
+    store = runtimes.ConversionStore.for_config(
+        artifacts_dir,
+        backbone=spec.name,
+        weights_id=resolved.weights_id,
+        weights_tag=resolved.weights_tag,
+        input_size=size,
+        pooling=config.pooling,
+        layer=config.layer,
+    )
+    choice = runtimes.choose(
+        config.runtime, config.runtime_precision, keras_precision=config.precision, store=store
+    )
+    return replace(resolved, runtime=choice, store=store)
+
+
+def _settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedFeatures:
+    """Convert and check the chosen runtime once (recorded); fall back where it fails."""
+    config = resolved.config
+    if resolved.store is None or resolved.runtime.runtime == "keras":
+        return resolved
+
+    @functools.cache
+    def sample() -> np.ndarray:  # a few images spread over the data set
+        records = folder.records
+        picks = np.linspace(0, len(records) - 1, min(runtimes.CHECK_IMAGES, len(records)))
+        paths = [records[int(i)].path for i in picks]
+        spec, size = resolved.spec, resolved.input_size
+        batches = iter_batches(
+            folder.root, paths, size=size, batch_size=len(paths), preprocess=spec.preprocess
+        )
+        return np.concatenate([b.x for b in batches])
+
+    choice = runtimes.settle(
+        config.runtime,
+        config.runtime_precision,
+        keras_precision=config.precision,
+        store=resolved.store,
+        build_keras=lambda: _build_model(replace(resolved, runtime=runtimes.RuntimeChoice())),
+        sample=sample,
+        data=folder.name,
+    )
+    return replace(resolved, runtime=choice)
 
 
 @dataclass
@@ -184,7 +252,9 @@ def cache_path_for(
     ``artifacts/features/<dataset>/<backbone>_<size>_<pooling>[_<layer>]_<weights>[_f16][_<precision>].h5``;
     data changes rebuild the same file, other weights or options get another.
     """
-    resolved = config if isinstance(config, ResolvedFeatures) else resolve_features(config)
+    resolved = config
+    if not isinstance(config, ResolvedFeatures):
+        resolved = resolve_features(config, artifacts_dir=artifacts_dir)
     return Artifacts(artifacts_dir).cache_path(dataset, resolved.cache_stem)
 
 
@@ -230,14 +300,17 @@ def extract_features(
     >>> summary = extract_features("data/flowers", FeatureConfig(backbone="vgg16"))
     >>> print(summary.format())
     """
-    resolved = resolve_features(config or FeatureConfig())
+    resolved = resolve_features(config or FeatureConfig(), artifacts_dir=artifacts_dir)
     folder = scan_folder(data_dir, split)
     if log is not None:
         log(describe_folder(folder))
+    resolved = _settle_runtime(resolved, folder)
+    if log is not None:
+        log(runtimes.describe(resolved.runtime))
     path = Path(cache_path) if cache_path else cache_path_for(folder.name, resolved, artifacts_dir)
     config_json = _config_json(folder, resolved)
     fingerprint = folder.fingerprint()
-    notes = [f"warning: {w}" for w in folder.warnings]
+    notes = [f"warning: {w}" for w in folder.warnings] + list(resolved.runtime.notes)
 
     # Up to date: read only, no lock (a finished cache is replaced atomically), so a
     # read-only artifacts folder works. Otherwise build the model first: a bad layer or
@@ -344,11 +417,17 @@ def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
         "split_source": folder.split_source,
         "split": asdict(folder.split) if folder.split else None,
     }
+    if resolved.runtime.runtime != "keras":  # Keras caches keep their identity (and stay valid)
+        identity["runtime"] = resolved.runtime.runtime
+        identity["runtime_precision"] = resolved.runtime.precision
     return json.dumps(identity, sort_keys=True)
 
 
 def _build_model(resolved: ResolvedFeatures):
+    """The Keras model, or the runtime's compiled model (both: ``output_shape``, ``predict_on_batch``)."""
     config = resolved.config
+    if resolved.runtime.runtime == "openvino" and resolved.store is not None:
+        return runtimes.load(resolved.runtime, resolved.store)
     with backbones.dtype_policy(config.precision):
         return backbones.build_feature_extractor(
             resolved.spec,
@@ -410,9 +489,13 @@ def _forward(model, x: np.ndarray, batch_size: int) -> np.ndarray:
 def _attrs(folder, resolved: ResolvedFeatures, width, writer) -> dict:
     import importlib.metadata
 
-    import keras
-
     config, spec = resolved.config, resolved.spec
+    if resolved.runtime.runtime == "keras":
+        import keras
+
+        keras_backend = keras.backend.backend()
+    else:  # the runtime ran the model Keras exported; Keras itself was not imported
+        keras_backend = str((resolved.store.meta() or {}).get("keras_backend", ""))
     n_skipped = len(writer.skipped)
     return {
         "backbone": spec.name,
@@ -434,7 +517,12 @@ def _attrs(folder, resolved: ResolvedFeatures, width, writer) -> dict:
         "val_fraction": folder.split.val_fraction if folder.split else -1.0,
         "test_fraction": folder.split.test_fraction if folder.split else -1.0,
         "keras_version": importlib.metadata.version("keras"),
-        "keras_backend": keras.backend.backend(),
+        "keras_backend": keras_backend,
+        "runtime": resolved.runtime.runtime,
+        "runtime_precision": resolved.runtime.precision,
+        "openvino_version": runtimes.openvino_version()
+        if resolved.runtime.runtime == "openvino"
+        else "",
         "n_images": len(folder.records) - n_skipped,
         "n_skipped": n_skipped,
         "seconds": writer.seconds,

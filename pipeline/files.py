@@ -13,9 +13,9 @@ read-only or the disk is full raises :class:`WriteError` (one line: the folder
 and the cause); what was finished before stays, so the next run resumes.
 
 Run locks (:func:`run_lock`) use the ``filelock`` package: ``flock`` on Linux
-and macOS, ``LockFileEx`` on Windows, released by the OS when a process dies.
+and macOS, Windows file locks, released by the OS when a process dies.
 On network file systems they hold only where the server supports locks (NFS
-with ``lockd``, SMB); where it does not, ``filelock`` falls back to a lock file
+with ``lockd``, SMB); where flock is missing, recent ``filelock`` versions fall back to a file
 whose existence is the lock, which a killed process leaves behind.
 """
 

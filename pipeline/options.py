@@ -109,6 +109,8 @@ class Option:
 
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+RUNTIMES = ("auto", "keras", "openvino")  # pipeline.runtimes: who runs stage one's backbone
+RUNTIME_PRECISIONS = ("auto", "fp32", "bf16")
 POOLINGS = ("avg", "max", "flatten")
 NORMS = ("l2", "standard", "none")
 LAYER_WORDS = ("all", "block")
@@ -129,6 +131,10 @@ OPTIONS: dict[str, Option] = {
     "batch_size": Option("BATCH", "--batch-size", (Interval(Integral, 1, 4096),)),
     "precision": Option("PRECISION", "--precision", (OneOf(PRECISIONS),)),
     "workers": Option(None, "--workers", (Interval(Integral, 1, 256), None)),
+    "runtime": Option("RUNTIME", "--runtime", (OneOf(RUNTIMES),)),
+    "runtime_precision": Option(
+        "RUNTIME_PRECISION", "--runtime-precision", (OneOf(RUNTIME_PRECISIONS),)
+    ),
     # the split
     "seed": Option("SEED", "--seed", (Interval(Integral, 0, 2**32 - 1),)),
     "val_fraction": Option("VAL_FRACTION", "--val-fraction", (_fraction,)),

@@ -205,6 +205,7 @@ def place_labels(ax: Any, xs: list[float], ys: list[float], labels: list[str]) -
                 ha="left" if dx > 0 else "right" if dx < 0 else "center", va="bottom",
                 arrowprops=_LEADER if abs(dx) + abs(dy) > 12 else None,
             )  # fmt: skip
+            note.update_positions(renderer)
             box = Text.get_window_extent(note, renderer)  # the text alone, not its leader
             cost = sum(box.overlaps(other) for other in taken)
             cost += 2 * (not frame.contains(box.x0, box.y0) or not frame.contains(box.x1, box.y1))

@@ -20,14 +20,18 @@ It works in three steps, one module each:
 3. **render** (:mod:`pipeline.render` for the Markdown and HTML pages,
    :mod:`pipeline.plotting` for the figures).
 
-Contents: per run and evaluated split (``val``, ``test``), accuracy, balanced
-accuracy and macro F1 with 95% percentile-bootstrap intervals, top-5 accuracy
-when there are more than five classes, log loss where the run gives
-probabilities, fit time and prediction time per image; an exact McNemar test of
-linear SVM against softmax on the same images (with the counts each gets right
-that the other gets wrong); confusion matrices, per-class F1, accuracy against
-fit time, training curves of fine-tuned runs; a leaderboard across every
-backbone cache of the data set; the configuration of every run.
+Contents: a verdict in words (the chosen run, ranked on val accuracy, or on
+the head's cross-validation score without a val split, never on test; its
+untouched test figures; the runs tied with it by exact McNemar and by
+overlapping intervals; what each costs, saying whether the times include the
+backbone); the leaderboard with a forest plot and accuracy against cost; the
+chosen run's errors (row-normalised confusion matrices with counts, per-class
+precision / recall / F1 / support, the most-confused class pairs, thumbnails of
+its highest-loss val and test images, read only inside the data root the cache
+or manifest records); the other runs' confusion matrices, ROC and calibration
+curves where there are probabilities, McNemar tests; fine-tuned runs' training
+curves; every metric with 95% percentile-bootstrap intervals; random-weight
+runs (``weights_source`` ``none``) apart, as baselines; the configuration.
 
 Results contract (what a run must leave for the report)
 -------------------------------------------------------

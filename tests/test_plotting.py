@@ -13,21 +13,25 @@ NAMES = ["ants", "bees", "wasps"]
 
 def _row(name: str, group: str, confusion, *, fit_seconds=1.0, kind="head", history=()):
     cm = np.array(confusion)
+    split = {
+        "n": int(cm.sum()),
+        "accuracy": float(np.trace(cm) / cm.sum()),
+        "accuracy_ci": [0.5, 0.9],
+        "confusion": cm.tolist(),
+    }
     return {
         "run": f"{group}/{name}",
         "name": name,
         "kind": kind,
         "group": group,
         "class_names": list(NAMES),
+        "config": {"backbone": "vgg16", "input_size": 224, "weights_source": "imagenet"},
         "fit_seconds": fit_seconds,
+        "predict_seconds_per_image": 0.001,
+        "end_to_end_seconds_per_image": 0.02,
+        "extraction_seconds": 30.0,
         "history": list(history),
-        "splits": {
-            "test": {
-                "accuracy": float(np.trace(cm) / cm.sum()),
-                "confusion": cm.tolist(),
-                "per_class_f1": [0.9, 0.5, 0.7],
-            }
-        },
+        "splits": {"val": dict(split), "test": dict(split)},
     }
 
 
@@ -43,38 +47,95 @@ def _history(phase_one: int, phase_two: int) -> list[dict]:
 CM = [[5, 1, 0], [0, 4, 2], [1, 0, 6]]
 
 
-def test_confusion_figure_one_panel_per_run_with_counts():
-    rows = [_row(n, "cache", CM) for n in ("svm", "knn", "softmax", "logreg", "ridge")]
-    figure = plotting.confusion_figure(rows, NAMES, "test")
+def test_confusion_figure_row_shares_counts_and_title():
+    figure = plotting.confusion_figure(CM, NAMES, title="vgg16 + svm: test")
     assert isinstance(figure, Figure)
-    axes = figure.axes
-    assert len(axes) == 8  # 5 runs on two lines of four; the three spare panels are off
-    assert [ax.get_title() for ax in axes[:5]] == [f"{r['name']} (test)" for r in rows]
-    assert not any(ax.axison for ax in axes[5:])
-    first = axes[0]
-    assert [t.get_text() for t in first.get_xticklabels()] == NAMES
-    assert first.get_xlabel() == "predicted" and first.get_ylabel() == "true"
-    assert sorted(int(t.get_text()) for t in first.texts) == sorted(np.ravel(CM).tolist())
+    ax = figure.axes[0]
+    assert ax.get_title() == "vgg16 + svm: test"
+    assert [t.get_text() for t in ax.get_xticklabels()] == NAMES
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    shares = ax.images[0].get_array()
+    assert np.allclose(shares.sum(axis=1), 1.0)  # normalised by row
+    assert shares[0, 0] == pytest.approx(5 / 6)
+    nonzero = sorted(v for v in np.ravel(CM) if v)
+    assert sorted(int(t.get_text()) for t in ax.texts) == nonzero  # counts, empty cells blank
+    assert all(t.get_fontsize() >= 9 for t in ax.texts)
 
 
-def test_per_class_f1_figure_bars_per_run_and_class():
-    rows = [_row("svm", "cache", CM), _row("softmax", "cache", CM)]
-    figure = plotting.per_class_f1_figure(rows, NAMES, "test", "cache")
-    (ax,) = figure.axes
-    assert ax.get_title() == "per-class F1: cache"
-    assert ax.get_ylabel() == "F1 (test)"
-    assert len(ax.patches) == len(rows) * len(NAMES)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["svm", "softmax"]
+@pytest.mark.parametrize("k", [10, 40])
+def test_confusion_figure_grows_with_the_classes(k):
+    cm = np.eye(k, dtype=int) * 5 + 1
+    figure = plotting.confusion_figure(cm, [f"class{i}" for i in range(k)], title="t")
+    width, height = figure.get_size_inches()
+    assert width > 0.22 * k + 1 and height > 0.22 * k + 1  # 9 (7) pt counts fit their cells
+    assert (len(figure.axes[0].texts) == k * k) == (k <= 30)
 
 
-def test_accuracy_vs_fit_time_figure_log_scale_one_colour_per_group():
-    points = [("cache", "svm", 2.0, 0.8), ("cache", "knn", 0.1, 0.7), ("finetuned", "ft", 90, 0.9)]
-    figure = plotting.accuracy_vs_fit_time_figure(points, "val")
-    (ax,) = figure.axes
-    assert ax.get_xscale() == "log" and ax.get_ylabel() == "accuracy (val)"
-    assert ax.get_title() == "accuracy against fit time"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cache", "finetuned"]
-    assert {t.get_text() for t in ax.texts} == {"svm", "knn", "ft"}
+def test_forest_figure_one_line_per_run_best_at_the_top():
+    entries = [
+        {"label": "svm", "accuracy": 0.9, "accuracy_ci": [0.85, 0.95], "role": "winner"},
+        {"label": "knn", "accuracy": 0.88, "accuracy_ci": [0.8, 0.93], "role": "tied"},
+        {"label": "ridge", "accuracy": 0.7, "accuracy_ci": [0.6, 0.8], "role": "other"},
+    ]
+    figure = plotting.forest_figure(entries, split="val")
+    ax = figure.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["ridge", "knn", "svm"]  # bottom to top: the best is on top
+    assert "val" in ax.get_xlabel() and "interval" in ax.get_xlabel()
+    assert len(ax.containers) == 3  # one error bar per run
+    assert len(ax.patches) == 1  # the winner's interval, shaded
+
+
+def _boxes_overlap_points(figure, ax, xs, ys):
+    from matplotlib.text import Text
+
+    renderer = figure.canvas.get_renderer()
+    points = ax.transData.transform(np.column_stack([xs, ys]))
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    hits = [
+        b for b in boxes for x, y in points if b.x0 - 3 < x < b.x1 + 3 and b.y0 - 3 < y < b.y1 + 3
+    ]
+    pairs = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+    return hits, pairs
+
+
+def test_cost_figure_labels_hide_no_point_and_no_label():
+    # a tight cluster, the case where labels next to their points would cover each other
+    points = [
+        {"label": name, "group": "vgg16", "accuracy": 0.90 + 0.001 * i, "fit_seconds": 1.0 + 0.05 * i,
+         "seconds_per_image": 0.02, "finetuned": False, "extraction_seconds": 30.0}
+        for i, name in enumerate(["svm", "logreg", "knn", "ridge", "softmax", "rbf_svm"])
+    ] + [{"label": "ft", "group": "finetuned", "accuracy": 0.95, "fit_seconds": 200.0,
+          "seconds_per_image": 0.05, "finetuned": True}]  # fmt: skip
+    figure = plotting.cost_figure(points, split="val")
+    fit_ax, time_ax = figure.axes
+    assert fit_ax.get_xscale() == "log" and fit_ax.get_ylabel() == "accuracy (val)"
+    assert "per image" in time_ax.get_xlabel()
+    assert {t.get_text() for t in fit_ax.texts} == {p["label"] for p in points}
+    xs, ys = [p["fit_seconds"] for p in points], [p["accuracy"] for p in points]
+    hits, pairs = _boxes_overlap_points(figure, fit_ax, xs, ys)
+    assert not hits and not pairs
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[:2] == ["finetuned", "vgg16"] and "fine-tuned (backbone included)" in legend
+    assert any(line.get_linestyle() == ":" for line in fit_ax.lines)  # stage one's time
+
+
+def test_roc_and_calibration_figures():
+    roc = {"fpr": [0.0, 0.001, 0.01, 0.1, 1.0], "tpr": [0.0, 0.5, 0.8, 0.95, 1.0], "auc": 0.97,
+           "kind": "micro one-vs-rest"}  # fmt: skip
+    figure = plotting.roc_figure([("svm", roc), ("knn", roc)], split="val")
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_title() == "ROC on val (micro one-vs-rest)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "svm (AUC 0.970)",
+        "knn (AUC 0.970)",
+    ]
+    cal = {"confidence": [0.55, 0.95], "accuracy": [0.5, 0.9], "count": [2, 8], "ece": 0.05}
+    figure = plotting.calibration_figure([("softmax", cal)], split="test")
+    ax = figure.axes[0]
+    assert ax.get_title() == "calibration on test"
+    assert "softmax (ECE 0.050)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert list(ax.lines[1].get_xdata()) == [0.55, 0.95]
 
 
 @pytest.mark.parametrize(("phase_one", "phase_two"), [(3, 9), (0, 4), (2, 0)])
@@ -106,33 +167,53 @@ def test_plot_curves_writes_a_png(tmp_path):
     assert not list(path.parent.glob(".*tmp*"))  # written atomically, nothing left over
 
 
+def _data(rows, tied=()):
+    board = [
+        {"rank": i + 1, "run": r["run"], "group": r["group"], "accuracy": r["splits"]["val"]["accuracy"],
+         "accuracy_ci": [0.5, 0.9]}
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    selection = {"winner": rows[0]["run"], "compare_split": "val", "tied": list(tied)}
+    return {"runs": rows, "leaderboard": board, "selection": selection}
+
+
 def test_report_figures_names_every_figure():
     rows = [
         _row("svm", "vgg16_224", CM),
         _row("softmax", "vgg16_224", CM, fit_seconds=None),
         _row("ft/one", "finetuned", CM, kind="finetuned", history=_history(1, 2)),
         _row("ft_no_history", "finetuned", CM, kind="finetuned"),
+        _row("ridge", "vgg16_224", CM),
     ]
-    data = {"primary_split": "test", "runs": rows}
-    figures = plotting.report_figures(data)
+    rows[1]["splits"]["val"]["roc"] = {
+        "fpr": [0, 0.1, 1],
+        "tpr": [0, 0.9, 1],
+        "auc": 0.9,
+        "kind": "k",
+    }
+    rows[1]["splits"]["val"]["calibration"] = {
+        "confidence": [0.9],
+        "accuracy": [0.8],
+        "count": [4],
+        "ece": 0.1,
+    }
+    figures = plotting.report_figures(_data(rows, tied=["vgg16_224/softmax"]))
     assert set(figures) == {
-        "confusion_vgg16_224.png",
-        "per_class_f1_vgg16_224.png",
-        "confusion_finetuned.png",
-        "per_class_f1_finetuned.png",
-        "accuracy_vs_fit_time.png",
+        "forest.png",
+        "cost.png",
+        "confusion_vgg16_224_svm_val.png",  # the winner on each split
+        "confusion_vgg16_224_svm_test.png",
+        "confusion_vgg16_224_softmax_val.png",  # the next three on the comparison split
+        "confusion_finetuned_ft_one_val.png",
+        "confusion_finetuned_ft_no_history_val.png",
+        "roc.png",  # only the softmax head has probabilities
+        "calibration.png",
         "curves_ft_one.png",  # "/" made safe for a file name
     }
     assert all(png[:4] == b"\x89PNG" for png in figures.values())
 
 
-def test_report_figures_plot_the_commonest_class_list_only():
-    odd = _row("old", "cache", [[3, 1], [1, 3]])
-    odd["class_names"] = ["ants", "bees"]
-    odd["splits"]["test"]["per_class_f1"] = [0.7, 0.7]
-    rows = [_row("svm", "cache", CM), _row("knn", "cache", CM), odd]
-    figure_rows = [r for r in rows if r["class_names"] == NAMES]
-    assert plotting._commonest_class_list(rows) == NAMES
-    figure = plotting.confusion_figure(figure_rows, NAMES, "test")
-    assert [ax.get_title() for ax in figure.axes] == ["svm (test)", "knn (test)"]
-    assert "confusion_cache.png" in plotting.report_figures({"primary_split": "test", "runs": rows})
+def test_run_title_names_backbone_and_head():
+    assert plotting.run_title(_row("svm", "c", CM)) == "vgg16 224 px imagenet + svm"
+    tuned = _row("ft", "finetuned", CM, kind="finetuned")
+    assert plotting.run_title(tuned) == "fine-tuned vgg16 224 px imagenet: ft"

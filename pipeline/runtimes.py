@@ -1,0 +1,391 @@
+"""The inference-runtime registry of stage one: who runs the frozen backbone.
+
+* ``keras``: the Keras model itself (``predict_on_batch``), every backend.
+* ``openvino``: the same headless Keras model exported to OpenVINO IR
+  (``model.export(path, format="openvino")``, Keras's own exporter, which goes
+  through a traced ``tf.function`` on TensorFlow and JAX and through TorchScript
+  on torch), compiled for the CPU with ``INFERENCE_PRECISION_HINT`` ``f32`` or
+  ``bf16``.
+
+``RUNTIME=auto`` (the default) takes the first candidate of
+:func:`candidates` that is installed, converts the backbone and passes the
+check: the features of :data:`CHECK_IMAGES` images of the user's data keep a
+cosine of at least :data:`CHECK_COSINE` to Keras's float32 features. The
+converted model and the check are stored once per backbone, weights, input
+size, pooling and layer under ``artifacts/runtimes/openvino/<key>/``
+(``model.xml``, ``model.bin``, ``meta.json``), so later runs neither convert
+nor import Keras. Everything that fails (no ``openvino`` package, a conversion
+error, a failed check, a Keras dtype policy other than float32) falls back to
+``keras`` with a note saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.files import write_json_atomic
+from pipeline.options import RUNTIME_PRECISIONS, RUNTIMES  # noqa: F401 (the registry's names)
+
+CHECK_COSINE = 0.998  # smallest cosine to Keras float32 features a runtime may have
+CHECK_IMAGES = 16  # images of the user's data the check runs on
+META_VERSION = 1
+# OpenVINO's names of our precisions (``INFERENCE_PRECISION_HINT``).
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime and precision stage one runs with, and why (``notes``, printed)."""
+
+    runtime: str = "keras"  # "keras" or "openvino"
+    precision: str = "fp32"  # "fp32" or "bf16" (the runtime's compute precision)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def tag(self) -> str:
+        """Cache-name suffix: empty for Keras (old names stay valid), ``ov-bf16`` ..."""
+        return "" if self.runtime == "keras" else f"ov-{self.precision}"
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be imported (without importing it)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+@functools.cache
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU (``("BF16", "FP32", ...)``)."""
+    if not openvino_installed():
+        return ()
+    import openvino as ov
+
+    return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), per OpenVINO."""
+    return "BF16" in cpu_capabilities()
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class ConversionStore:
+    """The converted model of one backbone configuration, on disk.
+
+    ``directory`` is ``<artifacts>/runtimes/openvino/<stem>_<hash>``; the hash
+    covers everything the converted graph depends on (:meth:`identity`).
+    """
+
+    directory: Path
+    identity: dict
+
+    @classmethod
+    def for_config(
+        cls,
+        artifacts_dir: str | Path,
+        *,
+        backbone: str,
+        weights_id: str,
+        weights_tag: str,
+        input_size: int,
+        pooling: str,
+        layer: str | None,
+    ) -> ConversionStore:
+        identity = {
+            "meta_version": META_VERSION,
+            "backbone": backbone,
+            "weights": weights_id,
+            "input_size": input_size,
+            "pooling": pooling,
+            "layer": layer or "",
+            "openvino": _version("openvino"),
+            "keras": _version("keras"),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        layer_part = "".join(c if c.isalnum() else "-" for c in layer) + "_" if layer else ""
+        stem = f"{backbone}_{input_size}_{pooling}_{layer_part}{weights_tag}_{digest}"
+        return cls(Path(artifacts_dir) / "runtimes" / "openvino" / stem, identity)
+
+    @property
+    def model_xml(self) -> Path:
+        return self.directory / "model.xml"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.directory / "meta.json"
+
+    def meta(self) -> dict | None:
+        """The recorded conversion and checks, or ``None`` (absent, unreadable, another identity)."""
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("identity") != self.identity:
+            return None
+        if meta.get("converted") and not (
+            self.model_xml.is_file() and self.model_xml.with_suffix(".bin").is_file()
+        ):
+            return None  # files removed by hand: convert again
+        return meta
+
+    def record_check(self, precision: str, result: dict) -> None:
+        meta = self.meta() or {}
+        meta.setdefault("checks", {})[precision] = result
+        write_json_atomic(self.meta_path, meta)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def convert(store: ConversionStore, build_keras: Callable[[], Any]) -> dict:
+    """Export the Keras model to OpenVINO IR in ``store`` unless already there; return the meta.
+
+    A failed conversion is recorded too (``"converted": false`` with the
+    reason), so later runs fall back at once instead of converting again.
+    """
+    meta = store.meta()
+    if meta is not None:
+        return meta
+    store.directory.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".converting-", dir=store.directory.parent))
+    started = time.perf_counter()
+    try:
+        model = build_keras()
+        import keras
+
+        meta = {"identity": store.identity, "keras_backend": keras.backend.backend()}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Keras's input-structure chatter when tracing
+                model.export(str(work / "model.xml"), format="openvino", verbose=False)
+            meta.update(converted=True, error="")
+        except Exception as exc:  # an op the converter lacks, a backend it cannot trace
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            meta.update(converted=False, error=f"{type(exc).__name__}: {reason}")
+        meta["convert_seconds"] = round(time.perf_counter() - started, 2)
+        meta["checks"] = {}
+        write_json_atomic(work / "meta.json", meta)
+        try:
+            os.replace(work, store.directory)  # atomic: readers see all files or none
+        except OSError:  # another run finished first, or an old store is in the way
+            if store.meta() is None:
+                shutil.rmtree(store.directory, ignore_errors=True)
+                os.replace(work, store.directory)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return store.meta() or meta
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def candidates(runtime: str, precision: str) -> list[tuple[str, str]]:
+    """``(runtime, precision)`` pairs to try, fastest first."""
+    if runtime == "keras":
+        return [("keras", "fp32")]
+    precisions = ["bf16", "fp32"] if precision == "auto" else [precision]
+    pairs = [("openvino", p) for p in precisions]
+    return pairs + [("keras", "fp32")] if runtime == "auto" else pairs
+
+
+def choose(
+    runtime: str,
+    precision: str,
+    *,
+    keras_precision: str = "float32",
+    store: ConversionStore | None = None,
+) -> RuntimeChoice:
+    """Pick the runtime from what is installed, the CPU and what ``store`` recorded.
+
+    Cheap (no conversion, no Keras): candidates whose conversion or check has
+    not run yet are taken optimistically; :func:`settle` runs them.
+
+    Raises
+    ------
+    PipelineError
+        ``RUNTIME=openvino`` where it cannot run (not installed, a Keras dtype
+        policy other than float32, a recorded conversion failure).
+    """
+    explicit = runtime != "auto"
+    notes: list[str] = []
+    meta = store.meta() if store is not None else None
+    if runtime == "keras":
+        return RuntimeChoice("keras", "fp32")
+    why_not = None
+    if not openvino_installed():
+        why_not = "the openvino package is not installed (pip install openvino)"
+    elif keras_precision != "float32":
+        why_not = (
+            f"PRECISION={keras_precision} is a Keras dtype policy; OpenVINO runs float32 models"
+        )
+    elif meta is not None and not meta.get("converted"):
+        why_not = f"the backbone does not convert to OpenVINO ({meta.get('error')})"
+    if why_not:
+        if explicit:
+            raise PipelineError(f"RUNTIME=openvino cannot run: {why_not}; use RUNTIME=keras")
+        return RuntimeChoice("keras", "fp32", (f"runtime: keras, because {why_not}",))
+    for name, prec in candidates(runtime, precision):
+        if name == "keras":
+            return RuntimeChoice("keras", "fp32", tuple(notes))
+        if prec == "bf16" and not cpu_supports_bf16():
+            if precision == "bf16":
+                notes.append("RUNTIME_PRECISION=bf16: this CPU has no native bfloat16; using fp32")
+                return RuntimeChoice(name, "fp32", tuple(notes))
+            continue
+        check = (meta or {}).get("checks", {}).get(prec)
+        if check is not None and not check["passed"]:
+            failed = (
+                f"openvino {prec} features have a cosine of {check['cosine_min']:.4f} to Keras "
+                f"float32 on {check['images']} images (below {CHECK_COSINE})"
+            )
+            if precision == "auto" or not explicit:
+                notes.append(f"runtime: {failed}; not used")
+                continue
+            notes.append(f"warning: {failed}; used because RUNTIME_PRECISION={prec} was asked for")
+        return RuntimeChoice(name, prec, tuple(notes))
+    return RuntimeChoice("keras", "fp32", tuple(notes))  # pragma: no cover - keras ends the list
+
+
+def describe(choice: RuntimeChoice) -> str:
+    """One line for the output: ``runtime: openvino, bf16 (this CPU has BF16)``."""
+    if choice.runtime == "keras":
+        return "runtime: keras"
+    why = "the CPU has native bfloat16" if choice.precision == "bf16" else "float32"
+    return f"runtime: openvino {openvino_version()}, {choice.precision} ({why})"
+
+
+def openvino_version() -> str:
+    return _version("openvino")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class OpenVINOModel:
+    """A compiled OpenVINO model with the two members stage one uses of a Keras model.
+
+    ``output_shape`` and ``predict_on_batch(x) -> ndarray``. One synchronous
+    request with ``PERFORMANCE_HINT=LATENCY`` uses every core for each batch.
+    """
+
+    def __init__(self, xml: str | Path, precision: str, *, cache_dir: str | Path | None = None):
+        import openvino as ov
+
+        core = ov.Core()
+        if cache_dir is not None:  # compiled blobs: a later run skips most of the compile
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.precision = precision
+        self.compiled = core.compile_model(
+            str(xml),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"},
+        )
+        self.request = self.compiled.create_infer_request()
+        width = self.compiled.outputs[0].get_partial_shape()[-1].get_length()
+        self.output_shape = (None, int(width))
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        result = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(result[self.compiled.outputs[0]], dtype=np.float32)
+
+
+def load(choice: RuntimeChoice, store: ConversionStore) -> OpenVINOModel:
+    """The compiled model of ``store`` at ``choice.precision``."""
+    return OpenVINOModel(store.model_xml, choice.precision, cache_dir=store.directory / "compiled")
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine between two feature matrices (1.0 for two zero rows)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
+    return float(np.where(both_zero, 1.0, cos).min()) if len(a) else 1.0
+
+
+def check(
+    store: ConversionStore,
+    precisions: Sequence[str],
+    keras_model: Any,
+    x: np.ndarray,
+    *,
+    data: str = "",
+) -> dict[str, dict]:
+    """Compare the runtime's features with Keras float32's on ``x``; record and return them."""
+    reference = np.asarray(keras_model.predict_on_batch(x), np.float32)
+    results = {}
+    for precision in precisions:
+        got = OpenVINOModel(store.model_xml, precision).predict_on_batch(x)
+        cos = cosine_min(got, reference)
+        results[precision] = {
+            "cosine_min": round(cos, 6),
+            "passed": bool(cos >= CHECK_COSINE),
+            "images": len(x),
+            "data": data,
+            "threshold": CHECK_COSINE,
+        }
+        store.record_check(precision, results[precision])
+    return results
+
+
+def settle(
+    runtime: str,
+    precision: str,
+    *,
+    keras_precision: str,
+    store: ConversionStore,
+    build_keras: Callable[[], Any],
+    sample: Callable[[], np.ndarray],
+    data: str = "",
+) -> RuntimeChoice:
+    """:func:`choose`, after converting and checking what the choice needs (once, recorded).
+
+    ``build_keras`` builds the Keras float32 model (for the conversion and the
+    reference features); ``sample`` returns a preprocessed batch of the user's
+    images for the check. Neither is called when ``store`` already holds both.
+    """
+    choice = choose(runtime, precision, keras_precision=keras_precision, store=store)
+    keras_model = None
+
+    def keras_once() -> Any:
+        nonlocal keras_model
+        if keras_model is None:
+            keras_model = build_keras()
+        return keras_model
+
+    notes = list(choice.notes)
+    while choice.runtime == "openvino":
+        meta = convert(store, keras_once)
+        if not meta.get("converted"):
+            return choose(runtime, precision, keras_precision=keras_precision, store=store)
+        if choice.precision in meta.get("checks", {}):
+            break
+        check(store, [choice.precision], keras_once(), sample(), data=data)
+        choice = choose(runtime, precision, keras_precision=keras_precision, store=store)
+    notes += [n for n in choice.notes if n not in notes]
+    return RuntimeChoice(choice.runtime, choice.precision, tuple(notes))
