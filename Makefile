@@ -104,20 +104,22 @@ LR ?= 1e-5
 HEAD_EPOCHS ?= 50
 PATIENCE ?= 3
 AUGMENT ?= 1
+# Augmented views per training image cached at the cut (0: a full forward pass every epoch).
+AUG_VIEWS ?= 8
 CLASS_WEIGHT ?= balanced
 RESTART ?= 0
 NAME ?=
 FINETUNE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
 	--layers $(LAYERS) --epochs $(EPOCHS) --lr $(LR) --head-epochs $(HEAD_EPOCHS) --patience $(PATIENCE) \
-	--augment $(AUGMENT) --class-weight $(CLASS_WEIGHT) --batch-size $(BATCH) --precision $(PRECISION) \
+	--augment $(AUGMENT) --aug-views $(AUG_VIEWS) --class-weight $(CLASS_WEIGHT) --batch-size $(BATCH) --precision $(PRECISION) \
 	$(SPLIT_ARGS) --restart $(RESTART) $(if $(NAME),--name $(NAME)) --artifacts $(ARTIFACTS)
 .PHONY: finetune bench-finetune
 
-finetune: install weights-from-assets ## stage three: fine-tune the last LAYERS layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= LAYERS= EPOCHS= LR= AUGMENT= PATIENCE= NAME= RESTART=1)
+finetune: install weights-from-assets ## stage three: fine-tune the last LAYERS layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= LAYERS= EPOCHS= LR= AUGMENT= AUG_VIEWS= PATIENCE= NAME= RESTART=1)
 	$(PY) -m pipeline finetune --data $(DATA) $(FINETUNE_ARGS)
 
-bench-finetune: install weights-from-assets ## one phase-two epoch (last block) / one stage-one pass (BENCH_DATA=, N=)
-	$(PY) -m pipeline bench-finetune --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --weights $(WEIGHTS) --batch-size $(BATCH) --images $(or $(N),256) --out $(ARTIFACTS)/bench/finetune.json
+bench-finetune: install weights-from-assets ## one phase-two epoch (last block) / one stage-one pass (BENCH_DATA=, N=, AUG_VIEWS=)
+	$(PY) -m pipeline bench-finetune --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --weights $(WEIGHTS) --batch-size $(BATCH) --images $(or $(N),256) --aug-views $(AUG_VIEWS) --out $(ARTIFACTS)/bench/finetune.json
 
 clean: ## remove artifacts (keeps artifacts/README.md)
 	find $(ARTIFACTS) -mindepth 1 ! -name README.md -delete

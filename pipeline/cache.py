@@ -111,6 +111,44 @@ def load_features(path: str | Path) -> FeatureSet:
             raise CacheError(f"{path} is not a complete feature cache (missing {exc})") from None
 
 
+class FeatureRows:
+    """A finished cache opened for reading rows on demand: its features are never loaded whole.
+
+    For caches too large for memory (stage three's cut activations). ``paths``,
+    ``labels`` and ``split`` are read at once (they are small); :meth:`read`
+    reads the rows it is given. Close it (or use it as a context manager).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with _open_for_reading(self.path) as f:
+            self.attrs = _attrs_of(f)
+            try:
+                self.shape = tuple(f["features"].shape)
+                self.labels = f["labels"][...].astype(np.int64)
+                self.paths = np.array(f["paths"].asstr()[...], dtype=object)
+                self.split = np.array(f["split"].asstr()[...], dtype=object)
+            except KeyError as exc:
+                raise CacheError(f"{path} is not a complete feature cache (missing {exc})") from None
+        self._file = h5py.File(self.path, "r")
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Features of ``rows`` (any order, repeats allowed) as float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing rows
+        return np.asarray(self._file["features"][unique], dtype=np.float32)[inverse]
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> FeatureRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_skipped(path: str | Path) -> list[tuple[str, str]]:
     """``(path, reason)`` of every image a cache skipped."""
     with _open_for_reading(path) as f:

@@ -595,6 +595,12 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rotation", type=float, default=defaults.rotation, help="random rotation")
     p.add_argument("--zoom", type=float, default=defaults.zoom, help="random zoom")
     p.add_argument(
+        "--aug-views",
+        type=int,
+        default=defaults.aug_views,
+        help="augmented views per training image cached at the cut (0: full forward pass)",
+    )
+    p.add_argument(
         "--class-weight",
         default=defaults.class_weight,
         metavar=_one_of(CLASS_WEIGHTS),
@@ -619,6 +625,9 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "bench-finetune", "one phase-two epoch vs one stage-one pass")
     _add_bench_options(p, images=256, out="artifacts/bench/finetune.json")
     p.add_argument("--input-size", type=_optional_int, default=None, help="default: the backbone's")
+    p.add_argument(
+        "--aug-views", type=int, default=8, help="augmented views per image in the activation cache"
+    )
     p.set_defaults(func=cmd_bench_finetune)
 
 
@@ -634,8 +643,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         features=features, split=_split_config(args), layers=args.layers, epochs=args.epochs,
         learning_rate=args.lr, head_epochs=args.head_epochs, head_learning_rate=args.head_lr,
         patience=args.patience, augment=args.augment, flip=args.flip, rotation=args.rotation,
-        zoom=args.zoom, class_weight=args.class_weight, name=args.name or None,
-        restart=args.restart,
+        zoom=args.zoom, class_weight=args.class_weight, aug_views=args.aug_views,
+        name=args.name or None, restart=args.restart,
     )  # fmt: skip
     config.validate()  # bad options fail before Keras is imported
     _warn_random_weights(args)
@@ -649,7 +658,7 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
 
     bench_finetune(
         args.data, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
-        batch_size=args.batch_size, n_images=args.images, out=args.out,
+        batch_size=args.batch_size, n_images=args.images, aug_views=args.aug_views, out=args.out,
     )  # fmt: skip
     return 0
 

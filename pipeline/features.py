@@ -177,7 +177,11 @@ def resolve_features(
         layer=config.layer,
     )
     choice = runtimes.choose(
-        config.runtime, config.runtime_precision, keras_precision=config.precision, store=store
+        config.runtime,
+        config.runtime_precision,
+        keras_precision=config.precision,
+        store=store,
+        random_weights=config.weights == "none",
     )
     return replace(resolved, runtime=choice, store=store)
 
@@ -204,6 +208,7 @@ def _settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> Resolved
         config.runtime_precision,
         keras_precision=config.precision,
         store=resolved.store,
+        random_weights=config.weights == "none",
         build_keras=lambda: _build_model(replace(resolved, runtime=runtimes.RuntimeChoice())),
         sample=sample,
         data=folder.name,

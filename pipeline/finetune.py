@@ -52,18 +52,19 @@ from pipeline.options import check_options
 if TYPE_CHECKING:
     import keras
 
+    from pipeline.activations import Cut
     from pipeline.artifacts import FinetuneFiles
     from pipeline.cache import FeatureSet
     from pipeline.checkpoints import Checkpoint
 
 _OWN_OPTIONS = (
     "epochs", "head_epochs", "patience", "learning_rate", "head_learning_rate", "rotation",
-    "zoom", "flip", "class_weight",
+    "zoom", "flip", "class_weight", "aug_views",
 )  # fmt: skip
 # What a checkpoint must share to be continued (not epochs, patience, name, workers).
 _IDENTITY = (
     "layers", "learning_rate", "head_epochs", "head_learning_rate", "augment", "flip",
-    "rotation", "zoom", "class_weight",
+    "rotation", "zoom", "class_weight", "aug_views",
 )  # fmt: skip
 
 
@@ -100,6 +101,12 @@ class FinetuneConfig:
         Their settings: flip mode, and rotation and zoom as fractions.
     class_weight : {"balanced", "none"}
         Weight each class by ``n / (k * n_class)`` on the training split.
+    aug_views : int
+        Phase two trains the top of the network on cached activations of the
+        frozen part (:mod:`pipeline.activations`): this many augmented views
+        of each training image are cached once, one drawn per image per epoch
+        (with ``augment=False``, the unaugmented activations). ``0``: every
+        epoch runs the whole network on the images, as before.
     name : str, optional
         Output name (default ``<backbone>_<size>_<weights>_layers-<layers>``).
     restart : bool
@@ -126,6 +133,7 @@ class FinetuneConfig:
     rotation: float = 0.1
     zoom: float = 0.1
     class_weight: str = "balanced"
+    aug_views: int = 8
     name: str | None = None
     restart: bool = False
 
@@ -140,6 +148,16 @@ class FinetuneConfig:
         check_options(asdict(self.split), ("seed", "val_fraction", "test_fraction"))
         parse_layers(self.layers)
         check_options({key: getattr(self, key) for key in _OWN_OPTIONS})
+        views = self.aug_views
+        if (
+            isinstance(views, bool)
+            or not isinstance(views, int | np.integer)
+            or not 0 <= views <= 64
+        ):
+            raise FinetuneError(
+                "AUG_VIEWS= (--aug-views) must be a whole number in 0..64 (0: a full forward "
+                f"pass every epoch); got {views!r}"
+            )
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise FinetuneError(
                 "NAME= (--name) must be letters, digits, '.', '_' or '-' (a file name); "
@@ -178,6 +196,7 @@ class FinetuneResult:
     history: list[dict[str, Any]]
     seconds: float
     resumed_from: int | None = None
+    phase_two_input: str = ""
     notes: list[str] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
 
@@ -192,6 +211,8 @@ class FinetuneResult:
             f"{self.val_accuracy:.4f}{test} (best epoch {self.best_epoch} of phase two, "
             f"{len(phase_two)} run, {per_epoch:.2f} min/epoch, {self.seconds / 60:.1f} min in all)"
         )
+        if self.phase_two_input:
+            lines.append(f"  phase two trained on {self.phase_two_input}")
         lines.append(f"saved {self.model_path} (manifest {self.manifest_path.name})")
         lines.append(
             f"  predictions {self.predictions_path.name}, log {self.history_path.name}, "
@@ -222,6 +243,11 @@ class _Run:
     notes: list[str]
     echo: Callable[[str], None]
     started: float = field(default_factory=time.perf_counter)
+    data_dir: Path | None = None
+    artifacts_dir: Path = Path("artifacts")
+    progress: bool = True
+    cut: Cut | None = None  # where phase two's input is cached; None: images, every epoch
+    activations: dict[str, Any] = field(default_factory=dict)  # the caches, for the manifest
 
     def note(self, line: str) -> None:
         self.notes.append(line)
@@ -284,11 +310,12 @@ def finetune(
     """
     run = _prepare(Path(data), config or FinetuneConfig(), artifacts_dir, progress, echo)
     try:  # the run holds its lock (taken by checkpoint.open) until here
-        model, head, head_source = _assemble(run)
+        _cache_activations(run)
+        model, trainee, head, head_source = _assemble(run)
         sigmoid = int(head.output_shape[-1]) == 1
         resumed_from = int(run.state["epoch"]) if run.state else None
-        state = _phase_one(run, model, head, head_source, sigmoid)
-        state = _phase_two(run, model, state, sigmoid, progress, callbacks)
+        state = _phase_one(run, trainee, head, head_source, sigmoid)
+        state = _phase_two(run, trainee, state, sigmoid, progress, callbacks)
         return _write_outputs(run, model, state, sigmoid, resumed_from)
     finally:
         run.checkpoint.release()
@@ -359,8 +386,8 @@ def _prepare(
         features=features, splits=splits,
         root=Path(features.attrs.get("data_root", folder.root)), base=base, layers=layers,
         depth=len(backbone_layers(base)), checkpoint=checkpoint, identity=identity, state=state,
-        notes=notes,
-        echo=echo,
+        notes=notes, echo=echo, data_dir=data_dir, artifacts_dir=Path(artifacts_dir),
+        progress=progress,
     )  # fmt: skip
 
 
@@ -418,11 +445,102 @@ def _check_splits(features: FeatureSet) -> dict[str, np.ndarray]:
     return masks
 
 
-def _assemble(run: _Run) -> tuple[keras.Model, keras.Model, str]:
-    """The model, its head and where the head comes from (``"stage two"`` or ``"scratch"``)."""
+def _cache_activations(run: _Run) -> None:
+    """Cache phase two's input at the cut (stage one's cut cache; the augmented views).
+
+    Sets ``run.cut`` (``None`` when phase two runs on images: ``AUG_VIEWS=0``,
+    or no layer is frozen) and ``run.activations`` (paths, views, seconds).
+    """
+    import keras
+
+    from pipeline import activations, cache
+    from pipeline.features import extract_features
+    from pipeline.finetune_model import build_augmentation
+    from pipeline.images import default_workers
+
+    config = run.config
+    cut = activations.find_cut(run.base, run.layers) if config.aug_views > 0 else None
+    if cut is None:
+        reason = "AUG_VIEWS=0" if config.aug_views == 0 else "no backbone layer is frozen"
+        run.activations = {"mode": "images", "reason": reason}
+        run.note(f"phase 2: a full forward pass over the images every epoch ({reason})")
+        return
+    frozen = activations.frozen_part(run.base, cut)
+    for attempt in (1, 2):
+        keras.utils.set_random_seed(config.split.seed)  # WEIGHTS=none: the run's base
+        summary = extract_features(
+            run.data_dir, activations.cut_config(config.features, cut), split=config.split,
+            artifacts_dir=run.artifacts_dir, progress=run.progress,
+        )  # fmt: skip
+        with cache.FeatureRows(summary.cache_path) as reader:
+            if list(reader.paths) != list(run.features.paths):
+                raise FinetuneError(
+                    f"{summary.cache_path} and {run.features.path} hold other images (the "
+                    "data changed while they were made); run the command again to rebuild them"
+                )
+            problem = activations.cut_cache_problem(
+                reader, frozen, run.root, preprocess=run.resolved.spec.preprocess,
+                size=run.resolved.input_size,
+            )  # fmt: skip
+        if not problem:
+            break
+        if attempt == 2:
+            raise FinetuneError(
+                f"{summary.cache_path} does not hold the activations of this backbone at "
+                f"{cut.layer} ({problem}); delete it and run again"
+            )
+        run.note(f"phase 2: {summary.cache_path} was made by other weights ({problem}); rebuilding")
+        summary.cache_path.unlink()
+    if summary.status != "up to date":
+        run.note(f"phase 2: cached the activations at {cut.layer} in {summary.cache_path}")
+    cut_attrs = cache.read_attrs(summary.cache_path)
+    run.cut = cut
+    run.activations = {
+        "mode": "cached activations", "cut_layer": cut.layer, "cut_shape": list(cut.shape),
+        "cut_cache": str(summary.cache_path), "cut_cache_seconds": round(summary.seconds, 1),
+        "views": 0, "views_cache": None, "views_cache_seconds": 0.0,
+    }  # fmt: skip
+    augmentation = build_augmentation(config)
+    if augmentation is None:
+        run.note(f"phase 2: trains the top on the activations at {cut.layer} (no augmentation)")
+        return
+    spec = activations.ViewsSpec(
+        stage_one=str(cut_attrs["config_json"]), views=config.aug_views, seed=config.split.seed,
+        augmentation={"flip": config.flip, "rotation": config.rotation, "zoom": config.zoom},
+    )  # fmt: skip
+    path = summary.cache_path.with_name(f"{summary.cache_path.stem}_{spec.tag()}.h5")
+    train, resolved = run.splits["train"], run.resolved
+    keep = ("class_names", "backbone", "weights", "weights_source", "input_size", "layer",
+            "preprocessing", "precision", "data_root", "dataset")  # fmt: skip
+    tick = time.perf_counter()
+    status, seconds = activations.write_views(
+        path, run.root, list(run.features.paths[train]), run.features.labels[train], spec=spec,
+        fingerprint=str(cut_attrs["fingerprint"]), frozen=frozen,
+        augmentation=augmentation, preprocessing=resolved.spec.preprocessing,
+        size=resolved.input_size, batch_size=config.features.batch_size, dtype="float16",
+        attrs={key: cut_attrs[key] for key in keep if key in cut_attrs},
+        workers=config.features.workers or default_workers(), progress=run.progress,
+    )  # fmt: skip
+    if status != "up to date":
+        run.note(
+            f"phase 2: {status} {config.aug_views} augmented views per training image at "
+            f"{cut.layer} in {time.perf_counter() - tick:.1f} s ({path})"
+        )
+    run.activations.update(views=config.aug_views, views_cache=str(path))
+    run.activations["views_cache_seconds"] = round(seconds, 1)
+
+
+def _assemble(run: _Run) -> tuple[keras.Model, keras.Model, keras.Model, str]:
+    """The whole model, the model phase two trains, the head and where the head comes from.
+
+    The trained model is the whole model when phase two runs on images, else
+    the top of the network on the cached activations (sharing its layers with
+    the whole model, which then needs no augmentation: the views hold it).
+    """
     import keras
 
     from pipeline import backbones
+    from pipeline.activations import build_top_model
     from pipeline.finetune_model import build_augmentation, build_finetune_model, starting_head
 
     keras.utils.set_random_seed(run.config.split.seed)  # whether stage one ran just now or not
@@ -433,9 +551,10 @@ def _assemble(run: _Run) -> tuple[keras.Model, keras.Model, str]:
         )  # fmt: skip
         model = build_finetune_model(
             run.resolved.spec, run.base, head, size=run.resolved.input_size,
-            augmentation=build_augmentation(run.config),
+            augmentation=build_augmentation(run.config) if run.cut is None else None,
         )  # fmt: skip
-    return model, head, source
+        trainee = model if run.cut is None else build_top_model(run.base, head, run.cut)
+    return model, trainee, head, source
 
 
 def _sample_weights(run: _Run, labels: np.ndarray) -> np.ndarray | None:
@@ -486,7 +605,11 @@ def _phase_one(run: _Run, model, head, head_source: str, sigmoid: bool) -> dict:
 
 
 def _phase_two(run: _Run, model, state: dict, sigmoid: bool, progress: bool, callbacks) -> dict:
-    """Unfreeze the last layers, recompile, train on images from the checkpoint's epoch."""
+    """Unfreeze the last layers, recompile, train from the checkpoint's epoch.
+
+    ``model`` is the whole model (on images) or the top model (on the cached
+    activations), as :func:`_assemble` chose.
+    """
     from pipeline.finetune_model import compile_model
     from pipeline.freezing import set_trainable
     from pipeline.training import CheckpointedEarlyStopping, EpochLog, fit_phase_two
@@ -497,8 +620,14 @@ def _phase_two(run: _Run, model, state: dict, sigmoid: bool, progress: bool, cal
     run.checkpoint.restore(model, state)
     history = list(state["history"])
     train_rows, val_rows = np.flatnonzero(run.splits["train"]), np.flatnonzero(run.splits["val"])
-    train_seq = _images(run, train_rows, sigmoid, shuffle=True)
-    val_seq = _images(run, val_rows, sigmoid)
+    readers = []
+    if run.cut is None:
+        train_seq = _images(run, train_rows, sigmoid, shuffle=True)
+        val_seq = _images(run, val_rows, sigmoid)
+    else:
+        readers = _open_activations(run)
+        train_seq = _activations(run, readers[-1], train_rows, sigmoid, shuffle=True)
+        val_seq = _activations(run, readers[0], val_rows, sigmoid)
     stopping = CheckpointedEarlyStopping(
         run.checkpoint, state, history, patience=config.patience, elapsed=run.elapsed,
         echo=run.echo,
@@ -507,11 +636,40 @@ def _phase_two(run: _Run, model, state: dict, sigmoid: bool, progress: bool, cal
         2, history, epochs=config.epochs, learning_rate=config.learning_rate, echo=run.echo,
         progress=progress,
     )  # fmt: skip
-    fit_phase_two(
-        model, train_seq, val_seq, epochs=config.epochs, stopping=stopping, log=log,
-        callbacks=callbacks,
-    )  # fmt: skip
+    try:
+        fit_phase_two(
+            model, train_seq, val_seq, epochs=config.epochs, stopping=stopping, log=log,
+            callbacks=callbacks,
+        )  # fmt: skip
+    finally:
+        for reader in readers:
+            reader.close()
     return {**stopping.state, "history": history}
+
+
+def _open_activations(run: _Run) -> list:
+    """Readers of the cut cache and, when there are views, of the views cache (last)."""
+    from pipeline.cache import FeatureRows
+
+    readers = [FeatureRows(run.activations["cut_cache"])]
+    if run.activations["views_cache"]:
+        readers.append(FeatureRows(run.activations["views_cache"]))
+    return readers
+
+
+def _activations(run: _Run, reader, rows: np.ndarray, sigmoid: bool, *, shuffle: bool = False):
+    """The cached activations of cache ``rows`` (training: views, class weights, shuffled)."""
+    from pipeline.activations import activation_sequence
+
+    labels = run.features.labels[rows]
+    views = int(run.activations["views"]) if shuffle else 0
+    if views:  # the views cache holds the training images only, in cache order
+        rows = np.arange(len(rows))
+    return activation_sequence(
+        reader, rows, labels, views=max(1, views), batch_size=run.config.features.batch_size,
+        sigmoid=sigmoid, sample_weights=_sample_weights(run, labels) if shuffle else None,
+        shuffle_seed=run.config.split.seed if shuffle else None,
+    )  # fmt: skip
 
 
 def _images(run: _Run, rows: np.ndarray, sigmoid: bool, *, shuffle: bool = False):
@@ -563,6 +721,7 @@ def _write_outputs(
         layers=run.layers, layers_option=str(run.config.layers), depth=run.depth,
         trainable_layers=[layer.name for layer in backbone_layers(run.base) if layer.trainable],
         head_source=state["head_source"], data_root=str(run.root), cache=str(features.path),
+        phase_two_input=run.activations,
         val_accuracy=accuracy.get("val"), test_accuracy=accuracy.get("test"),
         phase_one_val_accuracy=state["phase_one_val_accuracy"],
         best_epoch=int(state["best_epoch"]),
@@ -579,6 +738,7 @@ def _write_outputs(
         head_source=state["head_source"], val_accuracy=accuracy["val"],
         test_accuracy=accuracy.get("test"), best_epoch=int(state["best_epoch"]), history=history,
         seconds=seconds, resumed_from=resumed_from, notes=run.notes, model=model,
+        phase_two_input=_describe_input(run.activations),
     )  # fmt: skip
 
 
@@ -602,3 +762,12 @@ def _write_predictions(run: _Run, model, sigmoid: bool) -> tuple[float, dict[str
         for s in ("val", "test") if np.any(split == s)
     }  # fmt: skip
     return seconds_per_image, accuracy
+
+
+def _describe_input(activations: dict[str, Any]) -> str:
+    """One line on what phase two trained on."""
+    if activations.get("mode") != "cached activations":
+        return f"images, a full forward pass every epoch ({activations.get('reason', '')})"
+    views = activations["views"]
+    what = f"{views} augmented views per training image" if views else "no augmentation"
+    return f"cached activations at {activations['cut_layer']} ({what})"

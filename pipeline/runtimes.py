@@ -219,11 +219,13 @@ def choose(
     *,
     keras_precision: str = "float32",
     store: ConversionStore | None = None,
+    random_weights: bool = False,
 ) -> RuntimeChoice:
     """Pick the runtime from what is installed, the CPU and what ``store`` recorded.
 
     Cheap (no conversion, no Keras): candidates whose conversion or check has
-    not run yet are taken optimistically; :func:`settle` runs them.
+    not run yet are taken optimistically; :func:`settle` runs them. ``auto``
+    with random weights (``WEIGHTS=none``, a baseline) stays on Keras.
 
     Raises
     ------
@@ -234,7 +236,9 @@ def choose(
     explicit = runtime != "auto"
     notes: list[str] = []
     meta = store.meta() if store is not None else None
-    if runtime == "keras":
+    if runtime == "keras" or (random_weights and not explicit):
+        # Random weights are a baseline, not worth a conversion; their features are
+        # near zero, so the cosine check would say little.
         return RuntimeChoice("keras", "fp32")
     why_not = None
     if not openvino_installed():
@@ -359,6 +363,7 @@ def settle(
     *,
     keras_precision: str,
     store: ConversionStore,
+    random_weights: bool = False,
     build_keras: Callable[[], Any],
     sample: Callable[[], np.ndarray],
     data: str = "",
@@ -369,7 +374,13 @@ def settle(
     reference features); ``sample`` returns a preprocessed batch of the user's
     images for the check. Neither is called when ``store`` already holds both.
     """
-    choice = choose(runtime, precision, keras_precision=keras_precision, store=store)
+    choice = choose(
+        runtime,
+        precision,
+        keras_precision=keras_precision,
+        store=store,
+        random_weights=random_weights,
+    )
     keras_model = None
 
     def keras_once() -> Any:
@@ -382,10 +393,22 @@ def settle(
     while choice.runtime == "openvino":
         meta = convert(store, keras_once)
         if not meta.get("converted"):
-            return choose(runtime, precision, keras_precision=keras_precision, store=store)
+            return choose(
+                runtime,
+                precision,
+                keras_precision=keras_precision,
+                store=store,
+                random_weights=random_weights,
+            )
         if choice.precision in meta.get("checks", {}):
             break
         check(store, [choice.precision], keras_once(), sample(), data=data)
-        choice = choose(runtime, precision, keras_precision=keras_precision, store=store)
+        choice = choose(
+            runtime,
+            precision,
+            keras_precision=keras_precision,
+            store=store,
+            random_weights=random_weights,
+        )
     notes += [n for n in choice.notes if n not in notes]
     return RuntimeChoice(choice.runtime, choice.precision, tuple(notes))

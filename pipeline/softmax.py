@@ -11,7 +11,9 @@ are a contract: do not rename them.
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +172,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         keras.utils.set_random_seed(int(self.random_state))
         X_fit, y_fit, X_held, y_held = self._hold_out(X, encoded.astype(np.int64))
 
+        # A fresh model (its initial weights and dropout seed are what this seed gives) and a
+        # compiled model of the same architecture that trains it: built and traced once per
+        # process, re-initialised from the fresh model's variables for every fit.
         model = build_softmax_head(
             X.shape[1],
             k,
@@ -177,37 +182,39 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             dropout=float(self.dropout),
             sigmoid=bool(self.sigmoid),
         )
-        loss = "binary_crossentropy" if self.sigmoid else "sparse_categorical_crossentropy"
-        model.compile(optimizer=keras.optimizers.Adam(float(self.learning_rate)), loss=loss)
-        callbacks = []
-        if X_held is not None:
-            # The held-out loss, as Keras's ``validation_data`` would log it, computed in one
-            # forward call: ``validation_data`` rebuilds its input pipeline every epoch, which
-            # made fits 2 to 7 times slower than the arithmetic (measured on a 2-core CPU).
-            def held_out_loss(epoch: int, logs: dict) -> None:
-                logs["val_loss"] = _cross_entropy(self._proba(model, X_held), y_held)
+        with _trainers.borrow(
+            model, sigmoid=bool(self.sigmoid), learning_rate=float(self.learning_rate)
+        ) as trainer:
+            callbacks = []
+            if X_held is not None:
+                # The held-out loss, as Keras's ``validation_data`` would log it, computed in
+                # one forward call: ``validation_data`` rebuilds its input pipeline every epoch,
+                # which made fits 2 to 7 times slower than the arithmetic (2-core CPU).
+                def held_out_loss(epoch: int, logs: dict) -> None:
+                    logs["val_loss"] = _cross_entropy(self._proba(trainer, X_held), y_held)
 
-            callbacks = [
-                keras.callbacks.LambdaCallback(on_epoch_end=held_out_loss),
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss",
-                    patience=int(self.patience),
-                    min_delta=1e-6,
-                    restore_best_weights=True,
-                ),
-            ]
-        # Full batches only, reshuffled every epoch from the seed: one batch shape, one trace of
-        # the training step. With ``steps_per_epoch`` Keras keeps one iterator over the endless
-        # generator for the whole fit instead of building a new one every epoch.
-        size = min(int(self.batch_size), len(X_fit))
-        fitted = model.fit(
-            _batches(X_fit, self._target(y_fit), size, int(self.random_state)),
-            steps_per_epoch=len(X_fit) // size,
-            shuffle=False,  # the generator shuffles, from the seed
-            epochs=int(self.max_epochs),
-            callbacks=callbacks,
-            verbose=0,
-        )
+                callbacks = [
+                    keras.callbacks.LambdaCallback(on_epoch_end=held_out_loss),
+                    keras.callbacks.EarlyStopping(
+                        monitor="val_loss",
+                        patience=int(self.patience),
+                        min_delta=1e-6,
+                        restore_best_weights=True,
+                    ),
+                ]
+            # Full batches only, reshuffled every epoch from the seed: one batch shape, one
+            # trace of the training step. With ``steps_per_epoch`` Keras keeps one iterator
+            # over the endless generator for the whole fit instead of building one per epoch.
+            size = min(int(self.batch_size), len(X_fit))
+            fitted = trainer.fit(
+                _batches(X_fit, self._target(y_fit), size, int(self.random_state)),
+                steps_per_epoch=len(X_fit) // size,
+                shuffle=False,  # the generator shuffles, from the seed
+                epochs=int(self.max_epochs),
+                callbacks=callbacks,
+                verbose=0,
+            )
+            _copy_variables(trainer, model)
         self.history_ = {
             key: [float(v) for v in fitted.history.get(key, [])] for key in ("loss", "val_loss")
         }
@@ -270,6 +277,97 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 path = Path(tmp) / "model.keras"
                 path.write_bytes(data)
                 self.model_ = keras.saving.load_model(path, compile=False)
+
+
+class _TrainerPool:
+    """Compiled softmax models kept between fits, one architecture per key.
+
+    Tracing Keras's training step costs more than a whole fit of this small head on a
+    few hundred images; a search fits the same architecture again and again (each
+    grid point, then the final fit). A trainer is lent to one fit at a time (threads
+    get their own) and reset before each: its variables, dropout seed included, are
+    copied from the fitting estimator's fresh model, and its optimizer gets back the
+    state it had when built, then the fit's learning rate. Compiling is not repeated,
+    so the traced training step is kept.
+    """
+
+    _MAX_KEYS = 4  # architectures kept; the least recently used is dropped
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple, list[tuple[Any, list[np.ndarray]]]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(
+        self, model: keras.Model, *, sigmoid: bool, learning_rate: float
+    ) -> Iterator[keras.Model]:
+        """A compiled twin of ``model``, reset to ``model``'s variables and a new optimizer."""
+        import keras
+
+        dropout = model.get_layer("head_dropout").rate
+        key = (
+            keras.backend.backend(),
+            keras.config.dtype_policy().name,
+            tuple(tuple(v.shape) for v in model.variables),
+            float(dropout),
+            sigmoid,
+        )
+        with self._lock:
+            idle = self._idle.pop(key, [])
+            entry = idle.pop() if idle else None
+            if idle:
+                self._idle[key] = idle
+        if entry is None:
+            entry = self._build(model, sigmoid=sigmoid, dropout=dropout)
+        trainer, optimizer_state = entry
+        _copy_variables(model, trainer)
+        for variable, value in zip(trainer.optimizer.variables, optimizer_state, strict=True):
+            variable.assign(value)
+        trainer.optimizer.learning_rate = learning_rate
+        try:
+            yield trainer
+        finally:
+            with self._lock:
+                self._idle.setdefault(key, []).append(entry)
+                self._idle[key] = self._idle.pop(key)[-2:]  # most recent last, two at most
+                while len(self._idle) > self._MAX_KEYS:
+                    del self._idle[next(iter(self._idle))]
+
+    @staticmethod
+    def _build(model: keras.Model, *, sigmoid: bool, dropout: float) -> tuple[Any, list]:
+        import keras
+
+        width, hidden = model.get_layer("head_dense").kernel.shape
+        k = 2 if sigmoid else model.get_layer("head_output").units
+        trainer = build_softmax_head(
+            int(width), int(k), hidden=int(hidden), dropout=dropout, sigmoid=sigmoid
+        )
+        loss = "binary_crossentropy" if sigmoid else "sparse_categorical_crossentropy"
+        trainer.compile(optimizer=keras.optimizers.Adam(), loss=loss)
+        trainer.optimizer.build(trainer.trainable_variables)
+        return trainer, [np.array(v.numpy()) for v in trainer.optimizer.variables]
+
+    def clear(self) -> None:
+        """Drop every kept trainer (the next fit builds and traces its own)."""
+        with self._lock:
+            self._idle.clear()
+
+
+_trainers = _TrainerPool()
+
+
+def clear_trainers() -> None:
+    """Forget the compiled models kept between fits, so the next fit pays for tracing.
+
+    Benchmarks call it before each data set: a sweep is timed as a fresh process runs it.
+    """
+    _trainers.clear()
+
+
+def _copy_variables(source: keras.Model, target: keras.Model) -> None:
+    """Every variable of ``source`` into ``target`` (same architecture), seed states included."""
+    for src, dst in zip(source.variables, target.variables, strict=True):
+        dst.assign(src)
 
 
 def two_columns(proba: Any) -> np.ndarray:

@@ -1,0 +1,221 @@
+"""The runtime registry: choice and fallback, the conversion store, identity, equality with Keras."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_folder
+
+from pipeline import cache, runtimes
+from pipeline.cache import load_features, read_attrs
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.features import FeatureConfig, cache_path_for, extract_features
+
+TINY = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, batch_size=4)
+needs_openvino = pytest.mark.skipif(
+    not runtimes.openvino_installed(), reason="the openvino package is not installed"
+)
+
+
+def _store(tmp_path: Path, **overrides) -> runtimes.ConversionStore:
+    args = dict(
+        backbone="mobilenet_v2",
+        weights_id="none",
+        weights_tag="random",
+        input_size=32,
+        pooling="avg",
+        layer=None,
+    )
+    return runtimes.ConversionStore.for_config(tmp_path / "art", **{**args, **overrides})
+
+
+def _record(store: runtimes.ConversionStore, **meta) -> None:
+    store.directory.mkdir(parents=True, exist_ok=True)
+    (store.directory / "model.xml").write_text("<net/>")
+    (store.directory / "model.bin").write_bytes(b"")
+    full = {"identity": store.identity, "converted": True, "checks": {}, **meta}
+    store.meta_path.write_text(json.dumps(full))
+
+
+# --------------------------------------------------------------------------- choice
+
+
+def test_keras_asked_for_is_keras(tmp_path):
+    assert runtimes.choose("keras", "auto", store=_store(tmp_path)) == runtimes.RuntimeChoice()
+
+
+def test_runtime_missing_falls_back_to_keras_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: False)
+    choice = runtimes.choose("auto", "auto", store=_store(tmp_path))
+    assert (choice.runtime, choice.precision) == ("keras", "fp32")
+    assert "openvino package is not installed" in choice.notes[0]
+    with pytest.raises(PipelineError, match="RUNTIME=openvino cannot run: the openvino package"):
+        runtimes.choose("openvino", "auto", store=_store(tmp_path))
+
+
+def test_auto_prefers_bf16_where_the_cpu_has_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
+    monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
+    assert runtimes.choose("auto", "auto", store=_store(tmp_path)).tag == "ov-bf16"
+    monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: False)
+    assert runtimes.choose("auto", "auto", store=_store(tmp_path)).tag == "ov-fp32"
+    explicit = runtimes.choose("openvino", "bf16", store=_store(tmp_path))
+    assert explicit.precision == "fp32" and "no native bfloat16" in explicit.notes[0]
+
+
+def test_failed_checks_and_conversions_are_remembered(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
+    monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
+    store = _store(tmp_path)
+    failed = {"cosine_min": 0.99, "passed": False, "images": 16}
+    _record(store, checks={"bf16": failed})
+    choice = runtimes.choose("auto", "auto", store=store)
+    assert choice.tag == "ov-fp32" and "0.9900" in choice.notes[0]
+    # Asked for explicitly: used, with a warning.
+    choice = runtimes.choose("openvino", "bf16", store=store)
+    assert choice.tag == "ov-bf16" and choice.notes[0].startswith("warning:")
+    _record(store, checks={"bf16": failed, "fp32": failed})
+    assert runtimes.choose("auto", "auto", store=store).runtime == "keras"
+    _record(store, converted=False, error="NotImplementedError: op")
+    choice = runtimes.choose("auto", "auto", store=store)
+    assert choice.runtime == "keras" and "does not convert" in choice.notes[0]
+    with pytest.raises(PipelineError, match="does not convert"):
+        runtimes.choose("openvino", "fp32", store=store)
+
+
+def test_keras_dtype_policies_and_random_weights_stay_on_keras(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
+    choice = runtimes.choose(
+        "auto", "auto", keras_precision="mixed_float16", store=_store(tmp_path)
+    )
+    assert choice.runtime == "keras" and "PRECISION=mixed_float16" in choice.notes[0]
+    assert runtimes.choose("auto", "auto", store=_store(tmp_path), random_weights=True).tag == ""
+
+
+def test_bad_runtime_words_are_refused_at_the_boundary(tmp_path, capsys):
+    with pytest.raises(PipelineError, match=r"RUNTIME= \(--runtime\) must be one of auto"):
+        FeatureConfig(runtime="onnx").validate()
+    code = main(["features", "--data", str(tmp_path), "--runtime-precision", "bf17"])
+    assert code == 2 and "did you mean bf16" in capsys.readouterr().err
+
+
+def test_store_key_changes_with_what_the_graph_depends_on(tmp_path):
+    base = _store(tmp_path)
+    for change in ({"input_size": 64}, {"pooling": "max"}, {"weights_id": "sha256:ab"}):
+        assert _store(tmp_path, **change).directory != base.directory
+    assert _store(tmp_path).directory == base.directory
+
+
+# --------------------------------------------------------------------------- with OpenVINO
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """One conversion (tiny MobileNetV2, random weights, 32 px) shared by the tests below."""
+    root = tmp_path_factory.mktemp("runtimes")
+    folder = make_folder(root / "shapes")
+    config = FeatureConfig(**{**TINY.__dict__, "runtime": "openvino", "runtime_precision": "fp32"})
+    summary = extract_features(folder, config, artifacts_dir=root / "art", progress=False)
+    return root, folder, config, summary
+
+
+@needs_openvino
+def test_openvino_features_equal_keras_features(converted):
+    root, folder, config, summary = converted
+    keras = extract_features(
+        folder, FeatureConfig(**{**TINY.__dict__, "runtime": "keras"}), artifacts_dir=root / "k"
+    )
+    a, b = load_features(keras.cache_path), load_features(summary.cache_path)
+    assert list(a.paths) == list(b.paths)
+    assert runtimes.cosine_min(a.features, b.features) > 0.9999
+    np.testing.assert_allclose(
+        b.features, a.features, rtol=1e-3, atol=1e-3 * np.abs(a.features).max()
+    )
+    if runtimes.cpu_supports_bf16():
+        bf16 = extract_features(
+            folder,
+            FeatureConfig(**{**config.__dict__, "runtime_precision": "bf16"}),
+            artifacts_dir=root / "art",
+            progress=False,
+        )
+        assert runtimes.cosine_min(a.features, load_features(bf16.cache_path).features) > 0.99
+
+
+@needs_openvino
+def test_identity_of_a_runtime_cache(converted):
+    root, folder, config, summary = converted
+    assert summary.cache_path.name == "mobilenet_v2_32_avg_random_ov-fp32.h5"
+    assert summary.cache_path == cache_path_for("shapes", config, root / "art")
+    attrs = read_attrs(summary.cache_path)
+    assert (attrs["runtime"], attrs["runtime_precision"]) == ("openvino", "fp32")
+    assert attrs["openvino_version"] == runtimes.openvino_version()
+    identity = json.loads(attrs["config_json"])
+    assert (identity["runtime"], identity["runtime_precision"]) == ("openvino", "fp32")
+    assert FeatureConfig.from_cache_attrs(attrs).runtime == "openvino"
+    # The Keras cache of the same options keeps its old name and identity.
+    keras_path = cache_path_for("shapes", FeatureConfig(**{**TINY.__dict__, "runtime": "keras"}))
+    assert keras_path.name == "mobilenet_v2_32_avg_random.h5"
+
+
+@needs_openvino
+def test_a_cache_of_another_runtime_is_rebuilt_not_mixed(converted, tmp_path):
+    root, folder, config, _ = converted
+    path = tmp_path / "one.h5"
+    keras_config = FeatureConfig(**{**TINY.__dict__, "runtime": "keras"})
+    extract_features(folder, keras_config, artifacts_dir=root / "art", cache_path=path)
+    again = extract_features(folder, config, artifacts_dir=root / "art", cache_path=path)
+    assert again.status == "built" and any("rebuilding" in n for n in again.notes)
+    assert read_attrs(path)["runtime"] == "openvino"
+    # A resumed work file of another runtime is discarded, as for any other option.
+    other_runtime = read_attrs(path)["config_json"].replace('"openvino"', '"keras"')
+    two = path.with_name("two.h5")
+    writer, _ = cache.CacheWriter.open(
+        two,
+        config_json=other_runtime,
+        fingerprint="x",
+        paths=["a"],
+        labels=[0],
+        splits=["train"],
+        width=1280,
+        dtype="float32",
+    )
+    writer.close()
+    resumed = extract_features(folder, config, artifacts_dir=root / "art", cache_path=two)
+    assert resumed.status == "built" and any("discarded" in n for n in resumed.notes)
+
+
+@needs_openvino
+def test_conversion_is_reused_and_rebuilt_on_change(converted, monkeypatch):
+    root, _, config, _ = converted
+    store = runtimes.ConversionStore.for_config(
+        root / "art",
+        backbone="mobilenet_v2",
+        weights_id="none",
+        weights_tag="random",
+        input_size=32,
+        pooling="avg",
+        layer=None,
+    )
+    meta = store.meta()
+    assert meta["converted"] and meta["checks"]["fp32"]["passed"]
+    xml_mtime = store.model_xml.stat().st_mtime_ns
+
+    # Reused: another data set converts nothing and builds no Keras model.
+    def no_keras(*args, **kwargs):
+        raise AssertionError("Keras model built although the conversion is stored")
+
+    monkeypatch.setattr("pipeline.backbones.build_feature_extractor", no_keras)
+    other = make_folder(root / "other", per_class=3)
+    summary = extract_features(other, config, artifacts_dir=root / "art", progress=False)
+    assert summary.status == "built" and store.model_xml.stat().st_mtime_ns == xml_mtime
+    monkeypatch.undo()
+
+    # Rebuilt: a store whose record no longer matches (another identity) is converted again.
+    store.meta_path.write_text(json.dumps({**meta, "identity": {"old": True}}))
+    again = make_folder(root / "again", per_class=2)
+    extract_features(again, config, artifacts_dir=root / "art", progress=False)
+    assert store.meta() is not None and store.model_xml.stat().st_mtime_ns != xml_mtime
