@@ -410,7 +410,7 @@ def _check_skops_head(estimator: Pipeline, file: Path) -> None:
 
     classifiers = {type(spec.estimator(0)) for spec in HEADS.values()}
     try:
-        *transforms, (_, last) = [step for _, step in estimator.steps]
+        *transforms, last = [step for _, step in estimator.steps]
     except (TypeError, ValueError):
         raise HeadError(f"head file {file} holds a pipeline without steps; refused") from None
     odd = [

@@ -2,8 +2,10 @@
 
 ``MODEL`` is one of:
 
-- a head of stage two: its manifest ``<head>.json``, its ``<head>.joblib`` or,
-  for the softmax head, ``softmax.keras``. The backbone is rebuilt from the
+- a head of stage two: its manifest ``<head>.json``, its ``<head>.skops``, its
+  ``<head>.joblib`` export or, for the softmax head, ``softmax.keras`` (any of
+  them loads the head through its manifest, from the ``.skops`` file:
+  :func:`pipeline.head_store.load_head`). The backbone is rebuilt from the
   manifest (backbone, weights source, input size, pooling, layer), its features
   are checked against the head's (:meth:`pipeline.head_store.Head.check_features`)
   and the head is applied;
@@ -378,7 +380,7 @@ def predict_images(
     Parameters
     ----------
     model_path : path
-        A head (manifest, ``.joblib`` or ``softmax.keras``) or a fine-tuned
+        A head (manifest, ``.skops``, ``.joblib`` or ``softmax.keras``) or a fine-tuned
         ``.keras`` model with its ``"finetuned"`` manifest beside it.
     images : path
         An image file or a folder (searched recursively). Images inside folders

@@ -13,7 +13,7 @@ from pipeline import cache, runtimes
 from pipeline.cache import load_features, read_attrs
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.features import FeatureConfig, cache_path_for, extract_features
+from pipeline.features import FeatureConfig, cache_path_for, extract_features, resolve_features
 
 TINY = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, batch_size=4)
 needs_openvino = pytest.mark.skipif(
@@ -115,10 +115,21 @@ def test_store_key_changes_with_what_the_graph_depends_on(tmp_path):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """One conversion (tiny MobileNetV2, random weights, 32 px) shared by the tests below."""
+    """One conversion (tiny MobileNetV2, fixed random weights, 32 px) shared by the tests below."""
+    from pipeline.backbones import build_base, get_backbone
+
     root = tmp_path_factory.mktemp("runtimes")
     folder = make_folder(root / "shapes")
-    config = FeatureConfig(**{**TINY.__dict__, "runtime": "openvino", "runtime_precision": "fp32"})
+    weights = root / "fixed.weights.h5"  # one set of weights for Keras and the converted model
+    build_base(get_backbone("mobilenet_v2"), weights="none", input_size=32).save_weights(weights)
+    config = FeatureConfig(
+        **{
+            **TINY.__dict__,
+            "weights": str(weights),
+            "runtime": "openvino",
+            "runtime_precision": "fp32",
+        }
+    )
     summary = extract_features(folder, config, artifacts_dir=root / "art", progress=False)
     return root, folder, config, summary
 
@@ -126,9 +137,8 @@ def converted(tmp_path_factory):
 @needs_openvino
 def test_openvino_features_equal_keras_features(converted):
     root, folder, config, summary = converted
-    keras = extract_features(
-        folder, FeatureConfig(**{**TINY.__dict__, "runtime": "keras"}), artifacts_dir=root / "k"
-    )
+    keras_config = FeatureConfig(**{**config.__dict__, "runtime": "keras"})
+    keras = extract_features(folder, keras_config, artifacts_dir=root / "k", progress=False)
     a, b = load_features(keras.cache_path), load_features(summary.cache_path)
     assert list(a.paths) == list(b.paths)
     assert runtimes.cosine_min(a.features, b.features) > 0.9999
@@ -148,7 +158,7 @@ def test_openvino_features_equal_keras_features(converted):
 @needs_openvino
 def test_identity_of_a_runtime_cache(converted):
     root, folder, config, summary = converted
-    assert summary.cache_path.name == "mobilenet_v2_32_avg_random_ov-fp32.h5"
+    assert summary.cache_path.name.endswith("_ov-fp32.h5")
     assert summary.cache_path == cache_path_for("shapes", config, root / "art")
     attrs = read_attrs(summary.cache_path)
     assert (attrs["runtime"], attrs["runtime_precision"]) == ("openvino", "fp32")
@@ -157,15 +167,15 @@ def test_identity_of_a_runtime_cache(converted):
     assert (identity["runtime"], identity["runtime_precision"]) == ("openvino", "fp32")
     assert FeatureConfig.from_cache_attrs(attrs).runtime == "openvino"
     # The Keras cache of the same options keeps its old name and identity.
-    keras_path = cache_path_for("shapes", FeatureConfig(**{**TINY.__dict__, "runtime": "keras"}))
-    assert keras_path.name == "mobilenet_v2_32_avg_random.h5"
+    keras_path = cache_path_for("shapes", FeatureConfig(**{**config.__dict__, "runtime": "keras"}))
+    assert keras_path.name == summary.cache_path.name.replace("_ov-fp32", "")
 
 
 @needs_openvino
 def test_a_cache_of_another_runtime_is_rebuilt_not_mixed(converted, tmp_path):
     root, folder, config, _ = converted
     path = tmp_path / "one.h5"
-    keras_config = FeatureConfig(**{**TINY.__dict__, "runtime": "keras"})
+    keras_config = FeatureConfig(**{**config.__dict__, "runtime": "keras"})
     extract_features(folder, keras_config, artifacts_dir=root / "art", cache_path=path)
     again = extract_features(folder, config, artifacts_dir=root / "art", cache_path=path)
     assert again.status == "built" and any("rebuilding" in n for n in again.notes)
@@ -191,15 +201,7 @@ def test_a_cache_of_another_runtime_is_rebuilt_not_mixed(converted, tmp_path):
 @needs_openvino
 def test_conversion_is_reused_and_rebuilt_on_change(converted, monkeypatch):
     root, _, config, _ = converted
-    store = runtimes.ConversionStore.for_config(
-        root / "art",
-        backbone="mobilenet_v2",
-        weights_id="none",
-        weights_tag="random",
-        input_size=32,
-        pooling="avg",
-        layer=None,
-    )
+    store = resolve_features(config, artifacts_dir=root / "art").store
     meta = store.meta()
     assert meta["converted"] and meta["checks"]["fp32"]["passed"]
     xml_mtime = store.model_xml.stat().st_mtime_ns

@@ -1,0 +1,643 @@
+"""Stage one and the head search on Ray (``ENGINE=ray``): from a laptop to a cluster.
+
+Stage one as a Ray Data job (:func:`extract_features_ray`, reached through
+``extract_features(..., engine="ray")``):
+
+1. the driver scans, splits and fingerprints the folder exactly as the local
+   engine does, builds the backbone once (it checks the options and gives the
+   feature width) and ships its weights to the workers through the object
+   store, so every actor computes with the very same weights (also with
+   ``WEIGHTS=none``, and without each node downloading ImageNet files);
+2. the records are cut into *blocks* of consecutive records; images are
+   decoded in Ray tasks (``map_batches`` with a function) and the backbone runs
+   in a pool of ``concurrency`` actors (``map_batches`` with a callable class;
+   one GPU per actor where the cluster has GPUs, CPU actors otherwise);
+3. the driver collects each block's features and writes them to an HDF5
+   *shard* (a finished cache of that block, :mod:`pipeline.cache`'s format)
+   beside the cache, in ``<cache stem>.shards/<start>-<stop>.h5``;
+4. once every block has its shard, the driver joins them into the same cache
+   file, format and attributes as the local engine (plus ``engine = "ray"``),
+   then removes the shards.
+
+Failure and resume: a worker process that dies is restarted by Ray and its
+batch retried (``max_restarts``, ``max_task_retries``); a killed driver leaves
+its finished shards, and the next run with the same images and options reuses
+them (each shard records the cache's identity and the block's fingerprint)
+and computes only the rest. Unreadable images are skipped with their reason,
+as locally.
+
+The head search (:func:`joblib_on_ray`): scikit-learn's searches run their fits
+through joblib, and Ray provides a joblib backend, so ``ENGINE=ray`` on
+``make head`` wraps the same :func:`pipeline.heads.fit_heads` call in it.
+
+Ray is an optional dependency (``pip install '.[ray]'``); nothing here imports
+it before it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import cache, features, runtimes
+from pipeline.errors import PipelineError
+from pipeline.files import write_json_atomic
+from pipeline.images import ImageError, SplitConfig, load_image, scan_folder
+from pipeline.options import check_options
+
+# Blocks hold this many batches: large enough that a shard's file costs little next to
+# its forward passes, small enough that a killed driver loses little.
+BLOCK_BATCHES = 8
+# A worker that dies (out of memory, a lost node) is restarted and its batch retried
+# this many times before the job fails.
+MAX_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how wide stage one runs on Ray (the ``ENGINE=ray`` make variables).
+
+    Parameters
+    ----------
+    address : str, optional
+        ``RAY_ADDRESS=``: join this running cluster (``auto``, ``ray://host:10001``,
+        ``host:6379``). Unset: a local cluster is started for the run and shut
+        down after it (an already connected session is used as it is).
+    concurrency : int
+        ``CONCURRENCY=``: backbone actors, one model each.
+    gpus_per_actor : float, optional
+        GPUs each actor asks for; default 1 where the cluster has GPUs, else 0.
+    cpus_per_actor : float
+        CPUs each actor asks for (its forward pass uses more threads than that).
+    block_size : int, optional
+        Records per block (one shard each); default ``BLOCK_BATCHES`` batches.
+    """
+
+    address: str | None = None
+    concurrency: int = 1
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    block_size: int | None = None
+
+    def validate(self) -> None:
+        check_options({"concurrency": self.concurrency})
+        if self.block_size is not None and self.block_size < 1:
+            raise PipelineError(f"block_size must be a whole number >= 1; got {self.block_size}")
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError(
+            "ENGINE=ray needs Ray: `pip install '.[ray]'` (or `make install`, which installs it)"
+        ) from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
+    """Connect to Ray for the duration of the block; yield the ``ray`` module.
+
+    An already initialised session (a notebook, a test fixture) is used as it is
+    and left running. With ``address`` the driver joins that cluster; without
+    one a local cluster of ``num_cpus`` CPUs (default: this machine's) is
+    started, quietly and without the dashboard, and shut down at the end.
+    """
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as exc:
+            raise PipelineError(
+                f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({exc}); start it "
+                "(`ray start --head` or `ray up cluster.yaml`) or leave RAY_ADDRESS unset"
+            ) from None
+    else:
+        ray.init(
+            address="local",  # never an environment's RAY_ADDRESS: that one is passed as address
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            **quiet,
+        )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def decode_images(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
+    """Ray task: decode a batch of image paths to uint8 ``(n, size, size, 3)`` arrays.
+
+    Unreadable images become zeros with ``ok`` false and their reason in ``error``
+    (the same :func:`pipeline.images.load_image` as the local engine).
+    """
+    paths = batch["path"]
+    images = np.zeros((len(paths), size, size, 3), np.uint8)
+    ok = np.zeros(len(paths), dtype=bool)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_image(str(path), size)
+            ok[i] = True
+        except ImageError as exc:
+            errors[i] = str(exc)
+    return {"index": batch["index"], "image": images, "ok": ok, "error": errors}
+
+
+class EmbedBatches:
+    """Ray actor: the frozen backbone, built once per actor, applied to decoded batches.
+
+    Parameters
+    ----------
+    resolved : ResolvedFeatures
+        The driver's resolved configuration (backbone, size, pooling, precision).
+    weights : list of ndarray or ObjectRef, optional
+        The driver model's weights; the actor builds the same architecture and
+        loads them (so random weights are the driver's too). ``None``: build
+        from ``resolved`` (runtimes other than Keras load their converted model).
+    """
+
+    def __init__(self, resolved: features.ResolvedFeatures, weights: Any = None) -> None:
+        if weights is not None:
+            import ray
+
+            if isinstance(weights, ray.ObjectRef):
+                weights = ray.get(weights)
+            blank = replace(resolved, config=replace(resolved.config, weights="none"))
+            self.model = features._build_model(blank)
+            self.model.set_weights(weights)
+        else:
+            self.model = features._build_model(resolved)
+        self.preprocess = resolved.spec.preprocess
+        self.batch_size = resolved.config.batch_size
+        self.width = int(self.model.output_shape[-1])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["ok"], dtype=bool)
+        out = np.zeros((len(ok), self.width), np.float32)
+        if ok.any():
+            x = self.preprocess(np.asarray(batch["image"])[ok])  # a new float array
+            out[ok] = features._forward(self.model, x, self.batch_size)
+        return {"index": batch["index"], "features": out, "ok": ok, "error": batch["error"]}
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_dir_of(path: Path) -> Path:
+    """The folder of a cache's block shards: ``<cache stem>.shards/`` beside it."""
+    return path.with_name(path.stem + ".shards")
+
+
+@dataclass(frozen=True)
+class Block:
+    """Records ``start .. stop`` of the scan; one shard."""
+
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.start:010d}-{self.stop:010d}"
+
+    def fingerprint(self, fingerprint: str) -> str:
+        """The cache's fingerprint narrowed to this block: a shard of other blocks never matches."""
+        return hashlib.sha256(f"{fingerprint}:{self.start}:{self.stop}".encode()).hexdigest()
+
+
+@dataclass
+class _Shards:
+    """The shards of one cache: where they live, what they must match, how to write and read them."""
+
+    folder: Path
+    config_json: str
+    fingerprint: str
+    paths: list[str]
+    labels: list[int]
+    splits: list[str]
+    width: int
+    dtype: str
+
+    def h5(self, block: Block) -> Path:
+        return self.folder / f"{block.name}.h5"
+
+    def unreadable(self, block: Block) -> Path:  # a block with no readable image
+        return self.folder / f"{block.name}.skipped.json"
+
+    def is_done(self, block: Block) -> bool:
+        """Whether a valid shard of ``block`` exists (same options, same images)."""
+        if cache.cache_matches(
+            self.h5(block), self.config_json, block.fingerprint(self.fingerprint)
+        ):
+            return True
+        try:
+            data = json.loads(self.unreadable(block).read_text())
+        except (OSError, ValueError):
+            return False
+        return (
+            isinstance(data, dict)
+            and data.get("config_json") == self.config_json
+            and data.get("fingerprint") == block.fingerprint(self.fingerprint)
+        )
+
+    def write(self, block: Block, rows: np.ndarray, ok: np.ndarray, errors: dict, seconds: float):
+        """Store one finished block (``rows``: the readable images' features, in order)."""
+        identity = {
+            "config_json": self.config_json,
+            "fingerprint": block.fingerprint(self.fingerprint),
+        }
+        if not ok.any():  # a cache needs one readable image; this block has none
+            skipped = [[int(i), reason] for i, reason in sorted(errors.items())]
+            write_json_atomic(
+                self.unreadable(block), {**identity, "skipped": skipped, "seconds": seconds}
+            )
+            return
+        sl = slice(block.start, block.stop)
+        writer, _ = cache.CacheWriter.open(
+            self.h5(block),
+            **identity,
+            paths=self.paths[sl],
+            labels=self.labels[sl],
+            splits=self.splits[sl],
+            width=self.width,
+            dtype=self.dtype,
+        )
+        try:
+            writer.write_batch(0, rows, ok, errors, seconds)
+            writer.finalize({"engine": "ray", "start": block.start, "stop": block.stop})
+        finally:
+            writer.close()
+
+    def read(self, block: Block) -> tuple[np.ndarray, np.ndarray, dict[int, str], float]:
+        """``(features of the readable images, ok mask, offset -> reason, seconds)``."""
+        n = block.stop - block.start
+        if not self.h5(block).is_file():
+            data = json.loads(self.unreadable(block).read_text())
+            errors = {int(i): str(reason) for i, reason in data["skipped"]}
+            return (
+                np.zeros((0, self.width), np.float32),
+                np.zeros(n, bool),
+                errors,
+                float(data["seconds"]),
+            )
+        shard = cache.load_features(self.h5(block))
+        offset = {p: i for i, p in enumerate(self.paths[block.start : block.stop])}
+        ok = np.zeros(n, dtype=bool)
+        ok[[offset[str(p)] for p in shard.paths]] = True
+        errors = {offset[p]: reason for p, reason in cache.read_skipped(self.h5(block))}
+        return shard.features, ok, errors, float(shard.attrs.get("seconds", 0.0))
+
+    def remove_others(self, keep: set[str]) -> int:
+        """Delete shards not of the blocks named in ``keep`` or not valid; return how many."""
+        removed = 0
+        for item in sorted(self.folder.glob("*")) if self.folder.is_dir() else []:
+            if item.name.split(".", 1)[0] not in keep:
+                item.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def plan_blocks(n: int, block_size: int) -> list[Block]:
+    """Consecutive blocks of ``block_size`` records covering ``0 .. n``."""
+    return [Block(start, min(n, start + block_size)) for start in range(0, n, block_size)]
+
+
+class _Collector:
+    """Gathers the actors' rows per block and writes each block's shard once it is whole."""
+
+    def __init__(self, blocks: list[Block], shards: _Shards, width: int) -> None:
+        self._by_start = {b.start: b for b in blocks}
+        self._starts = np.array(sorted(self._by_start), dtype=np.int64)
+        self._shards = shards
+        self._width = width
+        self._open: dict[int, dict[str, Any]] = {}
+        self._last = time.perf_counter()
+
+    def block_of(self, index: int) -> Block:
+        return self._by_start[int(self._starts[np.searchsorted(self._starts, index, "right") - 1])]
+
+    def add(self, index: int, row: np.ndarray, ok: bool, error: str) -> Block | None:
+        """Record one image; return its block when this completed it (its shard is written)."""
+        block = self.block_of(index)
+        n = block.stop - block.start
+        state = self._open.get(block.start)
+        if state is None:
+            state = self._open[block.start] = {
+                "rows": np.zeros((n, self._width), np.float32),
+                "ok": np.zeros(n, bool),
+                "seen": np.zeros(n, bool),
+                "errors": {},
+            }
+        offset = index - block.start
+        if state["seen"][offset]:  # a retried batch delivered twice: keep the first
+            return None
+        state["seen"][offset] = True
+        if ok:
+            state["rows"][offset] = row
+            state["ok"][offset] = True
+        else:
+            state["errors"][offset] = error
+        if not state["seen"].all():
+            return None
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now  # wall time, so shards add up to the run's
+        del self._open[block.start]
+        self._shards.write(block, state["rows"][state["ok"]], state["ok"], state["errors"], seconds)
+        return block
+
+
+# --------------------------------------------------------------------------- stage one
+
+
+def extract_features_ray(
+    data_dir: str | Path,
+    config: features.FeatureConfig | None = None,
+    *,
+    split: SplitConfig | None = None,
+    artifacts_dir: str | Path = "artifacts",
+    cache_path: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], Any] | None = None,
+    ray_config: RayConfig | None = None,
+    on_shard: Callable[[Path], Any] | None = None,
+    embedder: type = EmbedBatches,
+) -> features.ExtractionSummary:
+    """Stage one on Ray: the same cache as :func:`pipeline.features.extract_features`.
+
+    Parameters are those of :func:`~pipeline.features.extract_features`, and:
+
+    ray_config : RayConfig, optional
+        Cluster address, actors, GPUs per actor, block size.
+    on_shard : callable, optional
+        Called with each shard's path once it is written (progress hooks).
+    embedder : type
+        The callable class the actors run (:class:`EmbedBatches`; a subclass
+        may add instrumentation).
+
+    Returns
+    -------
+    ExtractionSummary
+        As the local engine's; ``notes`` say how many shards were reused.
+    """
+    ray_config = ray_config or RayConfig()
+    ray_config.validate()
+    resolved = features.resolve_features(
+        config or features.FeatureConfig(), artifacts_dir=artifacts_dir
+    )
+    folder = scan_folder(data_dir, split)
+    if log is not None:
+        log(features.describe_folder(folder))
+    resolved = features._settle_runtime(resolved, folder)
+    if log is not None:
+        log(runtimes.describe(resolved.runtime))
+    path = (
+        Path(cache_path)
+        if cache_path
+        else features.cache_path_for(folder.name, resolved, artifacts_dir)
+    )
+    config_json = features._config_json(folder, resolved)
+    fingerprint = folder.fingerprint()
+    notes = [f"warning: {w}" for w in folder.warnings] + list(resolved.runtime.notes)
+    if cache.cache_matches(path, config_json, fingerprint):
+        return features._up_to_date(path, folder, notes)
+    # Built on the driver once: options and weights are refused before any lock or Ray
+    # start, the feature width is known, and the workers get these exact weights.
+    model = features._build_model(resolved)
+    width = int(model.output_shape[-1])
+    keras_weights = model.get_weights() if resolved.runtime.runtime == "keras" else None
+    del model
+
+    with cache.cache_lock(path):
+        state = cache.cache_matches(path, config_json, fingerprint)
+        if state:
+            return features._up_to_date(path, folder, notes)
+        if state is False:
+            notes.append(f"{path} was made from other images or options; rebuilding it")
+        records = folder.records
+        shards = _Shards(
+            folder=shard_dir_of(path),
+            config_json=config_json,
+            fingerprint=fingerprint,
+            paths=[r.path for r in records],
+            labels=[r.label for r in records],
+            splits=[r.split for r in records],
+            width=width,
+            dtype=resolved.dtype,
+        )
+        block_size = ray_config.block_size or resolved.config.batch_size * BLOCK_BATCHES
+        blocks = plan_blocks(len(records), block_size)
+        finished = {b.name for b in blocks if shards.is_done(b)}
+        removed = shards.remove_others(finished)
+        if removed:
+            notes.append(f"discarded {removed} shard files of other blocks, options or images")
+        todo = [b for b in blocks if b.name not in finished]
+        if finished:
+            notes.append(f"reusing {len(finished)} of {len(blocks)} shards from an earlier run")
+        timings: dict[str, Any] = {}
+        if todo:
+            shards.folder.mkdir(parents=True, exist_ok=True)
+            timings = _run_blocks(
+                folder, resolved, shards, todo, ray_config, keras_weights,
+                progress=progress, initial=len(records) - sum(b.stop - b.start for b in todo),
+                total=len(records), on_shard=on_shard, embedder=embedder,
+            )  # fmt: skip
+        started = time.perf_counter()
+        status = _join(path, folder, resolved, shards, blocks, width, notes, timings)
+        joined = time.perf_counter() - started
+    skipped = cache.read_skipped(path)
+    attrs = cache.read_attrs(path)
+    if timings:
+        notes.append(
+            f"ray: {timings['ray_actors']} actors, Ray up in {timings['ray_start_seconds']:.1f} s, "
+            f"first features after {timings['warmup_seconds']:.1f} s, shards joined in "
+            f"{joined:.1f} s"
+        )
+    return features.ExtractionSummary(
+        path,
+        "resumed" if finished or status == "resumed" else "built",
+        len(records),
+        len(records) - len(skipped),
+        skipped,
+        float(attrs["seconds"]),
+        path.stat().st_size,
+        notes,
+    )
+
+
+def _run_blocks(
+    folder, resolved, shards: _Shards, todo: list[Block], ray_config: RayConfig, keras_weights,
+    *, progress: bool, initial: int, total: int, on_shard, embedder,
+) -> dict[str, float]:  # fmt: skip
+    """Decode and embed the records of ``todo`` on Ray; write one shard per block."""
+    from tqdm.auto import tqdm
+
+    config, size = resolved.config, resolved.input_size
+    root = folder.root.resolve()  # workers may start elsewhere: absolute paths
+    items = [
+        {"index": i, "path": str(root / shards.paths[i])}
+        for block in todo
+        for i in range(block.start, block.stop)
+    ]
+    actors = ray_config.concurrency
+    local_cpus = max(os.cpu_count() or 1, int(np.ceil(actors * ray_config.cpus_per_actor)) + 1)
+    started = time.perf_counter()
+    with ray_session(ray_config.address, num_cpus=local_cpus) as ray:
+        ray_started = time.perf_counter() - started
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        gpus = ray_config.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        weights_ref = ray.put(keras_weights) if keras_weights is not None else None
+        batch = config.batch_size
+        dataset = (
+            ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // (batch * 4))))
+            .map_batches(decode_images, batch_size=batch, fn_kwargs={"size": size}, num_cpus=1)
+            .map_batches(
+                embedder,
+                batch_size=batch,
+                fn_constructor_kwargs={"resolved": resolved, "weights": weights_ref},
+                concurrency=actors,
+                num_cpus=ray_config.cpus_per_actor,
+                num_gpus=gpus,
+                max_restarts=MAX_RESTARTS,
+                max_task_retries=MAX_RESTARTS,
+            )
+        )
+        collector = _Collector(todo, shards, shards.width)
+        warmup = None
+        bar = tqdm(
+            total=total, initial=initial, unit="img", disable=not progress,
+            desc=f"{resolved.spec.name} features (ray, {actors} actors)", dynamic_ncols=True,
+        )  # fmt: skip
+        with bar:
+            try:
+                for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    if warmup is None:
+                        warmup = time.perf_counter() - started - ray_started
+                    for index, row, ok, error in zip(
+                        out["index"], out["features"], out["ok"], out["error"], strict=True
+                    ):
+                        if not ok:
+                            bar.write(f"skipped {shards.paths[int(index)]}: {error}")
+                        block = collector.add(int(index), row, bool(ok), str(error))
+                        if block is not None and on_shard is not None:
+                            on_shard(shards.h5(block))
+                    bar.update(len(out["index"]))
+            except Exception as exc:
+                user_error = _pipeline_error_in(exc)
+                if user_error is not None:
+                    raise user_error from None
+                raise
+    return {
+        "ray_actors": actors,
+        "ray_gpus_per_actor": gpus,
+        "ray_start_seconds": ray_started,
+        "warmup_seconds": warmup or 0.0,
+    }
+
+
+def _pipeline_error_in(exc: BaseException) -> PipelineError | None:
+    """The :class:`PipelineError` a worker raised, found inside Ray's wrappers (or ``None``)."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, PipelineError):
+            return current
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
+
+
+def _join(path, folder, resolved, shards: _Shards, blocks, width: int, notes, timings) -> str:
+    """Join the shards into the cache (resuming a join the driver did not finish)."""
+    writer, note = cache.CacheWriter.open(
+        path,
+        config_json=shards.config_json,
+        fingerprint=shards.fingerprint,
+        paths=shards.paths,
+        labels=shards.labels,
+        splits=shards.splits,
+        width=width,
+        dtype=resolved.dtype,
+    )
+    if note:
+        notes.append(note)
+    status = "resumed" if writer.next_index > 0 else "built"
+    try:
+        for block in blocks:
+            if block.stop <= writer.next_index:
+                continue
+            rows, ok, errors, seconds = shards.read(block)
+            cut = max(0, writer.next_index - block.start)  # a join stopped inside this block
+            if cut:
+                rows = rows[int(ok[:cut].sum()) :]
+                ok = ok[cut:]
+                errors = {i - cut: r for i, r in errors.items() if i >= cut}
+            writer.write_batch(block.start + cut, rows, ok, errors, seconds)
+        attrs = features._attrs(folder, resolved, width, writer)
+        attrs.update(_ray_attrs(blocks, timings))
+        writer.finalize(attrs)
+    finally:
+        writer.close()
+    shutil.rmtree(shards.folder, ignore_errors=True)
+    return status
+
+
+def _ray_attrs(blocks: list[Block], timings: dict[str, Any]) -> dict[str, Any]:
+    """What the cache records of a Ray run (timings of this run; none when all was reused)."""
+    import importlib.metadata
+
+    return {
+        "engine": "ray",
+        "ray_version": importlib.metadata.version("ray"),
+        "ray_blocks": len(blocks),
+        **timings,
+    }
+
+
+# --------------------------------------------------------------------------- stage two
+
+
+@contextlib.contextmanager
+def joblib_on_ray(address: str | None = None) -> Iterator[None]:
+    """Run joblib's parallel work (scikit-learn's searches with ``n_jobs``) on Ray.
+
+    Connects as :func:`ray_session` does, registers Ray's joblib backend and
+    makes it the default inside the block. A search with ``n_jobs=1`` stays
+    sequential: pass ``n_jobs=-1`` (every CPU of the cluster) or a number.
+    """
+    import joblib
+
+    with ray_session(address):
+        from ray.util.joblib import register_ray
+
+        register_ray()
+        with joblib.parallel_backend("ray"):
+            yield

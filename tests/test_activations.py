@@ -1,0 +1,295 @@
+"""Stage three on cached activations: the cut, the caches, the top model, resume, the export.
+
+MobileNetV2 with random weights at 32x32 on a tiny colour folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import COLOURS, make_folder
+
+from pipeline import activations
+from pipeline import finetune as ft
+from pipeline.cache import FeatureRows
+from pipeline.features import FeatureConfig, extract_features
+from pipeline.images import SplitConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ft.FinetuneConfig(
+    FeatureConfig(weights="none", input_size=32, batch_size=8),
+    head_epochs=2, epochs=2, layers="block", aug_views=3,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base():
+    from pipeline.backbones import build_base, get_backbone
+
+    return build_base(get_backbone("mobilenet_v2"), weights="none", input_size=32)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("acts") / "colours", 8, tuple(COLOURS))
+
+
+def _images(folder: Path, paths) -> np.ndarray:
+    from pipeline.images import load_image
+
+    return np.stack([load_image(folder / p, 32) for p in paths]).astype(np.float32)
+
+
+# --- the cut and the top model ---------------------------------------------------------------
+
+
+def test_the_cut_of_the_last_block_is_the_last_add_before_it(base):
+    from pipeline.freezing import last_block_size
+
+    assert activations.find_cut(base, last_block_size(base)).layer == "block_15_add"
+    assert activations.find_cut(base, 12).layer == "block_14_add"  # block_15 has a residual
+    assert activations.find_cut(base, 153) is None  # nothing frozen: nothing to cache
+
+
+@pytest.mark.parametrize("layers", [0, 5, 11, 12, 40])
+def test_top_model_on_the_frozen_part_equals_the_whole_model(base, layers):
+    import keras
+
+    from pipeline.softmax import build_softmax_head
+
+    keras.utils.set_random_seed(0)
+    head = build_softmax_head(1280, 3)
+    cut = activations.find_cut(base, layers)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    cached = activations.frozen_part(base, cut).predict_on_batch(x).reshape(4, -1)
+    top = activations.build_top_model(base, head, cut)
+    pooled = keras.layers.GlobalAveragePooling2D()(base(x, training=False))
+    whole = keras.ops.convert_to_numpy(head(pooled, training=False))
+    np.testing.assert_allclose(top.predict_on_batch(cached), whole, atol=1e-5)
+
+
+# --- the caches ------------------------------------------------------------------------------
+
+
+def test_the_cut_cache_equals_the_frozen_part_run_directly(base, colours, tmp_path):
+    import keras
+
+    from pipeline.backbones import build_base, get_backbone
+
+    cut = activations.find_cut(base, 11)
+    config = activations.cut_config(TINY.features, cut)
+    keras.utils.set_random_seed(0)  # WEIGHTS=none: finetune seeds stage one as its own base
+    summary = extract_features(colours, config, artifacts_dir=tmp_path, progress=False)
+    assert summary.cache_path.name == "mobilenet_v2_32_flatten_block-15-add_random.h5"
+    spec = get_backbone("mobilenet_v2")
+    keras.utils.set_random_seed(0)
+    same = build_base(spec, weights="none", input_size=32)
+    keras.utils.set_random_seed(1)
+    other = build_base(spec, weights="none", input_size=32)
+    with FeatureRows(summary.cache_path) as reader:
+        assert reader.shape == (24, cut.width)
+        rows = np.array([5, 0, 5, 23])  # any order, repeats
+        images = spec.preprocess(_images(colours, reader.paths[rows]))
+        direct = activations.frozen_part(same, cut).predict_on_batch(images).reshape(4, -1)
+        assert _relative(reader.read(rows), direct) < 1e-5
+        kwargs = dict(preprocess=spec.preprocess, size=32)
+        assert activations.cut_cache_problem(
+            reader, activations.frozen_part(same, cut), colours, **kwargs
+        ) == ""  # fmt: skip
+        problem = activations.cut_cache_problem(
+            reader, activations.frozen_part(other, cut), colours, **kwargs
+        )
+        assert "relative difference" in problem  # other weights: finetune rebuilds it
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _write_views(path, folder, base, cut, *, seed=0, zoom=0.1, views=3, progress=False):
+    from pipeline.finetune_model import build_augmentation
+
+    config = replace(TINY, zoom=zoom, split=SplitConfig(seed=seed))
+    spec = activations.ViewsSpec(
+        stage_one="{}", views=views, seed=seed,
+        augmentation={"flip": config.flip, "rotation": config.rotation, "zoom": config.zoom},
+    )  # fmt: skip
+    paths = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))[:10]
+    return activations.write_views(
+        path, folder, paths, np.arange(10) % 3, spec=spec, fingerprint="f",
+        frozen=activations.frozen_part(base, cut), augmentation=build_augmentation(config),
+        preprocessing="tf", size=32, batch_size=4, attrs={"class_names": ["a", "b", "c"]},
+        progress=progress,
+    ), paths  # fmt: skip
+
+
+def test_views_are_the_frozen_part_of_augmented_images_and_rebuilt_when_inputs_change(
+    base, colours, tmp_path
+):
+    cut = activations.find_cut(base, 11)
+    path = tmp_path / "views.h5"
+    (status, _), paths = _write_views(path, colours, base, cut)
+    assert status == "built"
+    with FeatureRows(path) as reader:
+        views = reader.read(np.arange(30)).reshape(10, 3, -1)
+        assert list(reader.paths[:6]) == [paths[0]] * 3 + [paths[1]] * 3  # image-major
+    # three different views of each image, none the unaugmented one
+    frozen = activations.frozen_part(base, cut)
+    plain = frozen.predict_on_batch(_images(colours, paths) / 127.5 - 1).reshape(10, -1)
+    assert _relative(views[:, 0], views[:, 1]) > 1e-3  # random weights: tiny activations
+    assert _relative(views[:, 0], plain) > 1e-3
+    assert (_write_views(path, colours, base, cut)[0][0]) == "up to date"
+    assert _write_views(path, colours, base, cut, zoom=0.2)[0][0] == "built"  # other settings
+    with FeatureRows(path) as reader:
+        assert _relative(reader.read(np.arange(30)).reshape(10, 3, -1), views) > 1e-3
+    assert _write_views(path, colours, base, cut)[0][0] == "built"  # back: the same draws
+    with FeatureRows(path) as reader:
+        np.testing.assert_array_equal(reader.read(np.arange(30)).reshape(10, 3, -1), views)
+
+
+def test_an_interrupted_views_cache_resumes_to_the_same_rows(base, colours, tmp_path, monkeypatch):
+    from pipeline import cache
+
+    cut = activations.find_cut(base, 11)
+    whole = tmp_path / "whole.h5"
+    _write_views(whole, colours, base, cut)
+    path = tmp_path / "views.h5"
+    calls = {"n": 0}
+    original = cache.CacheWriter.write_batch
+
+    def dying(self, *args, **kwargs):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # killed after one batch
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache.CacheWriter, "write_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _write_views(path, colours, base, cut)
+    assert cache.work_path_of(path).exists() and not path.exists()
+    monkeypatch.setattr(cache.CacheWriter, "write_batch", original)
+    assert _write_views(path, colours, base, cut)[0][0] == "resumed"
+    with FeatureRows(path) as a, FeatureRows(whole) as b:
+        np.testing.assert_array_equal(a.read(np.arange(30)), b.read(np.arange(30)))
+
+
+def test_the_feed_draws_one_view_per_image_per_epoch_the_same_way_again(tmp_path, base, colours):
+    cut = activations.find_cut(base, 11)
+    path = tmp_path / "views.h5"
+    _write_views(path, colours, base, cut)
+    with FeatureRows(path) as reader:
+        every = reader.read(np.arange(30)).reshape(10, 3, -1)
+        feed = activations.activation_sequence(
+            reader, np.arange(10), np.arange(10) % 3, views=3, batch_size=4, shuffle_seed=0
+        )
+        feed.set_epoch(1)
+        x = np.concatenate([feed[i][0] for i in range(len(feed))])
+        order, view = feed.order.copy(), feed.view.copy()
+        np.testing.assert_array_equal(x, every[order, view[order]])  # view per image
+        feed.set_epoch(2)
+        assert not np.array_equal(feed.view, view) or not np.array_equal(feed.order, order)
+        feed.set_epoch(1)
+        np.testing.assert_array_equal(np.concatenate([feed[i][0] for i in range(3)]), x)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def test_finetune_on_cached_views_exports_the_whole_network(colours, tmp_path):
+    from pipeline.finetune_model import load_finetuned
+
+    artifacts = tmp_path / "artifacts"
+    result = ft.finetune(
+        colours, TINY, artifacts_dir=artifacts, progress=False, echo=lambda _: None
+    )
+    assert "cached activations at block_15_add (3 augmented views" in result.format()
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["phase_two_input"]["mode"] == "cached activations"
+    assert manifest["phase_two_input"]["views"] == 3
+    cut_cache = Path(manifest["phase_two_input"]["cut_cache"])
+    # the exported model (images in) equals the trained top model on the cached activations
+    model = load_finetuned(result.model_path)
+    assert not any("augmentation" in layer.name for layer in model.layers)
+    from pipeline.backbones import build_base, get_backbone
+    from pipeline.softmax import build_softmax_head
+
+    base = build_base(get_backbone("mobilenet_v2"), weights="none", input_size=32)
+    cut = activations.find_cut(base, 11)
+    top = activations.build_top_model(base, build_softmax_head(1280, 3), cut)
+    inner = model.get_layer(base.name)
+    base.set_weights(inner.get_weights())
+    head = model.get_layer("softmax_head")
+    top.get_layer("softmax_head").set_weights(head.get_weights())
+    with FeatureRows(cut_cache) as reader:
+        rows = np.arange(reader.shape[0])
+        images = _images(colours, reader.paths)
+        np.testing.assert_allclose(
+            top.predict(reader.read(rows), verbose=0), model.predict(images, verbose=0), atol=1e-4
+        )
+
+
+def test_a_killed_cached_run_resumes_to_the_uninterrupted_result(colours, tmp_path):
+    import keras
+
+    config = replace(TINY, epochs=3, patience=5)
+    whole = ft.finetune(
+        colours, config, artifacts_dir=tmp_path / "a", progress=False, echo=lambda _: None
+    )
+
+    class Kill(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(
+            colours, config, artifacts_dir=tmp_path / "b", progress=False, echo=lambda _: None,
+            callbacks=[Kill()],
+        )  # fmt: skip
+    resumed = ft.finetune(
+        colours, config, artifacts_dir=tmp_path / "b", progress=False, echo=lambda _: None
+    )
+    assert resumed.resumed_from is not None
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in whole.history]
+    again = [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history]
+    assert again == pytest.approx(strip, rel=1e-5)
+    # the unfinished run of another way (AUG_VIEWS=0) is refused, not continued
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(
+            colours, config, artifacts_dir=tmp_path / "c", progress=False, echo=lambda _: None,
+            callbacks=[Kill()],
+        )  # fmt: skip
+    with pytest.raises(ft.FinetuneError, match="aug_views"):
+        ft.finetune(
+            colours, replace(config, aug_views=0), artifacts_dir=tmp_path / "c",
+            progress=False, echo=lambda _: None,
+        )  # fmt: skip
+
+
+def test_aug_views_zero_runs_the_images_and_says_so(colours, tmp_path):
+    result = ft.finetune(
+        colours, replace(TINY, aug_views=0, epochs=1), artifacts_dir=tmp_path,
+        progress=False, echo=lambda _: None,
+    )  # fmt: skip
+    assert "images, a full forward pass every epoch (AUG_VIEWS=0)" in result.format()
+    assert json.loads(result.manifest_path.read_text())["phase_two_input"]["mode"] == "images"
+
+
+@pytest.mark.parametrize("value", [-1, 65, 1.5, True])
+def test_aug_views_must_be_a_whole_number(value):
+    with pytest.raises(ft.FinetuneError, match="AUG_VIEWS"):
+        replace(TINY, aug_views=value).validate()
+
+
+def test_make_finetune_passes_aug_views(colours, tmp_path):
+    out = subprocess.run(
+        ["make", "-n", "finetune", f"DATA={colours}", "AUG_VIEWS=2"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ}, check=True,
+    ).stdout  # fmt: skip
+    assert "--aug-views 2" in out
