@@ -79,7 +79,7 @@ head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HE
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)
 
-predict: install ## classify new images: MODEL=<head .json/.joblib/.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv] (class folders: accuracy)
+predict: install ## classify new images: MODEL=<head .json/.skops/.joblib/softmax.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv] (class folders: accuracy)
 	$(PY) -m pipeline predict $(if $(MODEL),--model $(MODEL)) $(if $(IMAGES),--images $(IMAGES)) --batch-size $(BATCH) --artifacts $(ARTIFACTS) $(if $(OUT),--out $(OUT))
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)

@@ -524,7 +524,7 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="a head's .json/.joblib/softmax.keras or a fine-tuned .keras (make: MODEL=)",
+        help="a head's .json/.skops/.joblib/softmax.keras or a fine-tuned .keras (make: MODEL=)",
     )
     p.add_argument(
         "--images",
