@@ -34,6 +34,12 @@ JOBS ?= 1
 MODEL ?=
 IMAGES ?=
 OUT ?=
+# ENGINE=ray: stage one on a Ray cluster (RAY_ADDRESS= joins one; unset starts a local one),
+# CONCURRENCY backbone actors; on `make head`, the search's fits go to Ray (joblib).
+ENGINE ?= local
+RAY_ADDRESS ?=
+CONCURRENCY ?= 1
+RAY_ARGS = --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
 	--pooling $(POOLING) $(if $(LAYER),--layer $(LAYER)) --batch-size $(BATCH) \
@@ -49,7 +55,7 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install the package with its dependencies
@@ -70,11 +76,11 @@ demo-data: install ## write scikit-learn's digits as PNG class folders under art
 backbones: install ## print the backbone registry
 	$(PY) -m pipeline backbones
 
-features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1 PRECISION= RUNTIME=auto|keras|openvino RUNTIME_PRECISION=auto|fp32|bf16 SEED= VAL_FRACTION= TEST_FRACTION=)
-	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS)
+features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1 PRECISION= RUNTIME=auto|keras|openvino RUNTIME_PRECISION=auto|fp32|bf16 SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
+	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency $(CONCURRENCY)
 
-head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS=)
-	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS)
+head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= ENGINE=local|ray RAY_ADDRESS=)
+	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(RAY_ARGS)
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)
@@ -94,8 +100,8 @@ lint: install ## ruff lint and format check
 format: install ## apply ruff fixes and formatting
 	$(PY) -m ruff check --fix pipeline tests; $(PY) -m ruff format pipeline tests
 
-bench-features: install weights-from-assets ## benchmark stage one vs the pure forward pass (BENCH_DATA=, N=)
-	$(PY) -m pipeline bench-features --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --batch-size $(BATCH) --images $(or $(N),400) --out $(ARTIFACTS)/bench/features.json
+bench-features: install weights-from-assets ## benchmark stage one vs the pure forward pass (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
+	$(PY) -m pipeline bench-features --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --batch-size $(BATCH) --images $(or $(N),400) --out $(ARTIFACTS)/bench/$(if $(filter ray,$(ENGINE)),features_ray,features).json $(RAY_ARGS)
 
 # Stage three (fine-tuning). LAYERS: n >= 0 | all | block (the backbone's last block).
 LAYERS ?= block

@@ -20,6 +20,7 @@ from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.options import (
     CLASS_WEIGHTS,
+    ENGINES,
     FLIPS,
     NORMS,
     POOLINGS,
@@ -70,14 +71,17 @@ _MAKE_VARIABLES: tuple[tuple[str, str, object], ...] = (
     ("VAL_FRACTION", "val_fraction", 0.2),
     ("TEST_FRACTION", "test_fraction", 0.2),
     ("ARTIFACTS", "artifacts", "artifacts"),
+    ("ENGINE", "engine", "local"),
+    ("RAY_ADDRESS", "ray_address", None),
+    ("CONCURRENCY", "concurrency", 1),
 )
 _FEATURE_VARIABLES = ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "POOLING", "LAYER", "FLOAT16",
                       "PRECISION", "RUNTIME", "RUNTIME_PRECISION", "ARTIFACTS")  # fmt: skip
 _SPLIT_VARIABLES = ("SEED", "VAL_FRACTION", "TEST_FRACTION")
 # The variables each target reads (others of the user's command would not change it).
 _TARGET_VARIABLES = {
-    "features": (*_FEATURE_VARIABLES, *_SPLIT_VARIABLES),
-    "head": (*_FEATURE_VARIABLES, "SEED"),
+    "features": (*_FEATURE_VARIABLES, *_SPLIT_VARIABLES, "ENGINE", "RAY_ADDRESS", "CONCURRENCY"),
+    "head": (*_FEATURE_VARIABLES, "SEED", "ENGINE", "RAY_ADDRESS"),
     "report": ("DATA", "ARTIFACTS"),
     "predict": ("MODEL", "IMAGES", "ARTIFACTS"),
     "finetune": ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "PRECISION", *_SPLIT_VARIABLES,
@@ -207,6 +211,30 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", default="artifacts", help="output root")
 
 
+def _add_engine_options(p: argparse.ArgumentParser, *, actors: bool = True) -> None:
+    p.add_argument(
+        "--engine",
+        default="local",
+        metavar=_one_of(ENGINES),
+        help="local: this process; ray: a Ray cluster (pipeline.ray_engine)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="ENGINE=ray: join this cluster (default: start a local one for the run)",
+    )
+    if actors:
+        p.add_argument(
+            "--concurrency", type=int, default=1, help="ENGINE=ray: backbone actors (models)"
+        )
+
+
+def _ray_config(args: argparse.Namespace):
+    from pipeline.ray_engine import RayConfig
+
+    return RayConfig(address=args.ray_address or None, concurrency=args.concurrency)
+
+
 def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p.add_argument("--val-fraction", type=float, default=0.2, help="val share (no split folders)")
@@ -298,12 +326,28 @@ def cmd_features(args: argparse.Namespace) -> int:
         cache_path=args.output,
         progress=not args.quiet,
         log=print,  # what the scan found, before the backbone is built
+        engine=args.engine,
+        ray_config=_ray_config(args) if args.engine == "ray" else None,
     )
     print(summary.format())
     return 0
 
 
 def cmd_bench_features(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from pipeline.benchmarks import bench_features_ray
+
+        bench_features_ray(
+            args.data,
+            backbone=args.backbone,
+            weights=args.weights,
+            batch_size=args.batch_size,
+            n_images=args.images,
+            actors=tuple(args.actors),
+            address=args.ray_address or None,
+            out=args.out,
+        )
+        return 0
     from pipeline.benchmarks import bench_features
 
     bench_features(
@@ -342,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_feature_options(p)
     _add_split_options(p)
+    _add_engine_options(p)
     p.add_argument(
         "--output",
         default=None,
@@ -352,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "bench-features", "benchmark stage one against the pure forward pass")
     _add_bench_options(p, images=400, out="artifacts/bench/features.json")
+    _add_engine_options(p, actors=False)
+    p.add_argument(
+        "--actors",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="ENGINE=ray: the actor counts to time",
+    )
     p.set_defaults(func=cmd_bench_features)
 
     _add_stage_two(sub)
@@ -385,20 +438,33 @@ def _cache_for(args: argparse.Namespace):
 
 
 def cmd_head(args: argparse.Namespace) -> int:
+    import contextlib
+
     from pipeline.heads import fit_heads
+    from pipeline.options import check_options
 
     _warn_random_weights(args)
-    fit_heads(
-        _cache_for(args),
-        args.head,
-        artifacts_dir=args.artifacts,
-        norm=args.norm or None,
-        pca=args.pca,
-        cv=args.cv,
-        seed=args.seed,
-        jobs=args.jobs,
-        log=print,
-    )
+    check_options({"engine": args.engine})
+    jobs, engine = args.jobs, contextlib.nullcontext()
+    if args.engine == "ray":  # the same search, its fits sent to Ray through joblib
+        from pipeline.ray_engine import joblib_on_ray
+
+        engine = joblib_on_ray(args.ray_address or None)
+        if jobs == 1:  # one job would stay in this process
+            jobs = -1
+            print("ENGINE=ray: the search's fits run on every CPU of the Ray cluster (JOBS=-1)")
+    with engine:
+        fit_heads(
+            _cache_for(args),
+            args.head,
+            artifacts_dir=args.artifacts,
+            norm=args.norm or None,
+            pca=args.pca,
+            cv=args.cv,
+            seed=args.seed,
+            jobs=jobs,
+            log=print,
+        )
     return 0
 
 
@@ -507,6 +573,7 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
     )
+    _add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)
 
     p = _command(sub, "report", "write the Markdown/HTML/JSON report comparing the heads")

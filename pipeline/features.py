@@ -272,6 +272,8 @@ def extract_features(
     cache_path: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], Any] | None = None,
+    engine: str = "local",
+    ray_config: Any = None,
 ) -> ExtractionSummary:
     """Extract and cache the features of every image in ``data_dir``.
 
@@ -293,6 +295,11 @@ def extract_features(
     log : callable, optional
         Called with :func:`describe_folder`'s line once the folder is scanned,
         before anything is extracted.
+    engine : {"local", "ray"}
+        ``local``: this process. ``ray``: decoding in Ray tasks and the backbone in
+        a pool of Ray actors (:mod:`pipeline.ray_engine`); the same cache.
+    ray_config : pipeline.ray_engine.RayConfig, optional
+        Cluster address and actors, for ``engine="ray"``.
 
     Returns
     -------
@@ -305,6 +312,14 @@ def extract_features(
     >>> summary = extract_features("data/flowers", FeatureConfig(backbone="vgg16"))
     >>> print(summary.format())
     """
+    check_options({"engine": engine})
+    if engine == "ray":
+        from pipeline.ray_engine import extract_features_ray
+
+        return extract_features_ray(
+            data_dir, config, split=split, artifacts_dir=artifacts_dir, cache_path=cache_path,
+            progress=progress, log=log, ray_config=ray_config,
+        )  # fmt: skip
     resolved = resolve_features(config or FeatureConfig(), artifacts_dir=artifacts_dir)
     folder = scan_folder(data_dir, split)
     if log is not None:

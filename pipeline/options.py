@@ -111,6 +111,7 @@ class Option:
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RUNTIMES = ("auto", "keras", "openvino")  # pipeline.runtimes: who runs stage one's backbone
 RUNTIME_PRECISIONS = ("auto", "fp32", "bf16")
+ENGINES = ("local", "ray")  # who runs stage one and the head search (pipeline.ray_engine)
 POOLINGS = ("avg", "max", "flatten")
 NORMS = ("l2", "standard", "none")
 LAYER_WORDS = ("all", "block")
@@ -135,6 +136,8 @@ OPTIONS: dict[str, Option] = {
     "runtime_precision": Option(
         "RUNTIME_PRECISION", "--runtime-precision", (OneOf(RUNTIME_PRECISIONS),)
     ),
+    "engine": Option("ENGINE", "--engine", (OneOf(ENGINES),)),
+    "concurrency": Option("CONCURRENCY", "--concurrency", (Interval(Integral, 1, 1024),)),
     # the split
     "seed": Option("SEED", "--seed", (Interval(Integral, 0, 2**32 - 1),)),
     "val_fraction": Option("VAL_FRACTION", "--val-fraction", (_fraction,)),

@@ -9,7 +9,9 @@ report as PNG bytes.
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,23 @@ def _figure(**kwargs: Any) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
+
+
+def literal_text(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Draw with mathtext off: a class named ``$x$`` or ``a_b^2`` prints as written.
+
+    Text objects read ``text.parse_math`` when they are made, so the figure
+    functions run inside the context (labels come from the user's folder names).
+    """
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
 
 
 # --- stage three: training curves ------------------------------------------------------------
@@ -62,6 +81,7 @@ def _phases_label(phase_one: int, phase_two: int) -> str:
     return "; ".join(parts)
 
 
+@literal_text
 def curves_figure(history: list[dict], *, title: str = "") -> Any:
     """Loss and accuracy per epoch of both phases of stage three.
 
@@ -104,6 +124,7 @@ def curves_figure(history: list[dict], *, title: str = "") -> Any:
 _WINNER, _TIED, _OTHER = "#d62728", "#ff7f0e", "#1f77b4"
 
 
+@literal_text
 def confusion_figure(cm: Any, class_names: list[str], *, title: str) -> Any:
     """One confusion matrix coloured by the share of each true class (rows sum to 1),
     with the count of images in each non-empty cell.
@@ -139,6 +160,7 @@ def confusion_figure(cm: Any, class_names: list[str], *, title: str) -> Any:
     return figure
 
 
+@literal_text
 def forest_figure(entries: list[dict[str, Any]], *, split: str) -> Any:
     """Accuracy with its 95% interval, one line per run, best-ranked at the top.
 
@@ -234,6 +256,7 @@ def _renderer(figure: Any) -> Any:
     return figure.canvas.get_renderer()
 
 
+@literal_text
 def cost_figure(points: list[dict[str, Any]], *, split: str) -> Any:
     """Accuracy against fit time and against time per image (log scales), side by side.
 
@@ -288,6 +311,7 @@ def cost_figure(points: list[dict[str, Any]], *, split: str) -> Any:
     return figure
 
 
+@literal_text
 def roc_figure(curves: list[tuple[str, dict[str, Any]]], *, split: str) -> Any:
     """ROC curves (``(label, roc)`` with ``fpr``, ``tpr``, ``auc``, ``kind``), one per run."""
     figure = _figure(figsize=(5.6, 4.6 + 0.2 * len(curves)))
@@ -331,6 +355,7 @@ def _plain_number() -> Any:
     return FuncFormatter(lambda value, _: f"{value:g}")
 
 
+@literal_text
 def calibration_figure(curves: list[tuple[str, dict[str, Any]]], *, split: str) -> Any:
     """Reliability diagram: accuracy against confidence per bin, with each run's ECE."""
     figure = _figure(figsize=(5.6, 5.2 + 0.2 * len(curves)))

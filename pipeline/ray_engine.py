@@ -236,6 +236,7 @@ class _Shards:
     splits: list[str]
     width: int
     dtype: str
+    class_names: list[str]
 
     def h5(self, block: Block) -> Path:
         return self.folder / f"{block.name}.h5"
@@ -283,7 +284,8 @@ class _Shards:
         )
         try:
             writer.write_batch(0, rows, ok, errors, seconds)
-            writer.finalize({"engine": "ray", "start": block.start, "stop": block.stop})
+            attrs = {"class_names": self.class_names, "start": block.start, "stop": block.stop}
+            writer.finalize({**attrs, "seconds": seconds, "engine": "ray"})
         finally:
             writer.close()
 
@@ -442,6 +444,7 @@ def extract_features_ray(
             splits=[r.split for r in records],
             width=width,
             dtype=resolved.dtype,
+            class_names=list(folder.class_names),
         )
         block_size = ray_config.block_size or resolved.config.batch_size * BLOCK_BATCHES
         blocks = plan_blocks(len(records), block_size)
@@ -504,10 +507,10 @@ def _run_blocks(
         ray_started = time.perf_counter() - started
         import ray.data
 
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
         gpus = ray_config.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -520,11 +523,10 @@ def _run_blocks(
                 embedder,
                 batch_size=batch,
                 fn_constructor_kwargs={"resolved": resolved, "weights": weights_ref},
-                concurrency=actors,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=ray_config.cpus_per_actor,
                 num_gpus=gpus,
-                max_restarts=MAX_RESTARTS,
-                max_task_retries=MAX_RESTARTS,
+                ray_remote_args_fn=_retry_args,
             )
         )
         collector = _Collector(todo, shards, shards.width)
@@ -558,6 +560,11 @@ def _run_blocks(
         "ray_start_seconds": ray_started,
         "warmup_seconds": warmup or 0.0,
     }
+
+
+def _retry_args() -> dict[str, int]:
+    """Each backbone actor: restarted when its process dies, its batch retried (finitely)."""
+    return {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_RESTARTS}
 
 
 def _pipeline_error_in(exc: BaseException) -> PipelineError | None:

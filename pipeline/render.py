@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -438,8 +439,21 @@ def _markdown_table(table: Table) -> list[str]:
     if not rows:
         return lines + ["(none)", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows]
     return lines + [""]
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]|~#!$])")
+
+
+def md_escape(text: Any) -> str:
+    """``text`` shown literally by Markdown renderers: punctuation escaped, HTML made inert.
+
+    Class and file names come from the user's folders: ``*``, ``_``, ``|``, ``<b>``
+    or ``$x$`` in them must print as written, never format or inject.
+    """
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+    return escaped.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _flat(blocks: Sequence[Block]) -> list[Block]:
@@ -454,9 +468,11 @@ def _markdown_block(
     kind: str, value: Any, data: dict[str, Any], thumbs: Mapping[str, str]
 ) -> list[str]:
     if kind == "verdict":
-        return [f"**{value[0]}**", ""] + [line for v in value[1:] for line in (v, "")]
+        return [f"**{md_escape(value[0])}**", ""] + [
+            line for v in value[1:] for line in (md_escape(v), "")
+        ]
     if kind in ("p", "h3"):
-        return [f"### {value}" if kind == "h3" else value, ""]
+        return [f"### {md_escape(value)}" if kind == "h3" else md_escape(value), ""]
     if kind == "table":
         return _markdown_table(value)
     if kind == "figures":
@@ -465,9 +481,9 @@ def _markdown_block(
         lines = []
         for e in data["errors"]["splits"][value]["top_losses"]:
             image = f"![](thumbnails/{thumbs[e['path']]}) " if e["path"] in thumbs else ""
-            lines.append(f"- {image}`{e['path']}`: {_thumb_caption(e)}")
+            lines.append(f"- {image}{md_escape(e['path'])}: {md_escape(_thumb_caption(e))}")
         return lines + [""]
-    return [f"- {n}" for n in value] + [""]
+    return [f"- {md_escape(n)}" for n in value] + [""]
 
 
 def markdown(

@@ -217,3 +217,18 @@ def test_run_title_names_backbone_and_head():
     assert plotting.run_title(_row("svm", "c", CM)) == "vgg16 224 px imagenet + svm"
     tuned = _row("ft", "finetuned", CM, kind="finetuned")
     assert plotting.run_title(tuned) == "fine-tuned vgg16 224 px imagenet: ft"
+
+
+def test_class_names_with_mathtext_characters_print_as_written():
+    """A folder named ``$\\frac{$`` is not valid mathtext: drawing it must not fail."""
+    import io
+
+    import numpy as np
+
+    from pipeline.plotting import confusion_figure
+
+    names = ["$\\frac{$", "a_b^2 $x$"]
+    figure = confusion_figure(np.array([[3, 1], [0, 4]]), names, title="$\\bad{ title")
+    figure.savefig(io.BytesIO(), format="png")  # raises ValueError if parsed as mathtext
+    labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert labels == names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -271,8 +272,8 @@ def _config_rows(markdown: str) -> dict[str, list[str]]:
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
-    for line in lines[1:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
+    for line in lines[1:]:  # cells are Markdown-escaped: undo the backslashes
+        cells = [re.sub(r"\\(.)", r"\1", cell.strip()) for cell in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
 
@@ -393,3 +394,11 @@ def test_make_head_and_report_end_to_end(tiny_cache, tmp_path):
     run = _make("head", "HEAD=svn", *common)
     assert run.returncode == 2
     assert "error: unknown head 'svn'; did you mean svm" in run.stderr
+
+
+def test_markdown_escaping_keeps_user_names_literal():
+    from pipeline.render import md_escape
+
+    assert md_escape("a|b") == "a\\|b"
+    assert md_escape("<img src=x onerror=alert(1)>") == "&lt;img src=x onerror=alert(1)&gt;"
+    assert md_escape("*bold* _it_ $x$ [l](u)") == "\\*bold\\* \\_it\\_ \\$x\\$ \\[l\\](u)"
