@@ -17,6 +17,12 @@ WEIGHTS ?= imagenet
 INPUT_SIZE ?=
 POOLING ?= avg
 LAYER ?=
+# VIEWS=224,320,448+flip (+crops): several views per image, COMBINE=mean|concat (pipeline/views.py)
+VIEWS ?=
+COMBINE ?= mean
+# FEATURES=a.h5+b.h5: `make head` on caches joined by image path, each part JOIN_NORM=l2|standard
+FEATURES ?=
+JOIN_NORM ?= l2
 BATCH ?= 32
 FLOAT16 ?= 0
 PRECISION ?= float32
@@ -42,12 +48,12 @@ CONCURRENCY ?= 1
 RAY_ARGS = --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
-	--pooling $(POOLING) $(if $(LAYER),--layer $(LAYER)) --batch-size $(BATCH) \
+	--pooling $(POOLING) $(if $(LAYER),--layer $(LAYER)) $(if $(VIEWS),--views $(VIEWS) --combine $(COMBINE)) --batch-size $(BATCH) \
 	$(if $(filter 1 yes true,$(FLOAT16)),--float16) --precision $(PRECISION) \
 	--runtime $(RUNTIME) --runtime-precision $(RUNTIME_PRECISION) --artifacts $(ARTIFACTS)
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
-.PHONY: head report predict bench-heads
+.PHONY: head report predict bench-heads probe auto
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -80,13 +86,19 @@ features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_S
 	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency $(CONCURRENCY)
 
 head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= ENGINE=local|ray RAY_ADDRESS=)
-	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(RAY_ARGS)
+	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) $(if $(FEATURES),--features $(FEATURES) --join-norm $(JOIN_NORM)) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(RAY_ARGS)
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)
 
 predict: install ## classify new images: MODEL=<head .json/.skops/.joblib/softmax.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv] (class folders: accuracy)
 	$(PY) -m pipeline predict $(if $(MODEL),--model $(MODEL)) $(if $(IMAGES),--images $(IMAGES)) --batch-size $(BATCH) --artifacts $(ARTIFACTS) $(if $(OUT),--out $(OUT))
+
+probe: install weights-from-assets ## linear-head accuracy per cut layer, one forward pass, CV on train (DATA= BACKBONE= INPUT_SIZE= PROBE_LAYERS=a,b CV=5) -> artifacts/probe/
+	$(PY) -m pipeline probe --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) $(if $(PROBE_LAYERS),--layers $(PROBE_LAYERS)) --cv $(or $(AUTO_CV),5)
+
+auto: install weights-from-assets ## try the feature recipes (flip, scale, middle layer, joins) with svm+logreg; choose by CV on train; report (DATA=)
+	$(PY) -m pipeline auto --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) --cv $(or $(AUTO_CV),5)
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)
 	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
@@ -100,7 +112,7 @@ lint: install ## ruff lint and format check
 format: install ## apply ruff fixes and formatting
 	$(PY) -m ruff check --fix pipeline tests; $(PY) -m ruff format pipeline tests
 
-bench-features: install weights-from-assets ## benchmark stage one vs the pure forward pass (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
+bench-features: install weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
 	$(PY) -m pipeline bench-features --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --batch-size $(BATCH) --images $(or $(N),400) --out $(ARTIFACTS)/bench/$(if $(filter ray,$(ENGINE)),features_ray,features).json $(RAY_ARGS)
 
 # Stage three (fine-tuning). LAYERS: n >= 0 | all | block (the backbone's last block).

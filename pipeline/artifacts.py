@@ -11,8 +11,9 @@ Data Science's ``config.py`` names its folders)::
       heads/<dataset>/<cache stem>/<head>.*     stage two: manifest .json, model, predictions
       finetune/<dataset>/<name>.*               stage three: manifest .json, .keras, predictions,
                                                 history, curves, checkpoint folder
-      reports/<dataset>/report.{md,html,json}   the report, figures/ beside it
+      reports/<dataset>/report.{md,html,json}   the report, figures/ beside it (auto.{json,md}: make auto)
       predictions/<dataset>/<model>/<images>.csv  make predict
+      probe/<dataset>/<stem>.{json,png}          make probe: linear-head accuracy per cut layer
       bench/<name>.json                         benchmarks
 
 One manifest schema serves heads and fine-tuned runs (:data:`MANIFEST_VERSION`):
@@ -164,6 +165,16 @@ class Artifacts:
         """
         folder = self.root / "predictions" / safe_name(dataset) / safe_name(model)
         return folder / f"{safe_name(images)}.csv"
+
+    def probe_files(self, dataset: str, stem: str) -> tuple[Path, Path]:
+        """``make probe``'s results: ``probe/<dataset>/<stem>.json`` and its ``.png`` plot."""
+        folder = self.root / "probe" / safe_name(dataset)
+        return folder / f"{safe_name(stem)}.json", folder / f"{safe_name(stem)}.png"
+
+    def auto_files(self, dataset: str) -> tuple[Path, Path]:
+        """``make auto``'s choice: ``reports/<dataset>/auto.json`` and ``auto.md``."""
+        folder = self.reports_dir(dataset)
+        return folder / "auto.json", folder / "auto.md"
 
     def bench_file(self, name: str) -> Path:
         return self.root / "bench" / f"{safe_name(name)}.json"

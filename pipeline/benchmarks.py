@@ -588,7 +588,7 @@ def bench_heads(
     from pipeline.cache import read_attrs
     from pipeline.files import write_json_atomic
     from pipeline.heads import DEFAULT_HEADS, fit_heads
-    from pipeline.softmax import SoftmaxClassifier
+    from pipeline.softmax import SoftmaxClassifier, clear_trainers
 
     # Stage one's seconds exclude start-up (TensorFlow initialisation, model building);
     # a one-epoch fit on noise pays the Keras start-up here, outside the timing.
@@ -597,6 +597,7 @@ def bench_heads(
     rows = []
     for cache_path in cache_paths:
         attrs = read_attrs(cache_path)
+        clear_trainers()  # each sweep pays its own tracing, as a fresh process would
         with tempfile.TemporaryDirectory() as tmp:
             results = fit_heads(cache_path, DEFAULT_HEADS, artifacts_dir=tmp, cv=cv, seed=seed)
         fit = {r.head: r.manifest["fit_seconds"] for r in results}

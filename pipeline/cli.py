@@ -20,8 +20,10 @@ from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.options import (
     CLASS_WEIGHTS,
+    COMBINES,
     ENGINES,
     FLIPS,
+    JOIN_NORMS,
     NORMS,
     POOLINGS,
     PRECISIONS,
@@ -182,6 +184,17 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
         "--pooling", default="avg", metavar=_one_of(POOLINGS), help="last feature map to vector"
     )
     p.add_argument("--layer", default=None, help="cut the backbone at this named layer")
+    p.add_argument(
+        "--views",
+        default=None,
+        help="several views per image: scales, +flip, +crops (e.g. 224,320,448+flip)",
+    )
+    p.add_argument(
+        "--combine",
+        default="mean",
+        metavar=_one_of(COMBINES),
+        help="VIEWS: average the scales' vectors or concatenate them",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--float16", action="store_true", help="store features as float16")
     p.add_argument(
@@ -265,6 +278,8 @@ def _feature_config(args: argparse.Namespace):
         workers=args.workers,
         runtime=args.runtime,
         runtime_precision=args.runtime_precision,
+        views=getattr(args, "views", None) or None,
+        combine=getattr(args, "combine", "mean"),
     )
 
 
@@ -408,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_features)
 
     _add_stage_two(sub)
+    _add_beyond(sub)
     _add_stage_three(sub)
     return parser
 
@@ -428,6 +444,17 @@ def _cache_for(args: argparse.Namespace):
 
     if args.cache:
         return Path(args.cache)
+    if getattr(args, "features", None):  # FEATURES=a.h5+b.h5: a joined cache (pipeline.combine)
+        from pipeline.artifacts import Artifacts, dataset_name
+        from pipeline.combine import join_caches, resolve_parts, split_features_arg
+
+        where = (
+            Artifacts(args.artifacts).features_dir(dataset_name(args.data)) if args.data else None
+        )
+        parts = resolve_parts(split_features_arg(args.features), where)
+        joined = join_caches(parts, norm=args.join_norm, artifacts_dir=args.artifacts, log=print)
+        print(joined.format())
+        return joined.path
     if not args.data:
         raise PipelineError(
             "give --data (the image folder stage one read) or --cache (a feature cache)"
@@ -548,10 +575,74 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from pipeline.probe import run_probe
+
+    layers = [n for n in (args.layers or "").replace(",", " ").split() if n] or None
+    run_probe(
+        args.data,
+        _feature_config(args),
+        layers=layers,
+        split=_split_config(args),
+        folds=args.cv,
+        seed=args.seed,
+        artifacts_dir=args.artifacts,
+        log=print,
+    )
+    return 0
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    from pipeline.auto import run_auto
+
+    run_auto(
+        args.data,
+        _feature_config(args),
+        split=_split_config(args),
+        cv=args.cv,
+        seed=args.seed,
+        artifacts_dir=args.artifacts,
+        report=not args.no_report,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def _add_beyond(sub: argparse._SubParsersAction) -> None:
+    """``probe`` and ``auto`` (pipeline.probe, pipeline.auto)."""
+    p = _command(sub, "probe", "linear-head accuracy per cut layer of one backbone (CV on train)")
+    p.add_argument("--data", required=True, help="image folder, as stage one")
+    _add_feature_options(p)
+    _add_split_options(p)
+    p.add_argument("--layers", default=None, help="comma list of layers (default: stage ends)")
+    p.add_argument("--cv", type=int, default=5, help="folds of the cross-validation on train")
+    p.set_defaults(func=cmd_probe)
+
+    p = _command(sub, "auto", "try the feature recipes, choose recipe and head by CV on train")
+    p.add_argument("--data", required=True, help="image folder, as stage one")
+    _add_feature_options(p)
+    _add_split_options(p)
+    p.add_argument("--cv", type=int, default=5, help="folds of the heads' search: the choice")
+    p.add_argument("--no-report", action="store_true", help="skip the usual report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_auto)
+
+
 def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "head", "stage two: fit heads on cached features")
     p.add_argument("--data", default=None, help="image folder of stage one (locates the cache)")
     p.add_argument("--cache", default=None, help="feature cache file (instead of --data)")
+    p.add_argument(
+        "--features",
+        default=None,
+        help="join caches by image path: a.h5+b.h5 (files, or stems under DATA's features folder)",
+    )
+    p.add_argument(
+        "--join-norm",
+        default="l2",
+        metavar=_one_of(JOIN_NORMS),
+        help="FEATURES: each part's normalisation before joining (standard: train statistics)",
+    )
     _add_feature_options(p)
     p.add_argument(
         "--head",

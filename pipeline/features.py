@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import backbones, cache, runtimes
+from pipeline import views as views_module
 from pipeline.artifacts import Artifacts
+from pipeline.errors import PipelineError
 from pipeline.images import ImageFolder, SplitConfig, default_workers, iter_batches, scan_folder
 from pipeline.options import check_options
+from pipeline.views import Views
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,12 @@ class FeatureConfig:
     runtime_precision : {"auto", "fp32", "bf16"}
         The runtime's compute precision (OpenVINO's ``INFERENCE_PRECISION_HINT``);
         ``auto`` is ``bf16`` where the CPU has it and the check passes.
+    views : str, optional
+        Several views per image (:mod:`pipeline.views`): scales, ``+flip``,
+        ``+crops``, e.g. ``"224,320,448+flip"``; unset (or the input size alone)
+        is today's single view.
+    combine : {"mean", "concat"}
+        How the views' scales become one vector.
     """
 
     backbone: str = "mobilenet_v2"
@@ -69,6 +78,8 @@ class FeatureConfig:
     workers: int | None = None
     runtime: str = "auto"
     runtime_precision: str = "auto"
+    views: str | None = None
+    combine: str = "mean"
 
     def validate(self) -> backbones.BackboneSpec:
         """Check every option without building anything; return the backbone spec."""
@@ -91,6 +102,8 @@ class FeatureConfig:
             precision=str(attrs.get("precision", "float32")),
             runtime=str(attrs.get("runtime", "keras")),
             runtime_precision=str(attrs.get("runtime_precision", "fp32")),
+            views=str(attrs.get("views") or "") or None,
+            combine=str(attrs.get("views_combine") or "mean"),
         )
         return replace(config, **overrides)
 
@@ -111,6 +124,7 @@ class ResolvedFeatures:
     dtype: str  # how features are stored: "float32" or "float16"
     runtime: runtimes.RuntimeChoice = runtimes.RuntimeChoice()
     store: runtimes.ConversionStore | None = None  # the converted model (runtimes other than keras)
+    views: Views | None = None  # several views per image (pipeline.views); None: the plain one
 
     @property
     def weights_tag(self) -> str:
@@ -126,6 +140,8 @@ class ResolvedFeatures:
         parts = [self.spec.name, str(self.input_size), config.pooling]
         if config.layer:
             parts.append("".join(c if c.isalnum() else "-" for c in config.layer))
+        if self.views is not None:  # the plain view has no tag: today's names stay
+            parts.append(self.views.tag)
         parts.append(self.weights_tag)
         if self.dtype == "float16":
             parts.append("f16")
@@ -158,14 +174,16 @@ def resolve_features(
         check_options({"input_size": config.input_size})
     spec = backbones.get_backbone(config.backbone)
     size = backbones.resolve_input_size(spec, config.input_size)
+    views = resolve_views(config, spec, size)
     resolved = ResolvedFeatures(
         config=config,
         spec=spec,
-        input_size=size,
+        input_size=views.scales[0] if views else size,
         weights_id=backbones.weights_identity(config.weights),
         dtype="float16" if config.float16 else "float32",
+        views=views,
     )
-    if config.runtime == "keras":
+    if config.runtime == "keras" or views is not None:  # views run on Keras (several sizes)
         return resolved
     store = runtimes.ConversionStore.for_config(
         artifacts_dir,
@@ -184,6 +202,29 @@ def resolve_features(
         random_weights=config.weights == "none",
     )
     return replace(resolved, runtime=choice, store=store)
+
+
+def resolve_views(config: FeatureConfig, spec: backbones.BackboneSpec, size: int) -> Views | None:
+    """``VIEWS=`` resolved (:func:`pipeline.views.parse_views`); ``None`` for the plain view."""
+    views = views_module.parse_views(
+        config.views,
+        combine=config.combine,
+        input_size=size,
+        minimum=spec.min_size,
+        pooling=config.pooling,
+    )
+    if (
+        views is not None
+        and config.input_size is not None
+        and config.input_size not in views.scales
+    ):
+        raise PipelineError(
+            f"INPUT_SIZE={config.input_size} is not among VIEWS={views.text()}; "
+            "give the scales in VIEWS only"
+        )
+    if views is not None and config.runtime == "openvino":
+        raise PipelineError("VIEWS= runs on Keras (one model per scale); use RUNTIME=keras or auto")
+    return views
 
 
 def _settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedFeatures:
@@ -313,6 +354,8 @@ def extract_features(
     >>> print(summary.format())
     """
     check_options({"engine": engine})
+    if engine == "ray" and config is not None and config.views:
+        raise PipelineError("VIEWS= runs with ENGINE=local only; drop ENGINE=ray or VIEWS=")
     if engine == "ray":
         from pipeline.ray_engine import extract_features_ray
 
@@ -437,6 +480,8 @@ def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
         "split_source": folder.split_source,
         "split": asdict(folder.split) if folder.split else None,
     }
+    if resolved.views is not None:  # the plain view adds nothing: today's caches stay valid
+        identity["views"] = resolved.views.identity()
     if resolved.runtime.runtime != "keras":  # Keras caches keep their identity (and stay valid)
         identity["runtime"] = resolved.runtime.runtime
         identity["runtime_precision"] = resolved.runtime.precision
@@ -446,6 +491,8 @@ def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
 def _build_model(resolved: ResolvedFeatures):
     """The Keras model, or the runtime's compiled model (both: ``output_shape``, ``predict_on_batch``)."""
     config = resolved.config
+    if resolved.views is not None:
+        return views_module.build_model(resolved)
     if resolved.runtime.runtime == "openvino" and resolved.store is not None:
         return runtimes.load(resolved.runtime, resolved.store)
     with backbones.dtype_policy(config.precision):
@@ -462,6 +509,8 @@ def _run(model, writer, folder, resolved: ResolvedFeatures, progress) -> float:
     """Extract every remaining batch; return the first batch's seconds (graph compilation)."""
     from tqdm.auto import tqdm
 
+    if resolved.views is not None:
+        return views_module.run(model, writer, folder, resolved, progress)
     config, spec, size = resolved.config, resolved.spec, resolved.input_size
     records = folder.records
     paths = [r.path for r in records]
@@ -543,6 +592,8 @@ def _attrs(folder, resolved: ResolvedFeatures, width, writer) -> dict:
         "openvino_version": runtimes.openvino_version()
         if resolved.runtime.runtime == "openvino"
         else "",
+        "views": resolved.views.text() if resolved.views else "",
+        "views_combine": resolved.views.combine if resolved.views else "",
         "n_images": len(folder.records) - n_skipped,
         "n_skipped": n_skipped,
         "seconds": writer.seconds,

@@ -76,7 +76,7 @@ class HeadSpec:
         Part of ``HEAD=all``.
     holdout : bool
         Search on one stratified 25 % hold-out of train instead of k folds (the
-        Keras head, whose fits cost a hundred times a linear model's); its
+        softmax head, whose fits cost tens of times a linear model's); its
         search also runs in one process.
     fold_bounded : tuple of str
         Grid parameters that cannot exceed the images of a training fold

@@ -111,6 +111,8 @@ class Option:
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RUNTIMES = ("auto", "keras", "openvino")  # pipeline.runtimes: who runs stage one's backbone
 RUNTIME_PRECISIONS = ("auto", "fp32", "bf16")
+COMBINES = ("mean", "concat")  # pipeline.views: how the scales of VIEWS= become one vector
+JOIN_NORMS = ("l2", "standard")  # pipeline.combine: each part's normalisation before joining
 ENGINES = ("local", "ray")  # who runs stage one and the head search (pipeline.ray_engine)
 POOLINGS = ("avg", "max", "flatten")
 NORMS = ("l2", "standard", "none")
@@ -136,6 +138,8 @@ OPTIONS: dict[str, Option] = {
     "runtime_precision": Option(
         "RUNTIME_PRECISION", "--runtime-precision", (OneOf(RUNTIME_PRECISIONS),)
     ),
+    "combine": Option("COMBINE", "--combine", (OneOf(COMBINES),)),
+    "join_norm": Option("JOIN_NORM", "--join-norm", (OneOf(JOIN_NORMS),)),
     "engine": Option("ENGINE", "--engine", (OneOf(ENGINES),)),
     "concurrency": Option("CONCURRENCY", "--concurrency", (Interval(Integral, 1, 1024),)),
     # the split

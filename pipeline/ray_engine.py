@@ -20,8 +20,9 @@ Stage one as a Ray Data job (:func:`extract_features_ray`, reached through
    then removes the shards.
 
 Failure and resume: a worker process that dies is restarted by Ray and its
-batch retried (``max_restarts``, ``max_task_retries``); a killed driver leaves
-its finished shards, and the next run with the same images and options reuses
+batch retried (Ray Data's defaults for actor pools: ``max_restarts=-1``,
+``max_task_retries=-1``; Ray 2.60 deprecates setting them per call); a killed
+driver leaves its finished shards, and the next run with the same images and options reuses
 them (each shard records the cache's identity and the block's fingerprint)
 and computes only the rest. Unreadable images are skipped with their reason,
 as locally.
@@ -59,9 +60,6 @@ from pipeline.options import check_options
 # Blocks hold this many batches: large enough that a shard's file costs little next to
 # its forward passes, small enough that a killed driver loses little.
 BLOCK_BATCHES = 8
-# A worker that dies (out of memory, a lost node) is restarted and its batch retried
-# this many times before the job fails.
-MAX_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -517,7 +515,8 @@ def _run_blocks(
         weights_ref = ray.put(keras_weights) if keras_weights is not None else None
         batch = config.batch_size
         dataset = (
-            ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // (batch * 4))))
+            # One input block per batch: features stream back batch by batch.
+            ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch)))
             .map_batches(decode_images, batch_size=batch, fn_kwargs={"size": size}, num_cpus=1)
             .map_batches(
                 embedder,
@@ -526,10 +525,10 @@ def _run_blocks(
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=ray_config.cpus_per_actor,
                 num_gpus=gpus,
-                ray_remote_args_fn=_retry_args,
             )
         )
-        collector = _Collector(todo, shards, shards.width)
+        collector = _Collector(todo, shards, shards.width)  # its clock starts now
+        submitted = time.perf_counter()
         warmup = None
         bar = tqdm(
             total=total, initial=initial, unit="img", disable=not progress,
@@ -539,7 +538,7 @@ def _run_blocks(
             try:
                 for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                     if warmup is None:
-                        warmup = time.perf_counter() - started - ray_started
+                        warmup = time.perf_counter() - submitted
                     for index, row, ok, error in zip(
                         out["index"], out["features"], out["ok"], out["error"], strict=True
                     ):
@@ -560,11 +559,6 @@ def _run_blocks(
         "ray_start_seconds": ray_started,
         "warmup_seconds": warmup or 0.0,
     }
-
-
-def _retry_args() -> dict[str, int]:
-    """Each backbone actor: restarted when its process dies, its batch retried (finitely)."""
-    return {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_RESTARTS}
 
 
 def _pipeline_error_in(exc: BaseException) -> PipelineError | None:

@@ -10,16 +10,17 @@ are a contract: do not rename them.
 
 from __future__ import annotations
 
-import math
+import tempfile
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
-from threadpoolctl import threadpool_limits
 
 if TYPE_CHECKING:
     import keras
@@ -89,15 +90,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         Class labels seen in ``fit``.
     n_features_in_ : int
         Feature width seen in ``fit``.
-    coefs_ : list of ndarray
-        Kernels of the hidden and output layers, ``(d, hidden)`` and ``(hidden, units)``.
-    intercepts_ : list of ndarray
-        Their biases.
     model_ : keras.Model
-        The trained head as a Keras model (:func:`build_softmax_head` holding
-        ``coefs_`` and ``intercepts_``), built on first use; assigning a model of the
-        same architecture (as :mod:`pipeline.head_store` does when loading) sets the
-        weights from it.
+        The trained Keras model.
     n_epochs_ : int
         Epochs of the kept weights (the best held-out loss).
     history_ : dict
@@ -105,17 +99,12 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     Notes
     -----
-    Training is the arithmetic of Keras's ``Model.fit`` on this model, in NumPy:
-    Glorot-uniform kernels and zero biases, inverted dropout, Adam with Keras's
-    defaults (``beta_1=0.9``, ``beta_2=0.999``, ``epsilon=1e-7``), the mean
-    cross-entropy of each full mini-batch, reshuffled every epoch, and early
-    stopping as ``EarlyStopping(monitor="val_loss", min_delta=1e-6,
-    restore_best_weights=True)``. Through Keras each fit built a model and traced
-    its training step, and every step paid the backend's call overhead: 0.5 to
-    1 s a fit on a 2-core CPU for what is a few milliseconds of arithmetic on a
-    few hundred images, so the search cost more than extracting the features
-    (issue 10). One seed gives one result, whatever ran before in the process:
-    every random draw comes from a generator seeded by ``random_state``.
+    Training is Keras's own loop: ``Model.fit`` with an ``EarlyStopping``
+    callback (``monitor="val_loss"``, ``restore_best_weights=True``) on the
+    held-out split, whose loss a ``LambdaCallback`` logs each epoch. Batches
+    are full and reshuffled every epoch, so the training step is traced once per
+    fit. ``fit`` calls ``keras.utils.set_random_seed`` (the global Python, NumPy
+    and backend seeds), which is how Keras makes a run repeatable.
     """
 
     def __init__(
@@ -163,6 +152,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
         """Train on ``X`` (n, d) and labels ``y`` (n,); returns ``self``."""
+        import keras
+
         self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
@@ -178,59 +169,62 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 f"The 'sigmoid' parameter of SoftmaxClassifier needs exactly two classes. "
                 f"Got {k} classes instead."
             )
+        keras.utils.set_random_seed(int(self.random_state))
         X_fit, y_fit, X_held, y_held = self._hold_out(X, encoded.astype(np.int64))
-        net = _Network.initial(
+
+        # A fresh model (its initial weights and dropout seed are what this seed gives) and a
+        # compiled model of the same architecture that trains it: built and traced once per
+        # process, re-initialised from the fresh model's variables for every fit.
+        model = build_softmax_head(
             X.shape[1],
-            1 if self.sigmoid else k,
-            int(self.hidden),
-            np.random.default_rng(int(self.random_state)),
+            k,
+            hidden=int(self.hidden),
+            dropout=float(self.dropout),
+            sigmoid=bool(self.sigmoid),
         )
-        # One BLAS thread: these matrices are small, and threads cost more than they save
-        # (ten times slower fits on a busy 2-core CPU).
-        with threadpool_limits(1, user_api="blas"):
-            self.history_, self.n_epochs_ = _train(
-                net,
-                X_fit,
-                y_fit,
-                X_held,
-                y_held,
-                learning_rate=float(self.learning_rate),
-                dropout=float(self.dropout),
-                batch_size=int(self.batch_size),
-                max_epochs=int(self.max_epochs),
-                patience=int(self.patience),
-                seed=int(self.random_state),
+        with _trainers.borrow(
+            model, sigmoid=bool(self.sigmoid), learning_rate=float(self.learning_rate)
+        ) as trainer:
+            callbacks = []
+            if X_held is not None:
+                # The held-out loss, as Keras's ``validation_data`` would log it, computed in
+                # one forward call: ``validation_data`` rebuilds its input pipeline every epoch,
+                # which made fits 2 to 7 times slower than the arithmetic (2-core CPU).
+                def held_out_loss(epoch: int, logs: dict) -> None:
+                    logs["val_loss"] = _cross_entropy(self._proba(trainer, X_held), y_held)
+
+                callbacks = [
+                    keras.callbacks.LambdaCallback(on_epoch_end=held_out_loss),
+                    keras.callbacks.EarlyStopping(
+                        monitor="val_loss",
+                        patience=int(self.patience),
+                        min_delta=1e-6,
+                        restore_best_weights=True,
+                    ),
+                ]
+            # Full batches only, reshuffled every epoch from the seed: one batch shape, one
+            # trace of the training step. With ``steps_per_epoch`` Keras keeps one iterator
+            # over the endless generator for the whole fit instead of building one per epoch.
+            size = min(int(self.batch_size), len(X_fit))
+            fitted = trainer.fit(
+                _batches(X_fit, self._target(y_fit), size, int(self.random_state)),
+                steps_per_epoch=len(X_fit) // size,
+                shuffle=False,  # the generator shuffles, from the seed
+                epochs=int(self.max_epochs),
+                callbacks=callbacks,
+                verbose=0,
             )
-        self.coefs_ = [net.W1.copy(), net.W2.copy()]
-        self.intercepts_ = [net.b1.copy(), net.b2.copy()]
-        self._model = None
+            _copy_variables(trainer, model)
+        self.history_ = {
+            key: [float(v) for v in fitted.history.get(key, [])] for key in ("loss", "val_loss")
+        }
+        self.n_epochs_ = callbacks[-1].best_epoch + 1 if callbacks else int(self.max_epochs)
+        self.model_ = model
         return self
 
-    @property
-    def model_(self) -> keras.Model:
-        """The trained head as a Keras model (built from the weights on first use)."""
-        check_is_fitted(self, "coefs_")
-        if getattr(self, "_model", None) is None:
-            model = build_softmax_head(
-                self.coefs_[0].shape[0],
-                len(self.classes_),
-                hidden=self.coefs_[0].shape[1],
-                dropout=float(self.dropout),
-                sigmoid=bool(self.sigmoid),
-            )
-            model.set_weights(
-                [self.coefs_[0], self.intercepts_[0], self.coefs_[1], self.intercepts_[1]]
-            )
-            self._model = model
-        return self._model
-
-    @model_.setter
-    def model_(self, model: keras.Model | None) -> None:
-        # ``None`` drops the built model (head_store saves it apart); a model brings its weights.
-        self._model = model
-        if model is not None:
-            W1, b1, W2, b2 = (np.asarray(w, dtype=np.float32) for w in model.get_weights())
-            self.coefs_, self.intercepts_ = [W1, W2], [b1, b2]
+    def _target(self, y: np.ndarray) -> np.ndarray:
+        """Labels as the loss takes them: class indices, or a float column for a sigmoid."""
+        return y.astype(np.float32)[:, None] if self.sigmoid else y
 
     def _hold_out(self, X: np.ndarray, y: np.ndarray):
         """Split off the early-stopping data, or ``None`` when it is too small to be useful."""
@@ -245,14 +239,18 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         )
         return X_fit, y_fit, X_held, y_held
 
+    def _proba(self, model: Any, X: np.ndarray) -> np.ndarray:
+        parts = [
+            np.asarray(model(X[start : start + _CHUNK], training=False))
+            for start in range(0, len(X), _CHUNK)
+        ]
+        return two_columns(np.concatenate(parts) if parts else np.zeros((0, len(self.classes_))))
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, shape (n, n_classes), columns in ``classes_`` order."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        net = _Network(self.coefs_[0], self.intercepts_[0], self.coefs_[1], self.intercepts_[1])
-        parts = [net.proba(X[start : start + _CHUNK]) for start in range(0, len(X), _CHUNK)]
-        proba = np.concatenate(parts) if parts else np.zeros((0, self.coefs_[1].shape[1]))
-        return two_columns(proba)
+        return self._proba(self.model_, X)
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each row."""
@@ -261,159 +259,115 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_model", None)  # rebuilt from coefs_ and intercepts_ when asked for
+        model = state.pop("model_", None)
+        if model is not None:  # pickle (joblib, clone of fitted copies) via the .keras format
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.keras"
+                model.save(path)
+                state["_model_bytes"] = path.read_bytes()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Heads saved before the weights were attributes held a model (or None while saved).
-        state = {k: v for k, v in state.items() if k not in ("model_", "_model_bytes")}
+        data = state.pop("_model_bytes", None)
         self.__dict__.update(state)
+        if data is not None:
+            import keras
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.keras"
+                path.write_bytes(data)
+                self.model_ = keras.saving.load_model(path, compile=False)
 
 
-@dataclass
-class _Network:
-    """The head's arithmetic in float32: ``relu(X W1 + b1) W2 + b2``, then softmax or sigmoid."""
+class _TrainerPool:
+    """Compiled softmax models kept between fits, one architecture per key.
 
-    W1: np.ndarray
-    b1: np.ndarray
-    W2: np.ndarray
-    b2: np.ndarray
-
-    @classmethod
-    def initial(cls, width: int, units: int, hidden: int, rng: np.random.Generator) -> _Network:
-        """Keras's initialisation of the two Dense layers: Glorot-uniform kernels, zero biases."""
-
-        def glorot(fan_in: int, fan_out: int) -> np.ndarray:
-            limit = np.sqrt(6.0 / (fan_in + fan_out))
-            return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(np.float32)
-
-        return cls(
-            glorot(width, hidden),
-            np.zeros(hidden, np.float32),
-            glorot(hidden, units),
-            np.zeros(units, np.float32),
-        )
-
-    def proba(self, X: np.ndarray) -> np.ndarray:
-        """Output probabilities, ``(n, k)`` (a sigmoid head: ``(n, 1)``, P(class 1))."""
-        return _activate(np.maximum(X @ self.W1 + self.b1, 0.0) @ self.W2 + self.b2)
-
-
-def _activate(logits: np.ndarray) -> np.ndarray:
-    if logits.shape[1] == 1:
-        return 1.0 / (1.0 + np.exp(-logits))
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _train(
-    net: _Network,
-    X: np.ndarray,
-    y: np.ndarray,
-    X_held: np.ndarray | None,
-    y_held: np.ndarray | None,
-    *,
-    learning_rate: float,
-    dropout: float,
-    batch_size: int,
-    max_epochs: int,
-    patience: int,
-    seed: int,
-) -> tuple[dict[str, list[float]], int]:
-    """Adam on the mean cross-entropy, early stopping on the held-out loss; trains ``net`` in place.
-
-    Returns the history (``loss`` per epoch, mean over its batches as Keras logs it;
-    ``val_loss``) and the epochs of the kept weights.
+    Tracing Keras's training step costs more than a whole fit of this small head on a
+    few hundred images; a search fits the same architecture again and again (each
+    grid point, then the final fit). A trainer is lent to one fit at a time (threads
+    get their own) and reset before each: its variables, dropout seed included, are
+    copied from the fitting estimator's fresh model, and its optimizer gets back the
+    state it had when built, then the fit's learning rate. Compiling is not repeated,
+    so the traced training step is kept.
     """
-    # Weights and gradients as views of one flat buffer each: Adam's update is a few
-    # vector operations per step instead of a few per layer.
-    shapes = [w.shape for w in (net.W1, net.b1, net.W2, net.b2)]
-    flat, grads = _flat(shapes), _flat(shapes)
-    for view, w in zip(flat.views, (net.W1, net.b1, net.W2, net.b2), strict=True):
-        view[...] = w
-    net.W1, net.b1, net.W2, net.b2 = flat.views
-    g_W1, g_b1, g_W2, g_b2 = grads.views
-    m, v = np.zeros_like(flat.data), np.zeros_like(flat.data)
-    beta_1, beta_2, epsilon = 0.9, 0.999, 1e-7
-    dropout_rng = np.random.default_rng([seed, 1])
-    keep = 1.0 - dropout
-    size = min(batch_size, len(X))
-    steps_per_epoch = len(X) // size
-    batches = _batches(X, y, size, seed)
-    sigmoid = net.W2.shape[1] == 1
-    history: dict[str, list[float]] = {"loss": [], "val_loss": []}
-    best_loss, best_epoch, best, wait, step = np.inf, 0, None, 0, 0
-    for epoch in range(max_epochs):
-        losses = []
-        for _ in range(steps_per_epoch):
-            xb, yb = next(batches)
-            pre = xb @ net.W1 + net.b1
-            hidden = np.maximum(pre, 0.0)
-            if dropout > 0:
-                mask = (dropout_rng.random(hidden.shape, dtype=np.float32) < keep) / np.float32(
-                    keep
-                )
-                hidden = hidden * mask
-            proba = _activate(hidden @ net.W2 + net.b2)
-            # d(mean cross-entropy)/d(logits): (p - onehot) / n, for softmax and sigmoid alike
-            if sigmoid:
-                target = yb.astype(np.float32)[:, None]
-                p_true = np.where(target > 0.5, proba, 1.0 - proba)[:, 0]
-                grad = (proba - target) / len(xb)
-            else:
-                p_true = proba[np.arange(len(yb)), yb]
-                grad = proba.copy()
-                grad[np.arange(len(yb)), yb] -= 1.0
-                grad /= len(xb)
-            losses.append(float(-np.mean(np.log(np.clip(p_true, 1e-7, 1.0)))))
-            d_hidden = grad @ net.W2.T
-            if dropout > 0:
-                d_hidden *= mask
-            d_hidden *= pre > 0
-            np.matmul(xb.T, d_hidden, out=g_W1)
-            np.sum(d_hidden, axis=0, out=g_b1)
-            np.matmul(hidden.T, grad, out=g_W2)
-            np.sum(grad, axis=0, out=g_b2)
-            step += 1
-            alpha = learning_rate * math.sqrt(1 - beta_2**step) / (1 - beta_1**step)
-            g = grads.data
-            m += (g - m) * (1 - beta_1)
-            v += (g * g - v) * (1 - beta_2)
-            flat.data -= alpha * m / (np.sqrt(v) + epsilon)
-        history["loss"].append(float(np.mean(losses)))
-        if X_held is None:
-            continue
-        val_loss = _cross_entropy(two_columns(net.proba(X_held)), y_held)
-        history["val_loss"].append(val_loss)
-        if val_loss + 1e-6 < best_loss:  # EarlyStopping's improvement, min_delta=1e-6
-            best_loss, best_epoch, wait = val_loss, epoch, 0
-            best = flat.data.copy()
-        else:
-            wait += 1
-            if wait >= patience:
-                break
-    if best is None:
-        return history, max_epochs
-    flat.data[...] = best
-    return history, best_epoch + 1
+
+    _MAX_KEYS = 4  # architectures kept; the least recently used is dropped
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple, list[tuple[Any, list[np.ndarray]]]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(
+        self, model: keras.Model, *, sigmoid: bool, learning_rate: float
+    ) -> Iterator[keras.Model]:
+        """A compiled twin of ``model``, reset to ``model``'s variables and a new optimizer."""
+        import keras
+
+        dropout = model.get_layer("head_dropout").rate
+        key = (
+            keras.backend.backend(),
+            keras.config.dtype_policy().name,
+            tuple(tuple(v.shape) for v in model.variables),
+            float(dropout),
+            sigmoid,
+        )
+        with self._lock:
+            idle = self._idle.pop(key, [])
+            entry = idle.pop() if idle else None
+            if idle:
+                self._idle[key] = idle
+        if entry is None:
+            entry = self._build(model, sigmoid=sigmoid, dropout=dropout)
+        trainer, optimizer_state = entry
+        _copy_variables(model, trainer)
+        for variable, value in zip(trainer.optimizer.variables, optimizer_state, strict=True):
+            variable.assign(value)
+        trainer.optimizer.learning_rate = learning_rate
+        try:
+            yield trainer
+        finally:
+            with self._lock:
+                self._idle.setdefault(key, []).append(entry)
+                self._idle[key] = self._idle.pop(key)[-2:]  # most recent last, two at most
+                while len(self._idle) > self._MAX_KEYS:
+                    del self._idle[next(iter(self._idle))]
+
+    @staticmethod
+    def _build(model: keras.Model, *, sigmoid: bool, dropout: float) -> tuple[Any, list]:
+        import keras
+
+        width, hidden = model.get_layer("head_dense").kernel.shape
+        k = 2 if sigmoid else model.get_layer("head_output").units
+        trainer = build_softmax_head(
+            int(width), int(k), hidden=int(hidden), dropout=dropout, sigmoid=sigmoid
+        )
+        loss = "binary_crossentropy" if sigmoid else "sparse_categorical_crossentropy"
+        trainer.compile(optimizer=keras.optimizers.Adam(), loss=loss)
+        trainer.optimizer.build(trainer.trainable_variables)
+        return trainer, [np.array(v.numpy()) for v in trainer.optimizer.variables]
+
+    def clear(self) -> None:
+        """Drop every kept trainer (the next fit builds and traces its own)."""
+        with self._lock:
+            self._idle.clear()
 
 
-@dataclass
-class _FlatBuffer:
-    data: np.ndarray
-    views: list[np.ndarray]
+_trainers = _TrainerPool()
 
 
-def _flat(shapes: list[tuple[int, ...]]) -> _FlatBuffer:
-    """One float32 buffer and a view of it per shape, in order."""
-    sizes = [int(np.prod(shape)) for shape in shapes]
-    data = np.zeros(sum(sizes), np.float32)
-    ends = np.cumsum(sizes)
-    views = [
-        data[end - size : end].reshape(shape)
-        for shape, size, end in zip(shapes, sizes, ends, strict=True)
-    ]
-    return _FlatBuffer(data, views)
+def clear_trainers() -> None:
+    """Forget the compiled models kept between fits, so the next fit pays for tracing.
+
+    Benchmarks call it before each data set: a sweep is timed as a fresh process runs it.
+    """
+    _trainers.clear()
+
+
+def _copy_variables(source: keras.Model, target: keras.Model) -> None:
+    """Every variable of ``source`` into ``target`` (same architecture), seed states included."""
+    for src, dst in zip(source.variables, target.variables, strict=True):
+        dst.assign(src)
 
 
 def two_columns(proba: Any) -> np.ndarray:

@@ -1,0 +1,55 @@
+"""The layer probe (pipeline.probe): one forward pass, several cut layers, CV on train."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import backbones, probe
+from pipeline.errors import BackboneError
+from pipeline.features import FeatureConfig
+from pipeline.images import SplitConfig
+
+
+def test_multi_output_model_equals_separate_cut_models():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    base = backbones.build_base(
+        backbones.get_backbone("mobilenet_v2"), weights="none", input_size=32
+    )
+    layers = probe.stage_ends(base)
+    assert layers[-1] == "out_relu" and len(layers) >= 3
+    model = probe.build_probe_model(base, layers)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    together = model.predict_on_batch(x)
+    for name, out in zip(layers, together, strict=True):
+        keras.utils.set_random_seed(0)  # the same random weights, a model of its own
+        alone = backbones.build_feature_extractor(
+            "mobilenet_v2", weights="none", input_size=32, layer=name
+        )
+        np.testing.assert_allclose(np.asarray(out), alone.predict_on_batch(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(BackboneError, match="not a layer"):
+        probe.build_probe_model(base, ["block_99_add"])
+
+
+def test_run_probe_writes_json_and_plot(tmp_path):
+    from conftest import COLOURS, make_folder
+
+    data = make_folder(tmp_path / "colours", per_class=8, classes=tuple(COLOURS))
+    config = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, batch_size=8)
+    result = probe.run_probe(
+        data, config, split=SplitConfig(seed=0), folds=3, artifacts_dir=tmp_path / "art"
+    )
+    assert result.json_path.is_file() and result.png_path.read_bytes()[:4] == b"\x89PNG"
+    assert [row["name"] for row in result.layers][-1] == "out_relu"
+    assert all(0.0 <= row["cv_mean"] <= 1.0 for row in result.layers)
+    from pipeline.images import scan_folder
+
+    train = [r for r in scan_folder(data, SplitConfig(seed=0)).records if r.split == "train"]
+    assert result.n_train == len(train) < 24  # train only
+    assert "<- best" in result.format()
+    again = probe.run_probe(
+        data, config, split=SplitConfig(seed=0), folds=3, artifacts_dir=tmp_path / "art"
+    )
+    assert again.notes and again.layers == result.layers  # reused
