@@ -223,7 +223,6 @@ class Head:
         A :class:`~pipeline.cache.FeatureSet` is checked with
         :meth:`check_features` first; a plain array only for its width.
         """
-        from pipeline.heads import head_outputs  # heads saves through this module
 
         if hasattr(features, "attrs"):
             self.check_features(features.attrs, features.features.shape[1], features.class_names)
@@ -474,3 +473,24 @@ def _rebuild_index(knn: Any, file: Path) -> None:
         raise HeadError(
             f"head file {file}: its neighbour index cannot be rebuilt ({_one_line(exc)})"
         ) from None
+
+
+def head_outputs(
+    estimator: Any, X: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(predicted class index, per-class scores (n, n_classes), scores are probabilities)``.
+
+    Heads without probabilities give their decision function (a binary one as
+    ``[-s, s]``); columns of classes the head never saw are ``0`` (or ``-inf``).
+    """
+    classes = np.asarray(estimator.classes_, dtype=np.int64)
+    pred = np.asarray(estimator.predict(X), dtype=np.int64)
+    if hasattr(estimator, "predict_proba"):
+        raw, fill, is_proba = estimator.predict_proba(X), 0.0, True
+    else:
+        raw, fill, is_proba = estimator.decision_function(X), -np.inf, False
+        if raw.ndim == 1:
+            raw = np.column_stack([-raw, raw])
+    scores = np.full((len(X), n_classes), fill, dtype=np.float64)
+    scores[:, classes] = raw
+    return pred, scores, is_proba

@@ -50,6 +50,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from pipeline import artifacts
 from pipeline.errors import HeadError, did_you_mean
+from pipeline.head_store import head_outputs, save_head
 from pipeline.options import check_options
 from pipeline.softmax import SoftmaxClassifier
 
@@ -484,8 +485,6 @@ def _plain(value: Any) -> Any:
 def _fit_one(fs, pipe, name, X_train, y_train, out_dir, *, norm, pca, cv, seed, jobs) -> HeadResult:
     from sklearn.exceptions import ConvergenceWarning
 
-    from pipeline.head_store import save_head
-
     spec = HEADS[name]
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -563,27 +562,6 @@ def _evaluate(
             is_proba=is_proba,
         )
     return predictions, metrics, seconds
-
-
-def head_outputs(
-    estimator: Any, X: np.ndarray, n_classes: int
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """``(predicted class index, per-class scores (n, n_classes), scores are probabilities)``.
-
-    Heads without probabilities give their decision function (a binary one as
-    ``[-s, s]``); columns of classes the head never saw are ``0`` (or ``-inf``).
-    """
-    classes = np.asarray(estimator.classes_, dtype=np.int64)
-    pred = np.asarray(estimator.predict(X), dtype=np.int64)
-    if hasattr(estimator, "predict_proba"):
-        raw, fill, is_proba = estimator.predict_proba(X), 0.0, True
-    else:
-        raw, fill, is_proba = estimator.decision_function(X), -np.inf, False
-        if raw.ndim == 1:
-            raw = np.column_stack([-raw, raw])
-    scores = np.full((len(X), n_classes), fill, dtype=np.float64)
-    scores[:, classes] = raw
-    return pred, scores, is_proba
 
 
 def _versions() -> dict[str, str]:
