@@ -17,8 +17,10 @@ the network on the cache.
   training when augmentation is off).
 * :func:`write_views`: ``views`` augmented views of each training image
   (random flip, rotation and zoom, drawn once), one cache row per view, image
-  by image. The draws depend on the seed, the image and the view only, so a
-  resumed cache equals an uninterrupted one.
+  by image. Each view of a batch is one compiled call of :func:`view_model`
+  (augmentation, preprocessing and the frozen part); its draws depend on the
+  seed, the batch and the view only (:func:`seed_views`), so a resumed cache
+  equals an uninterrupted one.
 * :func:`build_top_model`: the trained part as a model on the cache, sharing
   its layers with the backbone, so the whole network (the exported model) holds
   the trained weights without copying.
@@ -235,6 +237,7 @@ def write_views(
         return "up to date", float(cache.read_attrs(path)["seconds"])
     views = spec.views
     rows = np.repeat(np.arange(len(paths)), views)
+    model = view_model(frozen, augmentation, preprocessing)
     with cache.cache_lock(path):
         writer, _ = cache.CacheWriter.open(
             path, config_json=config_json, fingerprint=fingerprint,
@@ -263,10 +266,7 @@ def write_views(
                             "re-run `make features`"
                         )
                     tick = time.perf_counter()
-                    out = _views_of(
-                        batch.x, batch.start, spec, frozen, augmentation, preprocessing,
-                        batch_size,
-                    )  # fmt: skip
+                    out = _views_of(batch.x, batch.start, spec, model, augmentation, batch_size)
                     ok = np.ones(len(out), dtype=bool)
                     writer.write_batch(batch.start * views, out, ok, {}, time.perf_counter() - tick)
                     bar.update(len(out))
@@ -281,34 +281,68 @@ def write_views(
     return status, float(cache.read_attrs(path)["seconds"])
 
 
+def view_model(
+    frozen: keras.Model, augmentation: keras.layers.Layer, preprocessing: str
+) -> keras.Model:
+    """Images (0..255) -> ``augmentation`` (always in training mode) -> preprocessing -> ``frozen``.
+
+    One model, so ``predict_on_batch`` runs a batch's view as one compiled
+    function (the augmentation run eagerly, batch by batch, cost more than
+    the frozen part). Its random draws come from ``augmentation``'s seed
+    generators, which :func:`seed_views` sets before each call.
+    """
+    import keras
+
+    from pipeline.layers import ImagePreprocessing
+
+    class Augmenting(keras.layers.Layer):
+        """``augmentation`` in training mode whatever ``predict`` asks.
+
+        ``call`` takes no ``training`` argument, so Keras passes none down.
+        """
+
+        def call(self, inputs):
+            return augmentation(inputs, training=True)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    inputs = keras.Input(shape=frozen.input_shape[1:], dtype="float32", name="image")
+    x = Augmenting(name="augmenting")(inputs)
+    x = ImagePreprocessing(preprocessing, name="preprocessing")(x)
+    return keras.Model(inputs, frozen(x, training=False), name=f"{frozen.name}_views")
+
+
+def seed_views(augmentation: keras.layers.Layer, seed: int, start: int, view: int) -> None:
+    """Set ``augmentation``'s draws for view ``view`` of the batch at image ``start``.
+
+    One seed per (seed, batch start, view, generator): a resumed run draws
+    the same views, and the batches of a run are independent of each other.
+    """
+    for number, variable in enumerate(_random_state(augmentation)):
+        drawn = np.random.default_rng([seed, start, view, number]).integers(2**31)
+        variable.assign(np.asarray([drawn, 0], dtype=variable.dtype))
+
+
 def _views_of(
     x: np.ndarray,
     start: int,
     spec: ViewsSpec,
-    frozen: keras.Model,
+    model: keras.Model,
     augmentation: keras.layers.Layer,
-    preprocessing: str,
     batch_size: int,
 ) -> np.ndarray:
-    """The activations of every view of the images ``x`` (rows image-major)."""
-    from keras import ops
+    """The activations of every view of the images ``x`` (rows image-major).
 
-    from pipeline.layers import ImagePreprocessing
-
-    prepare = ImagePreprocessing(preprocessing)
+    ``model`` is :func:`view_model` of ``augmentation``; one compiled call per view.
+    """
     n, views = len(x), spec.views
-    out = np.empty((n, views, int(np.prod(frozen.output_shape[1:]))), np.float32)
-    random = _random_state(augmentation)
+    if n < batch_size:  # the compiled shape never changes (as in stage one)
+        x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+    out = np.empty((n, views, int(np.prod(model.output_shape[1:]))), np.float32)
     for view in range(views):
-        # One seed per (image batch start, view): a resumed run draws the same views.
-        for number, variable in enumerate(random):
-            seed = np.random.default_rng([spec.seed, start, view, number]).integers(2**31)
-            variable.assign(np.asarray([seed, 0], dtype=variable.dtype))
-        augmented = ops.convert_to_numpy(augmentation(x, training=True))
-        ready = ops.convert_to_numpy(prepare(augmented))
-        if n < batch_size:  # the compiled shape never changes (as in stage one)
-            ready = np.concatenate([ready, np.zeros((batch_size - n, *ready.shape[1:]), "float32")])
-        activations = np.asarray(frozen.predict_on_batch(ready), dtype=np.float32)[:n]
+        seed_views(augmentation, spec.seed, start, view)
+        activations = np.asarray(model.predict_on_batch(x), dtype=np.float32)[:n]
         out[:, view] = activations.reshape(n, -1)
     return out.reshape(n * views, -1)
 

@@ -345,6 +345,8 @@ def run_auto(
         "recipes": rows,
         "winner": _summary(winner),
         "default": _summary(default),
+        # every head of the plain default, for comparison (read after the choice)
+        "default_heads": [_summary(c) for c in candidates if c.recipe == recipes[0].name],
         "seconds": time.perf_counter() - started,
     }
     json_path, md_path = Artifacts(artifacts_dir).auto_files(str(dataset))
@@ -406,7 +408,8 @@ def auto_markdown(record: dict[str, Any]) -> str:
         "| run | split | accuracy | 95 % interval | correct |",
         "|---|---|---|---|---|",
     ]
-    for label, row in (("chosen", w), ("plain default", d)):
+    shown = [("chosen", w)] + [("plain default", row) for row in record.get("default_heads", [d])]
+    for label, row in shown:
         for split, v in row["held_out"].items():
             lines.append(
                 f"| {label}: `{row['recipe']}` + `{row['head']}` | {split} | {v['accuracy']:.3f} | "

@@ -13,10 +13,13 @@ call. It works in two phases, as the Keras transfer-learning guide does:
 2. **Fine-tuning.** The last ``layers`` layers of the backbone become
    trainable (BatchNormalization never: it stays frozen and in inference mode,
    the base is called with ``training=False``), the model is recompiled and
-   trained on images at a low learning rate (Adam, 1e-5) with augmentation
-   and class weights, early stopping on validation accuracy and the best
-   weights kept. Phase one's model is the first candidate, so fine-tuning
-   never ends below the head on the validation split.
+   trained at a low learning rate (Adam, 1e-5) with augmentation and class
+   weights, early stopping on validation accuracy and the best weights kept.
+   Phase one's model is the first candidate, so fine-tuning never ends below
+   the head on the validation split. It trains the top of the network on
+   the activations of the frozen part, cached once with ``AUG_VIEWS``
+   augmented views per training image (:mod:`pipeline.finetune_input`), or,
+   with ``AUG_VIEWS=0``, the whole network on the images every epoch.
 
 The images, their split and the skipped files come from the stage-one cache
 (built first when missing), so every stage sees the same images. A checkpoint
@@ -25,11 +28,15 @@ interrupted run, and a checkpoint made with other options is refused.
 
 The rooms of stage three: :mod:`pipeline.freezing` (``LAYERS``, blocks,
 ``set_trainable``), :mod:`pipeline.finetune_model` (the model, the warm start,
-saving and loading), :mod:`pipeline.image_feed` (the images as a Keras
-``PyDataset``), :mod:`pipeline.training` (the ``fit`` calls and their
-callbacks), :mod:`pipeline.checkpoints` (resume and its refusals); this module
-resolves the configuration once and runs the steps in order. Outputs are laid
-out by :mod:`pipeline.artifacts` (``artifacts/finetune/<dataset>/<name>.*``).
+saving and loading), :mod:`pipeline.activations` (the cut, the caches of the
+frozen part's output, the top model), :mod:`pipeline.finetune_input` (phase
+two's input: which caches, the feeds), :mod:`pipeline.image_feed` (the images
+as a Keras ``PyDataset``), :mod:`pipeline.training` (the ``fit`` calls and
+their callbacks), :mod:`pipeline.checkpoints` (resume and its refusals),
+:mod:`pipeline.finetune_outputs` (predictions, log, curves, model, manifest);
+this module resolves the configuration once and runs the steps in order.
+Outputs are laid out by :mod:`pipeline.artifacts`
+(``artifacts/finetune/<dataset>/<name>.*``).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import numpy as np
 
 from pipeline.errors import FinetuneError
 from pipeline.features import FeatureConfig, ResolvedFeatures, resolve_features
+from pipeline.finetune_outputs import FinetuneResult, write_outputs
 from pipeline.freezing import parse_layers
 from pipeline.images import SplitConfig
 from pipeline.options import check_options
@@ -179,49 +187,6 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneResult:
-    """What a stage-three run produced (printed by the CLI)."""
-
-    model_path: Path
-    manifest_path: Path
-    predictions_path: Path
-    history_path: Path
-    plot_path: Path
-    layers: int
-    depth: int
-    head_source: str
-    val_accuracy: float
-    test_accuracy: float | None
-    best_epoch: int
-    history: list[dict[str, Any]]
-    seconds: float
-    resumed_from: int | None = None
-    phase_two_input: str = ""
-    notes: list[str] = field(default_factory=list)
-    model: Any = field(default=None, repr=False)
-
-    def format(self, *, notes: bool = True) -> str:
-        """The run's summary; ``notes=False`` leaves out the notes already echoed during it."""
-        lines = [*self.notes] if notes else []
-        test = f", test accuracy {self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
-        phase_two = [h for h in self.history if h["phase"] == 2]
-        per_epoch = np.mean([h["seconds"] for h in phase_two]) / 60 if phase_two else 0.0
-        lines.append(
-            f"fine-tuned {self.layers} of {self.depth} backbone layers: val accuracy "
-            f"{self.val_accuracy:.4f}{test} (best epoch {self.best_epoch} of phase two, "
-            f"{len(phase_two)} run, {per_epoch:.2f} min/epoch, {self.seconds / 60:.1f} min in all)"
-        )
-        if self.phase_two_input:
-            lines.append(f"  phase two trained on {self.phase_two_input}")
-        lines.append(f"saved {self.model_path} (manifest {self.manifest_path.name})")
-        lines.append(
-            f"  predictions {self.predictions_path.name}, log {self.history_path.name}, "
-            f"curves {self.plot_path.name}"
-        )
-        return "\n".join(lines)
-
-
-@dataclass
 class _Run:
     """One run's configuration, resolved once, and what the steps share."""
 
@@ -308,15 +273,17 @@ def finetune(
     >>> result = finetune("data/hymenoptera_data", config)
     >>> print(result.format())
     """
+    from pipeline.finetune_input import cache_activations
+
     run = _prepare(Path(data), config or FinetuneConfig(), artifacts_dir, progress, echo)
     try:  # the run holds its lock (taken by checkpoint.open) until here
-        _cache_activations(run)
+        cache_activations(run)
         model, trainee, head, head_source = _assemble(run)
         sigmoid = int(head.output_shape[-1]) == 1
         resumed_from = int(run.state["epoch"]) if run.state else None
         state = _phase_one(run, trainee, head, head_source, sigmoid)
         state = _phase_two(run, trainee, state, sigmoid, progress, callbacks)
-        return _write_outputs(run, model, state, sigmoid, resumed_from)
+        return write_outputs(run, model, state, sigmoid, resumed_from)
     finally:
         run.checkpoint.release()
 
@@ -377,6 +344,8 @@ def _prepare(
             note(f"stage one: {summary.status} {summary.cache_path}")
         features = cache.load_features(summary.cache_path)
         splits = _check_splits(features)
+        if _runtime_note(features):
+            note(_runtime_note(features))
     except BaseException:
         checkpoint.release()
         raise
@@ -417,10 +386,33 @@ def _config_from_cache(
         )  # fmt: skip
     before = {**asdict(config.features), **asdict(config.split)}
     after = {**asdict(features), **asdict(split)}
-    differ = [f"{key}={value}" for key, value in after.items() if before[key] != value]
+    # The runtime is kept (the cache is then up to date) but said apart: see _runtime_note.
+    differ = [
+        f"{key}={value}"
+        for key, value in after.items()
+        if before[key] != value and key not in ("runtime", "runtime_precision")
+    ]
     if differ:
         note(f"using the cache's {', '.join(differ)}")
     return Path(attrs["data_root"]), replace(config, features=features, split=split), data
+
+
+def _runtime_note(features: FeatureSet) -> str:
+    """What a stage-one cache made by another runtime than Keras means here (``""`` for Keras).
+
+    Only phase one reads the cache's features (the head's warm start and its
+    validation accuracy); phase two, its cut cache and the exported model run
+    on Keras, so the fine-tuned network is what Keras computes.
+    """
+    runtime = str(features.attrs.get("runtime", "keras"))
+    if runtime == "keras":
+        return ""
+    precision = features.attrs.get("runtime_precision", "")
+    return (
+        f"stage one: {features.path.name} was made by {runtime} ({precision}): phase one fits "
+        "the head on its features; phase two and the exported model run on Keras (for a Keras "
+        "phase one, pass DATA=<a cache of `make features RUNTIME=keras`>)"
+    )
 
 
 def _default_name(resolved: ResolvedFeatures, layers: int | str) -> str:
@@ -443,91 +435,6 @@ def _check_splits(features: FeatureSet) -> dict[str, np.ndarray]:
                 "which is split by VAL_FRACTION)"
             )
     return masks
-
-
-def _cache_activations(run: _Run) -> None:
-    """Cache phase two's input at the cut (stage one's cut cache; the augmented views).
-
-    Sets ``run.cut`` (``None`` when phase two runs on images: ``AUG_VIEWS=0``,
-    or no layer is frozen) and ``run.activations`` (paths, views, seconds).
-    """
-    import keras
-
-    from pipeline import activations, cache
-    from pipeline.features import extract_features
-    from pipeline.finetune_model import build_augmentation
-    from pipeline.images import default_workers
-
-    config = run.config
-    cut = activations.find_cut(run.base, run.layers) if config.aug_views > 0 else None
-    if cut is None:
-        reason = "AUG_VIEWS=0" if config.aug_views == 0 else "no backbone layer is frozen"
-        run.activations = {"mode": "images", "reason": reason}
-        run.note(f"phase 2: a full forward pass over the images every epoch ({reason})")
-        return
-    frozen = activations.frozen_part(run.base, cut)
-    for attempt in (1, 2):
-        keras.utils.set_random_seed(config.split.seed)  # WEIGHTS=none: the run's base
-        summary = extract_features(
-            run.data_dir, activations.cut_config(config.features, cut), split=config.split,
-            artifacts_dir=run.artifacts_dir, progress=run.progress,
-        )  # fmt: skip
-        with cache.FeatureRows(summary.cache_path) as reader:
-            if list(reader.paths) != list(run.features.paths):
-                raise FinetuneError(
-                    f"{summary.cache_path} and {run.features.path} hold other images (the "
-                    "data changed while they were made); run the command again to rebuild them"
-                )
-            problem = activations.cut_cache_problem(
-                reader, frozen, run.root, preprocess=run.resolved.spec.preprocess,
-                size=run.resolved.input_size,
-            )  # fmt: skip
-        if not problem:
-            break
-        if attempt == 2:
-            raise FinetuneError(
-                f"{summary.cache_path} does not hold the activations of this backbone at "
-                f"{cut.layer} ({problem}); delete it and run again"
-            )
-        run.note(f"phase 2: {summary.cache_path} was made by other weights ({problem}); rebuilding")
-        summary.cache_path.unlink()
-    if summary.status != "up to date":
-        run.note(f"phase 2: cached the activations at {cut.layer} in {summary.cache_path}")
-    cut_attrs = cache.read_attrs(summary.cache_path)
-    run.cut = cut
-    run.activations = {
-        "mode": "cached activations", "cut_layer": cut.layer, "cut_shape": list(cut.shape),
-        "cut_cache": str(summary.cache_path), "cut_cache_seconds": round(summary.seconds, 1),
-        "views": 0, "views_cache": None, "views_cache_seconds": 0.0,
-    }  # fmt: skip
-    augmentation = build_augmentation(config)
-    if augmentation is None:
-        run.note(f"phase 2: trains the top on the activations at {cut.layer} (no augmentation)")
-        return
-    spec = activations.ViewsSpec(
-        stage_one=str(cut_attrs["config_json"]), views=config.aug_views, seed=config.split.seed,
-        augmentation={"flip": config.flip, "rotation": config.rotation, "zoom": config.zoom},
-    )  # fmt: skip
-    path = summary.cache_path.with_name(f"{summary.cache_path.stem}_{spec.tag()}.h5")
-    train, resolved = run.splits["train"], run.resolved
-    keep = ("class_names", "backbone", "weights", "weights_source", "input_size", "layer",
-            "preprocessing", "precision", "data_root", "dataset")  # fmt: skip
-    tick = time.perf_counter()
-    status, seconds = activations.write_views(
-        path, run.root, list(run.features.paths[train]), run.features.labels[train], spec=spec,
-        fingerprint=str(cut_attrs["fingerprint"]), frozen=frozen,
-        augmentation=augmentation, preprocessing=resolved.spec.preprocessing,
-        size=resolved.input_size, batch_size=config.features.batch_size, dtype="float16",
-        attrs={key: cut_attrs[key] for key in keep if key in cut_attrs},
-        workers=config.features.workers or default_workers(), progress=run.progress,
-    )  # fmt: skip
-    if status != "up to date":
-        run.note(
-            f"phase 2: {status} {config.aug_views} augmented views per training image at "
-            f"{cut.layer} in {time.perf_counter() - tick:.1f} s ({path})"
-        )
-    run.activations.update(views=config.aug_views, views_cache=str(path))
-    run.activations["views_cache_seconds"] = round(seconds, 1)
 
 
 def _assemble(run: _Run) -> tuple[keras.Model, keras.Model, keras.Model, str]:
@@ -557,18 +464,9 @@ def _assemble(run: _Run) -> tuple[keras.Model, keras.Model, keras.Model, str]:
     return model, trainee, head, source
 
 
-def _sample_weights(run: _Run, labels: np.ndarray) -> np.ndarray | None:
-    """Balanced class weights of the training split, per image of ``labels``."""
-    from pipeline.image_feed import class_weights
-
-    if run.config.class_weight != "balanced":
-        return None
-    train_labels = run.features.labels[run.splits["train"]]
-    return class_weights(train_labels, len(run.features.class_names))[labels]
-
-
 def _phase_one(run: _Run, model, head, head_source: str, sigmoid: bool) -> dict:
     """The head with the backbone frozen; its end is epoch 0 of the checkpoint."""
+    from pipeline.finetune_input import sample_weights
     from pipeline.finetune_model import compile_model
     from pipeline.softmax import two_columns
     from pipeline.training import train_head
@@ -585,7 +483,7 @@ def _phase_one(run: _Run, model, head, head_source: str, sigmoid: bool) -> dict:
         if sigmoid:
             y_train, y_val = y_train.reshape(-1, 1), y_val.reshape(-1, 1)
         history = train_head(
-            head, (x_train, y_train, _sample_weights(run, y_train.ravel())), (x_val, y_val),
+            head, (x_train, y_train, sample_weights(run, y_train.ravel())), (x_val, y_val),
             epochs=config.head_epochs, batch_size=config.features.batch_size,
             patience=max(5, config.patience), learning_rate=config.head_learning_rate,
         )  # fmt: skip
@@ -610,6 +508,7 @@ def _phase_two(run: _Run, model, state: dict, sigmoid: bool, progress: bool, cal
     ``model`` is the whole model (on images) or the top model (on the cached
     activations), as :func:`_assemble` chose.
     """
+    from pipeline.finetune_input import training_feeds
     from pipeline.finetune_model import compile_model
     from pipeline.freezing import set_trainable
     from pipeline.training import CheckpointedEarlyStopping, EpochLog, fit_phase_two
@@ -619,15 +518,7 @@ def _phase_two(run: _Run, model, state: dict, sigmoid: bool, progress: bool, cal
     compile_model(model, config.learning_rate, sigmoid=sigmoid)
     run.checkpoint.restore(model, state)
     history = list(state["history"])
-    train_rows, val_rows = np.flatnonzero(run.splits["train"]), np.flatnonzero(run.splits["val"])
-    readers = []
-    if run.cut is None:
-        train_seq = _images(run, train_rows, sigmoid, shuffle=True)
-        val_seq = _images(run, val_rows, sigmoid)
-    else:
-        readers = _open_activations(run)
-        train_seq = _activations(run, readers[-1], train_rows, sigmoid, shuffle=True)
-        val_seq = _activations(run, readers[0], val_rows, sigmoid)
+    train_seq, val_seq, readers = training_feeds(run, sigmoid)
     stopping = CheckpointedEarlyStopping(
         run.checkpoint, state, history, patience=config.patience, elapsed=run.elapsed,
         echo=run.echo,
@@ -645,129 +536,3 @@ def _phase_two(run: _Run, model, state: dict, sigmoid: bool, progress: bool, cal
         for reader in readers:
             reader.close()
     return {**stopping.state, "history": history}
-
-
-def _open_activations(run: _Run) -> list:
-    """Readers of the cut cache and, when there are views, of the views cache (last)."""
-    from pipeline.cache import FeatureRows
-
-    readers = [FeatureRows(run.activations["cut_cache"])]
-    if run.activations["views_cache"]:
-        readers.append(FeatureRows(run.activations["views_cache"]))
-    return readers
-
-
-def _activations(run: _Run, reader, rows: np.ndarray, sigmoid: bool, *, shuffle: bool = False):
-    """The cached activations of cache ``rows`` (training: views, class weights, shuffled)."""
-    from pipeline.activations import activation_sequence
-
-    labels = run.features.labels[rows]
-    views = int(run.activations["views"]) if shuffle else 0
-    if views:  # the views cache holds the training images only, in cache order
-        rows = np.arange(len(rows))
-    return activation_sequence(
-        reader, rows, labels, views=max(1, views), batch_size=run.config.features.batch_size,
-        sigmoid=sigmoid, sample_weights=_sample_weights(run, labels) if shuffle else None,
-        shuffle_seed=run.config.split.seed if shuffle else None,
-    )  # fmt: skip
-
-
-def _images(run: _Run, rows: np.ndarray, sigmoid: bool, *, shuffle: bool = False):
-    """The images of cache ``rows`` as a PyDataset (training: class weights, shuffled)."""
-    from pipeline.image_feed import image_sequence
-    from pipeline.images import default_workers
-
-    labels = run.features.labels[rows]
-    return image_sequence(
-        run.root, run.features.paths[rows], labels, size=run.resolved.input_size,
-        batch_size=run.config.features.batch_size, sigmoid=sigmoid,
-        sample_weights=_sample_weights(run, labels) if shuffle else None,
-        shuffle_seed=run.config.split.seed if shuffle else None,
-        workers=run.config.features.workers or default_workers(),
-    )  # fmt: skip
-
-
-# --- outputs ---------------------------------------------------------------------------------
-
-
-def _write_outputs(
-    run: _Run, model, state: dict, sigmoid: bool, resumed_from: int | None
-) -> FinetuneResult:
-    """Predictions, the log, the curves, the model and, last, its manifest."""
-    import keras
-
-    from pipeline.artifacts import feature_identity, new_manifest, write_manifest
-    from pipeline.files import sha256_file
-    from pipeline.finetune_model import save_model
-    from pipeline.freezing import backbone_layers
-    from pipeline.plotting import plot_curves
-    from pipeline.training import write_history
-
-    files, features, history = run.files, run.features, state["history"]
-    files.model.parent.mkdir(parents=True, exist_ok=True)
-    seconds_per_image, accuracy = _write_predictions(run, model, sigmoid)
-    write_history(files.history, files.history_csv, history)
-    plot_curves(history, files.curves, title=f"{run.dataset}: {run.name}")
-    save_model(model, files.model)
-    seconds = run.elapsed()
-    manifest = new_manifest(
-        "finetuned", name=run.name, dataset=run.dataset, class_names=features.class_names,
-        features=feature_identity(features.attrs), fingerprint=features.attrs.get("fingerprint"),
-        files={"model": files.model.name, "predictions": files.predictions.name,
-               "history": files.history.name, "curves": files.curves.name},
-        sha256={"model": sha256_file(files.model)},
-        input="float32 RGB images (n, input_size, input_size, 3), values 0..255",
-        output="sigmoid: (n, 1) probability of class 1" if sigmoid else "softmax: (n, classes)",
-        layers=run.layers, layers_option=str(run.config.layers), depth=run.depth,
-        trainable_layers=[layer.name for layer in backbone_layers(run.base) if layer.trainable],
-        head_source=state["head_source"], data_root=str(run.root), cache=str(features.path),
-        phase_two_input=run.activations,
-        val_accuracy=accuracy.get("val"), test_accuracy=accuracy.get("test"),
-        phase_one_val_accuracy=state["phase_one_val_accuracy"],
-        best_epoch=int(state["best_epoch"]),
-        epochs_run=sum(1 for h in history if h["phase"] == 2), config=asdict(run.config),
-        params=int(model.count_params()), fit_seconds=round(seconds, 1),
-        predict_seconds_per_image=round(seconds_per_image, 5),
-        keras_version=keras.__version__, keras_backend=keras.backend.backend(),
-    )  # fmt: skip
-    write_manifest(files.manifest, manifest)
-    run.checkpoint.remove()
-    return FinetuneResult(
-        model_path=files.model, manifest_path=files.manifest, predictions_path=files.predictions,
-        history_path=files.history, plot_path=files.curves, layers=run.layers, depth=run.depth,
-        head_source=state["head_source"], val_accuracy=accuracy["val"],
-        test_accuracy=accuracy.get("test"), best_epoch=int(state["best_epoch"]), history=history,
-        seconds=seconds, resumed_from=resumed_from, notes=run.notes, model=model,
-        phase_two_input=_describe_input(run.activations),
-    )  # fmt: skip
-
-
-def _write_predictions(run: _Run, model, sigmoid: bool) -> tuple[float, dict[str, float]]:
-    """Predict the val and test images; write them; seconds per image and accuracy per split."""
-    from pipeline.artifacts import write_predictions
-    from pipeline.softmax import two_columns
-
-    features = run.features
-    rows = np.flatnonzero(run.splits["val"] | run.splits["test"])
-    tick = time.perf_counter()
-    proba = two_columns(model.predict(_images(run, rows, sigmoid), verbose=0))
-    seconds_per_image = (time.perf_counter() - tick) / max(1, len(rows))
-    pred, labels, split = proba.argmax(axis=1), features.labels[rows], features.split[rows]
-    write_predictions(
-        run.files.predictions, features.class_names, paths=features.paths[rows], split=split,
-        labels=labels, pred=pred, scores=proba, is_proba=True,
-    )  # fmt: skip
-    accuracy = {
-        s: float(np.mean(pred[split == s] == labels[split == s]))
-        for s in ("val", "test") if np.any(split == s)
-    }  # fmt: skip
-    return seconds_per_image, accuracy
-
-
-def _describe_input(activations: dict[str, Any]) -> str:
-    """One line on what phase two trained on."""
-    if activations.get("mode") != "cached activations":
-        return f"images, a full forward pass every epoch ({activations.get('reason', '')})"
-    views = activations["views"]
-    what = f"{views} augmented views per training image" if views else "no augmentation"
-    return f"cached activations at {activations['cut_layer']} ({what})"

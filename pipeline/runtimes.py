@@ -276,10 +276,15 @@ def choose(
 
 
 def describe(choice: RuntimeChoice) -> str:
-    """One line for the output: ``runtime: openvino, bf16 (this CPU has BF16)``."""
+    """One line for the output: ``runtime: openvino 2026.4.1, bf16 (native on this CPU)``."""
     if choice.runtime == "keras":
         return "runtime: keras"
-    why = "the CPU has native bfloat16" if choice.precision == "bf16" else "float32"
+    if choice.precision == "bf16":
+        why = "bfloat16, native on this CPU"
+    elif not cpu_supports_bf16():
+        why = "float32: this CPU has no native bfloat16"
+    else:
+        why = "float32"
     return f"runtime: openvino {openvino_version()}, {choice.precision} ({why})"
 
 
@@ -345,6 +350,12 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.where(both_zero, 1.0, cos).min()) if len(a) else 1.0
 
 
+def _cosine_median(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return float(np.median(cos)) if len(a) else 1.0
+
+
 def check(
     store: ConversionStore,
     precisions: Sequence[str],
@@ -361,6 +372,7 @@ def check(
         cos = cosine_min(got, reference)
         results[precision] = {
             "cosine_min": round(cos, 6),
+            "cosine_median": round(_cosine_median(got, reference), 6),
             "passed": bool(cos >= CHECK_COSINE),
             "images": len(x),
             "data": data,

@@ -295,3 +295,26 @@ def test_make_finetune_passes_aug_views(colours, tmp_path):
         cwd=REPO, capture_output=True, text=True, env={**os.environ}, check=True,
     ).stdout  # fmt: skip
     assert "--aug-views 2" in out
+
+
+def test_a_view_is_the_seeded_augmentation_then_the_frozen_part(base, colours):
+    """The compiled view model computes what the layers give run one by one, eagerly."""
+    import keras
+
+    from pipeline.finetune_model import build_augmentation
+    from pipeline.layers import ImagePreprocessing
+
+    cut = activations.find_cut(base, 11)
+    frozen = activations.frozen_part(base, cut)
+    augmentation = build_augmentation(TINY)
+    model = activations.view_model(frozen, augmentation, "tf")
+    paths = sorted(str(p.relative_to(colours)) for p in colours.rglob("*.png"))[:4]
+    x = _images(colours, paths)
+    activations.seed_views(augmentation, 0, 4, 1)
+    compiled = model.predict_on_batch(x)
+    activations.seed_views(augmentation, 0, 4, 1)
+    augmented = keras.ops.convert_to_numpy(augmentation(x, training=True))
+    eager = frozen.predict_on_batch(keras.ops.convert_to_numpy(ImagePreprocessing("tf")(augmented)))
+    assert _relative(compiled, eager) < 1e-4
+    activations.seed_views(augmentation, 0, 4, 2)  # another view: other draws
+    assert _relative(model.predict_on_batch(x), compiled) > 1e-3

@@ -144,10 +144,31 @@ def test_a_stage_one_cache_as_data_gives_its_configuration(colours):
     config = replace(TINY, split=SplitConfig(seed=3), features=FeatureConfig(batch_size=4))
     data, got, given = ft._config_from_cache(cache_file(colours[1]), config, notes.append)
     assert data == colours[0].resolve() and given == cache_file(colours[1])
-    assert got.features == FeatureConfig(weights="none", input_size=32, batch_size=4)
+    # the cache's runtime is kept (so the cache is up to date), not echoed as a difference
+    assert got.features == FeatureConfig(
+        weights="none", input_size=32, batch_size=4, runtime="keras", runtime_precision="fp32"
+    )
     assert got.split == SplitConfig(seed=0)
     assert notes == ["using the cache's weights=none, input_size=32, seed=0"]
     assert ft._default_name(got.validate(), got.layers) == "mobilenet_v2_32_random_layers-5"
+
+
+def test_a_stage_one_cache_of_another_runtime_is_used_and_said(colours, monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline import cache
+
+    read_attrs = cache.read_attrs
+    openvino = {"runtime": "openvino", "runtime_precision": "bf16"}
+    monkeypatch.setattr(cache, "read_attrs", lambda path: {**read_attrs(path), **openvino})
+    notes: list[str] = []
+    _, got, _ = ft._config_from_cache(cache_file(colours[1]), TINY, notes.append)
+    assert (got.features.runtime, got.features.runtime_precision) == ("openvino", "bf16")
+    assert not any("runtime" in line for line in notes)
+    features = SimpleNamespace(path=Path("x.h5"), attrs=openvino)
+    assert "x.h5 was made by openvino (bf16)" in ft._runtime_note(features)
+    assert "phase two and the exported model run on Keras" in ft._runtime_note(features)
+    assert ft._runtime_note(SimpleNamespace(path=Path("x.h5"), attrs={})) == ""
 
 
 # --- runs ------------------------------------------------------------------------------------
