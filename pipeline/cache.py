@@ -129,7 +129,9 @@ class FeatureRows:
                 self.paths = np.array(f["paths"].asstr()[...], dtype=object)
                 self.split = np.array(f["split"].asstr()[...], dtype=object)
             except KeyError as exc:
-                raise CacheError(f"{path} is not a complete feature cache (missing {exc})") from None
+                raise CacheError(
+                    f"{path} is not a complete feature cache (missing {exc})"
+                ) from None
         self._file = h5py.File(self.path, "r")
 
     def read(self, rows: np.ndarray) -> np.ndarray:

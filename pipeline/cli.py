@@ -11,24 +11,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import __version__
+from pipeline.cli_options import (
+    WEIGHTS_HELP,
+    HelpFormatter,
+    add_bench_options,
+    add_engine_options,
+    add_feature_options,
+    add_split_options,
+    feature_config,
+    flag,
+    one_of,
+    optional_int,
+    ray_config,
+    split_config,
+    weights_value,
+)
 from pipeline.errors import PipelineError
+from pipeline.hints import fill_make_hints, make_command  # noqa: F401  (make_command: public)
 from pipeline.options import (
     CLASS_WEIGHTS,
-    COMBINES,
-    ENGINES,
     FLIPS,
     JOIN_NORMS,
     NORMS,
-    POOLINGS,
     PRECISIONS,
-    RUNTIME_PRECISIONS,
-    RUNTIMES,
 )
 
 Command = Callable[[argparse.Namespace], int]
@@ -39,256 +48,9 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each option's default, except where there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.help:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _one_of(words: Sequence[str]) -> str:
-    """A metavar listing the accepted words (checked by pipeline.options, with "did you mean")."""
-    return "{" + ",".join(words) + "}"
-
-
-# --- make commands in hints
-
-# make variable, argparse dest, the Makefile's default (a variable is written when it differs).
-_MAKE_VARIABLES: tuple[tuple[str, str, object], ...] = (
-    ("DATA", "data", None),
-    ("MODEL", "model", None),
-    ("IMAGES", "images", None),
-    ("BACKBONE", "backbone", "mobilenet_v2"),
-    ("WEIGHTS", "weights", "imagenet"),
-    ("INPUT_SIZE", "input_size", None),
-    ("POOLING", "pooling", "avg"),
-    ("LAYER", "layer", None),
-    ("FLOAT16", "float16", False),
-    ("PRECISION", "precision", "float32"),
-    ("RUNTIME", "runtime", "auto"),
-    ("RUNTIME_PRECISION", "runtime_precision", "auto"),
-    ("SEED", "seed", 0),
-    ("VAL_FRACTION", "val_fraction", 0.2),
-    ("TEST_FRACTION", "test_fraction", 0.2),
-    ("ARTIFACTS", "artifacts", "artifacts"),
-    ("ENGINE", "engine", "local"),
-    ("RAY_ADDRESS", "ray_address", None),
-    ("CONCURRENCY", "concurrency", 1),
-)
-_FEATURE_VARIABLES = ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "POOLING", "LAYER", "FLOAT16",
-                      "PRECISION", "RUNTIME", "RUNTIME_PRECISION", "ARTIFACTS")  # fmt: skip
-_SPLIT_VARIABLES = ("SEED", "VAL_FRACTION", "TEST_FRACTION")
-# The variables each target reads (others of the user's command would not change it).
-_TARGET_VARIABLES = {
-    "features": (*_FEATURE_VARIABLES, *_SPLIT_VARIABLES, "ENGINE", "RAY_ADDRESS", "CONCURRENCY"),
-    "head": (*_FEATURE_VARIABLES, "SEED", "ENGINE", "RAY_ADDRESS"),
-    "report": ("DATA", "ARTIFACTS"),
-    "predict": ("MODEL", "IMAGES", "ARTIFACTS"),
-    "finetune": ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "PRECISION", *_SPLIT_VARIABLES,
-                 "ARTIFACTS"),
-}  # fmt: skip
-_PLACEHOLDERS = {
-    "DATA": "path/to/images",
-    "MODEL": "path/to/model.json",
-    "IMAGES": "path/to/images",
-}
-_MAKE_HINT = re.compile(r"`make ([a-z][a-z-]*)([^`]*)`")
-
-
-def make_command(target: str, args: argparse.Namespace | None = None, **explicit: str) -> str:
-    """``make <target> VAR=value ...``: ``explicit`` values, then the user's own from ``args``.
-
-    Only variables that ``target`` reads and that differ from the Makefile's
-    defaults are written; the data folder (or model and images) always is, as
-    a placeholder when ``args`` does not know it.
-
-    Examples
-    --------
-    >>> ns = argparse.Namespace(data="photos", backbone="vgg16", weights="imagenet")
-    >>> make_command("features", ns)
-    'make features DATA=photos BACKBONE=vgg16'
-    """
-    wanted = _TARGET_VARIABLES.get(target, ("DATA", "ARTIFACTS"))
-    words = [f"make {target}"]
-    for var, dest, default in _MAKE_VARIABLES:
-        if var not in wanted or var in explicit:
-            continue
-        value = getattr(args, dest, None) if args is not None else None
-        if isinstance(value, bool):
-            value = 1 if value else None
-        if value is None and var in _PLACEHOLDERS:
-            value = _PLACEHOLDERS[var]
-        if value is not None and value != default:
-            words.append(f"{var}={shlex.quote(str(value))}")
-    words += [f"{var}={shlex.quote(str(value))}" for var, value in explicit.items()]
-    return " ".join(words)
-
-
-def fill_make_hints(message: str, args: argparse.Namespace | None) -> str:
-    """Every ```make <target> [VAR=value] [...]``` in ``message`` completed by :func:`make_command`.
-
-    Values the hint names (``HEAD=svm``) are kept; ``...`` and ``VAR=...`` are
-    placeholders, filled from ``args``.
-    """
-
-    def complete(match: re.Match) -> str:
-        try:
-            words = shlex.split(match.group(2))  # a complete command stays as it is
-        except ValueError:
-            words = match.group(2).split()
-        explicit = {}
-        for word in words:
-            var, _, value = word.partition("=")
-            if value and value != "..." and var.isupper():
-                explicit[var] = value
-        return f"`{make_command(match.group(1), args, **explicit)}`"
-
-    return _MAKE_HINT.sub(complete, message)
-
-
 def _warn_random_weights(args: argparse.Namespace) -> None:
     if getattr(args, "weights", None) == "none":
         print(RANDOM_WEIGHTS_WARNING)
-
-
-def _weights(value: str) -> str:
-    return value if value.lower() not in ("imagenet", "none") else value.lower()
-
-
-def _optional_int(value: str) -> int | None:
-    if value in ("", "default", "auto"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-
-
-_WEIGHTS_HELP = "imagenet | none (random: a baseline only) | PATH to a .h5 weights file"
-
-
-def _add_feature_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backbone", default="mobilenet_v2", help="registry name (`python -m pipeline backbones`)"
-    )
-    p.add_argument("--weights", default="imagenet", type=_weights, help=_WEIGHTS_HELP)
-    p.add_argument(
-        "--input-size",
-        type=_optional_int,
-        default=None,
-        help="square input side (default: the backbone's)",
-    )
-    p.add_argument(
-        "--pooling", default="avg", metavar=_one_of(POOLINGS), help="last feature map to vector"
-    )
-    p.add_argument("--layer", default=None, help="cut the backbone at this named layer")
-    p.add_argument(
-        "--views",
-        default=None,
-        help="several views per image: scales, +flip, +crops (e.g. 224,320,448+flip)",
-    )
-    p.add_argument(
-        "--combine",
-        default="mean",
-        metavar=_one_of(COMBINES),
-        help="VIEWS: average the scales' vectors or concatenate them",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--float16", action="store_true", help="store features as float16")
-    p.add_argument(
-        "--precision",
-        default="float32",
-        metavar=_one_of(PRECISIONS),
-        help="compute precision (mixed ones for GPUs)",
-    )
-    p.add_argument(
-        "--runtime",
-        default="auto",
-        metavar=_one_of(RUNTIMES),
-        help="who runs the backbone (auto: the fastest that passes the check, else keras)",
-    )
-    p.add_argument(
-        "--runtime-precision",
-        default="auto",
-        metavar=_one_of(RUNTIME_PRECISIONS),
-        help="the runtime's precision (auto: bf16 where the CPU has it)",
-    )
-    p.add_argument(
-        "--workers",
-        type=_optional_int,
-        default=None,
-        help="decoding threads (default: cores, <= 8)",
-    )
-    p.add_argument("--artifacts", default="artifacts", help="output root")
-
-
-def _add_engine_options(p: argparse.ArgumentParser, *, actors: bool = True) -> None:
-    p.add_argument(
-        "--engine",
-        default="local",
-        metavar=_one_of(ENGINES),
-        help="local: this process; ray: a Ray cluster (pipeline.ray_engine)",
-    )
-    p.add_argument(
-        "--ray-address",
-        default=None,
-        help="ENGINE=ray: join this cluster (default: start a local one for the run)",
-    )
-    if actors:
-        p.add_argument(
-            "--concurrency", type=int, default=1, help="ENGINE=ray: backbone actors (models)"
-        )
-
-
-def _ray_config(args: argparse.Namespace):
-    from pipeline.ray_engine import RayConfig
-
-    return RayConfig(address=args.ray_address or None, concurrency=args.concurrency)
-
-
-def _add_split_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="val share (no split folders)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="test share (no split folders)")
-
-
-def _add_bench_options(p: argparse.ArgumentParser, *, images: int, out: str) -> None:
-    p.add_argument("--data", required=True, help="image folder to benchmark on")
-    p.add_argument("--backbone", default="mobilenet_v2", help="registry name")
-    p.add_argument("--weights", default="imagenet", type=_weights, help=_WEIGHTS_HELP)
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--images", type=int, default=images, help="images (N) to time on")
-    p.add_argument("--out", default=out, help="JSON file for the figures")
-
-
-def _feature_config(args: argparse.Namespace):
-    from pipeline.features import FeatureConfig
-
-    return FeatureConfig(
-        backbone=args.backbone,
-        weights=args.weights,
-        input_size=args.input_size,
-        pooling=args.pooling,
-        layer=args.layer or None,
-        batch_size=args.batch_size,
-        float16=args.float16,
-        precision=args.precision,
-        workers=args.workers,
-        runtime=args.runtime,
-        runtime_precision=args.runtime_precision,
-        views=getattr(args, "views", None) or None,
-        combine=getattr(args, "combine", "mean"),
-    )
-
-
-def _split_config(args: argparse.Namespace):
-    from pipeline.images import SplitConfig
-
-    return SplitConfig(
-        seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction
-    )
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
@@ -335,14 +97,14 @@ def cmd_features(args: argparse.Namespace) -> int:
     _warn_random_weights(args)
     summary = extract_features(
         args.data,
-        _feature_config(args),
-        split=_split_config(args),
+        feature_config(args),
+        split=split_config(args),
         artifacts_dir=args.artifacts,
         cache_path=args.output,
         progress=not args.quiet,
         log=print,  # what the scan found, before the backbone is built
         engine=args.engine,
-        ray_config=_ray_config(args) if args.engine == "ray" else None,
+        ray_config=ray_config(args) if args.engine == "ray" else None,
     )
     print(summary.format())
     return 0
@@ -380,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Transfer learning for small image data sets: features, heads, fine-tuning.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -399,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="folder of class subfolders (optionally under train/ val/ test/)",
     )
-    _add_feature_options(p)
-    _add_split_options(p)
-    _add_engine_options(p)
+    add_feature_options(p)
+    add_split_options(p)
+    add_engine_options(p)
     p.add_argument(
         "--output",
         default=None,
@@ -411,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features)
 
     p = _command(sub, "bench-features", "benchmark stage one against the pure forward pass")
-    _add_bench_options(p, images=400, out="artifacts/bench/features.json")
-    _add_engine_options(p, actors=False)
+    add_bench_options(p, images=400, out="artifacts/bench/features.json")
+    add_engine_options(p, actors=False)
     p.add_argument(
         "--actors",
         type=int,
@@ -430,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` shows defaults."""
-    return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
 
 # --- stage two: heads, report, predict (pipeline.heads, pipeline.report, pipeline.predict)
@@ -461,7 +223,7 @@ def _cache_for(args: argparse.Namespace):
         )
     from pipeline.artifacts import dataset_name
 
-    return cache_path_for(dataset_name(args.data), _feature_config(args), args.artifacts)
+    return cache_path_for(dataset_name(args.data), feature_config(args), args.artifacts)
 
 
 def cmd_head(args: argparse.Namespace) -> int:
@@ -562,9 +324,9 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
             caches.append(
                 extract_features(
                     data,
-                    _feature_config(args),
+                    feature_config(args),
                     artifacts_dir=args.artifacts,
-                    split=_split_config(args),
+                    split=split_config(args),
                     progress=False,
                 ).cache_path
             )
@@ -581,9 +343,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     layers = [n for n in (args.layers or "").replace(",", " ").split() if n] or None
     run_probe(
         args.data,
-        _feature_config(args),
+        feature_config(args),
         layers=layers,
-        split=_split_config(args),
+        split=split_config(args),
         folds=args.cv,
         seed=args.seed,
         artifacts_dir=args.artifacts,
@@ -597,8 +359,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
 
     run_auto(
         args.data,
-        _feature_config(args),
-        split=_split_config(args),
+        feature_config(args),
+        split=split_config(args),
         cv=args.cv,
         seed=args.seed,
         artifacts_dir=args.artifacts,
@@ -612,16 +374,16 @@ def _add_beyond(sub: argparse._SubParsersAction) -> None:
     """``probe`` and ``auto`` (pipeline.probe, pipeline.auto)."""
     p = _command(sub, "probe", "linear-head accuracy per cut layer of one backbone (CV on train)")
     p.add_argument("--data", required=True, help="image folder, as stage one")
-    _add_feature_options(p)
-    _add_split_options(p)
+    add_feature_options(p)
+    add_split_options(p)
     p.add_argument("--layers", default=None, help="comma list of layers (default: stage ends)")
     p.add_argument("--cv", type=int, default=5, help="folds of the cross-validation on train")
     p.set_defaults(func=cmd_probe)
 
     p = _command(sub, "auto", "try the feature recipes, choose recipe and head by CV on train")
     p.add_argument("--data", required=True, help="image folder, as stage one")
-    _add_feature_options(p)
-    _add_split_options(p)
+    add_feature_options(p)
+    add_split_options(p)
     p.add_argument("--cv", type=int, default=5, help="folds of the heads' search: the choice")
     p.add_argument("--no-report", action="store_true", help="skip the usual report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -640,10 +402,10 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--join-norm",
         default="l2",
-        metavar=_one_of(JOIN_NORMS),
+        metavar=one_of(JOIN_NORMS),
         help="FEATURES: each part's normalisation before joining (standard: train statistics)",
     )
-    _add_feature_options(p)
+    add_feature_options(p)
     p.add_argument(
         "--head",
         default="all",
@@ -653,18 +415,18 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--norm",
         default=None,
-        metavar=_one_of(NORMS),
+        metavar=one_of(NORMS),
         help="feature normalisation for every head (default: each head's own)",
     )
     p.add_argument(
-        "--pca", type=_optional_int, default=None, help="keep this many principal components"
+        "--pca", type=optional_int, default=None, help="keep this many principal components"
     )
     p.add_argument("--cv", type=int, default=3, help="folds of the hyper-parameter search")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's folds")
     p.add_argument(
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
     )
-    _add_engine_options(p, actors=False)
+    add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)
 
     p = _command(sub, "report", "write the Markdown/HTML/JSON report comparing the heads")
@@ -701,23 +463,14 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "bench-heads", "fit time of the default heads over extraction time")
     p.add_argument("--data", action="append", default=None, help="image folder (repeatable)")
     p.add_argument("--cache", action="append", default=None, help="feature cache (repeatable)")
-    _add_feature_options(p)
-    _add_split_options(p)
+    add_feature_options(p)
+    add_split_options(p)
     p.add_argument("--cv", type=int, default=3, help="folds of the search")
     p.add_argument("--out", default="artifacts/bench/heads.json", help="JSON file for the figures")
     p.set_defaults(func=cmd_bench_heads)
 
 
 # --- stage three: finetune, bench-finetune (pipeline.finetune)
-
-
-def _flag(value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("1", "yes", "true", "on"):
-        return True
-    if text in ("0", "no", "false", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
 
 
 def _add_stage_three(sub: argparse._SubParsersAction) -> None:
@@ -730,9 +483,9 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--backbone", default=defaults.features.backbone, help="registry name")
     p.add_argument(
-        "--weights", default=defaults.features.weights, type=_weights, help=_WEIGHTS_HELP
+        "--weights", default=defaults.features.weights, type=weights_value, help=WEIGHTS_HELP
     )
-    p.add_argument("--input-size", type=_optional_int, default=None, help="default: the backbone's")
+    p.add_argument("--input-size", type=optional_int, default=None, help="default: the backbone's")
     p.add_argument("--layers", default=str(defaults.layers), help="n >= 0 | all | block")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="most phase-two epochs")
     p.add_argument("--lr", type=float, default=defaults.learning_rate, help="phase-two Adam rate")
@@ -748,8 +501,8 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=int, default=defaults.features.batch_size, help="images per step"
     )
-    p.add_argument("--augment", type=_flag, default=True, help="1 | 0")
-    p.add_argument("--flip", default=defaults.flip, metavar=_one_of(FLIPS), help="random flips")
+    p.add_argument("--augment", type=flag, default=True, help="1 | 0")
+    p.add_argument("--flip", default=defaults.flip, metavar=one_of(FLIPS), help="random flips")
     p.add_argument("--rotation", type=float, default=defaults.rotation, help="random rotation")
     p.add_argument("--zoom", type=float, default=defaults.zoom, help="random zoom")
     p.add_argument(
@@ -761,28 +514,28 @@ def _add_stage_three(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--class-weight",
         default=defaults.class_weight,
-        metavar=_one_of(CLASS_WEIGHTS),
+        metavar=one_of(CLASS_WEIGHTS),
         help="loss weights per class",
     )
     p.add_argument(
         "--precision",
         default=defaults.features.precision,
-        metavar=_one_of(PRECISIONS),
+        metavar=one_of(PRECISIONS),
         help="compute precision",
     )
-    _add_split_options(p)
+    add_split_options(p)
     p.add_argument(
-        "--workers", type=_optional_int, default=None, help="decoding threads (default: cores)"
+        "--workers", type=optional_int, default=None, help="decoding threads (default: cores)"
     )
     p.add_argument("--name", default=None, help="output name (default: from the options)")
-    p.add_argument("--restart", type=_flag, default=False, help="1: discard an unfinished run")
+    p.add_argument("--restart", type=flag, default=False, help="1: discard an unfinished run")
     p.add_argument("--artifacts", default="artifacts", help="output root")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
     p = _command(sub, "bench-finetune", "one phase-two epoch vs one stage-one pass")
-    _add_bench_options(p, images=256, out="artifacts/bench/finetune.json")
-    p.add_argument("--input-size", type=_optional_int, default=None, help="default: the backbone's")
+    add_bench_options(p, images=256, out="artifacts/bench/finetune.json")
+    p.add_argument("--input-size", type=optional_int, default=None, help="default: the backbone's")
     p.add_argument(
         "--aug-views", type=int, default=8, help="augmented views per image in the activation cache"
     )
@@ -798,7 +551,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, precision=args.precision, workers=args.workers,
     )  # fmt: skip
     config = FinetuneConfig(
-        features=features, split=_split_config(args), layers=args.layers, epochs=args.epochs,
+        features=features, split=split_config(args), layers=args.layers, epochs=args.epochs,
         learning_rate=args.lr, head_epochs=args.head_epochs, head_learning_rate=args.head_lr,
         patience=args.patience, augment=args.augment, flip=args.flip, rotation=args.rotation,
         zoom=args.zoom, class_weight=args.class_weight, aug_views=args.aug_views,

@@ -106,7 +106,8 @@ def test_random_weights_warn_and_features_say_what_they_found(tmp_path, capsys):
     assert lines[2] == (
         "  split: train 8, val 2 (stratified by class, SEED=0, VAL_FRACTION=0.2, TEST_FRACTION=0)"
     )
-    assert lines[3].startswith("built ")
+    assert lines[3].startswith("runtime: keras")  # random weights: the Keras runtime, said
+    assert lines[-1].startswith("built ")
 
 
 def test_describe_folder_with_split_folders(tmp_path):

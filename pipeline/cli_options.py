@@ -1,0 +1,181 @@
+"""How options are typed on the command line: shared argparse groups and conversions.
+
+The commands of :mod:`pipeline.cli` add these groups; the values are checked by
+the one table of :mod:`pipeline.options` when the configs are built, so a bad
+value gets the same message from the CLI, make and Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from pipeline.options import (
+    COMBINES,
+    ENGINES,
+    POOLINGS,
+    PRECISIONS,
+    RUNTIME_PRECISIONS,
+    RUNTIMES,
+)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def one_of(words: Sequence[str]) -> str:
+    """A metavar listing the accepted words (checked by pipeline.options, with "did you mean")."""
+    return "{" + ",".join(words) + "}"
+
+
+def weights_value(value: str) -> str:
+    return value if value.lower() not in ("imagenet", "none") else value.lower()
+
+
+def optional_int(value: str) -> int | None:
+    if value in ("", "default", "auto"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+
+
+WEIGHTS_HELP = "imagenet | none (random: a baseline only) | PATH to a .h5 weights file"
+
+
+def add_feature_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone", default="mobilenet_v2", help="registry name (`python -m pipeline backbones`)"
+    )
+    p.add_argument("--weights", default="imagenet", type=weights_value, help=WEIGHTS_HELP)
+    p.add_argument(
+        "--input-size",
+        type=optional_int,
+        default=None,
+        help="square input side (default: the backbone's)",
+    )
+    p.add_argument(
+        "--pooling", default="avg", metavar=one_of(POOLINGS), help="last feature map to vector"
+    )
+    p.add_argument("--layer", default=None, help="cut the backbone at this named layer")
+    p.add_argument(
+        "--views",
+        default=None,
+        help="several views per image: scales, +flip, +crops (e.g. 224,320,448+flip)",
+    )
+    p.add_argument(
+        "--combine",
+        default="mean",
+        metavar=one_of(COMBINES),
+        help="VIEWS: average the scales' vectors or concatenate them",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--float16", action="store_true", help="store features as float16")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        metavar=one_of(PRECISIONS),
+        help="compute precision (mixed ones for GPUs)",
+    )
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        metavar=one_of(RUNTIMES),
+        help="who runs the backbone (auto: the fastest that passes the check, else keras)",
+    )
+    p.add_argument(
+        "--runtime-precision",
+        default="auto",
+        metavar=one_of(RUNTIME_PRECISIONS),
+        help="the runtime's precision (auto: bf16 where the CPU has it)",
+    )
+    p.add_argument(
+        "--workers",
+        type=optional_int,
+        default=None,
+        help="decoding threads (default: cores, <= 8)",
+    )
+    p.add_argument("--artifacts", default="artifacts", help="output root")
+
+
+def add_engine_options(p: argparse.ArgumentParser, *, actors: bool = True) -> None:
+    p.add_argument(
+        "--engine",
+        default="local",
+        metavar=one_of(ENGINES),
+        help="local: this process; ray: a Ray cluster (pipeline.ray_engine)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="ENGINE=ray: join this cluster (default: start a local one for the run)",
+    )
+    if actors:
+        p.add_argument(
+            "--concurrency", type=int, default=1, help="ENGINE=ray: backbone actors (models)"
+        )
+
+
+def ray_config(args: argparse.Namespace):
+    from pipeline.ray_engine import RayConfig
+
+    return RayConfig(address=args.ray_address or None, concurrency=args.concurrency)
+
+
+def add_split_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="val share (no split folders)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test share (no split folders)")
+
+
+def add_bench_options(p: argparse.ArgumentParser, *, images: int, out: str) -> None:
+    p.add_argument("--data", required=True, help="image folder to benchmark on")
+    p.add_argument("--backbone", default="mobilenet_v2", help="registry name")
+    p.add_argument("--weights", default="imagenet", type=weights_value, help=WEIGHTS_HELP)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--images", type=int, default=images, help="images (N) to time on")
+    p.add_argument("--out", default=out, help="JSON file for the figures")
+
+
+def feature_config(args: argparse.Namespace):
+    from pipeline.features import FeatureConfig
+
+    return FeatureConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        input_size=args.input_size,
+        pooling=args.pooling,
+        layer=args.layer or None,
+        batch_size=args.batch_size,
+        float16=args.float16,
+        precision=args.precision,
+        workers=args.workers,
+        runtime=args.runtime,
+        runtime_precision=args.runtime_precision,
+        views=getattr(args, "views", None) or None,
+        combine=getattr(args, "combine", "mean"),
+    )
+
+
+def split_config(args: argparse.Namespace):
+    from pipeline.images import SplitConfig
+
+    return SplitConfig(
+        seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction
+    )
+
+
+def flag(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
