@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -234,6 +235,19 @@ class Predictor:
     class_names: tuple[str, ...]
 
 
+def _unrebuildable(manifest: Mapping[str, Any]) -> str | None:
+    """What in a head's features predict cannot compute from images, or ``None``."""
+    if "+" in str(manifest.get("backbone") or ""):
+        return f"joined caches ({manifest.get('backbone')})"
+    try:
+        identity = json.loads(manifest.get("config_json") or "{}")
+    except (TypeError, ValueError):
+        identity = {}
+    if isinstance(identity, dict) and identity.get("views"):
+        return f"multi-view features (VIEWS={identity['views']})"
+    return None
+
+
 def _head_predictor(model_path: Path) -> Predictor:
     from pipeline import backbones
     from pipeline.head_store import load_head
@@ -245,6 +259,12 @@ def _head_predictor(model_path: Path) -> Predictor:
         raise PredictError(
             f"head {head.path} was fit on features of a randomly initialised backbone "
             "(WEIGHTS=none), which cannot be rebuilt; fit it on imagenet or file weights"
+        )
+    refusal = _unrebuildable(m)
+    if refusal:
+        raise PredictError(
+            f"head {head.path} was fit on {refusal}, which `make predict` cannot rebuild from "
+            "images yet; predict with a head fit on a single-view cache of one backbone"
         )
     spec = backbones.get_backbone(m["backbone"])
     layer = m.get("layer") or None

@@ -214,3 +214,12 @@ def test_predict_refusals(heads, tmp_path):
         predict_images(random_head / "svm.json", data, out)
     assert not out.exists()
     assert main(["predict", "--model", str(lonely), "--images", str(data), "--out", str(out)]) == 2
+
+
+def test_heads_on_joined_or_multi_view_features_are_refused_not_mispredicted():
+    from pipeline.predict import _unrebuildable
+
+    assert "joined" in _unrebuildable({"backbone": "mobilenet_v2+vgg16"})
+    views = '{"views": {"scales": [224, 320], "flip": true}}'
+    assert "multi-view" in _unrebuildable({"backbone": "mobilenet_v2", "config_json": views})
+    assert _unrebuildable({"backbone": "mobilenet_v2", "config_json": '{"views": null}'}) is None
