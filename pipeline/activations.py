@@ -287,9 +287,11 @@ def view_model(
     """Images (0..255) -> ``augmentation`` (always in training mode) -> preprocessing -> ``frozen``.
 
     One model, so ``predict_on_batch`` runs a batch's view as one compiled
-    function (the augmentation run eagerly, batch by batch, cost more than
-    the frozen part). Its random draws come from ``augmentation``'s seed
-    generators, which :func:`seed_views` sets before each call.
+    function, as stage one runs its batches; it computes what the layers run
+    one by one compute (the tests check it). Its random draws come from
+    ``augmentation``'s seed generators, which :func:`seed_views` sets before
+    each call. The frozen part costs most of a view; the augmentation about
+    a quarter (rotation and zoom each resample the image).
     """
     import keras
 

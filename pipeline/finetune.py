@@ -363,8 +363,15 @@ def _prepare(
 def _config_from_cache(
     data: Path, config: FinetuneConfig, note: Callable[[str], None]
 ) -> tuple[Path, FinetuneConfig, Path | None]:
-    """A data folder as is; a stage-one cache gives its folder, feature configuration and split."""
+    """A data folder as is; a stage-one cache gives its folder, feature configuration and split.
+
+    For a folder, ``RUNTIME=auto`` means Keras: phase one fits the head on the
+    stage-one features, and the network that trains and is exported is Keras's.
+    A cache keeps the runtime it records (:func:`_runtime_note` says so).
+    """
     if not (data.suffix == ".h5" and data.is_file()):
+        if config.features.runtime == "auto":
+            config = replace(config, features=replace(config.features, runtime="keras"))
         return data, config, None
     from pipeline import cache
 
@@ -411,7 +418,7 @@ def _runtime_note(features: FeatureSet) -> str:
     return (
         f"stage one: {features.path.name} was made by {runtime} ({precision}): phase one fits "
         "the head on its features; phase two and the exported model run on Keras (for a Keras "
-        "phase one, pass DATA=<a cache of `make features RUNTIME=keras`>)"
+        "phase one, pass the data folder or a cache of `make features RUNTIME=keras`)"
     )
 
 

@@ -44,6 +44,7 @@ def cache_activations(run: _Run) -> None:
     """
     from pipeline import activations
     from pipeline.finetune_model import build_augmentation
+    from pipeline.images import default_workers
 
     config = run.config
     cut = activations.find_cut(run.base, run.layers) if config.aug_views > 0 else None
@@ -77,7 +78,7 @@ def cache_activations(run: _Run) -> None:
         augmentation=augmentation, preprocessing=resolved.spec.preprocessing,
         size=resolved.input_size, batch_size=config.features.batch_size, dtype="float16",
         attrs={key: cut_attrs[key] for key in _VIEWS_ATTRS if key in cut_attrs},
-        workers=config.features.workers or _default_workers(), progress=run.progress,
+        workers=config.features.workers or default_workers(), progress=run.progress,
     )  # fmt: skip
     if status != "up to date":
         run.note(
@@ -131,12 +132,6 @@ def _cut_cache(run: _Run, cut: Cut, frozen: keras.Model) -> tuple[Any, float, di
     return summary.cache_path, summary.seconds, cache.read_attrs(summary.cache_path)
 
 
-def _default_workers() -> int:
-    from pipeline.images import default_workers
-
-    return default_workers()
-
-
 # --- the feeds -------------------------------------------------------------------------------
 
 
@@ -177,6 +172,7 @@ def _activation_feed(run: _Run, reader, rows: np.ndarray, sigmoid: bool, *, shuf
 def image_feed(run: _Run, rows: np.ndarray, sigmoid: bool, *, shuffle: bool = False):
     """The images of cache ``rows`` as a PyDataset (training: class weights, shuffled)."""
     from pipeline.image_feed import image_sequence
+    from pipeline.images import default_workers
 
     labels = run.features.labels[rows]
     return image_sequence(
@@ -184,7 +180,7 @@ def image_feed(run: _Run, rows: np.ndarray, sigmoid: bool, *, shuffle: bool = Fa
         batch_size=run.config.features.batch_size, sigmoid=sigmoid,
         sample_weights=sample_weights(run, labels) if shuffle else None,
         shuffle_seed=run.config.split.seed if shuffle else None,
-        workers=run.config.features.workers or _default_workers(),
+        workers=run.config.features.workers or default_workers(),
     )  # fmt: skip
 
 

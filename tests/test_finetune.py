@@ -169,6 +169,12 @@ def test_a_stage_one_cache_of_another_runtime_is_used_and_said(colours, monkeypa
     assert "x.h5 was made by openvino (bf16)" in ft._runtime_note(features)
     assert "phase two and the exported model run on Keras" in ft._runtime_note(features)
     assert ft._runtime_note(SimpleNamespace(path=Path("x.h5"), attrs={})) == ""
+    # a folder: RUNTIME=auto means Keras (the network that trains); an explicit runtime stays
+    _, got, _ = ft._config_from_cache(colours[0], TINY, notes.append)
+    assert got.features.runtime == "keras"
+    openvino_config = replace(TINY, features=replace(TINY.features, runtime="openvino"))
+    _, got, _ = ft._config_from_cache(colours[0], openvino_config, notes.append)
+    assert got.features.runtime == "openvino"
 
 
 # --- runs ------------------------------------------------------------------------------------
