@@ -53,7 +53,7 @@ FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--
 	--runtime $(RUNTIME) --runtime-precision $(RUNTIME_PRECISION) --artifacts $(ARTIFACTS)
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
-.PHONY: head report predict bench-heads probe auto
+.PHONY: head report predict bench-heads test-slow test-all probe auto
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -103,7 +103,13 @@ auto: install weights-from-assets ## try the feature recipes (flip, scale, middl
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)
 	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
 
-test: install ## run the test suite
+test: install ## the test suite without its slow tier (a few minutes on 2 cores)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install weights-from-assets ## the slow tier: every backbone built, kill-and-resume runs, Ray, real data
+	$(PY) -m pytest -q -m slow
+
+test-all: install weights-from-assets ## both tiers, as CI runs them
 	$(PY) -m pytest -q
 
 lint: install ## ruff lint and format check

@@ -77,3 +77,10 @@ def needs_assets(*parts: str):
     return pytest.mark.skipif(
         not ASSETS.joinpath(*parts).exists(), reason=f"needs {ASSETS.joinpath(*parts)}"
     )
+
+
+def pytest_collection_modifyitems(items):
+    """Real-data checks join the slow tier: `make test` stays quick, CI runs both tiers."""
+    for item in items:
+        if item.get_closest_marker("real_data"):
+            item.add_marker(pytest.mark.slow)

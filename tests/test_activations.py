@@ -234,6 +234,7 @@ def test_finetune_on_cached_views_exports_the_whole_network(colours, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_a_killed_cached_run_resumes_to_the_uninterrupted_result(colours, tmp_path):
     import keras
 

@@ -14,7 +14,6 @@ from pipeline.backbones import (
     build_feature_extractor,
     get_backbone,
     list_backbones,
-    preprocess,
     resolve_input_size,
     weights_identity,
 )
@@ -77,15 +76,6 @@ def test_preprocessing_equals_the_family_preprocess_input_and_never_touches_the_
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(batch, original)
-
-
-@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "none"])
-def test_preprocessing_layer_computes_what_the_image_reader_computes(mode):
-    from pipeline.layers import ImagePreprocessing
-
-    batch = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
-    layer_out = np.asarray(ImagePreprocessing(mode)(batch.astype(np.float32)))
-    np.testing.assert_allclose(layer_out, preprocess(batch, mode), rtol=1e-5, atol=1e-4)
 
 
 def test_names_resolve_and_unknown_names_suggest():

@@ -141,6 +141,7 @@ def _weights_file(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     folder = make_folder(tmp_path / "many", per_class=60)
     weights = _weights_file(tmp_path)

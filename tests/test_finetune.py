@@ -274,6 +274,7 @@ def test_warm_start_from_the_stage_two_head_and_saved_model(colours, artifacts):
     np.testing.assert_allclose([sum(e["proba"]) for e in entries.values()], 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result_and_refuses_another_configuration(
     colours, artifacts, tmp_path
 ):
@@ -338,6 +339,7 @@ def test_cli_refusals_are_one_line_and_exit_2(colours, artifacts, capsys):
     assert not (artifacts / "finetune").exists()
 
 
+@pytest.mark.slow
 def test_make_finetune_end_to_end(colours, tmp_path):
     out = tmp_path / "artifacts"
     variables = [f"DATA={colours[0]}", "WEIGHTS=none", "INPUT_SIZE=32", "LAYERS=3", "EPOCHS=1",

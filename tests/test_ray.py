@@ -31,6 +31,9 @@ from pipeline.ray_engine import (  # noqa: E402
 BLOCK = 8  # records per shard: the 22 records below make 3 blocks
 
 
+pytestmark = pytest.mark.slow  # a local Ray cluster: the slow tier (make test-slow)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local cluster for the module: 2 actors of 1 CPU each, and 1 CPU for decoding."""
