@@ -328,8 +328,13 @@ def fit_heads(
         str(fs.attrs.get("dataset") or "unknown"), Path(fs.path).stem
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    plan = {name: planned_fits(HEADS[name], cv) for name in names}
+    done = 0
     results = []
     for name in names:
+        if log is not None:
+            log(f"[fits {done}/{sum(plan.values())}] {name}: {plan[name]} fits planned ...")
+        done += plan[name]
         pipe = build_head(name, norm=norm, pca=pca, seed=seed)
         result = _fit_one(
             fs,
@@ -347,7 +352,38 @@ def fit_heads(
         results.append(result)
         if log is not None:
             log(result.format())
+    if log is not None and len(results) > 1:
+        log(summary_table(results))
     return results
+
+
+def planned_fits(spec: HeadSpec, cv: int) -> int:
+    """Fits a head's search makes: each grid point on each fold (or the hold-out), then one."""
+    points = int(np.prod([len(values) for values in spec.grid.values()])) if spec.grid else 1
+    return points * (1 if spec.holdout else cv) + 1
+
+
+def summary_table(results: Sequence[HeadResult]) -> str:
+    """The heads side by side, the one to pick marked: best on val, else on CV (never test)."""
+
+    def score(result: HeadResult) -> float:
+        m = result.manifest
+        val = m["metrics"].get("val", {}).get("accuracy")
+        return val if val is not None else (m["cv"]["score"] or 0.0)
+
+    basis = "val" if all("val" in r.manifest["metrics"] for r in results) else "cv"
+    best = max(results, key=lambda r: (score(r), -r.manifest["fit_seconds"]))
+    lines = [f"  {'head':<8} {'cv':>6} {'val':>6} {'test':>6} {'fit s':>7}"]
+    for r in results:
+        m = r.manifest
+        cells = [
+            m["cv"]["score"],
+            *(m["metrics"].get(s, {}).get("accuracy") for s in ("val", "test")),
+        ]
+        shown = " ".join(f"{c:6.3f}" if c is not None else f"{'-':>6}" for c in cells)
+        mark = f"  <- best on {basis}" if r is best else ""
+        lines.append(f"  {r.head:<8} {shown} {m['fit_seconds']:7.2f}{mark}")
+    return "\n".join(lines)
 
 
 def _check_cache(fs: Any, pca: int | None) -> tuple[np.ndarray, np.ndarray]:

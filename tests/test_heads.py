@@ -350,3 +350,21 @@ def test_the_warm_started_path_search_reports_what_grid_search_does():
     assert info["scores"] == pytest.approx(expected, abs=1e-9)
     assert info["folds"] == 3 and not fitted.named_steps["logreg"].warm_start
     assert np.array_equal(fitted.predict(X), reference.best_estimator_.predict(X))
+
+
+def test_progress_counts_planned_fits_and_the_table_marks_the_val_best_never_the_test_best():
+    from pathlib import Path
+
+    from pipeline.heads import HEADS, HeadResult, planned_fits, summary_table
+
+    assert planned_fits(HEADS["svm"], cv=3) == len(HEADS["svm"].grid["C"]) * 3 + 1
+    assert planned_fits(HEADS["softmax"], cv=3) == len(HEADS["softmax"].grid["learning_rate"]) + 1
+
+    def result(name, val, test):
+        manifest = {"cv": {"score": 0.9}, "fit_seconds": 1.0,
+                    "metrics": {"val": {"accuracy": val}, "test": {"accuracy": test}}}  # fmt: skip
+        return HeadResult(name, Path(f"{name}.json"), manifest)
+
+    table = summary_table([result("svm", 0.95, 0.80), result("logreg", 0.90, 0.99)])
+    marked = [line for line in table.splitlines() if "<- best on val" in line]
+    assert len(marked) == 1 and marked[0].split()[0] == "svm"
