@@ -8,6 +8,7 @@ Data Science's ``config.py`` names its folders)::
     artifacts/
       data/<name>/                              demo data (make demo)
       features/<dataset>/<cache stem>.h5        stage one (pipeline.cache)
+      runtimes/<runtime>/<model stem>/          stage one's converted models (RUNTIME=openvino)
       heads/<dataset>/<cache stem>/<head>.*     stage two: manifest .json, model, predictions
       finetune/<dataset>/<name>.*               stage three: manifest .json, .keras, predictions,
                                                 history, curves, checkpoint folder
@@ -125,6 +126,10 @@ class Artifacts:
 
     def cache_path(self, dataset: str, stem: str) -> Path:
         return self.features_dir(dataset) / f"{safe_name(stem)}.h5"
+
+    def runtime_dir(self, runtime: str, stem: str) -> Path:
+        """A converted model of an inference runtime (stage one's ``RUNTIME=``)."""
+        return self.root / "runtimes" / safe_name(runtime) / safe_name(stem)
 
     def heads_root(self) -> Path:
         return self.root / "heads"

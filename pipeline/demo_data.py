@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.artifacts import Artifacts
 
-def write_digits(out_dir: str | Path = "artifacts/data/digits") -> Path:
+
+def write_digits(out_dir: str | Path | None = None) -> Path:
     """Write the digits data set as class folders of PNG images; return the folder.
 
     Existing identical files are left alone (their modification times stay), so
@@ -28,7 +30,7 @@ def write_digits(out_dir: str | Path = "artifacts/data/digits") -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else Artifacts().data_dir("digits")
     # Pixel values are 0..16; stretch them to the full 8-bit range.
     pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     for index, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):

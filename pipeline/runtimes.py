@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts import Artifacts
 from pipeline.errors import PipelineError
 from pipeline.files import write_json_atomic
 from pipeline.options import RUNTIME_PRECISIONS, RUNTIMES  # noqa: F401 (the registry's names)
@@ -125,7 +126,7 @@ class ConversionStore:
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         layer_part = "".join(c if c.isalnum() else "-" for c in layer) + "_" if layer else ""
         stem = f"{backbone}_{input_size}_{pooling}_{layer_part}{weights_tag}_{digest}"
-        return cls(Path(artifacts_dir) / "runtimes" / "openvino" / stem, identity)
+        return cls(Artifacts(artifacts_dir).runtime_dir("openvino", stem), identity)
 
     @property
     def model_xml(self) -> Path:

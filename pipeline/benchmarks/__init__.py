@@ -1,0 +1,20 @@
+"""Every benchmark of the pipeline, one module per ``make bench-*`` target.
+
+* :func:`bench_features` (``make bench-features``, :mod:`.stage_one`): runtimes,
+  the streaming stage and start-up against the pure forward pass, on the same images;
+* :func:`bench_features_ray` (``make bench-features ENGINE=ray``, :mod:`.on_ray`);
+* :func:`bench_heads` (``make bench-heads``, :mod:`.heads`): the head sweep against
+  stage one's time;
+* :func:`bench_finetune` (``make bench-finetune``, :mod:`.finetune`): a phase-two
+  epoch against a stage-one pass.
+
+Figures are ratios measured in one run on the same machine; each writes its JSON
+under ``artifacts/bench/``.
+"""
+
+from pipeline.benchmarks.finetune import bench_finetune
+from pipeline.benchmarks.heads import bench_heads
+from pipeline.benchmarks.on_ray import bench_features_ray
+from pipeline.benchmarks.stage_one import bench_features
+
+__all__ = ["bench_features", "bench_features_ray", "bench_finetune", "bench_heads"]
