@@ -509,33 +509,38 @@ def _run(model, writer, folder, resolved: ResolvedFeatures, progress) -> float:
     """Extract every remaining batch; return the first batch's seconds (graph compilation)."""
     from tqdm.auto import tqdm
 
+    config, spec = resolved.config, resolved.spec
+    paths = [r.path for r in folder.records]
     if resolved.views is not None:
-        return views_module.run(model, writer, folder, resolved, progress)
-    config, spec, size = resolved.config, resolved.spec, resolved.input_size
-    records = folder.records
-    paths = [r.path for r in records]
-    batches = iter_batches(
-        folder.root,
-        paths,
-        size=size,
-        batch_size=config.batch_size,
-        preprocess=spec.preprocess,
-        start=writer.next_index,
-        workers=config.workers or default_workers(),
-    )
+        batches, forward, desc = views_module.batches(model, folder, resolved, writer.next_index)
+    else:
+        batches = iter_batches(
+            folder.root,
+            paths,
+            size=resolved.input_size,
+            batch_size=config.batch_size,
+            preprocess=spec.preprocess,
+            start=writer.next_index,
+            workers=config.workers or default_workers(),
+        )
+        desc = f"{spec.name} features"
+
+        def forward(batch):
+            return _forward(model, batch.x, config.batch_size)
+
     bar = tqdm(
-        total=len(records),
+        total=len(paths),
         initial=writer.next_index,
         unit="img",
         disable=not progress,
-        desc=f"{spec.name} features",
+        desc=desc,
         dynamic_ncols=True,
     )
     warmup = None
     with bar:
         started = time.perf_counter()
         for batch in batches:
-            features = _forward(model, batch.x, config.batch_size)
+            features = forward(batch)
             elapsed, started = time.perf_counter() - started, time.perf_counter()
             warmup = elapsed if warmup is None else warmup
             writer.write_batch(batch.start, features, batch.ok, batch.errors, elapsed)

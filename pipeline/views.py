@@ -26,8 +26,7 @@ scale is skipped.
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,39 +324,25 @@ def iter_view_batches(
         yield ViewBatch(batches[0].start, inputs, ok, dict(sorted(errors.items())))
 
 
-def run(model: MultiViewModel, writer: Any, folder: Any, resolved: Any, progress: bool) -> float:
-    """Stage one's loop with views: extract every remaining batch; return the first's seconds."""
-    from tqdm.auto import tqdm
+def batches(
+    model: MultiViewModel, folder: Any, resolved: Any, start: int
+) -> tuple[Iterator[ViewBatch], Callable[[ViewBatch], np.ndarray], str]:
+    """Stage one with views: the remaining batches, the forward pass over one, a progress label.
 
+    :func:`pipeline.features.extract_features` runs its one loop over them.
+    """
     config, spec, views = resolved.config, resolved.spec, resolved.views
-    records = folder.records
-    paths = [r.path for r in records]
-    batches = iter_view_batches(
+    found = iter_view_batches(
         folder.root,
-        paths,
+        [r.path for r in folder.records],
         views,
         batch_size=config.batch_size,
         preprocess=spec.preprocess,
-        start=writer.next_index,
+        start=start,
         workers=config.workers,
     )
-    bar = tqdm(
-        total=len(records),
-        initial=writer.next_index,
-        unit="img",
-        disable=not progress,
-        desc=f"{spec.name} features, {views.count} views",
-        dynamic_ncols=True,
+    return (
+        found,
+        lambda batch: model.features(batch.inputs),
+        f"{spec.name} features, {views.count} views",
     )
-    warmup = None
-    with bar:
-        started = time.perf_counter()
-        for batch in batches:
-            features = model.features(batch.inputs)
-            elapsed, started = time.perf_counter() - started, time.perf_counter()
-            warmup = elapsed if warmup is None else warmup
-            writer.write_batch(batch.start, features, batch.ok, batch.errors, elapsed)
-            for offset, reason in batch.errors.items():
-                bar.write(f"skipped {paths[batch.start + offset]}: {reason}")
-            bar.update(batch.size)
-    return warmup or 0.0
