@@ -101,7 +101,7 @@ auto: install weights-from-assets ## try the feature recipes (flip, scale, middl
 	$(PY) -m pipeline auto --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) --cv $(or $(AUTO_CV),5)
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)
-	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
+	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --runtime keras --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
 
 test: install ## the test suite without its slow tier (a few minutes on 2 cores)
 	$(PY) -m pytest -q -m "not slow"
