@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import FinetuneError
+from pipeline.image_feed import training_batch
 
 if TYPE_CHECKING:
     import keras
@@ -399,10 +400,6 @@ def activation_sequence(
         def __getitem__(self, index: int):
             batch = self.order[index * batch_size : (index + 1) * batch_size]
             x = reader.read(rows[batch] * views + self.view[batch])
-            y = labels[batch]
-            y = y.astype(np.float32).reshape(-1, 1) if sigmoid else y.astype(np.int32)
-            if sample_weights is None:
-                return x, y
-            return x, y, sample_weights[batch].astype(np.float32)
+            return training_batch(x, labels, batch, sigmoid=sigmoid, sample_weights=sample_weights)
 
     return _Activations()

@@ -62,13 +62,28 @@ def image_sequence(
                         f"{paths[row]} can no longer be read ({exc}); re-run `make features`"
                     ) from None
             x = np.stack(images).astype(np.float32)
-            y = labels[rows]
-            y = y.astype(np.float32).reshape(-1, 1) if sigmoid else y.astype(np.int32)
-            if sample_weights is None:
-                return x, y
-            return x, y, sample_weights[rows].astype(np.float32)
+            return training_batch(x, labels, rows, sigmoid=sigmoid, sample_weights=sample_weights)
 
     return _Sequence()
+
+
+def training_batch(
+    x: np.ndarray,
+    labels: np.ndarray,
+    rows: np.ndarray,
+    *,
+    sigmoid: bool,
+    sample_weights: np.ndarray | None,
+) -> tuple:
+    """``(x, y)`` or ``(x, y, sample_weight)`` for Keras, the labels and weights of ``rows``.
+
+    ``y`` is a float column for a sigmoid head, class indices otherwise.
+    """
+    y = labels[rows]
+    y = y.astype(np.float32).reshape(-1, 1) if sigmoid else y.astype(np.int32)
+    if sample_weights is None:
+        return x, y
+    return x, y, sample_weights[rows].astype(np.float32)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:

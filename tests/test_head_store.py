@@ -12,7 +12,7 @@ import joblib
 import numpy as np
 import pytest
 import skops.io
-from heads_helpers import blobs
+from heads_helpers import BASE_ATTRS, blobs
 from sklearn.pipeline import Pipeline
 
 from pipeline import artifacts
@@ -21,15 +21,7 @@ from pipeline.head_store import TRUSTED_TYPES, load_head, save_head
 from pipeline.heads import DEFAULT_HEADS, HEADS, build_head, head_outputs
 
 WIDTH, CLASSES = 8, ("class0", "class1", "class2")
-FEATURES = {
-    "backbone": "mobilenet_v2",
-    "weights": "none",
-    "weights_source": "none",
-    "input_size": 32,
-    "pooling": "avg",
-    "layer": "",
-    "preprocessing": "tf",
-}
+FEATURES = artifacts.feature_identity(BASE_ATTRS)
 
 
 def _data():
@@ -44,8 +36,9 @@ def _fit(name: str, **build) -> Pipeline:
     return pipe.fit(X, y)
 
 
-def _save(pipe: Pipeline, folder: Path, name: str, **options) -> Path:
-    manifest = artifacts.new_manifest(
+def _manifest(name: str, **fields) -> dict:
+    """A head manifest of the synthetic features (``fields`` added or replaced)."""
+    return artifacts.new_manifest(
         "head",
         name=name,
         dataset="synthetic",
@@ -53,8 +46,12 @@ def _save(pipe: Pipeline, folder: Path, name: str, **options) -> Path:
         features=FEATURES,
         fingerprint="f" * 64,
         feature_width=WIDTH,
+        **fields,
     )
-    return save_head(pipe, manifest, folder, **options)
+
+
+def _save(pipe: Pipeline, folder: Path, name: str, **options) -> Path:
+    return save_head(pipe, _manifest(name), folder, **options)
 
 
 def _sha256(path: Path) -> str:
@@ -290,14 +287,8 @@ def _legacy(pipe: Pipeline, folder: Path, name: str, version: int) -> Path:
             last.model_ = model
     else:
         joblib.dump(pipe, folder / files["model"])
-    manifest = artifacts.new_manifest(
-        "head",
-        name=name,
-        dataset="synthetic",
-        class_names=CLASSES,
-        features=FEATURES,
-        fingerprint="f" * 64,
-        feature_width=WIDTH,
+    manifest = _manifest(
+        name,
         head=name,
         files=files,
         sha256={role: _sha256(folder / file) for role, file in files.items()},
