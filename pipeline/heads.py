@@ -36,6 +36,8 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline import artifacts
+from pipeline import artifacts, head_search
 from pipeline.errors import HeadError, did_you_mean
 from pipeline.head_store import head_outputs, save_head
 from pipeline.options import check_options
@@ -75,18 +77,22 @@ class HeadSpec:
         Classifier parameter -> values tried by the search.
     default : bool
         Part of ``HEAD=all``.
-    holdout : bool
-        Search on one stratified 25 % hold-out of train instead of k folds (the
-        softmax head, whose fits cost tens of times a linear model's); its
-        search also runs in one process.
+    one_fit_grid : bool
+        The classifier trains its whole one-parameter grid in one fit
+        (``fit_grid(X, y, values)``) and keeps the value that does best on its own
+        early-stopping hold-out of train: no folds, no separate final fit (the
+        softmax head, whose fits cost tens of times a linear model's).
+    keras : bool
+        Trains with Keras: :func:`fit_heads` fits it in a thread of its own beside
+        the scikit-learn heads, which release the interpreter while they compute.
     fold_bounded : tuple of str
         Grid parameters that cannot exceed the images of a training fold
         (``n_neighbors``).
-    warm_path : str, optional
-        A one-parameter grid searched as a path: in each fold one classifier with
-        ``warm_start=True`` is fitted along the grid in increasing order, each fit
-        starting from the previous solution (``logreg``'s C: the same optima, reached
-        in a fraction of the iterations).
+    fold_scorer : callable, optional
+        Scores the whole one-parameter grid on one fold with shared work (one
+        kernel matrix, one neighbour query, one Gram matrix, a warm-started path):
+        see :mod:`pipeline.head_search`. Same folds, scores and choice as
+        GridSearchCV; only the repeated work is gone.
     """
 
     name: str
@@ -95,9 +101,10 @@ class HeadSpec:
     norm: str
     grid: Mapping[str, tuple]
     default: bool = True
-    holdout: bool = False
+    one_fit_grid: bool = False
+    keras: bool = False
     fold_bounded: tuple[str, ...] = ()
-    warm_path: str | None = None
+    fold_scorer: head_search.FoldScorer | None = None
 
     def estimator(self, seed: int) -> BaseEstimator:
         """A fresh, unfitted classifier (the last step of the head's pipeline)."""
@@ -118,6 +125,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: SVC(kernel="rbf", C=10.0, gamma="scale", random_state=seed),
         norm="l2",
         grid={"C": (1.0, 10.0)},
+        fold_scorer=head_search.shared_kernel,
     ),
     HeadSpec(
         name="logreg",
@@ -126,7 +134,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         # Raw features: cross-validation on both real data sets prefers them to l2 or standard.
         norm="none",
         grid={"C": (0.1, 1.0, 10.0)},
-        warm_path="C",
+        fold_scorer=head_search.warm_path,
     ),
     HeadSpec(
         name="knn",
@@ -135,6 +143,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         norm="l2",
         grid={"n_neighbors": (1, 5, 15)},
         fold_bounded=("n_neighbors",),
+        fold_scorer=head_search.shared_neighbours,
     ),
     HeadSpec(
         name="ridge",
@@ -142,6 +151,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: RidgeClassifier(alpha=100.0),
         norm="standard",
         grid={"alpha": (10.0, 100.0, 1000.0)},
+        fold_scorer=head_search.shared_gram,
     ),
     HeadSpec(
         name="softmax",
@@ -149,7 +159,8 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: SoftmaxClassifier(random_state=seed),
         norm="none",
         grid={"learning_rate": (1e-3, 3e-3)},
-        holdout=True,
+        one_fit_grid=True,
+        keras=True,
     ),
     HeadSpec(
         name="forest",
@@ -329,38 +340,38 @@ def fit_heads(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = {name: planned_fits(HEADS[name], cv) for name in names}
+
+    def fit(name: str) -> HeadResult:
+        pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+        options = {"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}
+        return _fit_one(fs, pipe, name, X_train, y_train, out_dir, **options)
+
+    # Keras heads train in a thread of their own while the scikit-learn heads fit here:
+    # Keras's loop is mostly the interpreter, the scikit-learn solvers mostly native code.
     done = 0
     results = []
-    for name in names:
-        if log is not None:
-            log(f"[fits {done}/{sum(plan.values())}] {name}: {plan[name]} fits planned ...")
-        done += plan[name]
-        pipe = build_head(name, norm=norm, pca=pca, seed=seed)
-        result = _fit_one(
-            fs,
-            pipe,
-            name,
-            X_train,
-            y_train,
-            out_dir,
-            norm=norm,
-            pca=pca,
-            cv=cv,
-            seed=seed,
-            jobs=jobs,
-        )
-        results.append(result)
-        if log is not None:
-            log(result.format())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keras-head") as keras_lane:
+        started = {name: keras_lane.submit(fit, name) for name in names if HEADS[name].keras}
+        for name in names:
+            if log is not None:
+                log(f"[fits {done}/{sum(plan.values())}] {name}: {plan[name]} fits planned ...")
+            done += plan[name]
+            result = started[name].result() if name in started else fit(name)
+            results.append(result)
+            if log is not None:
+                log(result.format())
     if log is not None and len(results) > 1:
         log(summary_table(results))
     return results
 
 
 def planned_fits(spec: HeadSpec, cv: int) -> int:
-    """Fits a head's search makes: each grid point on each fold (or the hold-out), then one."""
+    """Fits a head's search makes: each grid point on each fold, then one (one in all for a
+    head that trains its grid in one fit)."""
+    if spec.one_fit_grid:
+        return 1
     points = int(np.prod([len(values) for values in spec.grid.values()])) if spec.grid else 1
-    return points * (1 if spec.holdout else cv) + 1
+    return points * cv + 1
 
 
 def summary_table(results: Sequence[HeadResult]) -> str:
@@ -416,116 +427,18 @@ def _check_cache(fs: Any, pca: int | None) -> tuple[np.ndarray, np.ndarray]:
     return X_train, y_train
 
 
-def _search(
-    spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, cv: int, seed: int, jobs: int
-) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
-    """Grid search on the train split; returns the refitted pipeline and what was chosen."""
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, StratifiedShuffleSplit
-
-    counts = np.bincount(y)
-    folds = min(cv, int(counts[counts > 0].min()))
-    searchable = folds >= 2  # a class with one image: no fold can hold it out
-    n_classes = int(np.sum(counts > 0))
-    held = max(n_classes, int(round(0.25 * len(y))))
-    if spec.holdout and searchable and len(y) - held >= n_classes:
-        splitter, folds, scheme = (
-            StratifiedShuffleSplit(n_splits=1, test_size=held, random_state=seed),
-            1,
-            f"stratified hold-out of {held} train images",
-        )
-    elif searchable:
-        splitter, scheme = StratifiedKFold(folds, shuffle=True, random_state=seed), f"{folds}-fold"
-    fold_size = len(y) * (folds - 1) // folds if searchable and folds > 1 else len(y)
-    grid = {}
-    for key, values in spec.grid.items():
-        if key in spec.fold_bounded:  # k cannot exceed the images of a training fold
-            values = [v for v in values if v <= fold_size] or [1]
-        grid[f"{spec.name}__{key}"] = list(values)
-    if not searchable:  # take the grid's middle
-        params = {key: values[len(values) // 2] for key, values in grid.items()}
-        pipe.set_params(**params)
-        started = time.perf_counter()
-        pipe.fit(X, y)
-        scheme = "none (a class has one train image): middle of the grid"
-        info = {"folds": 0, "scheme": scheme, "score": None, "scores": {}}
-        return pipe, params, {**info, "refit_seconds": time.perf_counter() - started}
-    if spec.warm_path is not None and list(grid) == [f"{spec.name}__{spec.warm_path}"]:
-        return _path_search(spec, pipe, X, y, splitter, grid, {"folds": folds, "scheme": scheme})
-    search = GridSearchCV(
-        pipe,
-        grid,
-        cv=splitter,
-        scoring="accuracy",
-        n_jobs=1 if spec.holdout else jobs,
-        refit=True,
-        error_score="raise",
-    )
-    search.fit(X, y)
-    results = search.cv_results_
-    scores = {
-        json.dumps(_unprefixed(p), sort_keys=True): float(s)
-        for p, s in zip(results["params"], results["mean_test_score"], strict=True)
-    }
-    info = {"folds": folds, "scheme": scheme, "score": float(search.best_score_), "scores": scores}
-    return (
-        search.best_estimator_,
-        search.best_params_,
-        {**info, "refit_seconds": search.refit_time_},
-    )
-
-
-def _path_search(
-    spec: HeadSpec,
-    pipe: Pipeline,
-    X: np.ndarray,
-    y: np.ndarray,
-    splitter: Any,
-    grid: Mapping[str, list],
-    info: dict[str, Any],
-) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
-    """The grid search of a warm-started path: what GridSearchCV reports, same folds and choice.
-
-    Each fold fits one classifier along the grid in increasing order, starting each
-    fit from the last solution; the choice is the best mean fold accuracy (the first
-    grid value among equals, as GridSearchCV's rank does); the final fit on all of
-    train starts cold, as GridSearchCV's refit does.
-    """
-    from sklearn.base import clone
-
-    ((key, values),) = grid.items()
-    fold_scores: dict[Any, list[float]] = {value: [] for value in values}
-    for train, test in splitter.split(X, y):
-        path = clone(pipe).set_params(**{f"{spec.name}__warm_start": True})
-        for value in sorted(values):
-            path.set_params(**{key: value}).fit(X[train], y[train])
-            fold_scores[value].append(float(np.mean(path.predict(X[test]) == y[test])))
-    means = {value: float(np.mean(fold_scores[value])) for value in values}
-    best = max(values, key=lambda value: (means[value], -values.index(value)))
-    params = {key: best}
-    started = time.perf_counter()
-    fitted = clone(pipe).set_params(**params).fit(X, y)
-    scores = {json.dumps(_unprefixed({key: v}), sort_keys=True): means[v] for v in values}
-    info = {**info, "score": means[best], "scores": scores}
-    return fitted, params, {**info, "refit_seconds": time.perf_counter() - started}
-
-
-def _unprefixed(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"svm__C": 1.0}`` -> ``{"C": 1.0}``, NumPy scalars as Python ones."""
-    return {key.split("__", 1)[1]: _plain(v) for key, v in params.items()}
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _fit_one(fs, pipe, name, X_train, y_train, out_dir, *, norm, pca, cv, seed, jobs) -> HeadResult:
     from sklearn.exceptions import ConvergenceWarning
 
     spec = HEADS[name]
     started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        fitted, params, cv_info = _search(spec, pipe, X_train, y_train, cv, seed, jobs)
+    # The warning filters are global: only the main thread's (scikit-learn) heads catch
+    # them, so the Keras lane cannot undo the main thread's recording.
+    recording = warnings.catch_warnings(record=True) if not spec.keras else nullcontext([])
+    with recording as caught:
+        if not spec.keras:
+            warnings.simplefilter("always", ConvergenceWarning)
+        fitted, params, cv_info = head_search.search(spec, pipe, X_train, y_train, cv, seed, jobs)
     fit_seconds = time.perf_counter() - started
     notes = sorted(
         {str(w.message).split(".")[0] for w in caught if issubclass(w.category, ConvergenceWarning)}
@@ -551,7 +464,7 @@ def _fit_one(fs, pipe, name, X_train, y_train, out_dir, *, norm, pca, cv, seed, 
         norm=spec.norm if norm is None else norm,
         pca=pca,
         seed=seed,
-        params=_unprefixed(params),
+        params=head_search.unprefixed(params),
         grid={key: list(values) for key, values in spec.grid.items()},
         cv=cv_info,
         estimator=repr(last),

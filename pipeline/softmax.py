@@ -10,9 +10,10 @@ are a contract: do not rename them.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,8 +151,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         ):
             raise bad("validation_fraction", "a float in [0, 1)")
 
-    def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
-        """Train on ``X`` (n, d) and labels ``y`` (n,); returns ``self``."""
+    def _prepare(self, X: Any, y: Any) -> tuple[np.ndarray, ...]:
+        """Validate, encode the labels, seed Keras, split off the early-stopping data."""
         import keras
 
         self._check_params()
@@ -170,18 +171,27 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 f"Got {k} classes instead."
             )
         keras.utils.set_random_seed(int(self.random_state))
-        X_fit, y_fit, X_held, y_held = self._hold_out(X, encoded.astype(np.int64))
+        return self._hold_out(X, encoded.astype(np.int64))
 
-        # A fresh model (its initial weights and dropout seed are what this seed gives) and a
-        # compiled model of the same architecture that trains it: built and traced once per
-        # process, re-initialised from the fresh model's variables for every fit.
-        model = build_softmax_head(
-            X.shape[1],
-            k,
+    def _fresh_model(self, width: int) -> keras.Model:
+        """The head with the initial weights and dropout seed that this seed gives."""
+        return build_softmax_head(
+            width,
+            len(self.classes_),
             hidden=int(self.hidden),
             dropout=float(self.dropout),
             sigmoid=bool(self.sigmoid),
         )
+
+    def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
+        """Train on ``X`` (n, d) and labels ``y`` (n,); returns ``self``."""
+        import keras
+
+        X_fit, y_fit, X_held, y_held = self._prepare(X, y)
+        # A fresh model (its initial weights and dropout seed are what this seed gives) and a
+        # compiled model of the same architecture that trains it: built and traced once per
+        # process, re-initialised from the fresh model's variables for every fit.
+        model = self._fresh_model(X_fit.shape[1])
         with _trainers.borrow(
             model, sigmoid=bool(self.sigmoid), learning_rate=float(self.learning_rate)
         ) as trainer:
@@ -220,6 +230,64 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         }
         self.n_epochs_ = callbacks[-1].best_epoch + 1 if callbacks else int(self.max_epochs)
         self.model_ = model
+        return self
+
+    def fit_grid(self, X: Any, y: Any, learning_rates: Sequence[float]) -> SoftmaxClassifier:
+        """Train one head per learning rate in one ``Model.fit``; keep the best on held-out data.
+
+        The heads of the grid sit side by side in one Keras model and see the same
+        batches; each has its own effective learning rate (its weights are ``scale *
+        variable``, and Adam's step does not depend on the gradient's scale, so a
+        scale of ``rate / max(rates)`` is that head's learning rate) and its own early
+        stopping on the held-out ``validation_fraction`` of ``X``, which keeps its best
+        epoch. The kept head is the one with the best held-out accuracy (the first
+        rate among equals, as GridSearchCV ranks); ``learning_rate`` is set to its
+        rate and the estimator is left as ``fit`` with that rate leaves it, with
+        ``grid_scores_`` (rate -> held-out accuracy) and ``grid_losses_`` added.
+        Without held-out data (``validation_fraction=0`` or too few images) every
+        head trains ``max_epochs`` and the middle rate is kept.
+
+        One fit instead of one per rate: the search costs about what one fit costs.
+        """
+        import keras
+
+        rates = [float(rate) for rate in learning_rates]
+        if not rates or min(rates) <= 0:
+            raise ValueError(f"learning_rates must be positive numbers; got {learning_rates!r}")
+        X_fit, y_fit, X_held, y_held = self._prepare(X, y)
+        fresh = self._fresh_model(X_fit.shape[1])
+        grid = _grid_model(fresh, [rate / max(rates) for rate in rates])
+        grid.compile(optimizer=keras.optimizers.Adam(max(rates)), loss=_grid_loss(self.sigmoid))
+        # Built here, not inside the first traced step: creating variables while tracing
+        # makes TensorFlow trace twice (about half a second on 2 cores).
+        grid.optimizer.build(grid.trainable_variables)
+        stopping = _grid_stopping_class()(X_held, y_held, len(rates), int(self.patience))
+        size = min(int(self.batch_size), len(X_fit))
+        grid.fit(
+            _batches(X_fit, self._target(y_fit), size, int(self.random_state)),
+            steps_per_epoch=len(X_fit) // size,
+            shuffle=False,
+            epochs=int(self.max_epochs),
+            callbacks=[stopping] if X_held is not None else [],
+            verbose=0,
+        )
+        self.n_held_out_ = 0 if X_held is None else len(X_held)
+        if X_held is None:
+            best = len(rates) // 2
+            self.grid_scores_, self.grid_losses_ = {}, {}
+            self.n_epochs_ = int(self.max_epochs)
+            self.history_ = {"loss": [], "val_loss": []}
+        else:
+            accuracy = stopping.best_accuracy
+            best = min(range(len(rates)), key=lambda g: (-accuracy[g], g))  # first among equals
+            self.grid_scores_ = dict(zip(rates, accuracy, strict=True))
+            self.grid_losses_ = dict(zip(rates, stopping.best_loss, strict=True))
+            self.n_epochs_ = stopping.best_epoch[best] + 1
+            # Keras logs the heads' summed training loss; the kept head's own is not separable.
+            self.history_ = {"loss": [], "val_loss": stopping.history[best]}
+        _export_head(grid, best, stopping.best_weights[best] if X_held is not None else None, fresh)
+        self.learning_rate = rates[best]
+        self.model_ = fresh
         return self
 
     def _target(self, y: np.ndarray) -> np.ndarray:
@@ -370,6 +438,141 @@ def _copy_variables(source: keras.Model, target: keras.Model) -> None:
         dst.assign(src)
 
 
+def _grid_model(fresh: keras.Model, scales: Sequence[float]) -> keras.Model:
+    """``len(scales)`` copies of ``fresh`` side by side on one input, each with its weights
+    reparametrised as ``scale * variable``.
+
+    Every copy starts as ``fresh`` starts a single fit: the same weights and the same
+    dropout seed, so on the same batches each copy follows the fit of its learning rate
+    (the same masks; only rounding differs where the scale is not 1).
+    """
+    import keras
+
+    scaled = _scaled_dense_class()
+    inputs = keras.Input(shape=fresh.input_shape[1:], name="features")
+    dense, output = fresh.get_layer("head_dense"), fresh.get_layer("head_output")
+    dropout = fresh.get_layer("head_dropout")
+    outputs = []
+    for g, scale in enumerate(scales):
+        hidden = scaled(dense.units, "relu", scale, name=f"head_dense_{g}")
+        drop = keras.layers.Dropout(dropout.rate, name=f"head_dropout_{g}")
+        out = scaled(output.units, output.activation, scale, name=f"head_output_{g}")
+        outputs.append(out(drop(hidden(keras.layers.Flatten()(inputs)))))
+        for layer, source in ((hidden, dense), (out, output)):
+            layer.kernel.assign(np.asarray(source.kernel) / scale)
+            layer.bias.assign(np.asarray(source.bias) / scale)
+        for target, source in zip(drop.variables, dropout.variables, strict=True):
+            target.assign(source)  # the dropout seed's state
+    # One stacked output (n, heads, units) and one loss: Keras then keeps one loss tracker,
+    # and tracing the training step costs about half what one output per head costs.
+    return keras.Model(inputs, keras.ops.stack(outputs, axis=1), name="softmax_grid")
+
+
+def _grid_loss(sigmoid: bool) -> Callable[[Any, Any], Any]:
+    """The heads' cross-entropies, summed: each head's gradient is its own loss's."""
+    import keras
+    from keras import ops
+
+    def grid_loss(y_true: Any, y_pred: Any) -> Any:
+        p = ops.clip(y_pred, keras.config.epsilon(), 1.0 - keras.config.epsilon())
+        # Shapes fixed here, whatever ranks Keras's loss wrapper passes (it squeezes a
+        # trailing 1, so a sigmoid grid's (n, heads, 1) may come as (n, heads)).
+        if sigmoid:  # per head, P(class 1); y_true n values of 0.0 / 1.0
+            p = ops.reshape(p, (ops.shape(p)[0], -1))
+            t = ops.reshape(ops.cast(y_true, p.dtype), (-1, 1))
+            per_head = -(t * ops.log(p) + (1.0 - t) * ops.log(1.0 - p))
+        else:  # y_pred (n, heads, k), y_true n class indices
+            labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+            t = ops.expand_dims(ops.one_hot(labels, ops.shape(p)[-1], dtype=p.dtype), 1)
+            per_head = -ops.sum(t * ops.log(p), axis=-1)
+        return ops.sum(per_head, axis=-1)
+
+    return grid_loss
+
+
+@functools.cache
+def _scaled_dense_class() -> type:
+    import keras
+
+    class ScaledDense(keras.layers.Layer):
+        """``activation(x @ (scale * kernel) + scale * bias)``: Adam moves this layer's
+        effective weights ``scale`` times as fast (its step ignores the gradient's scale)."""
+
+        def __init__(self, units: int, activation: Any, scale: float, **kwargs: Any) -> None:
+            super().__init__(dtype="float32", **kwargs)
+            self.units, self.scale = int(units), float(scale)
+            self.activation = keras.activations.get(activation)
+
+        def build(self, input_shape: tuple) -> None:
+            self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+            self.bias = self.add_weight(shape=(self.units,), name="bias", initializer="zeros")
+
+        def call(self, x: Any) -> Any:
+            return self.activation(
+                keras.ops.matmul(x, self.kernel * self.scale) + self.bias * self.scale
+            )
+
+    return ScaledDense
+
+
+def _grid_weights(grid: keras.Model, g: int) -> list[np.ndarray]:
+    """Head ``g``'s effective weights: dense kernel, bias, output kernel, bias."""
+    weights = []
+    for name in (f"head_dense_{g}", f"head_output_{g}"):
+        layer = grid.get_layer(name)
+        weights += [np.asarray(layer.kernel) * layer.scale, np.asarray(layer.bias) * layer.scale]
+    return weights
+
+
+def _export_head(
+    grid: keras.Model, g: int, weights: list[np.ndarray] | None, head: keras.Model
+) -> None:
+    """Head ``g`` of a grid model (its kept weights, else its last) into a standard head."""
+    kernel, bias, out_kernel, out_bias = weights if weights is not None else _grid_weights(grid, g)
+    head.get_layer("head_dense").set_weights([kernel, bias])
+    head.get_layer("head_output").set_weights([out_kernel, out_bias])
+
+
+@functools.cache
+def _grid_stopping_class() -> type:
+    import keras
+
+    class GridEarlyStopping(keras.callbacks.Callback):
+        """Early stopping per head of a grid model, on one forward pass of the held-out data.
+
+        Each head keeps the weights of its lowest held-out loss (as
+        ``EarlyStopping(restore_best_weights=True)`` does for one model); training stops
+        when every head has gone ``patience`` epochs without a lower loss.
+        """
+
+        def __init__(self, X_held: Any, y_held: Any, n_heads: int, patience: int) -> None:
+            super().__init__()
+            self.X_held, self.y_held, self.patience = X_held, y_held, patience
+            self.best_loss = [np.inf] * n_heads
+            self.best_epoch = [0] * n_heads
+            self.best_weights: list[Any] = [None] * n_heads
+            self.best_accuracy = [0.0] * n_heads
+            self.history: list[list[float]] = [[] for _ in range(n_heads)]
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            outputs = np.asarray(self.model(self.X_held, training=False))
+            waiting = 0
+            for g in range(outputs.shape[1]):
+                proba = two_columns(outputs[:, g])
+                loss = _cross_entropy(proba, self.y_held)
+                self.history[g].append(loss)
+                if loss < self.best_loss[g] - 1e-6:
+                    self.best_loss[g], self.best_epoch[g] = loss, epoch
+                    self.best_weights[g] = _grid_weights(self.model, g)
+                    self.best_accuracy[g] = float(np.mean(np.argmax(proba, 1) == self.y_held))
+                elif epoch - self.best_epoch[g] >= self.patience:
+                    waiting += 1
+            if waiting == outputs.shape[1]:
+                self.model.stop_training = True
+
+    return GridEarlyStopping
+
+
 def two_columns(proba: Any) -> np.ndarray:
     """Probabilities as ``(n, k)`` float64; a sigmoid's ``(n, 1)`` P(class 1) -> ``[1 - p, p]``.
 
@@ -386,11 +589,14 @@ def _cross_entropy(proba: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, 1.0))))
 
 
-def _batches(X: np.ndarray, y: np.ndarray, size: int, seed: int) -> Iterator[tuple]:
-    """Endless full mini-batches of ``(X, y)``, in a new seeded order every pass."""
+def _batches(X: np.ndarray, y: Any, size: int, seed: int) -> Iterator[tuple]:
+    """Endless full mini-batches of ``(X, y)``, in a new seeded order every pass.
+
+    ``y`` may be a tuple of label arrays (one per output of a grid model).
+    """
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(X))
         for start in range(0, len(order) - size + 1, size):
             rows = order[start : start + size]
-            yield X[rows], y[rows]
+            yield X[rows], (tuple(t[rows] for t in y) if isinstance(y, tuple) else y[rows])

@@ -1,0 +1,309 @@
+"""Choosing a head's hyper-parameters on the train split: the searches behind ``make head``.
+
+A search scores each grid value by cross-validation on train and refits the best
+on all of train, as :class:`~sklearn.model_selection.GridSearchCV` does; val and
+test are never seen. Three ways, one report (``params``, ``scores``, ``score``):
+
+- **GridSearchCV**, for grids of several parameters and heads without a faster way.
+- **Shared work per fold** (:func:`fold_search`), for a one-parameter grid whose
+  values can share a fold's costly part: the RBF kernel matrix (``rbf_svm``), one
+  nearest-neighbour query for every k (``knn``), one Gram matrix for every ridge
+  alpha (``ridge``), a warm-started path along C (``logreg``). The folds, the
+  normalisation fitted per fold, the scores and the choice (the first value among
+  equals) are GridSearchCV's; only repeated work is gone. Each scorer checks its
+  preconditions and falls back to one fit per value.
+- **One fit for the whole grid** (:func:`one_fit_search`): the softmax head trains
+  a head per learning rate side by side (:meth:`~pipeline.softmax.SoftmaxClassifier.fit_grid`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from pipeline.heads import HeadSpec
+
+#: ``(classifier, parameter, values, X_train, y_train, X_test, y_test) -> accuracy per value``:
+#: the classifier is unfitted, the features already through the fold's fitted normalisation.
+FoldScorer = Callable[..., list[float]]
+
+
+def search(
+    spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, cv: int, seed: int, jobs: int
+) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
+    """Grid search on the train split; returns the refitted pipeline, the chosen params
+    (``{"<head>__<param>": value}``) and what the manifest records of the search."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    counts = np.bincount(y)
+    folds = min(cv, int(counts[counts > 0].min()))
+    searchable = folds >= 2  # a class with one image: no fold can hold it out
+    fold_size = len(y) * (folds - 1) // folds if searchable else len(y)
+    grid = {}
+    for key, values in spec.grid.items():
+        if key in spec.fold_bounded:  # k cannot exceed the images of a training fold
+            values = [v for v in values if v <= fold_size] or [1]
+        grid[f"{spec.name}__{key}"] = list(values)
+    if not searchable:  # take the grid's middle
+        params = {key: values[len(values) // 2] for key, values in grid.items()}
+        pipe.set_params(**params)
+        started = time.perf_counter()
+        pipe.fit(X, y)
+        scheme = "none (a class has one train image): middle of the grid"
+        info = {"folds": 0, "scheme": scheme, "score": None, "scores": {}}
+        return pipe, params, {**info, "refit_seconds": time.perf_counter() - started}
+    if spec.one_fit_grid and len(grid) == 1:
+        return one_fit_search(pipe, X, y, grid)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    info = {"folds": folds, "scheme": f"{folds}-fold"}
+    if spec.fold_scorer is not None and len(grid) == 1:
+        return fold_search(spec.fold_scorer, pipe, X, y, splitter, grid, info, jobs)
+    search = GridSearchCV(
+        pipe,
+        grid,
+        cv=splitter,
+        scoring="accuracy",
+        n_jobs=1 if spec.keras else jobs,
+        refit=True,
+        error_score="raise",
+    )
+    search.fit(X, y)
+    results = search.cv_results_
+    scores = {
+        json.dumps(unprefixed(p), sort_keys=True): float(s)
+        for p, s in zip(results["params"], results["mean_test_score"], strict=True)
+    }
+    info = {**info, "score": float(search.best_score_), "scores": scores}
+    return (
+        search.best_estimator_,
+        search.best_params_,
+        {**info, "refit_seconds": search.refit_time_},
+    )
+
+
+def fold_search(
+    scorer: FoldScorer,
+    pipe: Pipeline,
+    X: np.ndarray,
+    y: np.ndarray,
+    splitter: Any,
+    grid: Mapping[str, list],
+    info: dict[str, Any],
+    jobs: int = 1,
+) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
+    """A one-parameter grid scored fold by fold with ``scorer``, chosen as GridSearchCV does.
+
+    Each fold fits the pipeline's steps before the classifier on its training part
+    (as GridSearchCV's fits do) and lets ``scorer`` score every value at once; the
+    choice is the best mean fold accuracy, the first grid value among equals; the
+    final fit on all of train starts cold. Folds run in parallel with ``jobs``
+    (joblib, so :func:`pipeline.ray_engine.joblib_on_ray` spreads them too).
+    """
+    from joblib import Parallel, delayed
+
+    ((key, values),) = grid.items()
+    param = key.split("__", 1)[1]
+    per_fold = Parallel(n_jobs=jobs)(
+        delayed(_score_fold)(scorer, pipe, param, values, X, y, train, test)
+        for train, test in splitter.split(X, y)
+    )
+    means = [float(np.mean(column)) for column in zip(*per_fold, strict=True)]
+    best = max(range(len(values)), key=lambda i: (means[i], -i))
+    params = {key: values[best]}
+    started = time.perf_counter()
+    fitted = clone(pipe).set_params(**params).fit(X, y)
+    scores = {
+        json.dumps(unprefixed({key: value}), sort_keys=True): mean
+        for value, mean in zip(values, means, strict=True)
+    }
+    info = {**info, "score": means[best], "scores": scores}
+    return fitted, params, {**info, "refit_seconds": time.perf_counter() - started}
+
+
+def _score_fold(scorer, pipe, param, values, X, y, train, test) -> list[float]:
+    prepare = clone(pipe[:-1])
+    X_train = prepare.fit_transform(X[train], y[train])
+    X_test = prepare.transform(X[test])
+    classifier = clone(pipe.steps[-1][1])
+    return scorer(classifier, param, list(values), X_train, y[train], X_test, y[test])
+
+
+def one_fit_search(
+    pipe: Pipeline, X: np.ndarray, y: np.ndarray, grid: Mapping[str, list]
+) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
+    """The search of a head that trains its grid in one fit (``fit_grid``), as a search reports it.
+
+    The steps before the classifier are fitted on all of train, as a final fit
+    fits them; the classifier's own early-stopping hold-out of train scores the
+    grid (val and test are never seen).
+    """
+    ((key, values),) = grid.items()
+    started = time.perf_counter()
+    features = pipe[:-1].fit_transform(X, y)
+    classifier = pipe.steps[-1][1].fit_grid(features, y, values)
+    seconds = time.perf_counter() - started
+    chosen = classifier.get_params()[key.split("__", 1)[1]]
+    scores = {
+        json.dumps(unprefixed({key: value}), sort_keys=True): score
+        for value, score in classifier.grid_scores_.items()
+    }
+    scheme = (
+        "one fit of the whole grid; chosen on its early-stopping hold-out "
+        f"({classifier.n_held_out_} train images)"
+        if scores
+        else "one fit of the whole grid; no hold-out (too few images): middle of the grid"
+    )
+    info = {
+        "folds": 1 if scores else 0,
+        "scheme": scheme,
+        "score": classifier.grid_scores_.get(chosen),
+        "scores": scores,
+        "refit_seconds": seconds,  # the one fit is the search and the final fit
+    }
+    return pipe, {key: chosen}, info
+
+
+def unprefixed(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"svm__C": 1.0}`` -> ``{"C": 1.0}``, NumPy scalars as Python ones."""
+    return {key.split("__", 1)[1]: _plain(v) for key, v in params.items()}
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# --------------------------------------------------------------------------- fold scorers
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(pred == y))
+
+
+def fit_each(classifier, param, values, X_train, y_train, X_test, y_test) -> list[float]:
+    """One fit per value: what GridSearchCV does, the fallback of every scorer."""
+    return [
+        _accuracy(
+            clone(classifier).set_params(**{param: v}).fit(X_train, y_train).predict(X_test), y_test
+        )
+        for v in values
+    ]
+
+
+def warm_path(classifier, param, values, X_train, y_train, X_test, y_test) -> list[float]:
+    """One classifier with ``warm_start=True`` fitted along the grid in increasing order,
+    each fit starting from the last solution (the same optima in fewer iterations)."""
+    if "warm_start" not in classifier.get_params():
+        return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
+    path = clone(classifier).set_params(warm_start=True)
+    scores = {}
+    for value in sorted(values):
+        path.set_params(**{param: value}).fit(X_train, y_train)
+        scores[value] = _accuracy(path.predict(X_test), y_test)
+    return [scores[value] for value in values]
+
+
+def shared_kernel(classifier, param, values, X_train, y_train, X_test, y_test) -> list[float]:
+    """An RBF :class:`~sklearn.svm.SVC` for every C on one kernel matrix of the fold.
+
+    ``gamma="scale"`` is resolved as SVC resolves it (``1 / (width * X.var())`` of the
+    fold's training features); the matrices come from one matrix product each
+    instead of libsvm's one dot product per pair, per C.
+    """
+    from sklearn.metrics.pairwise import rbf_kernel
+    from sklearn.svm import SVC
+
+    params = classifier.get_params()
+    if not isinstance(classifier, SVC) or params["kernel"] != "rbf" or param == "gamma":
+        return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
+    gamma = params["gamma"]
+    if gamma == "scale":
+        variance = float(X_train.var())
+        gamma = 1.0 / (X_train.shape[1] * variance) if variance != 0 else 1.0
+    elif gamma == "auto":
+        gamma = 1.0 / X_train.shape[1]
+    X_train64, X_test64 = np.asarray(X_train, np.float64), np.asarray(X_test, np.float64)
+    K_train = rbf_kernel(X_train64, gamma=gamma)
+    K_test = rbf_kernel(X_test64, X_train64, gamma=gamma)
+    precomputed = clone(classifier).set_params(kernel="precomputed")
+    return [
+        _accuracy(
+            clone(precomputed).set_params(**{param: v}).fit(K_train, y_train).predict(K_test),
+            y_test,
+        )
+        for v in values
+    ]
+
+
+def shared_neighbours(classifier, param, values, X_train, y_train, X_test, y_test) -> list[float]:
+    """Every k of a :class:`~sklearn.neighbors.KNeighborsClassifier` from one query of the
+    largest k: the nearest k are the first k of the nearest ``max(k)`` (uniform votes,
+    ties to the smallest class, as scikit-learn breaks them)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    if (
+        not isinstance(classifier, KNeighborsClassifier)
+        or param != "n_neighbors"
+        or classifier.get_params()["weights"] != "uniform"
+    ):
+        return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
+    classes, encoded = np.unique(y_train, return_inverse=True)
+    largest = clone(classifier).set_params(n_neighbors=max(values)).fit(X_train, encoded)
+    nearest = encoded[largest.kneighbors(X_test, return_distance=False)]
+    scores = []
+    for k in values:
+        votes = np.zeros((len(X_test), len(classes)), np.int64)
+        np.add.at(votes, (np.arange(len(X_test))[:, None], nearest[:, :k]), 1)
+        scores.append(_accuracy(classes[np.argmax(votes, axis=1)], y_test))
+    return scores
+
+
+def shared_gram(classifier, param, values, X_train, y_train, X_test, y_test) -> list[float]:
+    """Every alpha of a :class:`~sklearn.linear_model.RidgeClassifier` from one Gram matrix.
+
+    RidgeClassifier's ``auto`` solver on dense data (Cholesky) with an intercept:
+    centred features and ``-1/+1`` targets, ``(X'X + alpha I) w = X'y`` (or its dual
+    when the fold has fewer images than features). The Gram matrix is formed once;
+    each alpha costs one Cholesky solve.
+    """
+    from scipy.linalg import solve
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.preprocessing import LabelBinarizer
+
+    params = classifier.get_params()
+    plain = (
+        isinstance(classifier, RidgeClassifier)
+        and param == "alpha"
+        and params["fit_intercept"]
+        and params["class_weight"] is None
+        and params["solver"] in ("auto", "cholesky")
+        and not params.get("positive", False)
+    )
+    if not plain:
+        return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
+    binarizer = LabelBinarizer(pos_label=1, neg_label=-1)
+    Y = binarizer.fit_transform(y_train).astype(np.float64)
+    X = np.asarray(X_train, np.float64)
+    x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
+    Xc, Yc = X - x_mean, Y - y_mean
+    Xt = np.asarray(X_test, np.float64) - x_mean
+    primal = X.shape[1] <= X.shape[0]
+    gram = Xc.T @ Xc if primal else Xc @ Xc.T
+    rhs = Xc.T @ Yc if primal else Yc
+    scores = []
+    for alpha in values:
+        solution = solve(gram + alpha * np.eye(len(gram)), rhs, assume_a="pos")
+        coef = solution if primal else Xc.T @ solution
+        decision = Xt @ coef + y_mean
+        if decision.shape[1] == 1:
+            pred = binarizer.classes_[(decision[:, 0] > 0).astype(int)]
+        else:
+            pred = binarizer.classes_[np.argmax(decision, axis=1)]
+        scores.append(_accuracy(pred, y_test))
+    return scores
