@@ -48,7 +48,11 @@ def test_shared_work_per_fold_reports_what_grid_search_does(name, seed):
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("knn", {"weights": "distance"}), ("rbf_svm", {"kernel": "poly"}), ("ridge", {"solver": "svd"})],
+    [
+        ("knn", {"weights": "distance"}),
+        ("rbf_svm", {"kernel": "poly"}),
+        ("ridge", {"solver": "svd"}),
+    ],
 )
 def test_a_scorer_whose_shortcut_does_not_hold_fits_each_value(name, params):
     """A classifier the shortcut does not cover (distance votes, another kernel, another
