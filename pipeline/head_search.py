@@ -287,18 +287,21 @@ def shared_gram(classifier, param, values, X_train, y_train, X_test, y_test) -> 
     )
     if not plain:
         return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
+    # In the features' own precision, as RidgeClassifier computes (float32 caches stay float32).
+    dtype = np.float32 if np.asarray(X_train).dtype == np.float32 else np.float64
     binarizer = LabelBinarizer(pos_label=1, neg_label=-1)
-    Y = binarizer.fit_transform(y_train).astype(np.float64)
-    X = np.asarray(X_train, np.float64)
+    Y = binarizer.fit_transform(y_train).astype(dtype)
+    X = np.asarray(X_train, dtype)
     x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
     Xc, Yc = X - x_mean, Y - y_mean
-    Xt = np.asarray(X_test, np.float64) - x_mean
+    Xt = np.asarray(X_test, dtype) - x_mean
     primal = X.shape[1] <= X.shape[0]
     gram = Xc.T @ Xc if primal else Xc @ Xc.T
     rhs = Xc.T @ Yc if primal else Yc
     scores = []
     for alpha in values:
-        solution = solve(gram + alpha * np.eye(len(gram)), rhs, assume_a="pos")
+        ridged = gram + np.asarray(alpha, dtype) * np.eye(len(gram), dtype=dtype)
+        solution = solve(ridged, rhs, assume_a="pos", check_finite=False)
         coef = solution if primal else Xc.T @ solution
         decision = Xt @ coef + y_mean
         if decision.shape[1] == 1:

@@ -36,8 +36,6 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +81,7 @@ class HeadSpec:
         early-stopping hold-out of train: no folds, no separate final fit (the
         softmax head, whose fits cost tens of times a linear model's).
     keras : bool
-        Trains with Keras: :func:`fit_heads` fits it in a thread of its own beside
-        the scikit-learn heads, which release the interpreter while they compute.
+        Trains with Keras: its search runs in one process (``--jobs`` is not used).
     fold_bounded : tuple of str
         Grid parameters that cannot exceed the images of a training fold
         (``n_neighbors``).
@@ -346,20 +343,15 @@ def fit_heads(
         options = {"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}
         return _fit_one(fs, pipe, name, X_train, y_train, out_dir, **options)
 
-    # Keras heads train in a thread of their own while the scikit-learn heads fit here:
-    # Keras's loop is mostly the interpreter, the scikit-learn solvers mostly native code.
     done = 0
     results = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keras-head") as keras_lane:
-        started = {name: keras_lane.submit(fit, name) for name in names if HEADS[name].keras}
-        for name in names:
-            if log is not None:
-                log(f"[fits {done}/{sum(plan.values())}] {name}: {plan[name]} fits planned ...")
-            done += plan[name]
-            result = started[name].result() if name in started else fit(name)
-            results.append(result)
-            if log is not None:
-                log(result.format())
+    for name in names:
+        if log is not None:
+            log(f"[fits {done}/{sum(plan.values())}] {name}: {plan[name]} fits planned ...")
+        done += plan[name]
+        results.append(fit(name))
+        if log is not None:
+            log(results[-1].format())
     if log is not None and len(results) > 1:
         log(summary_table(results))
     return results
@@ -432,12 +424,8 @@ def _fit_one(fs, pipe, name, X_train, y_train, out_dir, *, norm, pca, cv, seed, 
 
     spec = HEADS[name]
     started = time.perf_counter()
-    # The warning filters are global: only the main thread's (scikit-learn) heads catch
-    # them, so the Keras lane cannot undo the main thread's recording.
-    recording = warnings.catch_warnings(record=True) if not spec.keras else nullcontext([])
-    with recording as caught:
-        if not spec.keras:
-            warnings.simplefilter("always", ConvergenceWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
         fitted, params, cv_info = head_search.search(spec, pipe, X_train, y_train, cv, seed, jobs)
     fit_seconds = time.perf_counter() - started
     notes = sorted(

@@ -1,0 +1,26 @@
+"""The benchmarks' arithmetic on tiny inputs (the figures themselves come from `make bench-*`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from heads_helpers import synthetic_cache
+
+from pipeline.benchmarks.heads import bench_heads
+from pipeline.heads import DEFAULT_HEADS
+
+
+def test_bench_heads_divides_the_heads_fit_time_by_extraction(tmp_path):
+    cache = synthetic_cache(tmp_path, seconds=20.0)
+    lines: list[str] = []
+    summary = bench_heads([cache], out=tmp_path / "heads.json", log=lines.append)
+    (row,) = summary["caches"]
+    assert set(row["fit_seconds"]) == set(DEFAULT_HEADS)
+    assert row["extraction_seconds"] == 20.0
+    assert row["ratio"] == pytest.approx(sum(row["fit_seconds"].values()) / 20.0)
+    assert row["ratio_sweep"] == pytest.approx(row["sweep_seconds"] / 20.0)
+    # the sweep's wall time holds every head's fit, and evaluation and saving besides
+    assert sum(row["fit_seconds"].values()) <= row["sweep_seconds"]
+    assert json.loads((tmp_path / "heads.json").read_text())["caches"][0]["ratio"] == row["ratio"]
+    assert "ratio" in lines[0] and "target <= 0.1" in lines[0]
