@@ -437,8 +437,15 @@ def build_base(spec: BackboneSpec, *, weights: str, input_size: int) -> keras.Mo
     builder = getattr(keras.applications, spec.builder)
     kwargs = dict(include_top=False, input_shape=(input_size, input_size, 3), **spec.builder_kwargs)
     if weights == "imagenet":
+        import warnings
+
         try:
-            return builder(weights="imagenet", **kwargs)
+            with warnings.catch_warnings():
+                # Headless weights fit any input size: Keras loads its 224 file and says so.
+                warnings.filterwarnings(
+                    "ignore", message=".*input_shape. is undefined or non-square"
+                )
+                return builder(weights="imagenet", **kwargs)
         except Exception as exc:  # Keras raises a bare Exception for a failed download
             raise _download_error(spec, exc) from None
     if weights == "none":

@@ -79,13 +79,24 @@ def resolve_parts(items: Sequence[str | Path], features_dir: Path | None = None)
     return paths
 
 
-def _normalise(x: np.ndarray, train: np.ndarray, norm: str) -> np.ndarray:
+def train_statistics(x: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and deviation of a part over its train rows (``JOIN_NORM=standard``)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x[train].mean(axis=0), x[train].std(axis=0)  # train only: val and test stay unseen
+
+
+def normalise_part(
+    x: np.ndarray, norm: str, statistics: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
+    """One part of a join, normalised as the join did: L2 per image, or standardised with
+    ``statistics`` (:func:`train_statistics` of the part's train rows)."""
     x = np.asarray(x, dtype=np.float32)
     if norm == "l2":
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         return x / np.maximum(norms, 1e-12)
-    mean = x[train].mean(axis=0)  # train statistics only: val and test stay unseen
-    std = x[train].std(axis=0)
+    if statistics is None:
+        raise ValueError("JOIN_NORM=standard needs the train statistics of the part")
+    mean, std = statistics
     return (x - mean) / np.where(std > 1e-12, std, 1.0)
 
 
@@ -135,7 +146,8 @@ def join_features(
                 f"image {where} has another class or split in {fs.path.name} than in "
                 f"{first.path.name}: join caches made with the same split (SEED=, fractions)"
             )
-        blocks.append(_normalise(fs.features[rows], split == "train", norm))
+        statistics = train_statistics(fs.features[rows], split == "train") if norm != "l2" else None
+        blocks.append(normalise_part(fs.features[rows], norm, statistics))
     features = np.concatenate(blocks, axis=1)
     return features, labels, first.paths[ref], split, notes
 

@@ -250,7 +250,7 @@ def _settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> Resolved
         keras_precision=config.precision,
         store=resolved.store,
         random_weights=config.weights == "none",
-        build_keras=lambda: _build_model(replace(resolved, runtime=runtimes.RuntimeChoice())),
+        build_keras=lambda: build_extractor(replace(resolved, runtime=runtimes.RuntimeChoice())),
         sample=sample,
         data=folder.name,
     )
@@ -380,7 +380,7 @@ def extract_features(
     # weights file is refused before any lock or work file exists.
     if cache.cache_matches(path, config_json, fingerprint):
         return _up_to_date(path, folder, notes)
-    model = _build_model(resolved)
+    model = build_extractor(resolved)
     with cache.cache_lock(path):
         state = cache.cache_matches(path, config_json, fingerprint)
         if state:  # another run finished it while the model was built
@@ -488,7 +488,7 @@ def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
     return json.dumps(identity, sort_keys=True)
 
 
-def _build_model(resolved: ResolvedFeatures):
+def build_extractor(resolved: ResolvedFeatures):
     """The Keras model, or the runtime's compiled model (both: ``output_shape``, ``predict_on_batch``)."""
     config = resolved.config
     if resolved.views is not None:

@@ -8,7 +8,9 @@
   :func:`pipeline.head_store.load_head`). The backbone is rebuilt from the
   manifest (backbone, weights source, input size, pooling, layer), its features
   are checked against the head's (:meth:`pipeline.head_store.Head.check_features`)
-  and the head is applied;
+  and the head is applied. A head on joined or multi-view features rebuilds every
+  part from its recorded configuration (:func:`feature_parts`) and joins them as
+  :mod:`pipeline.combine` did;
 - a fine-tuned model of stage three: ``<name>.keras`` with ``<name>.json``
   beside it whose ``"kind"`` is ``"finetuned"``. The model takes float32 RGB
   images in 0..255 of ``manifest["input_size"]`` pixels (preprocessing inside
@@ -222,49 +224,112 @@ def true_labels(root: Path, paths: Sequence[str], class_names: Sequence[str]) ->
     return labels
 
 
+#: ``(root, paths, batch_size, log) -> (kept paths, class index, scores, are probabilities,
+#: skipped (path, reason) pairs)``: a model scoring a list of images.
+Scorer = Callable[..., tuple[list[str], np.ndarray, np.ndarray, bool, list[tuple[str, str]]]]
+
+
 @dataclass(frozen=True)
 class Predictor:
-    """A loaded model: how to size, preprocess and score a batch, and its output name."""
+    """A loaded model: how it scores images, and its names."""
 
     label: str  # in words, for messages
     dataset: str  # the data set it was trained on
     model_id: str  # unique among the models of that data set
-    size: int
-    preprocess: Callable[[np.ndarray], np.ndarray]
-    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, bool]]
+    score: Scorer
     class_names: tuple[str, ...]
 
 
-def _unrebuildable(manifest: Mapping[str, Any]) -> str | None:
-    """What in a head's features predict cannot compute from images, or ``None``."""
-    if "+" in str(manifest.get("backbone") or ""):
-        return f"joined caches ({manifest.get('backbone')})"
+def batchwise(
+    size: int,
+    preprocess: Callable[[np.ndarray], np.ndarray],
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, bool]],
+) -> Scorer:
+    """A scorer that decodes images at ``size`` (as stage one) and runs ``run`` per batch."""
+
+    def score(root: Path, paths: Sequence[str], batch_size: int, log: Any = None):
+        kept, preds, scores, skipped, is_proba = [], [], [], [], True
+        for batch in iter_batches(
+            root, paths, size=size, batch_size=batch_size, preprocess=preprocess
+        ):
+            skipped += _report_skipped(batch, paths, log)
+            if not len(batch.x):
+                continue
+            pred, batch_scores, is_proba = run(batch.x)
+            kept += [paths[batch.start + i] for i in np.flatnonzero(batch.ok)]
+            preds.append(np.asarray(pred, dtype=np.int64))
+            scores.append(np.asarray(batch_scores, dtype=np.float64))
+        return kept, _stack(preds, np.int64), _stack(scores, np.float64), is_proba, skipped
+
+    return score
+
+
+def _report_skipped(batch: Any, paths: Sequence[str], log: Any) -> list[tuple[str, str]]:
+    found = [(paths[batch.start + offset], reason) for offset, reason in batch.errors.items()]
+    if log is not None:
+        for path, reason in found:
+            log(f"skipped {path}: {reason}")
+    return found
+
+
+def _stack(parts: list[np.ndarray], dtype: Any) -> np.ndarray | None:
+    return np.concatenate(parts).astype(dtype) if parts else None
+
+
+def feature_parts(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The stage-one configurations a head's features were made from: one per joined part
+    (``[{"stem", "config_json", "fingerprint"}]`` of a joined cache), or the cache's own."""
     try:
         identity = json.loads(manifest.get("config_json") or "{}")
     except (TypeError, ValueError):
         identity = {}
-    if isinstance(identity, dict) and identity.get("views"):
-        return f"multi-view features (VIEWS={identity['views']})"
-    return None
+    if not isinstance(identity, dict):
+        identity = {}
+    if "parts" in identity:
+        out = []
+        for part in identity["parts"] if isinstance(identity["parts"], list) else []:
+            try:
+                config = json.loads(part["config_json"])
+            except (TypeError, ValueError, KeyError):
+                config = None
+            if not isinstance(config, dict):
+                raise PredictError(
+                    f"the joined cache's identity of head {manifest.get('name')!r} is damaged; "
+                    "re-run `make head` on the joined cache"
+                )
+            out.append({"stem": part.get("stem"), "fingerprint": part.get("fingerprint"), **config})
+        return out
+    return [identity]
 
 
-def _head_predictor(model_path: Path) -> Predictor:
+def _is_plain(parts: Sequence[Mapping[str, Any]]) -> bool:
+    """One part without views: stage one's plain extractor (the fast path)."""
+    return len(parts) == 1 and not parts[0].get("views")
+
+
+def _head_predictor(model_path: Path, artifacts_dir: str | Path) -> Predictor:
     from pipeline import backbones
     from pipeline.head_store import load_head
 
     head = load_head(model_path)
     m = head.manifest
-    source = m.get("weights_source") or "imagenet"
-    if source == "none":
+    source = str(m.get("weights_source") or "imagenet")
+    if source == "none" or "none" in source.split("+"):
         raise PredictError(
             f"head {head.path} was fit on features of a randomly initialised backbone "
             "(WEIGHTS=none), which cannot be rebuilt; fit it on imagenet or file weights"
         )
-    refusal = _unrebuildable(m)
-    if refusal:
-        raise PredictError(
-            f"head {head.path} was fit on {refusal}, which `make predict` cannot rebuild from "
-            "images yet; predict with a head fit on a single-view cache of one backbone"
+    parts = feature_parts(m)
+    # heads/<dataset>/<cache stem>/<head>.json
+    stem = m.get("cache_stem") or head.path.resolve().parent.name
+    dataset = m.get("dataset") or head.path.resolve().parent.parent.name
+    if not _is_plain(parts):
+        return Predictor(
+            label=f"{m.get('backbone')} + {head.name} head",
+            dataset=dataset,
+            model_id=f"{stem}_{head.name}",
+            score=_recipe_scorer(head, parts, source, artifacts_dir),
+            class_names=head.class_names,
         )
     spec = backbones.get_backbone(m["backbone"])
     layer = m.get("layer") or None
@@ -286,17 +351,124 @@ def _head_predictor(model_path: Path) -> Predictor:
         features = np.asarray(extractor.predict_on_batch(x), dtype=np.float32)
         return head.predict(features)
 
-    # heads/<dataset>/<cache stem>/<head>.json
-    stem = m.get("cache_stem") or head.path.resolve().parent.name
     return Predictor(
         label=f"{spec.name} + {head.name} head",
-        dataset=m.get("dataset") or head.path.resolve().parent.parent.name,
+        dataset=dataset,
         model_id=f"{stem}_{head.name}",
-        size=int(m["input_size"]),
-        preprocess=spec.preprocess,
-        run=run,
+        score=batchwise(int(m["input_size"]), spec.preprocess, run),
         class_names=head.class_names,
     )
+
+
+def _recipe_scorer(
+    head: Any, parts: Sequence[Mapping[str, Any]], source: str, artifacts_dir: str | Path
+) -> Scorer:
+    """Scores images with a head fit on multi-view or joined features (``make auto``'s winners).
+
+    Each part's extractor is rebuilt from its recorded configuration (backbone, input
+    size, pooling, cut layer, views) with the head's weights, run over the images as
+    stage one runs it (:mod:`pipeline.views`; a plain part is one view), normalised
+    as the join normalised it and concatenated in the join's order.
+    """
+    from pipeline import views as views_module
+    from pipeline.combine import normalise_part
+    from pipeline.features import FeatureConfig, build_extractor, resolve_features
+
+    m = head.manifest
+    if "+" in source:
+        raise PredictError(
+            f"head {head.path} joins parts of different weights ({source}), which `make predict` "
+            "cannot tell apart; join parts of one weights source"
+        )
+    try:
+        identity = json.loads(m.get("config_json") or "{}")
+    except (TypeError, ValueError):
+        identity = {}
+    norm = identity.get("join_norm") if len(parts) > 1 or "parts" in identity else None
+    extractors = []
+    for part in parts:
+        views = part.get("views") or None
+        config = FeatureConfig(
+            backbone=str(part["backbone"]),
+            weights=source,
+            input_size=int(part["input_size"]),
+            pooling=str(part["pooling"]),
+            layer=str(part.get("layer") or "") or None,
+            precision=str(part.get("precision") or "float32"),
+            views=views_module.Views.from_identity(views).text() if views else None,
+            combine=str(views.get("combine", "mean")) if views else "mean",
+            runtime="keras",
+        )
+        resolved = resolve_features(config, artifacts_dir=artifacts_dir)
+        view_list = resolved.views or views_module.Views(scales=(resolved.input_size,))
+        model = build_extractor(resolved)
+        multi = (
+            model
+            if resolved.views is not None
+            else views_module.MultiViewModel({resolved.input_size: model}, view_list, 32)
+        )
+        statistics = _part_statistics(part, m, artifacts_dir) if norm == "standard" else None
+        extractors.append((resolved, view_list, multi, statistics))
+    width = sum(int(e[2].output_shape[-1]) for e in extractors)
+    if width != int(m["feature_width"]):
+        raise PredictError(
+            f"the rebuilt features of head {head.path} are {width} wide, the head takes "
+            f"{m['feature_width']}; re-run `make features` and `make head` for it"
+        )
+
+    def score(root: Path, paths: Sequence[str], batch_size: int, log: Any = None):
+        rows: list[dict[str, np.ndarray]] = []
+        skipped: dict[str, str] = {}
+        for resolved, view_list, multi, _ in extractors:
+            multi.batch_size = batch_size
+            found: dict[str, np.ndarray] = {}
+            for batch in views_module.iter_view_batches(
+                root, paths, view_list, batch_size=batch_size, preprocess=resolved.spec.preprocess
+            ):
+                for path, reason in _report_skipped(batch, paths, log if not rows else None):
+                    skipped.setdefault(path, reason)
+                if batch.ok.any():
+                    features = multi.features(batch.inputs)
+                    for i, vector in zip(np.flatnonzero(batch.ok), features, strict=True):
+                        found[paths[batch.start + i]] = vector
+            rows.append(found)
+        kept = [p for p in paths if all(p in found for found in rows)]
+        if not kept:
+            return kept, None, None, True, sorted(skipped.items())
+        blocks = []
+        for found, (_, _, _, statistics) in zip(rows, extractors, strict=True):
+            block = np.stack([found[p] for p in kept])
+            blocks.append(normalise_part(block, norm, statistics) if norm else block)
+        pred, scores, is_proba = head.predict(np.concatenate(blocks, axis=1))
+        return kept, pred, scores, is_proba, [(p, skipped[p]) for p in paths if p in skipped]
+
+    return score
+
+
+def _part_statistics(
+    part: Mapping[str, Any], manifest: Mapping[str, Any], artifacts_dir: str | Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``JOIN_NORM=standard`` part's train mean and deviation, from its own cache (checked
+    against the fingerprint the join recorded)."""
+    from pipeline.artifacts import Artifacts, safe_name
+    from pipeline.cache import load_features
+    from pipeline.combine import train_statistics
+
+    stem, dataset = part.get("stem"), manifest.get("dataset")
+    if not stem or not dataset:
+        raise PredictError("a standardised join names no part caches; re-run `make head` on it")
+    path = Artifacts(artifacts_dir).cache_path(safe_name(str(dataset)), safe_name(str(stem)))
+    if not path.is_file():
+        raise PredictError(
+            f"{path} is missing: a JOIN_NORM=standard head needs its parts' train statistics; "
+            "re-run the `make features` that made it"
+        )
+    fs = load_features(path)
+    if fs.attrs.get("fingerprint") != part.get("fingerprint"):
+        raise PredictError(
+            f"{path} changed since the join was made; re-run `make head FEATURES=...` on the join"
+        )
+    return train_statistics(fs.features, fs.split == "train")
 
 
 def _finetuned_predictor(model_path: Path, manifest: Mapping[str, Any]) -> Predictor:
@@ -339,15 +511,16 @@ def _finetuned_predictor(model_path: Path, manifest: Mapping[str, Any]) -> Predi
         label=f"fine-tuned {keras_path.name}",
         dataset=str(manifest.get("dataset") or keras_path.resolve().parent.name),
         model_id=str(manifest.get("name") or keras_path.stem),
-        size=size,
-        preprocess=as_float,
-        run=run,
+        score=batchwise(size, as_float, run),
         class_names=class_names,
     )
 
 
-def load_predictor(model_path: str | Path) -> Predictor:
-    """The model at ``model_path`` (a head or a fine-tuned model), ready to score batches.
+def load_predictor(model_path: str | Path, artifacts_dir: str | Path = "artifacts") -> Predictor:
+    """The model at ``model_path`` (a head or a fine-tuned model), ready to score images.
+
+    A head fit on joined or multi-view features rebuilds every part; a
+    ``JOIN_NORM=standard`` join reads its parts' caches under ``artifacts_dir``.
 
     Raises
     ------
@@ -367,7 +540,7 @@ def load_predictor(model_path: str | Path) -> Predictor:
         raise PredictError(f"MODEL={model_path}: {exc}") from None
     kind = manifest.get("kind")
     if kind == "head":
-        return _head_predictor(model_path)
+        return _head_predictor(model_path, artifacts_dir)
     if kind == "finetuned":
         return _finetuned_predictor(model_path, manifest)
     raise PredictError(
@@ -441,32 +614,18 @@ def predict_images(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"batch size must be a positive integer; got {batch_size!r}")
-    predictor = load_predictor(model_path)
+    predictor = load_predictor(model_path, artifacts_dir)
     root, paths = list_images(images)
     k = len(predictor.class_names)
-
-    kept, preds, scores, skipped, is_proba = [], [], [], [], True
-    for batch in iter_batches(
-        root, paths, size=predictor.size, batch_size=batch_size, preprocess=predictor.preprocess
-    ):
-        for offset, reason in batch.errors.items():
-            skipped.append((paths[batch.start + offset], reason))
-            if log is not None:
-                log(f"skipped {paths[batch.start + offset]}: {reason}")
-        if not len(batch.x):
-            continue
-        pred, batch_scores, is_proba = predictor.run(batch.x)
-        kept += [paths[batch.start + i] for i in np.flatnonzero(batch.ok)]
-        preds.append(np.asarray(pred, dtype=np.int64))
-        scores.append(np.asarray(batch_scores, dtype=np.float64))
+    kept, pred, scores, is_proba, skipped = predictor.score(root, paths, batch_size, log)
 
     result = Predictions(
         out_csv=Path(out_csv) if out_csv else default_output(predictor, images, artifacts_dir),
         model=predictor.label,
         class_names=predictor.class_names,
         paths=kept,
-        pred=np.concatenate(preds) if preds else np.zeros(0, np.int64),
-        scores=np.concatenate(scores) if scores else np.zeros((0, k)),
+        pred=pred if pred is not None else np.zeros(0, np.int64),
+        scores=scores if scores is not None else np.zeros((0, k)),
         is_proba=is_proba,
         labels=true_labels(root, kept, predictor.class_names),
         skipped=skipped,

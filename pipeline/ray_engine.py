@@ -181,10 +181,10 @@ class EmbedBatches:
             if isinstance(weights, ray.ObjectRef):
                 weights = ray.get(weights)
             blank = replace(resolved, config=replace(resolved.config, weights="none"))
-            self.model = features._build_model(blank)
+            self.model = features.build_extractor(blank)
             self.model.set_weights(weights)
         else:
-            self.model = features._build_model(resolved)
+            self.model = features.build_extractor(resolved)
         self.preprocess = resolved.spec.preprocess
         self.batch_size = resolved.config.batch_size
         self.width = int(self.model.output_shape[-1])
@@ -421,7 +421,7 @@ def extract_features_ray(
         return features._up_to_date(path, folder, notes)
     # Built on the driver once: options and weights are refused before any lock or Ray
     # start, the feature width is known, and the workers get these exact weights.
-    model = features._build_model(resolved)
+    model = features.build_extractor(resolved)
     width = int(model.output_shape[-1])
     keras_weights = model.get_weights() if resolved.runtime.runtime == "keras" else None
     del model

@@ -92,6 +92,25 @@ class Views:
             "crop_enlarge": round(CROP_ENLARGE, 6) if self.crops else None,
         }
 
+    @classmethod
+    def from_identity(cls, identity: Any) -> Views:
+        """The views a cache recorded (:meth:`identity`), checked: it was read from disk."""
+        try:
+            scales = tuple(int(s) for s in identity["scales"])
+            views = cls(
+                scales, bool(identity["flip"]), bool(identity["crops"]), identity["combine"]
+            )
+        except (TypeError, KeyError, ValueError):
+            raise PipelineError(f"recorded views {identity!r} are damaged") from None
+        if not scales or views.combine not in ("mean", "concat") or min(scales) < 1:
+            raise PipelineError(f"recorded views {identity!r} are damaged")
+        if views.crops and identity.get("crop_enlarge") != round(CROP_ENLARGE, 6):
+            raise PipelineError(
+                f"recorded views crop at {identity.get('crop_enlarge')}, this version at "
+                f"{round(CROP_ENLARGE, 6)}; re-run `make features` and `make head`"
+            )
+        return views
+
     def width(self, view_width: int) -> int:
         """The combined vector's width, for a backbone giving ``view_width`` per view."""
         return view_width * (len(self.scales) if self.combine == "concat" else 1)

@@ -216,10 +216,73 @@ def test_predict_refusals(heads, tmp_path):
     assert main(["predict", "--model", str(lonely), "--images", str(data), "--out", str(out)]) == 2
 
 
-def test_heads_on_joined_or_multi_view_features_are_refused_not_mispredicted():
-    from pipeline.predict import _unrebuildable
+@pytest.mark.parametrize("join_norm", ["l2", "standard"])
+def test_a_head_on_joined_multi_view_features_predicts_what_its_cache_holds(
+    heads, join_norm, tmp_path
+):
+    """make auto's winners: each part (multi-view, a cut layer) is rebuilt from its recorded
+    configuration and joined as the join did; the predictions are the cached features'."""
+    from pipeline.cache import load_features
+    from pipeline.combine import join_caches
+    from pipeline.features import FeatureConfig, extract_features
+    from pipeline.images import SplitConfig
+    from pipeline.predict import predict_images
 
-    assert "joined" in _unrebuildable({"backbone": "mobilenet_v2+vgg16"})
-    views = '{"views": {"scales": [224, 320], "flip": true}}'
-    assert "multi-view" in _unrebuildable({"backbone": "mobilenet_v2", "config_json": views})
-    assert _unrebuildable({"backbone": "mobilenet_v2", "config_json": '{"views": null}'}) is None
+    tmp, data, _, _ = heads
+    weights = str(tmp / "random.weights.h5")
+    split = SplitConfig(seed=0, val_fraction=0.2, test_fraction=0.0)
+    parts = [
+        extract_features(
+            data,
+            FeatureConfig(weights=weights, input_size=32, batch_size=8, **options),
+            split=split,
+            artifacts_dir=tmp / "artifacts",
+            progress=False,
+        ).cache_path
+        for options in (
+            {"views": "32,48+flip", "combine": "concat"},
+            {"layer": "block_13_expand_relu"},
+        )
+    ]
+    joined = join_caches(parts, norm=join_norm, artifacts_dir=tmp / "artifacts").path
+    (result,) = fit_heads(joined, "logreg", artifacts_dir=tmp / "artifacts")
+    predicted = predict_images(
+        result.manifest_path,
+        data,
+        tmp_path / "out.csv",
+        batch_size=8,
+        artifacts_dir=tmp / "artifacts",
+    )
+    fs = load_features(joined)
+    pred, scores, _ = load_head(result.manifest_path).predict(fs)
+    order = [list(fs.paths).index(path) for path in predicted.paths]
+    assert predicted.n_predicted == len(fs.paths) == 18
+    np.testing.assert_array_equal(predicted.pred, pred[order])
+    # float noise of other batch compositions, through three parts and a logistic regression
+    np.testing.assert_allclose(predicted.scores, scores[order], atol=5e-3)
+
+
+def test_a_standardised_join_whose_part_changed_is_refused(heads, tmp_path):
+    from pipeline.combine import join_caches
+    from pipeline.features import FeatureConfig, extract_features
+    from pipeline.images import SplitConfig
+    from pipeline.predict import predict_images
+
+    tmp, data, cache, _ = heads
+    other = extract_features(
+        data,
+        FeatureConfig(weights=str(tmp / "random.weights.h5"), input_size=48, batch_size=8),
+        split=SplitConfig(seed=0, val_fraction=0.2, test_fraction=0.0),
+        artifacts_dir=tmp_path / "artifacts",
+        progress=False,
+    ).cache_path
+    local = tmp_path / "artifacts" / "features" / cache.parent.name / cache.name
+    local.write_bytes(cache.read_bytes())
+    joined = join_caches([local, other], norm="standard", artifacts_dir=tmp_path / "artifacts").path
+    (result,) = fit_heads(joined, "svm", artifacts_dir=tmp_path / "artifacts")
+    other.unlink()
+    with pytest.raises(PredictError, match="is missing: a JOIN_NORM=standard head needs"):
+        predict_images(
+            result.manifest_path, data, tmp_path / "x.csv", artifacts_dir=tmp_path / "artifacts"
+        )
+    assert not (tmp_path / "x.csv").exists()
