@@ -12,8 +12,6 @@ scale320    one view at 320 px (``INPUT_SIZE=320``)                           ab
 224+320     ``default`` and ``scale320`` joined (L2 each, concatenated)       0
 mid+last    ``default`` and a middle layer joined (the last layer at 1/16 of  about 0.7
             the input: ``block_13_expand_relu`` for MobileNetV2)
-flips       ``flip`` and ``scale320`` with its mirror, joined: Razavian et     about 4
-            al.'s flips at both scales
 ==========  ================================================================  ================
 
 (The 320 scale is ``round(1.43 x`` the input size``)`` for backbones whose input is not 224.)
@@ -72,11 +70,6 @@ RECIPES: tuple[Recipe, ...] = (
         "mid+last",
         "default and a middle layer (last at 1/16 of the input) joined",
         ({}, {"layer": "$middle"}),
-    ),
-    Recipe(
-        "flips",
-        "224+320 with each scale's view and its mirror averaged, joined",
-        ({"views": "+flip"}, {"input_size": "$scale", "views": "+flip"}),
     ),
 )
 
