@@ -53,7 +53,7 @@ FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--
 	--runtime $(RUNTIME) --runtime-precision $(RUNTIME_PRECISION) --artifacts $(ARTIFACTS)
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
-.PHONY: head report predict bench-heads test-slow test-all probe auto
+.PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -99,6 +99,12 @@ probe: install weights-from-assets ## linear-head accuracy per cut layer, one fo
 
 auto: install weights-from-assets ## try the feature recipes (flip, scale, middle layer, joins) with svm+logreg; choose by CV on train; report (DATA=)
 	$(PY) -m pipeline auto --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) --cv $(or $(AUTO_CV),5)
+
+check-unseen: install weights-from-assets ## make auto on data unlike ImageNet: texture patches and hymenoptera shrunk to 48 px and blurred
+	$(PY) -m pip install -q -e '.[unseen]'
+	$(PY) -m pipeline unseen-data --out $(ARTIFACTS)/data --source $(ASSETS)/datasets/hymenoptera_data
+	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/textures $(FEATURE_ARGS) --cv $(or $(AUTO_CV),5)
+	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/hymenoptera_data_small_blurred $(FEATURE_ARGS) --cv $(or $(AUTO_CV),5)
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)
 	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --runtime keras --cv $(CV) --out $(ARTIFACTS)/bench/heads.json

@@ -91,6 +91,24 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unseen_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.demo_data import write_small_blurred, write_textures
+
+    out = Path(args.out)
+    print(
+        f"wrote texture patches (scikit-image's photographs) to {write_textures(out / 'textures')}"
+    )
+    if args.source:
+        name = f"{Path(args.source).resolve().name}_small_blurred"
+        folder, skipped = write_small_blurred(args.source, out / name)
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}")
+        print(f"wrote {args.source} shrunk to 48 px and blurred to {folder}")
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.features import extract_features
 
@@ -154,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "demo-data", "write scikit-learn's digits as a folder of PNG files")
     p.add_argument("--out", default="artifacts/data/digits", help="output folder")
     p.set_defaults(func=cmd_demo_data)
+
+    p = _command(
+        sub, "unseen-data", "write data sets unlike ImageNet: textures, small blurred images"
+    )
+    p.add_argument("--out", default="artifacts/data", help="parent folder of the data sets")
+    p.add_argument("--source", default=None, help="image folder to shrink and blur (optional)")
+    p.set_defaults(func=cmd_unseen_data)
 
     p = _command(sub, "features", "stage one: cache backbone features of an image folder")
     p.add_argument(

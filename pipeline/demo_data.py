@@ -1,8 +1,16 @@
-"""The embedded demo data set: scikit-learn's digits as a folder of PNG files.
+"""Data sets made here as folders of images: the demo's digits, and two unlike ImageNet.
 
-1797 real 8x8 grayscale scans of handwritten digits, 10 classes, shipped inside
-scikit-learn (no download). Writing them out as ``<out>/<digit>/<n>.png`` lets
-the demo run exactly the folder-reading code a user's own data goes through.
+- :func:`write_digits`: 1797 real 8x8 grayscale scans of handwritten digits, 10
+  classes, shipped inside scikit-learn (no download). Writing them out as
+  ``<out>/<digit>/<n>.png`` lets the demo run exactly the folder-reading code a
+  user's own data goes through.
+- :func:`write_textures`: patches of the real texture photographs scikit-image
+  ships (brick, grass, gravel, the moon's surface), train and val cut from
+  opposite halves of each photograph so no pixel is in both.
+- :func:`write_small_blurred`: a folder's images shrunk to a few dozen pixels and
+  blurred, split folders kept.
+
+The last two are the "data the project has never seen" of ``make check-unseen``.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.artifacts import Artifacts
+from pipeline.errors import PipelineError
 
 
 def write_digits(out_dir: str | Path | None = None) -> Path:
@@ -42,3 +51,75 @@ def write_digits(out_dir: str | Path | None = None) -> Path:
         Image.fromarray(image, mode="L").save(tmp, format="PNG")
         tmp.replace(path)
     return out
+
+
+TEXTURES = ("brick", "grass", "gravel", "moon")  # scikit-image's bundled photographs
+
+
+def write_textures(
+    out_dir: str | Path | None = None,
+    *,
+    size: int = 96,
+    train_per_class: int = 40,
+    val_per_class: int = 20,
+    seed: int = 0,
+) -> Path:
+    """Write ``<out>/{train,val}/<texture>/<n>.png``: random ``size`` crops, turned by a
+    random right angle, of scikit-image's texture photographs (:data:`TEXTURES`).
+
+    Train crops come from the left half of each 512 x 512 photograph, val crops from
+    the right half. Needs scikit-image (``pip install -e '.[unseen]'``).
+    """
+    try:
+        import skimage.data
+    except ImportError:
+        raise PipelineError(
+            "the textures come from scikit-image: pip install -e '.[unseen]' (or scikit-image)"
+        ) from None
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir) if out_dir is not None else Artifacts().data_dir("textures")
+    for name in TEXTURES:
+        photo = np.asarray(getattr(skimage.data, name)(), dtype=np.uint8)
+        half = photo.shape[1] // 2
+        for split, count, left in (("train", train_per_class, 0), ("val", val_per_class, half)):
+            for index in range(count):
+                top = int(rng.integers(0, photo.shape[0] - size + 1))
+                x0 = left + int(rng.integers(0, half - size + 1))
+                patch = np.rot90(photo[top : top + size, x0 : x0 + size], int(rng.integers(4)))
+                _save_png(patch, out / split / name / f"{name}_{index:03d}.png")
+    return out
+
+
+def write_small_blurred(
+    source: str | Path, out_dir: str | Path, *, side: int = 48, radius: float = 1.0
+) -> tuple[Path, list[tuple[str, str]]]:
+    """Every image under ``source`` shrunk to ``side`` pixels on its long side and blurred
+    (Gaussian, ``radius`` pixels), as PNG at the same relative path; unreadable files are
+    skipped and returned with the reason. Returns ``(out folder, skipped)``."""
+    from PIL import ImageFilter, UnidentifiedImageError
+
+    from pipeline.images import images_under
+
+    source, out = Path(source), Path(out_dir)
+    skipped = []
+    for path in images_under(source):
+        relative = path.relative_to(source)
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((side, side), Image.Resampling.LANCZOS)
+                small = image.filter(ImageFilter.GaussianBlur(radius))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            skipped.append((str(relative), str(exc).splitlines()[0][:120]))
+            continue
+        _save_png(np.asarray(small), (out / relative).with_suffix(".png"))
+    return out, skipped
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    if path.exists():  # identical inputs give identical files: keep caches valid
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+    tmp.replace(path)
