@@ -256,7 +256,8 @@ def selection_rule(runs: Sequence[Run]) -> tuple[str, str]:
     """``("val", words)`` when every run has val predictions, else ``("cv", words)``."""
     if runs and all("val" in r.splits for r in runs):
         words = (
-            "Runs are ranked on val accuracy (ties: the faster fit first); the test images "
+            "Runs are ranked on val accuracy (ties: the higher cross-validation score on train, "
+            "then the name); the test images "
             "played no part in choosing."
         )
         if any(r.kind == "finetuned" for r in runs):
@@ -282,13 +283,14 @@ def selection_score(run: Run, rule: str) -> float | None:
 
 
 def rank_runs(runs: Sequence[Run], rule: str) -> list[Run]:
-    """Runs with a selection score, best first (ties: the faster fit, then the name)."""
+    """Runs with a selection score, best first (ties: the higher cross-validation score on
+    train, then the name; never the fit time, which changes from run to run)."""
     scored = [(selection_score(r, rule), r) for r in runs]
     scored = [(s, r) for s, r in scored if s is not None]
 
     def key(item: tuple[float, Run]) -> tuple:
-        fit = item[1].manifest.get("fit_seconds")
-        return -item[0], fit if fit is not None else np.inf, item[1].run_id
+        cv = _cv(item[1]).get("score")
+        return -item[0], -cv if isinstance(cv, int | float) else np.inf, item[1].run_id
 
     return [r for _, r in sorted(scored, key=key)]
 

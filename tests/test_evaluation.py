@@ -75,9 +75,15 @@ def test_without_val_the_cross_validation_score_ranks():
     assert "cross-validation" in data["selection"]["words"]
 
 
-def test_equal_val_scores_prefer_the_faster_fit():
-    runs = [_run("slow", 50, 50, fit_seconds=9.0), _run("fast", 50, 50, fit_seconds=0.5)]
-    assert _data(runs)["selection"]["winner"] == "cache/fast"
+def test_equal_val_scores_go_to_the_higher_cv_score_never_to_the_fit_time():
+    """Fit times change from run to run; a tie broken by them made the choice change too."""
+    runs = [
+        _run("fast", 50, 50, fit_seconds=0.5, cv={"score": 0.80}),
+        _run("slow", 50, 50, fit_seconds=9.0, cv={"score": 0.85}),
+    ]
+    assert _data(runs)["selection"]["winner"] == "cache/slow"
+    runs = [_run("b", 50, 50, fit_seconds=0.5), _run("a", 50, 50, fit_seconds=9.0)]
+    assert _data(runs)["selection"]["winner"] == "cache/a"  # no CV score: by name
 
 
 def test_random_weight_runs_are_baselines_unless_alone():
