@@ -199,7 +199,12 @@ def fit_each(classifier, param, values, X_train, y_train, X_test, y_test) -> lis
 def warm_path(classifier, param, values, X_train, y_train, X_test, y_test) -> list[float]:
     """One classifier with ``warm_start=True`` fitted along the grid in increasing order,
     each fit starting from the last solution (the same optima in fewer iterations)."""
-    if "warm_start" not in classifier.get_params():
+    from sklearn.linear_model import LogisticRegression
+
+    path_of_c = isinstance(classifier, LogisticRegression) and param == "C"
+    if (
+        not path_of_c or classifier.get_params()["solver"] == "liblinear"
+    ):  # liblinear: no warm start
         return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
     path = clone(classifier).set_params(warm_start=True)
     scores = {}
@@ -220,15 +225,15 @@ def shared_kernel(classifier, param, values, X_train, y_train, X_test, y_test) -
     from sklearn.svm import SVC
 
     params = classifier.get_params()
-    if not isinstance(classifier, SVC) or params["kernel"] != "rbf" or param == "gamma":
+    if not isinstance(classifier, SVC) or params["kernel"] != "rbf" or param != "C":
         return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
-    gamma = params["gamma"]
-    if gamma == "scale":
-        variance = float(X_train.var())
-        gamma = 1.0 / (X_train.shape[1] * variance) if variance != 0 else 1.0
-    elif gamma == "auto":
-        gamma = 1.0 / X_train.shape[1]
     X_train64, X_test64 = np.asarray(X_train, np.float64), np.asarray(X_test, np.float64)
+    gamma = params["gamma"]
+    if gamma == "scale":  # on the float64 copy, as SVC computes it
+        variance = float(X_train64.var())
+        gamma = 1.0 / (X_train64.shape[1] * variance) if variance != 0 else 1.0
+    elif gamma == "auto":
+        gamma = 1.0 / X_train64.shape[1]
     K_train = rbf_kernel(X_train64, gamma=gamma)
     K_test = rbf_kernel(X_test64, X_train64, gamma=gamma)
     precomputed = clone(classifier).set_params(kernel="precomputed")
@@ -244,7 +249,8 @@ def shared_kernel(classifier, param, values, X_train, y_train, X_test, y_test) -
 def shared_neighbours(classifier, param, values, X_train, y_train, X_test, y_test) -> list[float]:
     """Every k of a :class:`~sklearn.neighbors.KNeighborsClassifier` from one query of the
     largest k: the nearest k are the first k of the nearest ``max(k)`` (uniform votes,
-    ties to the smallest class, as scikit-learn breaks them)."""
+    ties to the smallest class, as scikit-learn breaks them). Equal distances at a k's
+    boundary (duplicated images) fall back to one fit per k."""
     from sklearn.neighbors import KNeighborsClassifier
 
     if (
@@ -254,8 +260,13 @@ def shared_neighbours(classifier, param, values, X_train, y_train, X_test, y_tes
     ):
         return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
     classes, encoded = np.unique(y_train, return_inverse=True)
-    largest = clone(classifier).set_params(n_neighbors=max(values)).fit(X_train, encoded)
-    nearest = encoded[largest.kneighbors(X_test, return_distance=False)]
+    deepest = min(max(values) + 1, len(X_train))  # one more, to see ties at each k's boundary
+    largest = clone(classifier).set_params(n_neighbors=deepest).fit(X_train, encoded)
+    distance, index = largest.kneighbors(X_test)
+    if any(k < deepest and np.any(distance[:, k - 1] == distance[:, k]) for k in values):
+        # Equal distances at a boundary: which neighbour counts is the search's own choice.
+        return fit_each(classifier, param, values, X_train, y_train, X_test, y_test)
+    nearest = encoded[index]
     scores = []
     for k in values:
         votes = np.zeros((len(X_test), len(classes)), np.int64)

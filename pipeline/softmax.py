@@ -188,6 +188,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         import keras
 
         X_fit, y_fit, X_held, y_held = self._prepare(X, y)
+        for stale in ("grid_scores_", "grid_losses_", "n_held_out_"):  # from an earlier fit_grid
+            self.__dict__.pop(stale, None)
         # A fresh model (its initial weights and dropout seed are what this seed gives) and a
         # compiled model of the same architecture that trains it: built and traced once per
         # process, re-initialised from the fresh model's variables for every fit.
@@ -261,7 +263,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         # Built here, not inside the first traced step: creating variables while tracing
         # makes TensorFlow trace twice (about half a second on 2 cores).
         grid.optimizer.build(grid.trainable_variables)
-        stopping = _grid_stopping_class()(X_held, y_held, len(rates), int(self.patience))
+        stopping = _grid_stopping_class()(
+            X_held, y_held, len(rates), int(self.patience), bool(self.sigmoid)
+        )
         size = min(int(self.batch_size), len(X_fit))
         grid.fit(
             _batches(X_fit, self._target(y_fit), size, int(self.random_state)),
@@ -284,6 +288,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             self.grid_losses_ = dict(zip(rates, stopping.best_loss, strict=True))
             self.n_epochs_ = stopping.best_epoch[best] + 1
             # Keras logs the heads' summed training loss; the kept head's own is not separable.
+            # Its held-out losses end where a single fit would have stopped.
             self.history_ = {"loss": [], "val_loss": stopping.history[best]}
         _export_head(grid, best, stopping.best_weights[best] if X_held is not None else None, fresh)
         self.learning_rate = rates[best]
@@ -456,35 +461,46 @@ def _grid_model(fresh: keras.Model, scales: Sequence[float]) -> keras.Model:
     for g, scale in enumerate(scales):
         hidden = scaled(dense.units, "relu", scale, name=f"head_dense_{g}")
         drop = keras.layers.Dropout(dropout.rate, name=f"head_dropout_{g}")
-        out = scaled(output.units, output.activation, scale, name=f"head_output_{g}")
+        out = scaled(output.units, None, scale, name=f"head_output_{g}")  # logits
         outputs.append(out(drop(hidden(keras.layers.Flatten()(inputs)))))
         for layer, source in ((hidden, dense), (out, output)):
             layer.kernel.assign(np.asarray(source.kernel) / scale)
             layer.bias.assign(np.asarray(source.bias) / scale)
         for target, source in zip(drop.variables, dropout.variables, strict=True):
             target.assign(source)  # the dropout seed's state
-    # One stacked output (n, heads, units) and one loss: Keras then keeps one loss tracker,
-    # and tracing the training step costs about half what one output per head costs.
+    # One stacked output (n, heads, units) of logits and one loss: Keras then keeps one loss
+    # tracker, and tracing the training step costs about half what one output per head costs.
     return keras.Model(inputs, keras.ops.stack(outputs, axis=1), name="softmax_grid")
 
 
-def _grid_loss(sigmoid: bool) -> Callable[[Any, Any], Any]:
-    """The heads' cross-entropies, summed: each head's gradient is its own loss's."""
+def _grid_proba(logits: Any, sigmoid: bool) -> np.ndarray:
+    """Probabilities ``(n, heads, k)`` of a grid model's logits (sigmoid: ``(n, heads, 1)``)."""
     import keras
+
+    z = keras.ops.convert_to_tensor(logits)
+    return np.asarray(keras.ops.sigmoid(z) if sigmoid else keras.ops.softmax(z, axis=-1))
+
+
+def _grid_loss(sigmoid: bool) -> Callable[[Any, Any], Any]:
+    """The heads' cross-entropies from their logits, summed: each head's gradient is its own.
+
+    From logits, as Keras computes its own cross-entropies after a softmax or sigmoid
+    layer on TensorFlow (no clipping of the probabilities).
+    """
     from keras import ops
 
     def grid_loss(y_true: Any, y_pred: Any) -> Any:
-        p = ops.clip(y_pred, keras.config.epsilon(), 1.0 - keras.config.epsilon())
         # Shapes fixed here, whatever ranks Keras's loss wrapper passes (it squeezes a
         # trailing 1, so a sigmoid grid's (n, heads, 1) may come as (n, heads)).
-        if sigmoid:  # per head, P(class 1); y_true n values of 0.0 / 1.0
-            p = ops.reshape(p, (ops.shape(p)[0], -1))
-            t = ops.reshape(ops.cast(y_true, p.dtype), (-1, 1))
-            per_head = -(t * ops.log(p) + (1.0 - t) * ops.log(1.0 - p))
-        else:  # y_pred (n, heads, k), y_true n class indices
+        if sigmoid:  # per head, the logit of class 1; y_true n values of 0.0 / 1.0
+            z = ops.reshape(y_pred, (ops.shape(y_pred)[0], -1))
+            t = ops.reshape(ops.cast(y_true, z.dtype), (-1, 1))
+            # -(t log s(z) + (1 - t) log(1 - s(z))), written stably
+            per_head = ops.maximum(z, 0.0) - z * t + ops.log1p(ops.exp(-ops.abs(z)))
+        else:  # y_pred (n, heads, k) logits, y_true n class indices
             labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-            t = ops.expand_dims(ops.one_hot(labels, ops.shape(p)[-1], dtype=p.dtype), 1)
-            per_head = -ops.sum(t * ops.log(p), axis=-1)
+            t = ops.expand_dims(ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype), 1)
+            per_head = -ops.sum(t * ops.log_softmax(y_pred, axis=-1), axis=-1)
         return ops.sum(per_head, axis=-1)
 
     return grid_loss
@@ -545,9 +561,13 @@ def _grid_stopping_class() -> type:
         when every head has gone ``patience`` epochs without a lower loss.
         """
 
-        def __init__(self, X_held: Any, y_held: Any, n_heads: int, patience: int) -> None:
+        def __init__(
+            self, X_held: Any, y_held: Any, n_heads: int, patience: int, sigmoid: bool
+        ) -> None:
             super().__init__()
             self.X_held, self.y_held, self.patience = X_held, y_held, patience
+            self.sigmoid = sigmoid
+            self.done = [False] * n_heads  # out of patience: a single fit would have stopped
             self.best_loss = [np.inf] * n_heads
             self.best_epoch = [0] * n_heads
             self.best_weights: list[Any] = [None] * n_heads
@@ -555,9 +575,10 @@ def _grid_stopping_class() -> type:
             self.history: list[list[float]] = [[] for _ in range(n_heads)]
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            outputs = np.asarray(self.model(self.X_held, training=False))
-            waiting = 0
+            outputs = _grid_proba(self.model(self.X_held, training=False), self.sigmoid)
             for g in range(outputs.shape[1]):
+                if self.done[g]:  # its result is fixed; it trains on only beside the others
+                    continue
                 proba = two_columns(outputs[:, g])
                 loss = _cross_entropy(proba, self.y_held)
                 self.history[g].append(loss)
@@ -566,8 +587,8 @@ def _grid_stopping_class() -> type:
                     self.best_weights[g] = _grid_weights(self.model, g)
                     self.best_accuracy[g] = float(np.mean(np.argmax(proba, 1) == self.y_held))
                 elif epoch - self.best_epoch[g] >= self.patience:
-                    waiting += 1
-            if waiting == outputs.shape[1]:
+                    self.done[g] = True
+            if all(self.done):
                 self.model.stop_training = True
 
     return GridEarlyStopping

@@ -84,3 +84,14 @@ def test_the_softmax_grid_is_one_fit_chosen_on_its_own_hold_out():
     assert chosen == {"softmax__learning_rate": classifier.learning_rate}
     assert info["score"] == classifier.grid_scores_[classifier.learning_rate]
     assert info["refit_seconds"] > 0 and fitted.score(X, y) > 0.9
+
+
+def test_neighbours_at_equal_distance_are_scored_as_grid_search_scores_them():
+    """Duplicated images with other labels put equal distances at a k's boundary."""
+    X, y = blobs(15, 2, 6, separation=0.5, seed=9)
+    X, y = np.concatenate([X, X]), np.concatenate([y, 1 - y])
+    _, chosen, info = head_search.search(HEADS["knn"], build_head("knn"), X, y, 3, 0, 1)
+    reference = _reference("knn", X, y)
+    assert chosen == reference.best_params_
+    expected = reference.cv_results_["mean_test_score"]
+    assert list(info["scores"].values()) == pytest.approx(list(expected), abs=1e-9)
