@@ -96,23 +96,30 @@ def write_small_blurred(
     """Every image under ``source`` shrunk to ``side`` pixels on its long side and blurred
     (Gaussian, ``radius`` pixels), as PNG at the same relative path; unreadable files are
     skipped and returned with the reason. Returns ``(out folder, skipped)``."""
-    from PIL import ImageFilter, UnidentifiedImageError
+    from PIL import ImageFilter, ImageOps, UnidentifiedImageError
 
     from pipeline.images import images_under
 
-    source, out = Path(source), Path(out_dir)
-    skipped = []
+    source, out = Path(source).resolve(), Path(out_dir).resolve()
+    if out == source or source in out.parents:
+        raise PipelineError(f"write the small blurred copies outside {source}, not in {out}")
+    skipped, written = [], set()
     for path in images_under(source):
         relative = path.relative_to(source)
+        target = (out / relative).with_suffix(".png")
+        if target in written:  # a.jpg and a.png: one PNG name
+            skipped.append((str(relative), f"another image there is also written as {target.name}"))
+            continue
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = ImageOps.exif_transpose(image).convert("RGB")  # as stage one turns it
                 image.thumbnail((side, side), Image.Resampling.LANCZOS)
                 small = image.filter(ImageFilter.GaussianBlur(radius))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             skipped.append((str(relative), str(exc).splitlines()[0][:120]))
             continue
-        _save_png(np.asarray(small), (out / relative).with_suffix(".png"))
+        _save_png(np.asarray(small), target)
+        written.add(target)
     return out, skipped
 
 

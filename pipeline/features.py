@@ -464,11 +464,12 @@ def _up_to_date(path: Path, folder: ImageFolder, notes: list[str]) -> Extraction
     )
 
 
-def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
-    """Everything that changes the features, as one comparable string."""
+def extractor_identity(resolved: ResolvedFeatures) -> dict[str, Any]:
+    """What makes an image's features what they are: backbone, weights identity, size,
+    pooling, cut layer, preprocessing, dtype, precision, views (the part of a cache's
+    ``config_json`` that :mod:`pipeline.predict` rebuilds and checks)."""
     config, spec = resolved.config, resolved.spec
     identity = {
-        "format_version": cache.FORMAT_VERSION,
         "backbone": spec.name,
         "weights": resolved.weights_id,
         "input_size": resolved.input_size,
@@ -477,11 +478,20 @@ def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
         "preprocessing": spec.preprocessing,
         "dtype": resolved.dtype,
         "precision": config.precision,
-        "split_source": folder.split_source,
-        "split": asdict(folder.split) if folder.split else None,
     }
     if resolved.views is not None:  # the plain view adds nothing: today's caches stay valid
         identity["views"] = resolved.views.identity()
+    return identity
+
+
+def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
+    """Everything that changes the features, as one comparable string."""
+    identity = {
+        "format_version": cache.FORMAT_VERSION,
+        **extractor_identity(resolved),
+        "split_source": folder.split_source,
+        "split": asdict(folder.split) if folder.split else None,
+    }
     if resolved.runtime.runtime != "keras":  # Keras caches keep their identity (and stay valid)
         identity["runtime"] = resolved.runtime.runtime
         identity["runtime_precision"] = resolved.runtime.precision

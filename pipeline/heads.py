@@ -368,7 +368,7 @@ def planned_fits(spec: HeadSpec, cv: int) -> int:
 
 def summary_table(results: Sequence[HeadResult]) -> str:
     """The heads side by side, the one to pick marked: best on val, else on CV (never test);
-    ties go to the higher CV score, then the earlier head (as the report ranks them)."""
+    ties go to the higher CV score, then the name (as the report ranks them)."""
 
     def score(result: HeadResult) -> float:
         m = result.manifest
@@ -376,7 +376,7 @@ def summary_table(results: Sequence[HeadResult]) -> str:
         return val if val is not None else (m["cv"]["score"] or 0.0)
 
     basis = "val" if all("val" in r.manifest["metrics"] for r in results) else "cv"
-    best = max(results, key=lambda r: (score(r), r.manifest["cv"]["score"] or 0.0))  # then first
+    best = min(results, key=lambda r: (-score(r), -(r.manifest["cv"]["score"] or 0.0), r.head))
     lines = [f"  {'head':<8} {'cv':>6} {'val':>6} {'test':>6} {'fit s':>7}"]
     for r in results:
         m = r.manifest

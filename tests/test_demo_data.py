@@ -8,6 +8,7 @@ from conftest import make_image
 from PIL import Image
 
 from pipeline.demo_data import TEXTURES, write_digits, write_small_blurred, write_textures
+from pipeline.errors import PipelineError
 
 
 def test_digits_are_class_folders_of_png_and_a_second_write_touches_nothing(tmp_path):
@@ -32,6 +33,8 @@ def test_small_blurred_copies_keep_the_folders_shrink_and_skip_the_unreadable(tm
         "val/bees/b.png",
     ]
     assert [path for path, _ in skipped] == ["val/bees/broken.jpg"]
+    with pytest.raises(PipelineError, match="outside"):
+        write_small_blurred(source, source / "inside")
     with Image.open(out / "train" / "ants" / "a.png") as small:
         assert small.size == (48, 36)  # the long side, aspect kept
         pixels = np.asarray(small, dtype=np.float32)

@@ -260,6 +260,17 @@ def test_a_head_on_joined_multi_view_features_predicts_what_its_cache_holds(
     np.testing.assert_array_equal(predicted.pred, pred[order])
     # float noise of other batch compositions, through three parts and a logistic regression
     np.testing.assert_allclose(predicted.scores, scores[order], atol=5e-3)
+    # a part recorded with other weights (another Keras, another file) is refused, not rebuilt
+    manifest = json.loads(result.manifest_path.read_text())
+    identity = json.loads(manifest["config_json"])
+    for part in identity["parts"]:
+        config = json.loads(part["config_json"])
+        part["config_json"] = json.dumps({**config, "weights": "file:0000 (other)"})
+    result.manifest_path.write_text(json.dumps({**manifest, "config_json": json.dumps(identity)}))
+    with pytest.raises(PredictError, match="part 1 .* cannot be rebuilt as it was made: weights"):
+        predict_images(
+            result.manifest_path, data, tmp_path / "no.csv", artifacts_dir=tmp / "artifacts"
+        )
 
 
 def test_a_standardised_join_whose_part_changed_is_refused(heads, tmp_path):
