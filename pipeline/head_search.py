@@ -4,14 +4,16 @@ A search scores each grid value by cross-validation on train and refits the best
 on all of train, as :class:`~sklearn.model_selection.GridSearchCV` does; val and
 test are never seen. Three ways, one report (``params``, ``scores``, ``score``):
 
-- **GridSearchCV**, for grids of several parameters and heads without a faster way.
-- **Shared work per fold** (:func:`fold_search`), for a one-parameter grid whose
-  values can share a fold's costly part: the RBF kernel matrix (``rbf_svm``), one
-  nearest-neighbour query for every k (``knn``), one Gram matrix for every ridge
-  alpha (``ridge``), a warm-started path along C (``logreg``). The folds, the
-  normalisation fitted per fold, the scores and the choice (the first value among
-  equals) are GridSearchCV's; only repeated work is gone. Each scorer checks its
-  preconditions and falls back to one fit per value.
+- **GridSearchCV**, for grids of several parameters.
+- **Fold by fold** (:func:`fold_search`), for a one-parameter grid: one fit per
+  value (:func:`fit_each`), or, where the values can share a fold's costly part,
+  the RBF kernel matrix (``rbf_svm``), one nearest-neighbour query for every k
+  (``knn``), one Gram matrix for every ridge alpha (``ridge``), a warm-started path
+  along C (``logreg``). The folds, the normalisation fitted per fold, the scores
+  and the choice (the first value among equals) are GridSearchCV's; only repeated
+  work is gone. Each scorer checks its preconditions and falls back to one fit per
+  value. Folds run in parallel with ``jobs``; their convergence warnings come back
+  to the calling process.
 - **One fit for the whole grid** (:func:`one_fit_search`): the softmax head trains
   a head per learning rate side by side (:meth:`~pipeline.softmax.SoftmaxClassifier.fit_grid`).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +66,8 @@ def search(
         return one_fit_search(pipe, X, y, grid)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     info = {"folds": folds, "scheme": f"{folds}-fold"}
-    if spec.fold_scorer is not None and len(grid) == 1:
-        return fold_search(spec.fold_scorer, pipe, X, y, splitter, grid, info, jobs)
+    if len(grid) == 1:
+        return fold_search(spec.fold_scorer or fit_each, pipe, X, y, splitter, grid, info, jobs)
     search = GridSearchCV(
         pipe,
         grid,
@@ -110,10 +113,14 @@ def fold_search(
 
     ((key, values),) = grid.items()
     param = key.split("__", 1)[1]
-    per_fold = Parallel(n_jobs=jobs)(
+    folds = Parallel(n_jobs=jobs)(
         delayed(_score_fold)(scorer, pipe, param, values, X, y, train, test)
         for train, test in splitter.split(X, y)
     )
+    for _, caught in folds:  # raised in worker processes: raised again here, where they count
+        for category, message in caught:
+            warnings.warn(message, category, stacklevel=2)
+    per_fold = [scores for scores, _ in folds]
     means = [float(np.mean(column)) for column in zip(*per_fold, strict=True)]
     best = max(range(len(values)), key=lambda i: (means[i], -i))
     params = {key: values[best]}
@@ -127,12 +134,21 @@ def fold_search(
     return fitted, params, {**info, "refit_seconds": time.perf_counter() - started}
 
 
-def _score_fold(scorer, pipe, param, values, X, y, train, test) -> list[float]:
-    prepare = clone(pipe[:-1])
-    X_train = prepare.fit_transform(X[train], y[train])
-    X_test = prepare.transform(X[test])
-    classifier = clone(pipe.steps[-1][1])
-    return scorer(classifier, param, list(values), X_train, y[train], X_test, y[test])
+def _score_fold(scorer, pipe, param, values, X, y, train, test) -> tuple[list[float], list]:
+    """One fold's scores, and the convergence warnings its fits raised (``(category, text)``)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        prepare = clone(pipe[:-1])
+        X_train = prepare.fit_transform(X[train], y[train])
+        X_test = prepare.transform(X[test])
+        classifier = clone(pipe.steps[-1][1])
+        scores = scorer(classifier, param, list(values), X_train, y[train], X_test, y[test])
+    found = [
+        (w.category, str(w.message)) for w in caught if issubclass(w.category, ConvergenceWarning)
+    ]
+    return scores, found
 
 
 def one_fit_search(

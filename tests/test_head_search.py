@@ -95,3 +95,18 @@ def test_neighbours_at_equal_distance_are_scored_as_grid_search_scores_them():
     assert chosen == reference.best_params_
     expected = reference.cv_results_["mean_test_score"]
     assert list(info["scores"].values()) == pytest.approx(list(expected), abs=1e-9)
+
+
+def test_convergence_warnings_of_parallel_folds_come_back_to_the_caller():
+    """Fits in worker processes warn there; the search raises their warnings again here,
+    where fit_heads records them in the manifest."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y = blobs(20, 2, 10, separation=0.5, seed=11)
+    pipe = build_head("svm").set_params(svm__max_iter=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head_search.search(HEADS["svm"], pipe, X, y, 3, 0, 2)
+    assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
