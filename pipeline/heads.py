@@ -347,7 +347,8 @@ def fit_heads(
     results = []
     for name in names:
         if log is not None:
-            log(f"[fits {done}/{sum(plan.values())}] {name}: {plan[name]} fits planned ...")
+            fits = f"{plan[name]} fit{'' if plan[name] == 1 else 's'}"
+            log(f"[fits {done}/{sum(plan.values())}] {name}: {fits} planned ...")
         done += plan[name]
         results.append(fit(name))
         if log is not None:
