@@ -242,10 +242,14 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         variable``, and Adam's step does not depend on the gradient's scale, so a
         scale of ``rate / max(rates)`` is that head's learning rate) and its own early
         stopping on the held-out ``validation_fraction`` of ``X``, which keeps its best
-        epoch. The kept head is the one with the best held-out accuracy (the first
-        rate among equals, as GridSearchCV ranks); ``learning_rate`` is set to its
-        rate and the estimator is left as ``fit`` with that rate leaves it, with
-        ``grid_scores_`` (rate -> held-out accuracy) and ``grid_losses_`` added.
+        epoch; a head out of patience stops counting (its result is what a single fit
+        would keep) and training ends when every head is. The loss is the sum of the
+        heads' cross-entropies, from their logits. The kept head is the one with the
+        best held-out accuracy (the first rate among equals, as GridSearchCV ranks);
+        ``learning_rate`` is set to its rate and the estimator holds its model as
+        ``fit`` does, with ``grid_scores_`` (rate -> held-out accuracy),
+        ``grid_losses_`` (rate -> best held-out loss) and ``n_held_out_`` added;
+        ``history_["loss"]`` stays empty (Keras logs the heads' summed loss only).
         Without held-out data (``validation_fraction=0`` or too few images) every
         head trains ``max_epochs`` and the middle rate is kept.
 
