@@ -9,8 +9,8 @@
   manifest (backbone, weights source, input size, pooling, layer), its features
   are checked against the head's (:meth:`pipeline.head_store.Head.check_features`)
   and the head is applied. A head on joined or multi-view features rebuilds every
-  part from its recorded configuration (:func:`feature_parts`) and joins them as
-  :mod:`pipeline.combine` did;
+  part from its recorded configuration and joins them as :mod:`pipeline.combine`
+  did (:mod:`pipeline.rebuild`);
 - a fine-tuned model of stage three: ``<name>.keras`` with ``<name>.json``
   beside it whose ``"kind"`` is ``"finetuned"``. The model takes float32 RGB
   images in 0..255 of ``manifest["input_size"]`` pixels (preprocessing inside
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import rebuild
 from pipeline.errors import PipelineError, PredictError
 from pipeline.files import write_bytes_atomic
 from pipeline.images import IMAGE_EXTENSIONS, images_under, iter_batches
@@ -276,37 +276,6 @@ def _stack(parts: list[np.ndarray], dtype: Any) -> np.ndarray | None:
     return np.concatenate(parts).astype(dtype) if parts else None
 
 
-def feature_parts(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The stage-one configurations a head's features were made from: one per joined part
-    (``[{"stem", "config_json", "fingerprint"}]`` of a joined cache), or the cache's own."""
-    try:
-        identity = json.loads(manifest.get("config_json") or "{}")
-    except (TypeError, ValueError):
-        identity = {}
-    if not isinstance(identity, dict):
-        identity = {}
-    if "parts" in identity:
-        out = []
-        for part in identity["parts"] if isinstance(identity["parts"], list) else []:
-            try:
-                config = json.loads(part["config_json"])
-            except (TypeError, ValueError, KeyError):
-                config = None
-            if not isinstance(config, dict):
-                raise PredictError(
-                    f"the joined cache's identity of head {manifest.get('name')!r} is damaged; "
-                    "re-run `make head` on the joined cache"
-                )
-            out.append({"stem": part.get("stem"), "fingerprint": part.get("fingerprint"), **config})
-        return out
-    return [identity]
-
-
-def _is_plain(parts: Sequence[Mapping[str, Any]]) -> bool:
-    """One part without views: stage one's plain extractor (the fast path)."""
-    return len(parts) == 1 and not parts[0].get("views")
-
-
 def _head_predictor(model_path: Path, artifacts_dir: str | Path) -> Predictor:
     from pipeline import backbones
     from pipeline.head_store import load_head
@@ -319,16 +288,24 @@ def _head_predictor(model_path: Path, artifacts_dir: str | Path) -> Predictor:
             f"head {head.path} was fit on features of a randomly initialised backbone "
             "(WEIGHTS=none), which cannot be rebuilt; fit it on imagenet or file weights"
         )
-    parts = feature_parts(m)
+    parts = rebuild.feature_parts(m)
     # heads/<dataset>/<cache stem>/<head>.json
     stem = m.get("cache_stem") or head.path.resolve().parent.name
     dataset = m.get("dataset") or head.path.resolve().parent.parent.name
-    if not _is_plain(parts):
+    if not rebuild.is_plain(parts):
+        extract = rebuild.parts_extractor(head, parts, source, artifacts_dir)
+
+        def score(root: Path, paths: Sequence[str], batch_size: int, log: Any = None):
+            kept, features, skipped = extract(root, paths, batch_size, log)
+            if features is None:
+                return kept, None, None, True, skipped
+            return (kept, *head.predict(features), skipped)
+
         return Predictor(
             label=f"{m.get('backbone')} + {head.name} head",
             dataset=dataset,
             model_id=f"{stem}_{head.name}",
-            score=_recipe_scorer(head, parts, source, artifacts_dir),
+            score=score,
             class_names=head.class_names,
         )
     spec = backbones.get_backbone(m["backbone"])
@@ -358,173 +335,6 @@ def _head_predictor(model_path: Path, artifacts_dir: str | Path) -> Predictor:
         score=batchwise(int(m["input_size"]), spec.preprocess, run),
         class_names=head.class_names,
     )
-
-
-def _recipe_scorer(
-    head: Any, parts: Sequence[Mapping[str, Any]], source: str, artifacts_dir: str | Path
-) -> Scorer:
-    """Scores images with a head fit on multi-view or joined features (``make auto``'s winners).
-
-    Each part's extractor is rebuilt from its recorded configuration (backbone, input
-    size, pooling, cut layer, views) with the head's weights, checked against that
-    configuration (:func:`pipeline.features.extractor_identity`: another Keras version
-    or weights file is refused), run over the images as stage one runs it
-    (:mod:`pipeline.views`; a plain part is one view), normalised as the join
-    normalised it and concatenated in the join's order.
-    """
-    from pipeline import views as views_module
-    from pipeline.combine import normalise_part
-
-    m = head.manifest
-    try:
-        identity = json.loads(m.get("config_json") or "{}")
-    except (TypeError, ValueError):
-        identity = {}
-    joined = isinstance(identity, dict) and "parts" in identity
-    norm = identity.get("join_norm") if joined else None
-    if joined and norm not in ("l2", "standard"):
-        raise PredictError(
-            f"head {head.path}: its joined cache records JOIN_NORM={norm!r}, not l2 or standard; "
-            "re-run `make head` on the joined cache"
-        )
-    if len({str(part.get("weights")) for part in parts}) > 1:
-        raise PredictError(
-            f"head {head.path} joins parts of different weights ({source}), which `make predict` "
-            "cannot tell apart; join parts of one weights source"
-        )
-    extractors = [
-        _rebuild_part(head, n, part, source, artifacts_dir) for n, part in enumerate(parts)
-    ]
-    statistics = (
-        _join_statistics(parts, m, artifacts_dir) if norm == "standard" else [None] * len(parts)
-    )
-    width = sum(int(multi.output_shape[-1]) for _, _, multi in extractors)
-    if width != int(m["feature_width"]):
-        raise PredictError(
-            f"the rebuilt features of head {head.path} are {width} wide, the head takes "
-            f"{m['feature_width']}; re-run `make features` and `make head` for it"
-        )
-
-    def score(root: Path, paths: Sequence[str], batch_size: int, log: Any = None):
-        rows: list[dict[str, np.ndarray]] = []
-        skipped: dict[str, str] = {}
-        for resolved, view_list, multi in extractors:
-            multi.batch_size = batch_size
-            found: dict[str, np.ndarray] = {}
-            for batch in views_module.iter_view_batches(
-                root, paths, view_list, batch_size=batch_size, preprocess=resolved.spec.preprocess
-            ):
-                for path, reason in _report_skipped(batch, paths, log if not rows else None):
-                    skipped.setdefault(path, reason)
-                if batch.ok.any():
-                    features = multi.features(batch.inputs)
-                    for i, vector in zip(np.flatnonzero(batch.ok), features, strict=True):
-                        found[paths[batch.start + i]] = vector
-            rows.append(found)
-        kept = [p for p in paths if all(p in found for found in rows)]
-        if not kept:
-            return kept, None, None, True, sorted(skipped.items())
-        blocks = []
-        for found, stats in zip(rows, statistics, strict=True):
-            block = np.stack([found[p] for p in kept])
-            blocks.append(normalise_part(block, norm, stats) if norm else block)
-        pred, scores, is_proba = head.predict(np.concatenate(blocks, axis=1))
-        return kept, pred, scores, is_proba, [(p, skipped[p]) for p in paths if p in skipped]
-
-    return score
-
-
-def _rebuild_part(
-    head: Any, number: int, part: Mapping[str, Any], source: str, artifacts_dir: str | Path
-) -> tuple[Any, Any, Any]:
-    """One part's extractor, from its recorded configuration, checked against it:
-    ``(resolved features, views, a model with .features(inputs))``."""
-    from pipeline import views as views_module
-    from pipeline.features import (
-        FeatureConfig,
-        build_extractor,
-        extractor_identity,
-        resolve_features,
-    )
-
-    where = f"part {number + 1} ({part.get('stem') or 'its cache'}) of head {head.path}"
-    try:
-        if "parts" in part:
-            raise PredictError(f"{where} is itself a join; join plain or multi-view caches")
-        views = part.get("views") or None
-        config = FeatureConfig(
-            backbone=str(part["backbone"]),
-            weights=source,
-            input_size=int(part["input_size"]),
-            pooling=str(part["pooling"]),
-            layer=str(part.get("layer") or "") or None,
-            precision=str(part.get("precision") or "float32"),
-            float16=str(part.get("dtype") or "float32") == "float16",
-            views=views_module.Views.from_identity(views).text() if views else None,
-            combine=str(views.get("combine", "mean")) if isinstance(views, dict) else "mean",
-            runtime="keras",  # other runtimes were checked against Keras float32 when used
-        )
-        resolved = resolve_features(config, artifacts_dir=artifacts_dir)
-    except PredictError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise PredictError(
-            f"the recorded configuration of {where} is damaged ({exc}); re-run `make head`"
-        ) from None
-    rebuilt = extractor_identity(resolved)
-    differs = [
-        f"{key} {part.get(key)!r} (rebuilt here: {value!r})"
-        for key, value in rebuilt.items()
-        if part.get(key) != value
-    ]
-    if differs:
-        raise PredictError(
-            f"{where} cannot be rebuilt as it was made: {'; '.join(differs)}; re-run "
-            "`make features` and `make head` here"
-        )
-    view_list = resolved.views or views_module.Views(scales=(resolved.input_size,))
-    model = build_extractor(resolved)
-    if resolved.views is None:  # a plain part is its one view
-        model = views_module.MultiViewModel({resolved.input_size: model}, view_list, 32)
-    return resolved, view_list, model
-
-
-def _join_statistics(
-    parts: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any], artifacts_dir: str | Path
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A ``JOIN_NORM=standard`` join's train mean and deviation per part, as the join computed
-    them: from the parts' own caches (checked against the fingerprints it recorded), over
-    the train images every part holds."""
-    from pipeline.artifacts import Artifacts, safe_name
-    from pipeline.cache import load_features
-    from pipeline.combine import train_statistics
-
-    dataset = manifest.get("dataset")
-    sets = []
-    for part in parts:
-        stem = part.get("stem")
-        if not stem or not dataset:
-            raise PredictError("a standardised join names no part caches; re-run `make head` on it")
-        path = Artifacts(artifacts_dir).cache_path(safe_name(str(dataset)), safe_name(str(stem)))
-        if not path.is_file():
-            raise PredictError(
-                f"{path} is missing: a JOIN_NORM=standard head needs its parts' train statistics; "
-                "re-run the `make features` that made it"
-            )
-        fs = load_features(path)
-        if fs.attrs.get("fingerprint") != part.get("fingerprint"):
-            raise PredictError(
-                f"{path} changed since the join was made; re-run `make head FEATURES=...` on the join"
-            )
-        sets.append(fs)
-    common = set(sets[0].paths.tolist())
-    for fs in sets[1:]:
-        common &= set(fs.paths.tolist())
-    out = []
-    for fs in sets:
-        rows = np.array([p in common for p in fs.paths.tolist()])
-        out.append(train_statistics(fs.features[rows], fs.split[rows] == "train"))
-    return out
 
 
 def _finetuned_predictor(model_path: Path, manifest: Mapping[str, Any]) -> Predictor:

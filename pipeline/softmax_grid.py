@@ -1,0 +1,183 @@
+"""The softmax head's learning-rate grid trained as one Keras model
+(:meth:`pipeline.softmax.SoftmaxClassifier.fit_grid`).
+
+One head per learning rate sits beside the others on one input. Each head's dense
+weights are ``scale * variable`` (:func:`_scaled_dense_class`): Adam's step does not
+depend on the gradient's scale, so with ``scale = rate / max(rates)`` and the
+optimizer at ``max(rates)`` that head moves at its own rate. Every head starts from
+the weights and dropout seed of the single fit it stands for; the loss is the sum of
+the heads' cross-entropies from their logits (:func:`grid_loss`), so each head's
+gradient is its own; early stopping runs per head (:func:`grid_stopping`); the kept
+head is exported into the standard ``softmax_head`` (:func:`export_head`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.softmax import cross_entropy, two_columns
+
+if TYPE_CHECKING:
+    import keras
+
+
+def grid_model(fresh: keras.Model, scales: Sequence[float]) -> keras.Model:
+    """``len(scales)`` copies of ``fresh`` side by side on one input, each with its weights
+    reparametrised as ``scale * variable``.
+
+    Every copy starts as ``fresh`` starts a single fit: the same weights and the same
+    dropout seed, so on the same batches each copy follows the fit of its learning rate
+    (the same masks; only rounding differs where the scale is not 1).
+    """
+    import keras
+
+    scaled = _scaled_dense_class()
+    inputs = keras.Input(shape=fresh.input_shape[1:], name="features")
+    dense, output = fresh.get_layer("head_dense"), fresh.get_layer("head_output")
+    dropout = fresh.get_layer("head_dropout")
+    outputs = []
+    for g, scale in enumerate(scales):
+        hidden = scaled(dense.units, "relu", scale, name=f"head_dense_{g}")
+        drop = keras.layers.Dropout(dropout.rate, name=f"head_dropout_{g}")
+        out = scaled(output.units, None, scale, name=f"head_output_{g}")  # logits
+        outputs.append(out(drop(hidden(keras.layers.Flatten()(inputs)))))
+        for layer, source in ((hidden, dense), (out, output)):
+            layer.kernel.assign(np.asarray(source.kernel) / scale)
+            layer.bias.assign(np.asarray(source.bias) / scale)
+        for target, source in zip(drop.variables, dropout.variables, strict=True):
+            target.assign(source)  # the dropout seed's state
+    # One stacked output (n, heads, units) of logits and one loss: Keras then keeps one loss
+    # tracker, and tracing the training step costs about half what one output per head costs.
+    return keras.Model(inputs, keras.ops.stack(outputs, axis=1), name="softmax_grid")
+
+
+def _grid_proba(logits: Any, sigmoid: bool) -> np.ndarray:
+    """Probabilities ``(n, heads, k)`` of a grid model's logits (sigmoid: ``(n, heads, 1)``)."""
+    import keras
+
+    z = keras.ops.convert_to_tensor(logits)
+    return np.asarray(keras.ops.sigmoid(z) if sigmoid else keras.ops.softmax(z, axis=-1))
+
+
+def grid_loss(sigmoid: bool) -> Callable[[Any, Any], Any]:
+    """The heads' cross-entropies from their logits, summed: each head's gradient is its own.
+
+    From logits, as Keras computes its own cross-entropies after a softmax or sigmoid
+    layer on TensorFlow (no clipping of the probabilities).
+    """
+    from keras import ops
+
+    def grid_loss(y_true: Any, y_pred: Any) -> Any:
+        # Shapes fixed here, whatever ranks Keras's loss wrapper passes (it squeezes a
+        # trailing 1, so a sigmoid grid's (n, heads, 1) may come as (n, heads)).
+        if sigmoid:  # per head, the logit of class 1; y_true n values of 0.0 / 1.0
+            z = ops.reshape(y_pred, (ops.shape(y_pred)[0], -1))
+            t = ops.reshape(ops.cast(y_true, z.dtype), (-1, 1))
+            # -(t log s(z) + (1 - t) log(1 - s(z))), written stably
+            per_head = ops.maximum(z, 0.0) - z * t + ops.log1p(ops.exp(-ops.abs(z)))
+        else:  # y_pred (n, heads, k) logits, y_true n class indices
+            labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+            t = ops.expand_dims(ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype), 1)
+            per_head = -ops.sum(t * ops.log_softmax(y_pred, axis=-1), axis=-1)
+        return ops.sum(per_head, axis=-1)
+
+    return grid_loss
+
+
+@functools.cache
+def _scaled_dense_class() -> type:
+    import keras
+
+    class ScaledDense(keras.layers.Layer):
+        """``activation(x @ (scale * kernel) + scale * bias)``: Adam moves this layer's
+        effective weights ``scale`` times as fast (its step ignores the gradient's scale)."""
+
+        def __init__(self, units: int, activation: Any, scale: float, **kwargs: Any) -> None:
+            super().__init__(dtype="float32", **kwargs)
+            self.units, self.scale = int(units), float(scale)
+            self.activation = keras.activations.get(activation)
+
+        def build(self, input_shape: tuple) -> None:
+            self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+            self.bias = self.add_weight(shape=(self.units,), name="bias", initializer="zeros")
+
+        def call(self, x: Any) -> Any:
+            return self.activation(
+                keras.ops.matmul(x, self.kernel * self.scale) + self.bias * self.scale
+            )
+
+    return ScaledDense
+
+
+def _grid_weights(grid: keras.Model, g: int) -> list[np.ndarray]:
+    """Head ``g``'s effective weights: dense kernel, bias, output kernel, bias."""
+    weights = []
+    for name in (f"head_dense_{g}", f"head_output_{g}"):
+        layer = grid.get_layer(name)
+        weights += [np.asarray(layer.kernel) * layer.scale, np.asarray(layer.bias) * layer.scale]
+    return weights
+
+
+def export_head(
+    grid: keras.Model, g: int, weights: list[np.ndarray] | None, head: keras.Model
+) -> None:
+    """Head ``g`` of a grid model (its kept weights, else its last) into a standard head."""
+    kernel, bias, out_kernel, out_bias = weights if weights is not None else _grid_weights(grid, g)
+    head.get_layer("head_dense").set_weights([kernel, bias])
+    head.get_layer("head_output").set_weights([out_kernel, out_bias])
+
+
+def grid_stopping(
+    X_held: Any, y_held: Any, n_heads: int, patience: int, sigmoid: bool
+) -> keras.callbacks.Callback:
+    """The callback of per-head early stopping (:class:`GridEarlyStopping`, below)."""
+    return _grid_stopping_class()(X_held, y_held, n_heads, patience, sigmoid)
+
+
+@functools.cache
+def _grid_stopping_class() -> type:
+    import keras
+
+    class GridEarlyStopping(keras.callbacks.Callback):
+        """Early stopping per head of a grid model, on one forward pass of the held-out data.
+
+        Each head keeps the weights of its lowest held-out loss (as
+        ``EarlyStopping(restore_best_weights=True)`` does for one model); training stops
+        when every head has gone ``patience`` epochs without a lower loss.
+        """
+
+        def __init__(
+            self, X_held: Any, y_held: Any, n_heads: int, patience: int, sigmoid: bool
+        ) -> None:
+            super().__init__()
+            self.X_held, self.y_held, self.patience = X_held, y_held, patience
+            self.sigmoid = sigmoid
+            self.done = [False] * n_heads  # out of patience: a single fit would have stopped
+            self.best_loss = [np.inf] * n_heads
+            self.best_epoch = [0] * n_heads
+            self.best_weights: list[Any] = [None] * n_heads
+            self.best_accuracy = [0.0] * n_heads
+            self.history: list[list[float]] = [[] for _ in range(n_heads)]
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            outputs = _grid_proba(self.model(self.X_held, training=False), self.sigmoid)
+            for g in range(outputs.shape[1]):
+                if self.done[g]:  # its result is fixed; it trains on only beside the others
+                    continue
+                proba = two_columns(outputs[:, g])
+                loss = cross_entropy(proba, self.y_held)
+                self.history[g].append(loss)
+                if loss < self.best_loss[g] - 1e-6:
+                    self.best_loss[g], self.best_epoch[g] = loss, epoch
+                    self.best_weights[g] = _grid_weights(self.model, g)
+                    self.best_accuracy[g] = float(np.mean(np.argmax(proba, 1) == self.y_held))
+                elif epoch - self.best_epoch[g] >= self.patience:
+                    self.done[g] = True
+            if all(self.done):
+                self.model.stop_training = True
+
+    return GridEarlyStopping
