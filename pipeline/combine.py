@@ -100,6 +100,14 @@ def normalise_part(
     return (x - mean) / np.where(std > 1e-12, std, 1.0)
 
 
+def shared_paths(sets: Sequence[cache.FeatureSet]) -> set[str]:
+    """The image paths every set holds: the rows of their join."""
+    common = set(sets[0].paths.tolist())
+    for other in sets[1:]:
+        common &= set(other.paths.tolist())
+    return common
+
+
 def join_features(
     sets: Sequence[cache.FeatureSet], norm: str = "l2"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -121,9 +129,7 @@ def join_features(
                 f"{other.path} has classes {list(other.class_names)}, {first.path} "
                 f"{list(first.class_names)}: join caches of the same image folder"
             )
-    common = set(first.paths.tolist())
-    for other in sets[1:]:
-        common &= set(other.paths.tolist())
+    common = shared_paths(sets)
     notes = []
     for fs in sets:
         missing = len(fs.paths) - len(common)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.artifacts import Artifacts
 from pipeline.errors import PipelineError
+from pipeline.files import write_atomic
 
 
 def write_digits(out_dir: str | Path | None = None) -> Path:
@@ -43,13 +44,7 @@ def write_digits(out_dir: str | Path | None = None) -> Path:
     # Pixel values are 0..16; stretch them to the full 8-bit range.
     pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     for index, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
-        path = out / str(label) / f"digit_{index:04d}.png"
-        if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        Image.fromarray(image, mode="L").save(tmp, format="PNG")
-        tmp.replace(path)
+        _save_png(image, out / str(label) / f"digit_{index:04d}.png")
     return out
 
 
@@ -126,7 +121,5 @@ def write_small_blurred(
 def _save_png(pixels: np.ndarray, path: Path) -> None:
     if path.exists():  # identical inputs give identical files: keep caches valid
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
-    tmp.replace(path)
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -466,6 +467,19 @@ def _lower_thread_priority() -> None:
 def default_workers() -> int:
     """Decoding threads: one per core, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def skipped_images(
+    batch: Any, paths: Sequence[str], log: Callable[[str], Any] | None = None
+) -> list[tuple[str, str]]:
+    """A batch's unreadable images as ``(path, reason)`` pairs, each also logged as one
+    ``skipped <path>: <reason>`` line when ``log`` is given (any batch with ``start`` and
+    ``errors``: :func:`iter_batches`'s, or :func:`pipeline.views.iter_view_batches`')."""
+    found = [(paths[batch.start + offset], reason) for offset, reason in batch.errors.items()]
+    if log is not None:
+        for path, reason in found:
+            log(f"skipped {path}: {reason}")
+    return found
 
 
 def iter_batches(

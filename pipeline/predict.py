@@ -39,7 +39,7 @@ import numpy as np
 from pipeline import rebuild
 from pipeline.errors import PipelineError, PredictError
 from pipeline.files import write_bytes_atomic
-from pipeline.images import IMAGE_EXTENSIONS, images_under, iter_batches
+from pipeline.images import IMAGE_EXTENSIONS, images_under, iter_batches, skipped_images
 
 # Leading characters that make Excel, LibreOffice or Sheets read a cell as a formula (OWASP).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -252,7 +252,7 @@ def batchwise(
         for batch in iter_batches(
             root, paths, size=size, batch_size=batch_size, preprocess=preprocess
         ):
-            skipped += _report_skipped(batch, paths, log)
+            skipped += skipped_images(batch, paths, log)
             if not len(batch.x):
                 continue
             pred, batch_scores, is_proba = run(batch.x)
@@ -262,14 +262,6 @@ def batchwise(
         return kept, _stack(preds, np.int64), _stack(scores, np.float64), is_proba, skipped
 
     return score
-
-
-def _report_skipped(batch: Any, paths: Sequence[str], log: Any) -> list[tuple[str, str]]:
-    found = [(paths[batch.start + offset], reason) for offset, reason in batch.errors.items()]
-    if log is not None:
-        for path, reason in found:
-            log(f"skipped {path}: {reason}")
-    return found
 
 
 def _stack(parts: list[np.ndarray], dtype: Any) -> np.ndarray | None:

@@ -69,6 +69,7 @@ def parts_extractor(
     """
     from pipeline import views as views_module
     from pipeline.combine import normalise_part
+    from pipeline.images import skipped_images
 
     m = head.manifest
     try:
@@ -109,7 +110,7 @@ def parts_extractor(
             for batch in views_module.iter_view_batches(
                 root, paths, view_list, batch_size=batch_size, preprocess=resolved.spec.preprocess
             ):
-                for path, reason in _skipped(batch, paths, log if not rows else None):
+                for path, reason in skipped_images(batch, paths, log if not rows else None):
                     skipped.setdefault(path, reason)
                 if batch.ok.any():
                     features = multi.features(batch.inputs)
@@ -192,7 +193,7 @@ def _join_statistics(
     the train images every part holds."""
     from pipeline.artifacts import Artifacts, safe_name
     from pipeline.cache import load_features
-    from pipeline.combine import train_statistics
+    from pipeline.combine import shared_paths, train_statistics
 
     dataset = manifest.get("dataset")
     sets = []
@@ -212,19 +213,9 @@ def _join_statistics(
                 f"{path} changed since the join was made; re-run `make head FEATURES=...` on the join"
             )
         sets.append(fs)
-    common = set(sets[0].paths.tolist())
-    for fs in sets[1:]:
-        common &= set(fs.paths.tolist())
+    common = shared_paths(sets)
     out = []
     for fs in sets:
         rows = np.array([p in common for p in fs.paths.tolist()])
         out.append(train_statistics(fs.features[rows], fs.split[rows] == "train"))
     return out
-
-
-def _skipped(batch: Any, paths: Sequence[str], log: Any) -> list[tuple[str, str]]:
-    found = [(paths[batch.start + offset], reason) for offset, reason in batch.errors.items()]
-    if log is not None:
-        for path, reason in found:
-            log(f"skipped {path}: {reason}")
-    return found

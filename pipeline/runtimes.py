@@ -400,13 +400,16 @@ def settle(
     reference features); ``sample`` returns a preprocessed batch of the user's
     images for the check. Neither is called when ``store`` already holds both.
     """
-    choice = choose(
+    # The choice reads what ``store`` holds: asked again after each conversion and check.
+    choose_now = functools.partial(
+        choose,
         runtime,
         precision,
         keras_precision=keras_precision,
         store=store,
         random_weights=random_weights,
     )
+    choice = choose_now()
     keras_model = None
 
     def keras_once() -> Any:
@@ -419,22 +422,10 @@ def settle(
     while choice.runtime == "openvino":
         meta = convert(store, keras_once)
         if not meta.get("converted"):
-            return choose(
-                runtime,
-                precision,
-                keras_precision=keras_precision,
-                store=store,
-                random_weights=random_weights,
-            )
+            return choose_now()
         if choice.precision in meta.get("checks", {}):
             break
         check(store, [choice.precision], keras_once(), sample(), data=data)
-        choice = choose(
-            runtime,
-            precision,
-            keras_precision=keras_precision,
-            store=store,
-            random_weights=random_weights,
-        )
+        choice = choose_now()
     notes += [n for n in choice.notes if n not in notes]
     return RuntimeChoice(choice.runtime, choice.precision, tuple(notes))
