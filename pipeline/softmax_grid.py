@@ -7,7 +7,7 @@ depend on the gradient's scale, so with ``scale = rate / max(rates)`` and the
 optimizer at ``max(rates)`` that head moves at its own rate. Every head starts from
 the weights and dropout seed of the single fit it stands for; the loss is the sum of
 the heads' cross-entropies from their logits (:func:`grid_loss`), so each head's
-gradient is its own; early stopping runs per head (:func:`grid_stopping`); the kept
+gradient is its own; early stopping runs per head (:class:`GridStopping`); the kept
 head is exported into the standard ``softmax_head`` (:func:`export_head`).
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.softmax import cross_entropy, two_columns
+from pipeline.softmax import Patience, cross_entropy, two_columns
 
 if TYPE_CHECKING:
     import keras
@@ -131,53 +131,38 @@ def export_head(
     head.get_layer("head_output").set_weights([out_kernel, out_bias])
 
 
-def grid_stopping(
-    X_held: Any, y_held: Any, n_heads: int, patience: int, sigmoid: bool
-) -> keras.callbacks.Callback:
-    """The callback of per-head early stopping (:class:`GridEarlyStopping`, below)."""
-    return _grid_stopping_class()(X_held, y_held, n_heads, patience, sigmoid)
+class GridStopping:
+    """Early stopping per head of a grid model, on one forward pass of the held-out data.
 
+    Each head follows :class:`pipeline.softmax.Patience` on its held-out loss and keeps
+    the weights of its lowest one (as ``EarlyStopping(restore_best_weights=True)`` does
+    for one model); :meth:`end_epoch` says stop once every head is out of patience.
+    """
 
-@functools.cache
-def _grid_stopping_class() -> type:
-    import keras
+    def __init__(self, X_held: Any, y_held: Any, n_heads: int, patience: int, sigmoid: bool):
+        self.X_held, self.y_held, self.sigmoid = X_held, y_held, sigmoid
+        self.heads = [Patience(patience) for _ in range(n_heads)]
+        self.best_weights: list[Any] = [None] * n_heads
+        self.best_accuracy = [0.0] * n_heads
+        self.history: list[list[float]] = [[] for _ in range(n_heads)]
 
-    class GridEarlyStopping(keras.callbacks.Callback):
-        """Early stopping per head of a grid model, on one forward pass of the held-out data.
+    @property
+    def best_loss(self) -> list[float]:
+        return [head.best_loss for head in self.heads]
 
-        Each head keeps the weights of its lowest held-out loss (as
-        ``EarlyStopping(restore_best_weights=True)`` does for one model); training stops
-        when every head has gone ``patience`` epochs without a lower loss.
-        """
+    @property
+    def best_epoch(self) -> list[int]:
+        return [head.best_epoch for head in self.heads]
 
-        def __init__(
-            self, X_held: Any, y_held: Any, n_heads: int, patience: int, sigmoid: bool
-        ) -> None:
-            super().__init__()
-            self.X_held, self.y_held, self.patience = X_held, y_held, patience
-            self.sigmoid = sigmoid
-            self.done = [False] * n_heads  # out of patience: a single fit would have stopped
-            self.best_loss = [np.inf] * n_heads
-            self.best_epoch = [0] * n_heads
-            self.best_weights: list[Any] = [None] * n_heads
-            self.best_accuracy = [0.0] * n_heads
-            self.history: list[list[float]] = [[] for _ in range(n_heads)]
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            outputs = _grid_proba(self.model(self.X_held, training=False), self.sigmoid)
-            for g in range(outputs.shape[1]):
-                if self.done[g]:  # its result is fixed; it trains on only beside the others
-                    continue
-                proba = two_columns(outputs[:, g])
-                loss = cross_entropy(proba, self.y_held)
-                self.history[g].append(loss)
-                if loss < self.best_loss[g] - 1e-6:
-                    self.best_loss[g], self.best_epoch[g] = loss, epoch
-                    self.best_weights[g] = _grid_weights(self.model, g)
-                    self.best_accuracy[g] = float(np.mean(np.argmax(proba, 1) == self.y_held))
-                elif epoch - self.best_epoch[g] >= self.patience:
-                    self.done[g] = True
-            if all(self.done):
-                self.model.stop_training = True
-
-    return GridEarlyStopping
+    def end_epoch(self, grid: keras.Model, epoch: int) -> bool:
+        outputs = _grid_proba(grid(self.X_held, training=False), self.sigmoid)
+        for g, head in enumerate(self.heads):
+            if head.done:  # its result is fixed; it trains on only beside the others
+                continue
+            proba = two_columns(outputs[:, g])
+            loss = cross_entropy(proba, self.y_held)
+            self.history[g].append(loss)
+            if head.improved(loss, epoch):
+                self.best_weights[g] = _grid_weights(grid, g)
+                self.best_accuracy[g] = float(np.mean(np.argmax(proba, 1) == self.y_held))
+        return all(head.done for head in self.heads)
