@@ -1,6 +1,8 @@
 """Command line: ``python -m pipeline <command>`` (also installed as ``pipeline``).
 
-Each command is a thin call of a public function; the Makefile calls these.
+Each command is a thin call of a public function; the Makefile calls these. This
+module holds the parser, the entry points (:func:`main`, :func:`run`) and the
+commands up to stage two; probe, auto and stage three are :mod:`pipeline.cli_beyond`.
 A :class:`~pipeline.errors.PipelineError` prints one line and exits with
 status 2; anything else is a bug and keeps its traceback. Hints in those
 lines that name a make command (```make features```) are completed here with
@@ -15,42 +17,26 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import __version__
+from pipeline.cli_beyond import add_beyond, add_stage_three
 from pipeline.cli_options import (
-    WEIGHTS_HELP,
     HelpFormatter,
     add_bench_options,
+    add_command,
     add_engine_options,
     add_feature_options,
     add_split_options,
     feature_config,
-    flag,
     one_of,
     optional_int,
     ray_config,
     split_config,
-    weights_value,
+    warn_random_weights,
 )
 from pipeline.errors import PipelineError
 from pipeline.hints import fill_make_hints, make_command  # noqa: F401  (make_command: public)
-from pipeline.options import (
-    CLASS_WEIGHTS,
-    FLIPS,
-    JOIN_NORMS,
-    NORMS,
-    PRECISIONS,
-)
+from pipeline.options import JOIN_NORMS, NORMS
 
 Command = Callable[[argparse.Namespace], int]
-
-RANDOM_WEIGHTS_WARNING = (
-    "warning: WEIGHTS=none builds the backbone with random weights: its features give only a "
-    "baseline (what no transfer scores), not a model to use; WEIGHTS=imagenet transfers"
-)
-
-
-def _warn_random_weights(args: argparse.Namespace) -> None:
-    if getattr(args, "weights", None) == "none":
-        print(RANDOM_WEIGHTS_WARNING)
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
@@ -112,7 +98,7 @@ def cmd_unseen_data(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.features import extract_features
 
-    _warn_random_weights(args)
+    warn_random_weights(args)
     summary = extract_features(
         args.data,
         feature_config(args),
@@ -165,22 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    p = _command(sub, "backbones", "list the registered backbones")
+    p = add_command(sub, "backbones", "list the registered backbones")
     p.add_argument("pattern", nargs="?", default=None, help="shell pattern, e.g. 'resnet*'")
     p.set_defaults(func=cmd_backbones)
 
-    p = _command(sub, "demo-data", "write scikit-learn's digits as a folder of PNG files")
+    p = add_command(sub, "demo-data", "write scikit-learn's digits as a folder of PNG files")
     p.add_argument("--out", default="artifacts/data/digits", help="output folder")
     p.set_defaults(func=cmd_demo_data)
 
-    p = _command(
+    p = add_command(
         sub, "unseen-data", "write data sets unlike ImageNet: textures, small blurred images"
     )
     p.add_argument("--out", default="artifacts/data", help="parent folder of the data sets")
     p.add_argument("--source", default=None, help="image folder to shrink and blur (optional)")
     p.set_defaults(func=cmd_unseen_data)
 
-    p = _command(sub, "features", "stage one: cache backbone features of an image folder")
+    p = add_command(sub, "features", "stage one: cache backbone features of an image folder")
     p.add_argument(
         "--data",
         required=True,
@@ -197,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_features)
 
-    p = _command(sub, "bench-features", "benchmark stage one against the pure forward pass")
+    p = add_command(sub, "bench-features", "benchmark stage one against the pure forward pass")
     add_bench_options(p, images=400, out="artifacts/bench/features.json")
     add_engine_options(p, actors=False)
     p.add_argument(
@@ -210,14 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_features)
 
     _add_stage_two(sub)
-    _add_beyond(sub)
-    _add_stage_three(sub)
+    add_beyond(sub)  # probe, auto (pipeline.cli_beyond)
+    add_stage_three(sub)  # finetune, bench-finetune (pipeline.cli_beyond)
     return parser
-
-
-def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` shows defaults."""
-    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
 
 # --- stage two: heads, report, predict (pipeline.heads, pipeline.report, pipeline.predict)
@@ -257,7 +238,7 @@ def cmd_head(args: argparse.Namespace) -> int:
     from pipeline.heads import fit_heads
     from pipeline.options import check_options
 
-    _warn_random_weights(args)
+    warn_random_weights(args)
     check_options({"engine": args.engine})
     jobs, engine = args.jobs, contextlib.nullcontext()
     if args.engine == "ray":  # the same search, its fits sent to Ray through joblib
@@ -362,61 +343,8 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    from pipeline.probe import run_probe
-
-    layers = [n for n in (args.layers or "").replace(",", " ").split() if n] or None
-    run_probe(
-        args.data,
-        feature_config(args),
-        layers=layers,
-        split=split_config(args),
-        folds=args.cv,
-        seed=args.seed,
-        artifacts_dir=args.artifacts,
-        log=print,
-    )
-    return 0
-
-
-def cmd_auto(args: argparse.Namespace) -> int:
-    from pipeline.auto import run_auto
-
-    run_auto(
-        args.data,
-        feature_config(args),
-        split=split_config(args),
-        cv=args.cv,
-        seed=args.seed,
-        artifacts_dir=args.artifacts,
-        report=not args.no_report,
-        progress=not args.quiet,
-    )
-    return 0
-
-
-def _add_beyond(sub: argparse._SubParsersAction) -> None:
-    """``probe`` and ``auto`` (pipeline.probe, pipeline.auto)."""
-    p = _command(sub, "probe", "linear-head accuracy per cut layer of one backbone (CV on train)")
-    p.add_argument("--data", required=True, help="image folder, as stage one")
-    add_feature_options(p)
-    add_split_options(p)
-    p.add_argument("--layers", default=None, help="comma list of layers (default: stage ends)")
-    p.add_argument("--cv", type=int, default=5, help="folds of the cross-validation on train")
-    p.set_defaults(func=cmd_probe)
-
-    p = _command(sub, "auto", "try the feature recipes, choose recipe and head by CV on train")
-    p.add_argument("--data", required=True, help="image folder, as stage one")
-    add_feature_options(p)
-    add_split_options(p)
-    p.add_argument("--cv", type=int, default=5, help="folds of the heads' search: the choice")
-    p.add_argument("--no-report", action="store_true", help="skip the usual report")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_auto)
-
-
 def _add_stage_two(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "head", "stage two: fit heads on cached features")
+    p = add_command(sub, "head", "stage two: fit heads on cached features")
     p.add_argument("--data", default=None, help="image folder of stage one (locates the cache)")
     p.add_argument("--cache", default=None, help="feature cache file (instead of --data)")
     p.add_argument(
@@ -454,7 +382,7 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)
 
-    p = _command(sub, "report", "write the Markdown/HTML/JSON report comparing the heads")
+    p = add_command(sub, "report", "write the Markdown/HTML/JSON report comparing the heads")
     p.add_argument("--data", default=None, help="image folder (its name names the data set)")
     p.add_argument("--dataset", default=None, help="data set name (instead of --data)")
     p.add_argument("--artifacts", default="artifacts", help="output root")
@@ -464,7 +392,7 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     p.set_defaults(func=cmd_report)
 
-    p = _command(sub, "predict", "classify new images with a head or a fine-tuned model")
+    p = add_command(sub, "predict", "classify new images with a head or a fine-tuned model")
     # Not required=True: the missing one is named as a make variable, with a command to paste.
     p.add_argument(
         "--model",
@@ -485,7 +413,7 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifacts", default="artifacts", help="output root")
     p.set_defaults(func=cmd_predict)
 
-    p = _command(sub, "bench-heads", "fit time of the default heads over extraction time")
+    p = add_command(sub, "bench-heads", "fit time of the default heads over extraction time")
     p.add_argument("--data", action="append", default=None, help="image folder (repeatable)")
     p.add_argument("--cache", action="append", default=None, help="feature cache (repeatable)")
     add_feature_options(p)
@@ -493,110 +421,6 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cv", type=int, default=3, help="folds of the search")
     p.add_argument("--out", default="artifacts/bench/heads.json", help="JSON file for the figures")
     p.set_defaults(func=cmd_bench_heads)
-
-
-# --- stage three: finetune, bench-finetune (pipeline.finetune)
-
-
-def _add_stage_three(sub: argparse._SubParsersAction) -> None:
-    from pipeline.finetune import FinetuneConfig
-
-    defaults = FinetuneConfig()
-    p = _command(sub, "finetune", "stage three: fine-tune the last LAYERS layers")
-    p.add_argument(
-        "--data", required=True, help="image folder (as in stage one) or a stage-one .h5"
-    )
-    p.add_argument("--backbone", default=defaults.features.backbone, help="registry name")
-    p.add_argument(
-        "--weights", default=defaults.features.weights, type=weights_value, help=WEIGHTS_HELP
-    )
-    p.add_argument("--input-size", type=optional_int, default=None, help="default: the backbone's")
-    p.add_argument("--layers", default=str(defaults.layers), help="n >= 0 | all | block")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="most phase-two epochs")
-    p.add_argument("--lr", type=float, default=defaults.learning_rate, help="phase-two Adam rate")
-    p.add_argument(
-        "--head-epochs", type=int, default=defaults.head_epochs, help="most phase-one epochs"
-    )
-    p.add_argument(
-        "--head-lr", type=float, default=defaults.head_learning_rate, help="phase-one Adam rate"
-    )
-    p.add_argument(
-        "--patience", type=int, default=defaults.patience, help="epochs without improvement"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=defaults.features.batch_size, help="images per step"
-    )
-    p.add_argument("--augment", type=flag, default=True, help="1 | 0")
-    p.add_argument("--flip", default=defaults.flip, metavar=one_of(FLIPS), help="random flips")
-    p.add_argument("--rotation", type=float, default=defaults.rotation, help="random rotation")
-    p.add_argument("--zoom", type=float, default=defaults.zoom, help="random zoom")
-    p.add_argument(
-        "--aug-views",
-        type=int,
-        default=defaults.aug_views,
-        help="augmented views per training image cached at the cut (0: full forward pass)",
-    )
-    p.add_argument(
-        "--class-weight",
-        default=defaults.class_weight,
-        metavar=one_of(CLASS_WEIGHTS),
-        help="loss weights per class",
-    )
-    p.add_argument(
-        "--precision",
-        default=defaults.features.precision,
-        metavar=one_of(PRECISIONS),
-        help="compute precision",
-    )
-    add_split_options(p)
-    p.add_argument(
-        "--workers", type=optional_int, default=None, help="decoding threads (default: cores)"
-    )
-    p.add_argument("--name", default=None, help="output name (default: from the options)")
-    p.add_argument("--restart", type=flag, default=False, help="1: discard an unfinished run")
-    p.add_argument("--artifacts", default="artifacts", help="output root")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_finetune)
-
-    p = _command(sub, "bench-finetune", "one phase-two epoch vs one stage-one pass")
-    add_bench_options(p, images=256, out="artifacts/bench/finetune.json")
-    p.add_argument("--input-size", type=optional_int, default=None, help="default: the backbone's")
-    p.add_argument(
-        "--aug-views", type=int, default=8, help="augmented views per image in the activation cache"
-    )
-    p.set_defaults(func=cmd_bench_finetune)
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from pipeline.features import FeatureConfig
-    from pipeline.finetune import FinetuneConfig, finetune
-
-    features = FeatureConfig(
-        backbone=args.backbone, weights=args.weights, input_size=args.input_size,
-        batch_size=args.batch_size, precision=args.precision, workers=args.workers,
-    )  # fmt: skip
-    config = FinetuneConfig(
-        features=features, split=split_config(args), layers=args.layers, epochs=args.epochs,
-        learning_rate=args.lr, head_epochs=args.head_epochs, head_learning_rate=args.head_lr,
-        patience=args.patience, augment=args.augment, flip=args.flip, rotation=args.rotation,
-        zoom=args.zoom, class_weight=args.class_weight, aug_views=args.aug_views,
-        name=args.name or None, restart=args.restart,
-    )  # fmt: skip
-    config.validate()  # bad options fail before Keras is imported
-    _warn_random_weights(args)
-    result = finetune(args.data, config, artifacts_dir=args.artifacts, progress=not args.quiet)
-    print(result.format(notes=False))  # the notes were printed as they happened
-    return 0
-
-
-def cmd_bench_finetune(args: argparse.Namespace) -> int:
-    from pipeline.benchmarks import bench_finetune
-
-    bench_finetune(
-        args.data, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
-        batch_size=args.batch_size, n_images=args.images, aug_views=args.aug_views, out=args.out,
-    )  # fmt: skip
-    return 0
 
 
 def run() -> None:

@@ -1,6 +1,7 @@
 """How options are typed on the command line: shared argparse groups and conversions.
 
-The commands of :mod:`pipeline.cli` add these groups; the values are checked by
+The commands of :mod:`pipeline.cli` and :mod:`pipeline.cli_beyond` are made with
+:func:`add_command` and add these groups; the values are checked by
 the one table of :mod:`pipeline.options` when the configs are built, so a bad
 value gets the same message from the CLI, make and Python.
 """
@@ -27,6 +28,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.help:
             return action.help
         return super()._get_help_string(action)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows defaults."""
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+
+RANDOM_WEIGHTS_WARNING = (
+    "warning: WEIGHTS=none builds the backbone with random weights: its features give only a "
+    "baseline (what no transfer scores), not a model to use; WEIGHTS=imagenet transfers"
+)
+
+
+def warn_random_weights(args: argparse.Namespace) -> None:
+    """Print :data:`RANDOM_WEIGHTS_WARNING` when the command was given ``--weights none``."""
+    if getattr(args, "weights", None) == "none":
+        print(RANDOM_WEIGHTS_WARNING)
 
 
 def one_of(words: Sequence[str]) -> str:

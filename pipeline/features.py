@@ -5,16 +5,20 @@
 batches ahead on a thread pool while the backbone runs, and each batch of
 features is written to the HDF5 cache as it comes, so memory does not grow with
 the data set. An interrupted run resumes from its last finished batch.
+
+This module owns the options (:class:`FeatureConfig`, resolved once into
+:class:`ResolvedFeatures`), the cache's name, the extractor and the local loop;
+what a cache records (identity, attributes, the run's summary) is
+:mod:`pipeline.feature_records`, shared with the Ray engine (:mod:`pipeline.ray_engine`),
+which also calls :func:`settle_runtime`, :func:`build_extractor` and :func:`forward_batch`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,12 @@ from pipeline import backbones, cache, runtimes
 from pipeline import views as views_module
 from pipeline.artifacts import Artifacts
 from pipeline.errors import PipelineError
+from pipeline.feature_records import (
+    ExtractionSummary,
+    cache_config_json,
+    extraction_attrs,
+    up_to_date_summary,
+)
 from pipeline.images import ImageFolder, SplitConfig, default_workers, iter_batches, scan_folder
 from pipeline.options import check_options
 from pipeline.views import Views
@@ -227,8 +237,11 @@ def resolve_views(config: FeatureConfig, spec: backbones.BackboneSpec, size: int
     return views
 
 
-def _settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedFeatures:
-    """Convert and check the chosen runtime once (recorded); fall back where it fails."""
+def settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedFeatures:
+    """Convert and check the chosen runtime once (recorded); fall back where it fails.
+
+    Both engines call it after the scan: the check runs on a few images of ``folder``.
+    """
     config = resolved.config
     if resolved.store is None or resolved.runtime.runtime == "keras":
         return resolved
@@ -255,39 +268,6 @@ def _settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> Resolved
         data=folder.name,
     )
     return replace(resolved, runtime=choice)
-
-
-@dataclass
-class ExtractionSummary:
-    """What a stage-one run did (printed by the CLI)."""
-
-    cache_path: Path
-    status: str  # "built", "resumed", "up to date"
-    images: int
-    extracted: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    file_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.extracted / self.seconds if self.seconds > 0 else 0.0
-
-    def format(self) -> str:
-        lines = [*self.notes]
-        if self.status == "up to date":
-            lines.append(
-                f"{self.cache_path} is up to date ({self.extracted} images); nothing to do"
-            )
-        else:
-            lines.append(
-                f"{self.status} {self.cache_path}: {self.extracted} images, {len(self.skipped)} skipped, "
-                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s, "
-                f"{self.file_bytes / 1e6:.1f} MB"
-            )
-        lines.extend(f"  skipped {path}: {reason}" for path, reason in self.skipped)
-        return "\n".join(lines)
 
 
 def cache_path_for(
@@ -367,11 +347,11 @@ def extract_features(
     folder = scan_folder(data_dir, split)
     if log is not None:
         log(describe_folder(folder))
-    resolved = _settle_runtime(resolved, folder)
+    resolved = settle_runtime(resolved, folder)
     if log is not None:
         log(runtimes.describe(resolved.runtime))
     path = Path(cache_path) if cache_path else cache_path_for(folder.name, resolved, artifacts_dir)
-    config_json = _config_json(folder, resolved)
+    config_json = cache_config_json(folder, resolved)
     fingerprint = folder.fingerprint()
     notes = [f"warning: {w}" for w in folder.warnings] + list(resolved.runtime.notes)
 
@@ -379,12 +359,12 @@ def extract_features(
     # read-only artifacts folder works. Otherwise build the model first: a bad layer or
     # weights file is refused before any lock or work file exists.
     if cache.cache_matches(path, config_json, fingerprint):
-        return _up_to_date(path, folder, notes)
+        return up_to_date_summary(path, folder, notes)
     model = build_extractor(resolved)
     with cache.cache_lock(path):
         state = cache.cache_matches(path, config_json, fingerprint)
         if state:  # another run finished it while the model was built
-            return _up_to_date(path, folder, notes)
+            return up_to_date_summary(path, folder, notes)
         if state is False:
             notes.append(f"{path} was made from other images or options; rebuilding it")
 
@@ -405,7 +385,7 @@ def extract_features(
         status = "resumed" if writer.next_index > 0 else "built"
         try:
             warmup = _run(model, writer, folder, resolved, progress)
-            attrs = _attrs(folder, resolved, width, writer)
+            attrs = extraction_attrs(folder, resolved, width, writer)
             attrs["warmup_seconds"] = warmup
             writer.finalize(attrs)
         finally:
@@ -450,54 +430,6 @@ def describe_folder(folder: ImageFolder) -> str:
     )
 
 
-def _up_to_date(path: Path, folder: ImageFolder, notes: list[str]) -> ExtractionSummary:
-    attrs = cache.read_attrs(path)
-    return ExtractionSummary(
-        path,
-        "up to date",
-        len(folder.records),
-        int(attrs["n_images"]),
-        cache.read_skipped(path),
-        float(attrs["seconds"]),
-        path.stat().st_size,
-        notes,
-    )
-
-
-def extractor_identity(resolved: ResolvedFeatures) -> dict[str, Any]:
-    """What makes an image's features what they are: backbone, weights identity, size,
-    pooling, cut layer, preprocessing, dtype, precision, views (the part of a cache's
-    ``config_json`` that :mod:`pipeline.predict` rebuilds and checks)."""
-    config, spec = resolved.config, resolved.spec
-    identity = {
-        "backbone": spec.name,
-        "weights": resolved.weights_id,
-        "input_size": resolved.input_size,
-        "pooling": config.pooling,
-        "layer": config.layer or "",
-        "preprocessing": spec.preprocessing,
-        "dtype": resolved.dtype,
-        "precision": config.precision,
-    }
-    if resolved.views is not None:  # the plain view adds nothing: today's caches stay valid
-        identity["views"] = resolved.views.identity()
-    return identity
-
-
-def _config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
-    """Everything that changes the features, as one comparable string."""
-    identity = {
-        "format_version": cache.FORMAT_VERSION,
-        **extractor_identity(resolved),
-        "split_source": folder.split_source,
-        "split": asdict(folder.split) if folder.split else None,
-    }
-    if resolved.runtime.runtime != "keras":  # Keras caches keep their identity (and stay valid)
-        identity["runtime"] = resolved.runtime.runtime
-        identity["runtime_precision"] = resolved.runtime.precision
-    return json.dumps(identity, sort_keys=True)
-
-
 def build_extractor(resolved: ResolvedFeatures):
     """The Keras model, or the runtime's compiled model (both: ``output_shape``, ``predict_on_batch``)."""
     config = resolved.config
@@ -536,7 +468,7 @@ def _run(model, writer, folder, resolved: ResolvedFeatures, progress) -> float:
         desc = f"{spec.name} features"
 
         def forward(batch):
-            return _forward(model, batch.x, config.batch_size)
+            return forward_batch(model, batch.x, config.batch_size)
 
     bar = tqdm(
         total=len(paths),
@@ -560,56 +492,12 @@ def _run(model, writer, folder, resolved: ResolvedFeatures, progress) -> float:
     return warmup or 0.0
 
 
-def _forward(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Features of ``x``; short batches are zero-padded so the compiled shape never changes."""
+def forward_batch(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Features of ``x`` (float32); short batches are zero-padded so the compiled shape
+    never changes (both engines' forward pass)."""
     n = len(x)
     if n == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
     if n < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
     return np.asarray(model.predict_on_batch(x), dtype=np.float32)[:n]
-
-
-def _attrs(folder, resolved: ResolvedFeatures, width, writer) -> dict:
-    import importlib.metadata
-
-    config, spec = resolved.config, resolved.spec
-    if resolved.runtime.runtime == "keras":
-        import keras
-
-        keras_backend = keras.backend.backend()
-    else:  # the runtime ran the model Keras exported; Keras itself was not imported
-        keras_backend = str((resolved.store.meta() or {}).get("keras_backend", ""))
-    n_skipped = len(writer.skipped)
-    return {
-        "backbone": spec.name,
-        "weights": resolved.weights_id,
-        "weights_source": config.weights,
-        "input_size": resolved.input_size,
-        "pooling": config.pooling,
-        "layer": config.layer or "",
-        "preprocessing": spec.preprocessing,
-        "precision": config.precision,
-        "dtype": resolved.dtype,
-        "feature_width": width,
-        "class_names": list(folder.class_names),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data_root": str(folder.root.resolve()),
-        "dataset": folder.name,
-        "split_source": folder.split_source,
-        "split_seed": folder.split.seed if folder.split else -1,
-        "val_fraction": folder.split.val_fraction if folder.split else -1.0,
-        "test_fraction": folder.split.test_fraction if folder.split else -1.0,
-        "keras_version": importlib.metadata.version("keras"),
-        "keras_backend": keras_backend,
-        "runtime": resolved.runtime.runtime,
-        "runtime_precision": resolved.runtime.precision,
-        "openvino_version": runtimes.openvino_version()
-        if resolved.runtime.runtime == "openvino"
-        else "",
-        "views": resolved.views.text() if resolved.views else "",
-        "views_combine": resolved.views.combine if resolved.views else "",
-        "n_images": len(folder.records) - n_skipped,
-        "n_skipped": n_skipped,
-        "seconds": writer.seconds,
-    }

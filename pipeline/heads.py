@@ -281,9 +281,10 @@ def fit_heads(
     """Fit heads on the train split of a feature cache and save them with manifests.
 
     Hyper-parameters are chosen by stratified ``cv``-fold cross-validation
-    (accuracy) on the train split (the softmax head: one stratified 25% hold-out
-    of train, its fits being the costly ones), then the head is refitted on the
-    whole train split and evaluated on ``val`` and ``test`` when the cache has
+    (accuracy) on the train split (the softmax head: its learning rates trained
+    together in one fit, :meth:`~pipeline.softmax.SoftmaxClassifier.fit_grid`, and
+    compared on its 15% early-stopping hold-out of train), then the head is refitted
+    on the whole train split and evaluated on ``val`` and ``test`` when the cache has
     them.
 
     Parameters

@@ -14,7 +14,8 @@ Stage one as a Ray Data job (:func:`extract_features_ray`, reached through
    one GPU per actor where the cluster has GPUs, CPU actors otherwise);
 3. the driver collects each block's features and writes them to an HDF5
    *shard* (a finished cache of that block, :mod:`pipeline.cache`'s format)
-   beside the cache, in ``<cache stem>.shards/<start>-<stop>.h5``;
+   beside the cache, in ``<cache stem>.shards/<start>-<stop>.h5`` (blocks and
+   shards: :mod:`pipeline.ray_shards`);
 4. once every block has its shard, the driver joins them into the same cache
    file, format and attributes as the local engine (plus ``engine = "ray"``),
    then removes the shards.
@@ -38,8 +39,6 @@ it before it is used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -51,11 +50,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cache, features, runtimes
+from pipeline import cache, feature_records, features, runtimes
 from pipeline.errors import PipelineError
-from pipeline.files import write_json_atomic
 from pipeline.images import ImageError, SplitConfig, load_image, scan_folder
 from pipeline.options import check_options
+from pipeline.ray_shards import Block, BlockCollector, Shards, plan_blocks, shard_dir_of
 
 # Blocks hold this many batches: large enough that a shard's file costs little next to
 # its forward passes, small enough that a killed driver loses little.
@@ -194,175 +193,8 @@ class EmbedBatches:
         out = np.zeros((len(ok), self.width), np.float32)
         if ok.any():
             x = self.preprocess(np.asarray(batch["image"])[ok])  # a new float array
-            out[ok] = features._forward(self.model, x, self.batch_size)
+            out[ok] = features.forward_batch(self.model, x, self.batch_size)
         return {"index": batch["index"], "features": out, "ok": ok, "error": batch["error"]}
-
-
-# --------------------------------------------------------------------------- shards
-
-
-def shard_dir_of(path: Path) -> Path:
-    """The folder of a cache's block shards: ``<cache stem>.shards/`` beside it."""
-    return path.with_name(path.stem + ".shards")
-
-
-@dataclass(frozen=True)
-class Block:
-    """Records ``start .. stop`` of the scan; one shard."""
-
-    start: int
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.start:010d}-{self.stop:010d}"
-
-    def fingerprint(self, fingerprint: str) -> str:
-        """The cache's fingerprint narrowed to this block: a shard of other blocks never matches."""
-        return hashlib.sha256(f"{fingerprint}:{self.start}:{self.stop}".encode()).hexdigest()
-
-
-@dataclass
-class _Shards:
-    """The shards of one cache: where they live, what they must match, how to write and read them."""
-
-    folder: Path
-    config_json: str
-    fingerprint: str
-    paths: list[str]
-    labels: list[int]
-    splits: list[str]
-    width: int
-    dtype: str
-    class_names: list[str]
-
-    def h5(self, block: Block) -> Path:
-        return self.folder / f"{block.name}.h5"
-
-    def unreadable(self, block: Block) -> Path:  # a block with no readable image
-        return self.folder / f"{block.name}.skipped.json"
-
-    def is_done(self, block: Block) -> bool:
-        """Whether a valid shard of ``block`` exists (same options, same images)."""
-        if cache.cache_matches(
-            self.h5(block), self.config_json, block.fingerprint(self.fingerprint)
-        ):
-            return True
-        try:
-            data = json.loads(self.unreadable(block).read_text())
-        except (OSError, ValueError):
-            return False
-        return (
-            isinstance(data, dict)
-            and data.get("config_json") == self.config_json
-            and data.get("fingerprint") == block.fingerprint(self.fingerprint)
-        )
-
-    def write(self, block: Block, rows: np.ndarray, ok: np.ndarray, errors: dict, seconds: float):
-        """Store one finished block (``rows``: the readable images' features, in order)."""
-        identity = {
-            "config_json": self.config_json,
-            "fingerprint": block.fingerprint(self.fingerprint),
-        }
-        if not ok.any():  # a cache needs one readable image; this block has none
-            skipped = [[int(i), reason] for i, reason in sorted(errors.items())]
-            write_json_atomic(
-                self.unreadable(block), {**identity, "skipped": skipped, "seconds": seconds}
-            )
-            return
-        sl = slice(block.start, block.stop)
-        writer, _ = cache.CacheWriter.open(
-            self.h5(block),
-            **identity,
-            paths=self.paths[sl],
-            labels=self.labels[sl],
-            splits=self.splits[sl],
-            width=self.width,
-            dtype=self.dtype,
-        )
-        try:
-            writer.write_batch(0, rows, ok, errors, seconds)
-            attrs = {"class_names": self.class_names, "start": block.start, "stop": block.stop}
-            writer.finalize({**attrs, "seconds": seconds, "engine": "ray"})
-        finally:
-            writer.close()
-
-    def read(self, block: Block) -> tuple[np.ndarray, np.ndarray, dict[int, str], float]:
-        """``(features of the readable images, ok mask, offset -> reason, seconds)``."""
-        n = block.stop - block.start
-        if not self.h5(block).is_file():
-            data = json.loads(self.unreadable(block).read_text())
-            errors = {int(i): str(reason) for i, reason in data["skipped"]}
-            return (
-                np.zeros((0, self.width), np.float32),
-                np.zeros(n, bool),
-                errors,
-                float(data["seconds"]),
-            )
-        shard = cache.load_features(self.h5(block))
-        offset = {p: i for i, p in enumerate(self.paths[block.start : block.stop])}
-        ok = np.zeros(n, dtype=bool)
-        ok[[offset[str(p)] for p in shard.paths]] = True
-        errors = {offset[p]: reason for p, reason in cache.read_skipped(self.h5(block))}
-        return shard.features, ok, errors, float(shard.attrs.get("seconds", 0.0))
-
-    def remove_others(self, keep: set[str]) -> int:
-        """Delete shards not of the blocks named in ``keep`` or not valid; return how many."""
-        removed = 0
-        for item in sorted(self.folder.glob("*")) if self.folder.is_dir() else []:
-            if item.name.split(".", 1)[0] not in keep:
-                item.unlink(missing_ok=True)
-                removed += 1
-        return removed
-
-
-def plan_blocks(n: int, block_size: int) -> list[Block]:
-    """Consecutive blocks of ``block_size`` records covering ``0 .. n``."""
-    return [Block(start, min(n, start + block_size)) for start in range(0, n, block_size)]
-
-
-class _Collector:
-    """Gathers the actors' rows per block and writes each block's shard once it is whole."""
-
-    def __init__(self, blocks: list[Block], shards: _Shards, width: int) -> None:
-        self._by_start = {b.start: b for b in blocks}
-        self._starts = np.array(sorted(self._by_start), dtype=np.int64)
-        self._shards = shards
-        self._width = width
-        self._open: dict[int, dict[str, Any]] = {}
-        self._last = time.perf_counter()
-
-    def block_of(self, index: int) -> Block:
-        return self._by_start[int(self._starts[np.searchsorted(self._starts, index, "right") - 1])]
-
-    def add(self, index: int, row: np.ndarray, ok: bool, error: str) -> Block | None:
-        """Record one image; return its block when this completed it (its shard is written)."""
-        block = self.block_of(index)
-        n = block.stop - block.start
-        state = self._open.get(block.start)
-        if state is None:
-            state = self._open[block.start] = {
-                "rows": np.zeros((n, self._width), np.float32),
-                "ok": np.zeros(n, bool),
-                "seen": np.zeros(n, bool),
-                "errors": {},
-            }
-        offset = index - block.start
-        if state["seen"][offset]:  # a retried batch delivered twice: keep the first
-            return None
-        state["seen"][offset] = True
-        if ok:
-            state["rows"][offset] = row
-            state["ok"][offset] = True
-        else:
-            state["errors"][offset] = error
-        if not state["seen"].all():
-            return None
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now  # wall time, so shards add up to the run's
-        del self._open[block.start]
-        self._shards.write(block, state["rows"][state["ok"]], state["ok"], state["errors"], seconds)
-        return block
 
 
 # --------------------------------------------------------------------------- stage one
@@ -380,7 +212,7 @@ def extract_features_ray(
     ray_config: RayConfig | None = None,
     on_shard: Callable[[Path], Any] | None = None,
     embedder: type = EmbedBatches,
-) -> features.ExtractionSummary:
+) -> feature_records.ExtractionSummary:
     """Stage one on Ray: the same cache as :func:`pipeline.features.extract_features`.
 
     Parameters are those of :func:`~pipeline.features.extract_features`, and:
@@ -406,7 +238,7 @@ def extract_features_ray(
     folder = scan_folder(data_dir, split)
     if log is not None:
         log(features.describe_folder(folder))
-    resolved = features._settle_runtime(resolved, folder)
+    resolved = features.settle_runtime(resolved, folder)
     if log is not None:
         log(runtimes.describe(resolved.runtime))
     path = (
@@ -414,11 +246,11 @@ def extract_features_ray(
         if cache_path
         else features.cache_path_for(folder.name, resolved, artifacts_dir)
     )
-    config_json = features._config_json(folder, resolved)
+    config_json = feature_records.cache_config_json(folder, resolved)
     fingerprint = folder.fingerprint()
     notes = [f"warning: {w}" for w in folder.warnings] + list(resolved.runtime.notes)
     if cache.cache_matches(path, config_json, fingerprint):
-        return features._up_to_date(path, folder, notes)
+        return feature_records.up_to_date_summary(path, folder, notes)
     # Built on the driver once: options and weights are refused before any lock or Ray
     # start, the feature width is known, and the workers get these exact weights.
     model = features.build_extractor(resolved)
@@ -429,11 +261,11 @@ def extract_features_ray(
     with cache.cache_lock(path):
         state = cache.cache_matches(path, config_json, fingerprint)
         if state:
-            return features._up_to_date(path, folder, notes)
+            return feature_records.up_to_date_summary(path, folder, notes)
         if state is False:
             notes.append(f"{path} was made from other images or options; rebuilding it")
         records = folder.records
-        shards = _Shards(
+        shards = Shards(
             folder=shard_dir_of(path),
             config_json=config_json,
             fingerprint=fingerprint,
@@ -472,7 +304,7 @@ def extract_features_ray(
             f"first features after {timings['warmup_seconds']:.1f} s, shards joined in "
             f"{joined:.1f} s"
         )
-    return features.ExtractionSummary(
+    return feature_records.ExtractionSummary(
         path,
         "resumed" if finished or status == "resumed" else "built",
         len(records),
@@ -485,7 +317,7 @@ def extract_features_ray(
 
 
 def _run_blocks(
-    folder, resolved, shards: _Shards, todo: list[Block], ray_config: RayConfig, keras_weights,
+    folder, resolved, shards: Shards, todo: list[Block], ray_config: RayConfig, keras_weights,
     *, progress: bool, initial: int, total: int, on_shard, embedder,
 ) -> dict[str, float]:  # fmt: skip
     """Decode and embed the records of ``todo`` on Ray; write one shard per block."""
@@ -527,7 +359,7 @@ def _run_blocks(
                 num_gpus=gpus,
             )
         )
-        collector = _Collector(todo, shards, shards.width)  # its clock starts now
+        collector = BlockCollector(todo, shards, shards.width)  # its clock starts now
         submitted = time.perf_counter()
         warmup = None
         bar = tqdm(
@@ -576,7 +408,7 @@ def _pipeline_error_in(exc: BaseException) -> PipelineError | None:
     return None
 
 
-def _join(path, folder, resolved, shards: _Shards, blocks, width: int, notes, timings) -> str:
+def _join(path, folder, resolved, shards: Shards, blocks, width: int, notes, timings) -> str:
     """Join the shards into the cache (resuming a join the driver did not finish)."""
     writer, note = cache.CacheWriter.open(
         path,
@@ -602,7 +434,7 @@ def _join(path, folder, resolved, shards: _Shards, blocks, width: int, notes, ti
                 ok = ok[cut:]
                 errors = {i - cut: r for i, r in errors.items() if i >= cut}
             writer.write_batch(block.start + cut, rows, ok, errors, seconds)
-        attrs = features._attrs(folder, resolved, width, writer)
+        attrs = feature_records.extraction_attrs(folder, resolved, width, writer)
         attrs.update(_ray_attrs(blocks, timings))
         writer.finalize(attrs)
     finally:

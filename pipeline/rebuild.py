@@ -4,7 +4,7 @@ backbone pass: multi-view caches (``VIEWS=``) and joined caches (``FEATURES=a+b`
 
 Each part is rebuilt from the configuration its cache recorded (read back from the
 head's manifest, validated), checked against that record
-(:func:`pipeline.features.extractor_identity`), run over the images through stage
+(:func:`pipeline.feature_records.extractor_identity`), run over the images through stage
 one's view machinery (:mod:`pipeline.views`; a plain part is one view), normalised
 as :mod:`pipeline.combine` normalised it, and concatenated in the join's order.
 :mod:`pipeline.predict` applies the head.
@@ -62,7 +62,7 @@ def parts_extractor(
 
     Each part's extractor is rebuilt from its recorded configuration (backbone, input
     size, pooling, cut layer, views) with the head's weights, checked against that
-    configuration (:func:`pipeline.features.extractor_identity`: another Keras version
+    configuration (:func:`pipeline.feature_records.extractor_identity`: another Keras version
     or weights file is refused), run over the images as stage one runs it
     (:mod:`pipeline.views`; a plain part is one view), normalised as the join
     normalised it and concatenated in the join's order.
@@ -136,12 +136,8 @@ def _rebuild_part(
     """One part's extractor, from its recorded configuration, checked against it:
     ``(resolved features, views, a model with .features(inputs))``."""
     from pipeline import views as views_module
-    from pipeline.features import (
-        FeatureConfig,
-        build_extractor,
-        extractor_identity,
-        resolve_features,
-    )
+    from pipeline.feature_records import extractor_identity
+    from pipeline.features import FeatureConfig, build_extractor, resolve_features
 
     where = f"part {number + 1} ({part.get('stem') or 'its cache'}) of head {head.path}"
     try:

@@ -243,7 +243,7 @@ def corner_crops(x: np.ndarray, side: int) -> Iterator[np.ndarray]:
 
 
 def _forward(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """As :func:`pipeline.features._forward`: short batches zero-padded to one compiled shape."""
+    """As :func:`pipeline.features.forward_batch`: short batches zero-padded to one compiled shape."""
     n = len(x)
     if n == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)

@@ -9,7 +9,8 @@ import pytest
 from conftest import make_folder
 
 import pipeline
-from pipeline.cli import RANDOM_WEIGHTS_WARNING, fill_make_hints, main, make_command
+from pipeline.cli import fill_make_hints, main, make_command
+from pipeline.cli_options import RANDOM_WEIGHTS_WARNING
 
 
 def _error(capsys) -> str:

@@ -17,6 +17,7 @@ from conftest import make_folder
 from pipeline.cache import load_features, read_attrs, read_skipped
 from pipeline.features import FeatureConfig, extract_features
 from pipeline.images import SplitConfig
+from pipeline.ray_shards import shard_dir_of
 
 ray = pytest.importorskip("ray")
 
@@ -25,7 +26,6 @@ from pipeline.ray_engine import (  # noqa: E402
     RayConfig,
     extract_features_ray,
     joblib_on_ray,
-    shard_dir_of,
 )
 
 BLOCK = 8  # records per shard: the 22 records below make 3 blocks

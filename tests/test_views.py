@@ -62,12 +62,12 @@ def test_default_view_keeps_todays_name_and_identity(tmp_path):
 def test_single_view_model_equals_todays_forward():
     """The multi-view code path with one view computes exactly stage one's features."""
     from pipeline import backbones
-    from pipeline.features import _forward
+    from pipeline.features import forward_batch
 
     model = backbones.build_feature_extractor("mobilenet_v2", weights="none", input_size=32)
     x = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
     mv = views.MultiViewModel({32: model}, views.Views(scales=(32,)), batch_size=8)
-    np.testing.assert_array_equal(mv.features({32: x}), _forward(model, x, 8))
+    np.testing.assert_array_equal(mv.features({32: x}), forward_batch(model, x, 8))
 
 
 def test_views_in_one_pass(folder, tmp_path):

@@ -1,0 +1,32 @@
+"""pipeline.feature_records: the identity a stage-one cache is matched by."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from conftest import make_folder
+
+from pipeline.feature_records import cache_config_json, extractor_identity
+from pipeline.features import FeatureConfig, resolve_features
+from pipeline.images import scan_folder
+from pipeline.runtimes import RuntimeChoice
+
+
+def test_cache_identity_names_the_runtime_only_when_it_is_not_keras(tmp_path):
+    folder = scan_folder(make_folder(tmp_path / "colours", per_class=5))
+    config = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, runtime="keras")
+    keras = resolve_features(config, artifacts_dir=tmp_path)
+
+    identity = json.loads(cache_config_json(folder, keras))
+    assert identity.items() >= extractor_identity(keras).items()
+    assert identity["split_source"] == "stratified" and identity["split"]["seed"] == 0
+    assert "runtime" not in identity and "views" not in identity  # older caches stay valid
+
+    openvino = replace(keras, runtime=RuntimeChoice("openvino", "bf16"))
+    other = json.loads(cache_config_json(folder, openvino))
+    assert (other.pop("runtime"), other.pop("runtime_precision")) == ("openvino", "bf16")
+    assert other == identity  # the runtime is the only difference
+
+    views = resolve_features(replace(config, views="32,48+flip"), artifacts_dir=tmp_path)
+    assert "views" in json.loads(cache_config_json(folder, views))
