@@ -299,7 +299,7 @@ def shared_gram(classifier, param, values, X_train, y_train, X_test, y_test) -> 
     when the fold has fewer images than features). The Gram matrix is formed once;
     each alpha costs one Cholesky solve.
     """
-    from scipy.linalg import solve
+    from scipy.linalg import cho_factor, cho_solve
     from sklearn.linear_model import RidgeClassifier
     from sklearn.preprocessing import LabelBinarizer
 
@@ -328,7 +328,9 @@ def shared_gram(classifier, param, values, X_train, y_train, X_test, y_test) -> 
     scores = []
     for alpha in values:
         ridged = gram + np.asarray(alpha, dtype) * np.eye(len(gram), dtype=dtype)
-        solution = solve(ridged, rhs, assume_a="pos", check_finite=False)
+        # LAPACK's potrf and potrs, as solve(assume_a="pos") calls them, without its
+        # condition estimate: 14 ms against 26 for 1280 features in float32 (2 cores).
+        solution = cho_solve(cho_factor(ridged, check_finite=False), rhs, check_finite=False)
         coef = solution if primal else Xc.T @ solution
         decision = Xt @ coef + y_mean
         if decision.shape[1] == 1:

@@ -293,7 +293,12 @@ def test_fit_all_default_heads_on_the_tiny_cache(tiny_cache, tmp_path):
 @needs_assets("weights")
 @needs_assets("datasets", "hymenoptera_data")
 def test_hymenoptera_figures(tmp_path):
-    """MobileNetV2 ImageNet features: best head >= 0.954 on val, linear SVM >= 0.93."""
+    """MobileNetV2 ImageNet features: best head >= 0.947 on val (145/153), linear SVM >= 0.93.
+
+    ASSETS.md's logistic-regression probe gives 0.935. Logistic regression at its optimum
+    gives 0.948 here; lbfgs at its default tolerance used to stop short of the optimum
+    and score 0.954 (tolerance 1e-8 gives 0.948 too), so 0.954 is not the bar.
+    """
     from pipeline.backbones import keras_cache_dir
     from pipeline.features import FeatureConfig, extract_features
 
@@ -313,7 +318,7 @@ def test_hymenoptera_figures(tmp_path):
         for r in fit_heads(summary.cache_path, "all", artifacts_dir=tmp_path)
     }
     assert results["svm"] >= 0.93, results
-    assert max(results.values()) >= 0.954, results
+    assert max(results.values()) >= 0.947, results
 
 
 def test_a_class_with_one_train_image_skips_the_search(tmp_path):
