@@ -208,15 +208,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                     best_weights = trainer.get_weights()
                 return stop.done
 
-            losses = train_epochs(
-                trainer,
-                X_fit,
-                self._target(y_fit),
-                batch_size=int(self.batch_size),
-                max_epochs=int(self.max_epochs),
-                seed=int(self.random_state),
-                end_epoch=end_epoch,
-            )
+            losses = self._train(trainer, X_fit, y_fit, end_epoch)
             if best_weights is not None:  # as EarlyStopping(restore_best_weights=True)
                 trainer.set_weights(best_weights)
             _copy_variables(trainer, model)
@@ -226,7 +218,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def fit_grid(self, X: Any, y: Any, learning_rates: Sequence[float]) -> SoftmaxClassifier:
-        """Train one head per learning rate in one ``Model.fit``; keep the best on held-out data.
+        """Train one head per learning rate in one training loop; keep the best on held-out data.
 
         The heads of the grid sit side by side in one Keras model and see the same
         batches; each has its own effective learning rate (its weights are ``scale *
@@ -265,14 +257,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         # makes TensorFlow trace twice (about half a second on 2 cores).
         grid.optimizer.build(grid.trainable_variables)
         stopping = GridStopping(X_held, y_held, len(rates), int(self.patience), bool(self.sigmoid))
-        train_epochs(
-            grid,
-            X_fit,
-            self._target(y_fit),
-            batch_size=int(self.batch_size),
-            max_epochs=int(self.max_epochs),
-            seed=int(self.random_state),
-            end_epoch=lambda epoch: X_held is not None and stopping.end_epoch(grid, epoch),
+        self._train(
+            grid, X_fit, y_fit, lambda epoch: X_held is not None and stopping.end_epoch(grid, epoch)
         )
         self.n_held_out_ = 0 if X_held is None else len(X_held)
         if X_held is None:
@@ -293,6 +279,20 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         self.learning_rate = rates[best]
         self.model_ = fresh
         return self
+
+    def _train(
+        self, model: keras.Model, X: np.ndarray, y: np.ndarray, end_epoch: Callable[[int], bool]
+    ) -> list[float]:
+        """:func:`train_epochs` with this estimator's batch size, epochs and seed."""
+        return train_epochs(
+            model,
+            X,
+            self._target(y),
+            batch_size=int(self.batch_size),
+            max_epochs=int(self.max_epochs),
+            seed=int(self.random_state),
+            end_epoch=end_epoch,
+        )
 
     def _target(self, y: np.ndarray) -> np.ndarray:
         """Labels as the loss takes them: class indices, or a float column for a sigmoid."""
