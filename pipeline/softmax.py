@@ -115,7 +115,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         learning_rate: float = 1e-3,
         max_epochs: int = 100,
         batch_size: int = 32,
-        patience: int = 5,
+        patience: int = 3,
         validation_fraction: float = 0.15,
         sigmoid: bool = False,
         random_state: int = 0,
