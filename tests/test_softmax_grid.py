@@ -46,3 +46,22 @@ def test_every_grid_head_starts_as_the_fresh_head_and_exports_back_into_it():
     other = build_softmax_head(6, 3)
     export_head(grid, 2, None, other)
     np.testing.assert_allclose(np.asarray(other(X, training=False)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_head_proba_is_the_keras_heads_inference(sigmoid):
+    """The held-out evaluation's NumPy forward pass equals the Keras head's (no dropout)."""
+    from pipeline.softmax import two_columns
+    from pipeline.softmax_grid import head_proba
+
+    head = build_softmax_head(6, 2 if sigmoid else 3, sigmoid=sigmoid)
+    rng = np.random.default_rng(2)
+    for layer in ("head_dense", "head_output"):  # non-zero biases, so every term counts
+        kernel, bias = head.get_layer(layer).get_weights()
+        head.get_layer(layer).set_weights([kernel, rng.normal(size=bias.shape).astype("float32")])
+    X = rng.normal(size=(7, 6)).astype("float32")
+    weights = [
+        w for name in ("head_dense", "head_output") for w in head.get_layer(name).get_weights()
+    ]
+    expected = two_columns(np.asarray(head(X, training=False)))
+    np.testing.assert_allclose(head_proba(weights, X, sigmoid), expected, atol=1e-6)
