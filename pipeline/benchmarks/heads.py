@@ -15,6 +15,35 @@ def _ratio_text(value: float | None) -> str:
     return "n/a (no extraction time in the cache)" if value is None else f"{value:.3f}"
 
 
+def bench_heads_on_folders(
+    data_dirs: list[str | Path],
+    config: Any,
+    *,
+    split: Any = None,
+    out: str | Path | None = None,
+    cv: int = 3,
+    seed: int = 0,
+    log: Any = None,
+) -> dict:
+    """:func:`bench_heads` on caches that stage one extracts in this run, into a temporary folder.
+
+    ``make bench-heads``. Both sides of the ratio are then timed in one run on the same
+    machine: a cache's recorded ``seconds`` come from whenever it was built, possibly on
+    a quieter or busier machine. ``config`` is a :class:`pipeline.features.FeatureConfig`,
+    ``split`` a :class:`pipeline.images.SplitConfig`. The user's caches are not touched.
+    """
+    from pipeline.features import extract_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        caches = [
+            extract_features(
+                data, config, artifacts_dir=tmp, split=split, progress=False
+            ).cache_path
+            for data in data_dirs
+        ]
+        return bench_heads(caches, out=out, cv=cv, seed=seed, log=log)
+
+
 def bench_heads(
     cache_paths: list[str | Path],
     *,
@@ -25,7 +54,8 @@ def bench_heads(
 ) -> dict:
     """Fit time of the default heads over stage-one extraction time, per cache.
 
-    ``make bench-heads``. The heads are fitted into a temporary folder (the
+    ``make bench-heads`` (through :func:`bench_heads_on_folders`). The heads are
+    fitted into a temporary folder (the
     user's heads are not touched); Keras is warmed up first, as stage one's
     time excludes start-up too. ``ratio`` is the sum of the heads' fit times,
     hyper-parameter searches included, divided by the cache's ``seconds``
@@ -64,7 +94,7 @@ def bench_heads(
         total, total_refit = float(sum(fit.values())), float(sum(refit.values()))
         extraction = float(attrs["seconds"])
         row = {
-            "cache": str(cache_path),
+            "cache": Path(cache_path).name,
             "dataset": attrs.get("dataset"),
             "n_images": attrs.get("n_images"),
             "extraction_seconds": extraction,
