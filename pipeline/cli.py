@@ -324,6 +324,11 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
 
     if not args.cache and not args.data:
         raise PipelineError("give --data folders or --cache files to benchmark")
+    if args.cache and args.data:
+        raise PipelineError(
+            "give --data folders (stage one timed in this run) or --cache files (their "
+            "recorded extraction time), not both"
+        )
     if args.data:  # stage one timed in this run, beside the heads
         bench_heads_on_folders(
             args.data, feature_config(args), split=split_config(args), out=args.out, cv=args.cv,

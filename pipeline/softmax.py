@@ -232,7 +232,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         ``learning_rate`` is set to its rate and the estimator holds its model as
         ``fit`` does, with ``grid_scores_`` (rate -> held-out accuracy),
         ``grid_losses_`` (rate -> best held-out loss) and ``n_held_out_`` added;
-        ``history_["loss"]`` stays empty (Keras logs the heads' summed loss only).
+        ``history_["loss"]`` stays empty (training yields the heads' summed loss only).
         Without held-out data (``validation_fraction=0`` or too few images) every
         head trains ``max_epochs`` and the middle rate is kept.
 
@@ -248,11 +248,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         X_fit, y_fit, X_held, y_held = self._prepare(X, y)
         fresh = self._fresh_model(X_fit.shape[1])
         grid = grid_model(fresh, [rate / max(rates) for rate in rates])
-        grid.compile(
-            optimizer=keras.optimizers.Adam(max(rates)),
-            loss=grid_loss(self.sigmoid),
-            jit_compile=_jit_compile(),
-        )
+        grid.compile(optimizer=keras.optimizers.Adam(max(rates)), loss=grid_loss(self.sigmoid))
         # Built here, not inside the first traced step: creating variables while tracing
         # makes TensorFlow trace twice (about half a second on 2 cores).
         grid.optimizer.build(grid.trainable_variables)
@@ -272,7 +268,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             self.grid_scores_ = dict(zip(rates, accuracy, strict=True))
             self.grid_losses_ = dict(zip(rates, stopping.best_loss, strict=True))
             self.n_epochs_ = stopping.best_epoch[best] + 1
-            # Keras logs the heads' summed training loss; the kept head's own is not separable.
+            # Training yields the heads' summed loss; the kept head's own is not separable.
             # Its held-out losses end where a single fit would have stopped.
             self.history_ = {"loss": [], "val_loss": stopping.history[best]}
         export_head(grid, best, stopping.best_weights[best] if X_held is not None else None, fresh)
@@ -415,7 +411,7 @@ class _TrainerPool:
             int(width), int(k), hidden=int(hidden), dropout=dropout, sigmoid=sigmoid
         )
         loss = "binary_crossentropy" if sigmoid else "sparse_categorical_crossentropy"
-        trainer.compile(optimizer=keras.optimizers.Adam(), loss=loss, jit_compile=_jit_compile())
+        trainer.compile(optimizer=keras.optimizers.Adam(), loss=loss)
         trainer.optimizer.build(trainer.trainable_variables)
         return trainer, [np.array(v.numpy()) for v in trainer.optimizer.variables]
 
@@ -434,15 +430,6 @@ def clear_trainers() -> None:
     Benchmarks call it before each data set: a sweep is timed as a fresh process runs it.
     """
     _trainers.clear()
-
-
-def _jit_compile() -> bool | str:
-    """XLA for the head's training step: off on TensorFlow, where compiling this small
-    step costs more than it saves (0.37 s against 0.30 s to trace, the same 2.6 ms a step,
-    2-core CPU); Keras's choice elsewhere (JAX without jit would run op by op)."""
-    import keras
-
-    return False if keras.backend.backend() == "tensorflow" else "auto"
 
 
 def _copy_variables(source: keras.Model, target: keras.Model) -> None:
@@ -472,7 +459,8 @@ class Patience:
 
     :meth:`improved` takes each epoch's held-out loss; ``done`` turns true once
     ``patience`` epochs have passed without a loss lower than the best by more than
-    ``1e-6`` (``best_epoch`` is the epoch whose weights a restore keeps).
+    ``1e-6`` (``best_epoch`` is the epoch whose weights a restore keeps). One difference:
+    a NaN loss never counts as the best (Keras takes the first epoch's, NaN or not).
     """
 
     def __init__(self, patience: int) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy.special import expit
 
 from pipeline.softmax import Patience, cross_entropy, two_columns
 
@@ -180,7 +181,7 @@ def head_proba(weights: Sequence[np.ndarray], X: np.ndarray, sigmoid: bool) -> n
     hidden = np.maximum(X @ kernel + bias, 0.0)
     z = (hidden @ out_kernel + out_bias).astype(np.float64)
     if sigmoid:
-        return two_columns(1.0 / (1.0 + np.exp(-z)))
+        return two_columns(expit(z))
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -26,12 +26,15 @@ def test_bench_heads_divides_the_heads_fit_time_by_extraction(tmp_path):
     assert "ratio" in lines[0] and "target <= 0.1" in lines[0]
 
 
-def test_bench_heads_on_folders_times_stage_one_in_the_same_run(split_folder, tmp_path):
+def test_bench_heads_on_folders_times_stage_one_in_the_same_run(
+    split_folder, tmp_path, monkeypatch
+):
     """make bench-heads: stage one extracts into a temporary folder and its time, taken in
     this run, is the ratio's denominator; the user's artifacts are not written."""
     from pipeline.benchmarks.heads import bench_heads_on_folders
     from pipeline.features import FeatureConfig
 
+    monkeypatch.chdir(tmp_path)  # so a stray write to ./artifacts would land in tmp_path
     config = FeatureConfig(weights="none", input_size=32, batch_size=8, runtime="keras")
     summary = bench_heads_on_folders([split_folder], config, out=tmp_path / "heads.json")
     (row,) = summary["caches"]

@@ -118,6 +118,19 @@ def test_the_grid_head_of_the_largest_rate_follows_a_single_fit(sigmoid):
     assert grid.predict_proba(X).shape == (80, 2)
 
 
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_a_grid_of_one_rate_is_the_single_fit(sigmoid):
+    """One head at scale 1 sees exactly what a single fit sees: the kept epoch, the held-out
+    losses and the exported head's probabilities are the single fit's."""
+    X, y = blobs(40, 2, 8, separation=1.0, seed=7)
+    params = {"max_epochs": 15, "patience": 3, "random_state": 2, "sigmoid": sigmoid}
+    grid = SoftmaxClassifier(**params).fit_grid(X, y, (1e-2,))
+    single = SoftmaxClassifier(learning_rate=1e-2, **params).fit(X, y)
+    assert grid.n_epochs_ == single.n_epochs_
+    np.testing.assert_allclose(grid.history_["val_loss"], single.history_["val_loss"], rtol=1e-4)
+    np.testing.assert_allclose(grid.predict_proba(X), single.predict_proba(X), atol=1e-5)
+
+
 def test_the_grid_keeps_the_rate_with_the_best_held_out_accuracy():
     """A rate far too small learns nothing in a few epochs: the grid keeps the useful one."""
     X, y = blobs(40, 2, 8, separation=3.0, seed=8)
