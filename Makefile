@@ -106,7 +106,7 @@ check-unseen: install weights-from-assets ## make auto on data unlike ImageNet: 
 	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/textures $(FEATURE_ARGS) --cv $(or $(AUTO_CV),5)
 	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/hymenoptera_data_small_blurred $(FEATURE_ARGS) --cv $(or $(AUTO_CV),5)
 
-bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time, both real data sets (artifacts/bench/heads.json)
+bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json)
 	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --runtime keras --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
 
 test: install ## the test suite without its slow tier (a few minutes on 2 cores)
