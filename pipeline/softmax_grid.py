@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.special import expit
 
-from pipeline.softmax import Patience, cross_entropy, two_columns
+from pipeline.softmax_training import Patience, cross_entropy, two_columns
 
 if TYPE_CHECKING:
     import keras
@@ -135,7 +135,7 @@ def export_head(
 class GridStopping:
     """Early stopping per head of a grid model, on one forward pass of the held-out data.
 
-    Each head follows :class:`pipeline.softmax.Patience` on its held-out loss and keeps
+    Each head follows :class:`pipeline.softmax_training.Patience` on its held-out loss and keeps
     the weights of its lowest one (as ``EarlyStopping(restore_best_weights=True)`` does
     for one model); :meth:`end_epoch` says stop once every head is out of patience.
     """
