@@ -79,6 +79,10 @@ class RayConfig:
         CPUs each actor asks for (its forward pass uses more threads than that).
     block_size : int, optional
         Records per block (one shard each); default ``BLOCK_BATCHES`` batches.
+    actor_start_seconds : float
+        How long the backbone actors may take to start (scheduled, model built)
+        before the run stops with an error: a cluster without the CPUs or GPUs they
+        ask for would otherwise wait for them for ever (Ray Data's default).
     """
 
     address: str | None = None
@@ -86,11 +90,16 @@ class RayConfig:
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
     block_size: int | None = None
+    actor_start_seconds: float = 600.0
 
     def validate(self) -> None:
         check_options({"concurrency": self.concurrency})
         if self.block_size is not None and self.block_size < 1:
             raise PipelineError(f"block_size must be a whole number >= 1; got {self.block_size}")
+        if not self.actor_start_seconds > 0:
+            raise PipelineError(
+                f"actor_start_seconds must be a positive number; got {self.actor_start_seconds}"
+            )
 
 
 def _import_ray():
@@ -341,6 +350,7 @@ def _run_blocks(
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+        context.wait_for_min_actors_s = ray_config.actor_start_seconds  # not for ever
         gpus = ray_config.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -381,9 +391,11 @@ def _run_blocks(
                             on_shard(shards.h5(block))
                     bar.update(len(out["index"]))
             except Exception as exc:
-                user_error = _pipeline_error_in(exc)
+                user_error = _in_chain(exc, PipelineError)
                 if user_error is not None:
                     raise user_error from None
+                if _in_chain(exc, ray.exceptions.GetTimeoutError) is not None:
+                    raise _actors_not_started(ray, ray_config, actors, gpus) from None
                 raise
     return {
         "ray_actors": actors,
@@ -393,8 +405,21 @@ def _run_blocks(
     }
 
 
-def _pipeline_error_in(exc: BaseException) -> PipelineError | None:
-    """The :class:`PipelineError` a worker raised, found inside Ray's wrappers (or ``None``)."""
+def _actors_not_started(ray: Any, ray_config: RayConfig, actors: int, gpus: float) -> PipelineError:
+    """The one-line error of a pool of backbone actors that did not start in time."""
+    have = ray.cluster_resources()
+    asked = f"{ray_config.cpus_per_actor:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+    return PipelineError(
+        f"Ray did not start {actors} backbone actor(s) of {asked} each within "
+        f"{ray_config.actor_start_seconds:g} s; the cluster has {have.get('CPU', 0):g} CPUs "
+        f"and {have.get('GPU', 0):g} GPUs (one more CPU goes to decoding): lower CONCURRENCY, "
+        "or add nodes to the cluster"
+    )
+
+
+def _in_chain(exc: BaseException, kind: type) -> Any:
+    """The first exception of type ``kind`` in ``exc``'s chain, through Ray's wrappers
+    (``cause``), or ``None``: a worker's :class:`PipelineError`, Ray Data's start timeout."""
     seen = set()
     stack = [exc]
     while stack:
@@ -402,7 +427,7 @@ def _pipeline_error_in(exc: BaseException) -> PipelineError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, PipelineError):
+        if isinstance(current, kind):
             return current
         stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None

@@ -186,6 +186,22 @@ def test_a_worker_that_dies_mid_job_is_restarted_and_its_batch_retried(
     _assert_same_cache(summary.cache_path, local_cache)
 
 
+def test_actors_the_cluster_cannot_start_stop_the_run_in_one_line(ray_cluster, data, tmp_path):
+    """Ray Data would wait for ever for actors that ask for more than the cluster has."""
+    from pipeline.errors import PipelineError
+
+    folder, config = data
+    with pytest.raises(PipelineError, match=r"did not start 1 backbone actor\(s\) of 16 CPU"):
+        extract_features(
+            folder,
+            config,
+            artifacts_dir=tmp_path,
+            progress=False,
+            engine="ray",
+            ray_config=RayConfig(cpus_per_actor=16, actor_start_seconds=3),
+        )
+
+
 def test_the_head_search_on_ray_chooses_and_scores_as_locally(ray_cluster, tiny_cache, tmp_path):
     from pipeline.heads import fit_heads
 
