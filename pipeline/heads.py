@@ -33,6 +33,7 @@ names (``artifacts/heads/<dataset>/<cache stem>/``).
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -486,8 +487,6 @@ def _fit_one(fs, pipe, name, X_train, y_train, out_dir, *, norm, pca, cv, seed, 
 
 def _import_keras() -> float:
     """Import Keras (and its backend) now; the seconds it took (0.0 when already imported)."""
-    import sys
-
     if "keras" in sys.modules:
         return 0.0
     started = time.perf_counter()

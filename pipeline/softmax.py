@@ -186,7 +186,6 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
         """Train on ``X`` (n, d) and labels ``y`` (n,); returns ``self``."""
-
         X_fit, y_fit, X_held, y_held = self._prepare(X, y)
         for stale in ("grid_scores_", "grid_losses_", "n_held_out_"):  # from an earlier fit_grid
             self.__dict__.pop(stale, None)
