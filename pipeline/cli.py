@@ -258,6 +258,7 @@ def cmd_head(args: argparse.Namespace) -> int:
             cv=args.cv,
             seed=args.seed,
             jobs=jobs,
+            overlap=False if args.no_overlap else None,
             log=print,
         )
     return 0
@@ -375,6 +376,12 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the search's folds")
     p.add_argument(
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="search every head in this process (OVERLAP=0); by default the scikit-learn "
+        "heads search in a background process while Keras trains",
     )
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)

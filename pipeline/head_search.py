@@ -24,6 +24,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +37,37 @@ if TYPE_CHECKING:
 #: ``(classifier, parameter, values, X_train, y_train, X_test, y_test) -> accuracy per value``:
 #: the classifier is unfitted, the features already through the fold's fitted normalisation.
 FoldScorer = Callable[..., list[float]]
+
+
+@dataclass
+class Searched:
+    """One head's search as it ran (:func:`timed_search`), in this process or another."""
+
+    fitted: Pipeline  # refitted on all of train with the chosen params
+    params: dict[str, Any]  # {"<head>__<param>": value}
+    cv_info: dict[str, Any]  # what the manifest records of the search
+    seconds: float  # the search and the final fit
+    notes: list[str]  # its convergence warnings, first sentence each
+    # ``time.monotonic()`` at its end: one clock for every process of a machine, so a sweep
+    # whose searches ran in two processes can say when the last one ended.
+    finished_at: float
+
+
+def timed_search(
+    spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, cv: int, seed: int, jobs: int
+) -> Searched:
+    """:func:`search`, timed, its convergence warnings kept as notes (other warnings dropped)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        fitted, params, cv_info = search(spec, pipe, X, y, cv, seed, jobs)
+    seconds = time.perf_counter() - started
+    notes = sorted(
+        {str(w.message).split(".")[0] for w in caught if issubclass(w.category, ConvergenceWarning)}
+    )
+    return Searched(fitted, params, cv_info, seconds, notes, time.monotonic())
 
 
 def search(

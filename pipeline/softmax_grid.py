@@ -2,7 +2,7 @@
 (:meth:`pipeline.softmax.SoftmaxClassifier.fit_grid`).
 
 One head per learning rate sits beside the others on one input. Each head's dense
-weights are ``scale * variable`` (:func:`_scaled_dense_class`): Adam's step does not
+weights are ``scale * variable`` (:func:`_grid_heads_class`): Adam's step does not
 depend on the gradient's scale, so with ``scale = rate / max(rates)`` and the
 optimizer at ``max(rates)`` that head moves at its own rate. Every head starts from
 the weights and dropout seed of the single fit it stands for; the loss is the sum of
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def grid_model(fresh: keras.Model, scales: Sequence[float]) -> keras.Model:
     """``len(scales)`` copies of ``fresh`` side by side on one input, each with its weights
-    reparametrised as ``scale * variable``.
+    reparametrised as ``scale * variable`` (:func:`_grid_heads_class`).
 
     Every copy starts as ``fresh`` starts a single fit: the same weights and the same
     dropout seed, so on the same batches each copy follows the fit of its learning rate
@@ -36,27 +36,26 @@ def grid_model(fresh: keras.Model, scales: Sequence[float]) -> keras.Model:
     """
     import keras
 
-    scaled = _scaled_dense_class()
-    inputs = keras.Input(shape=fresh.input_shape[1:], name="features")
     dense, output = fresh.get_layer("head_dense"), fresh.get_layer("head_output")
     dropout = fresh.get_layer("head_dropout")
-    # The head's input is one feature vector per image: its Flatten is the identity there,
-    # and each layer less is one less to trace.
+    inputs = keras.Input(shape=fresh.input_shape[1:], name="features")
+    # The head's input is one feature vector per image: its Flatten is the identity there.
     flat = inputs if len(inputs.shape) == 2 else keras.layers.Flatten()(inputs)
-    outputs = []
+    heads = _grid_heads_class()(dense.units, output.units, scales, dropout.rate, name="heads")
+    logits = heads(flat)
+    h, k = dense.units, output.units
+    kernel, bias = np.asarray(dense.kernel), np.asarray(dense.bias)
+    out_kernel, out_bias = np.asarray(output.kernel), np.asarray(output.bias)
+    blocks = np.zeros(tuple(heads.out_kernel.shape), np.float32)  # zero off the diagonal blocks
     for g, scale in enumerate(scales):
-        hidden = scaled(dense.units, "relu", scale, name=f"head_dense_{g}")
-        drop = keras.layers.Dropout(dropout.rate, name=f"head_dropout_{g}")
-        out = scaled(output.units, None, scale, name=f"head_output_{g}")  # logits
-        outputs.append(out(drop(hidden(flat))))
-        for layer, source in ((hidden, dense), (out, output)):
-            layer.kernel.assign(np.asarray(source.kernel) / scale)
-            layer.bias.assign(np.asarray(source.bias) / scale)
-        for target, source in zip(drop.variables, dropout.variables, strict=True):
-            target.assign(source)  # the dropout seed's state
-    # One stacked output (n, heads, units) of logits and one loss: Keras then keeps one loss
-    # tracker, and tracing the training step costs about half what one output per head costs.
-    return keras.Model(inputs, keras.ops.stack(outputs, axis=1), name="softmax_grid")
+        blocks[g * h : (g + 1) * h, g * k : (g + 1) * k] = out_kernel / scale
+    heads.kernel.assign(np.concatenate([kernel / scale for scale in scales], axis=1))
+    heads.bias.assign(np.concatenate([bias / scale for scale in scales]))
+    heads.out_kernel.assign(blocks)
+    heads.out_bias.assign(np.concatenate([out_bias / scale for scale in scales]))
+    for target, source in zip(heads.dropout.variables, dropout.variables, strict=True):
+        target.assign(source)  # the dropout seed's state
+    return keras.Model(inputs, logits, name="softmax_grid")
 
 
 def grid_loss(sigmoid: bool) -> Callable[[Any, Any], Any]:
@@ -85,42 +84,73 @@ def grid_loss(sigmoid: bool) -> Callable[[Any, Any], Any]:
 
 
 @functools.cache
-def _scaled_dense_class() -> type:
+def _grid_heads_class() -> type:
     import keras
+    from keras import ops
 
-    class ScaledDense(keras.layers.Layer):
-        """``activation(x @ (scale * kernel) + scale * bias)``: Adam moves this layer's
-        effective weights ``scale`` times as fast (its step ignores the gradient's scale)."""
+    class GridHeads(keras.layers.Layer):
+        """The grid's heads as one layer: ``(n, width)`` features -> ``(n, heads, units)``
+        logits, head ``g``'s weights ``scales[g] * variable``.
 
-        def __init__(self, units: int, activation: Any, scale: float, **kwargs: Any) -> None:
+        Four variables whatever the number of heads: the hidden layers' kernels side by
+        side in one, their biases in another, the output kernels as the diagonal blocks of
+        one block-diagonal matrix (its other entries start at zero and their gradient is
+        masked to zero, so they stay zero), the output biases in a fourth. Adam's update
+        costs ops per variable, so tracing the training step of two heads costs about what
+        one head's costs, and a step stays as cheap as the heads as separate layers. One
+        dropout mask of ``(n, 1, hidden)`` serves every head: a single fit draws the same
+        ``(n, hidden)`` mask from the same seed.
+        """
+
+        def __init__(
+            self, hidden: int, units: int, scales: Sequence[float], rate: float, **kwargs: Any
+        ) -> None:
             super().__init__(dtype="float32", **kwargs)
-            self.units, self.scale = int(units), float(scale)
-            self.activation = keras.activations.get(activation)
+            self.hidden, self.units = int(hidden), int(units)
+            self.scales = [float(scale) for scale in scales]
+            self.dropout = keras.layers.Dropout(rate, noise_shape=(None, 1, self.hidden))
+            per_head = np.asarray(self.scales, np.float32)
+            self._hidden_scale = np.repeat(per_head, self.hidden)
+            self._units_scale = np.repeat(per_head, self.units)
+            mask = np.kron(np.eye(len(per_head), dtype=np.float32), np.ones((hidden, units)))
+            self._block_scale = (mask * self._units_scale).astype(np.float32)
 
         def build(self, input_shape: tuple) -> None:
-            self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
-            self.bias = self.add_weight(shape=(self.units,), name="bias", initializer="zeros")
+            width, g = int(input_shape[-1]), len(self.scales)
+            gh, gk = g * self.hidden, g * self.units
+            self.kernel = self.add_weight(shape=(width, gh), name="kernel")
+            self.bias = self.add_weight(shape=(gh,), name="bias", initializer="zeros")
+            self.out_kernel = self.add_weight(shape=(gh, gk), name="out_kernel")
+            self.out_bias = self.add_weight(shape=(gk,), name="out_bias", initializer="zeros")
+            self.dropout.build((None, g, self.hidden))
 
-        def call(self, x: Any) -> Any:
-            return self.activation(
-                keras.ops.matmul(x, self.kernel * self.scale) + self.bias * self.scale
+        def call(self, x: Any, training: Any = None) -> Any:
+            g, h, k = len(self.scales), self.hidden, self.units
+            z = ops.matmul(x, self.kernel * self._hidden_scale) + self.bias * self._hidden_scale
+            hidden = self.dropout(ops.reshape(ops.relu(z), (-1, g, h)), training=training)
+            logits = ops.matmul(
+                ops.reshape(hidden, (-1, g * h)), self.out_kernel * self._block_scale
             )
+            return ops.reshape(logits + self.out_bias * self._units_scale, (-1, g, k))
 
         def compute_output_shape(self, input_shape: tuple) -> tuple:
-            # Given, Keras need not trace ``call`` in a scratch graph to learn it when the
-            # grid model is built (about 10 ms a layer on TensorFlow).
-            return (*input_shape[:-1], self.units)
+            # Given, Keras need not trace ``call`` in a scratch graph to learn it.
+            return (input_shape[0], len(self.scales), self.units)
 
-    return ScaledDense
+    return GridHeads
 
 
 def _grid_weights(grid: keras.Model, g: int) -> list[np.ndarray]:
     """Head ``g``'s effective weights: dense kernel, bias, output kernel, bias."""
-    weights = []
-    for name in (f"head_dense_{g}", f"head_output_{g}"):
-        layer = grid.get_layer(name)
-        weights += [np.asarray(layer.kernel) * layer.scale, np.asarray(layer.bias) * layer.scale]
-    return weights
+    heads = grid.get_layer("heads")
+    h, k, scale = heads.hidden, heads.units, heads.scales[g]
+    hidden, units = slice(g * h, (g + 1) * h), slice(g * k, (g + 1) * k)
+    return [
+        np.asarray(heads.kernel)[:, hidden] * scale,
+        np.asarray(heads.bias)[hidden] * scale,
+        np.asarray(heads.out_kernel)[hidden, units] * scale,
+        np.asarray(heads.out_bias)[units] * scale,
+    ]
 
 
 def export_head(

@@ -1,0 +1,200 @@
+"""The scikit-learn heads' searches in a background process while Keras trains here.
+
+A default sweep fits Keras's softmax head and five scikit-learn heads. The softmax
+head's fit is one core's work (tracing its training step is Python, its steps are
+small), and threads cannot overlap it with the other heads' searches: both hold
+Python's interpreter lock most of the time. One worker process can. It gets the
+train split once, then searches the scikit-learn heads one after another, in the
+order given, on one BLAS thread (the other core is Keras's), while this process
+trains the Keras heads. When those are done, this process takes back the searches the
+worker has not started (:meth:`BackgroundSearches.take_back`) and runs them itself, so
+neither core waits for the other.
+
+The worker is started once per process and kept (:func:`warm_up` starts it ahead);
+its first start costs about a second on 2 cores, spent while this process imports
+Keras (about 4 s) on a fresh ``make head``. A search the worker cannot deliver (the
+worker died, or the search raised) is run again here, so errors and results are what
+a sweep without the worker gives. The worker process is made by loky (joblib's
+process executor): no fork of this process, whose TensorFlow threads a fork would
+not carry safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from pipeline.head_search import Searched
+
+#: Largest train split (bytes of features) sent to the worker: it holds a copy of it.
+OVERLAP_MAX_BYTES = 512 * 2**20
+
+_lock = threading.Lock()
+_executor: Any = None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def warm_up() -> None:
+    """Start the worker now and let it import the searches' modules (blocks until it has).
+
+    ``make bench-heads`` calls it before timing, as it imports Keras before timing: a
+    fresh ``make head`` pays both while it starts, side by side.
+    """
+    _worker().submit(_import_searches).result()
+
+
+def shut_down() -> None:
+    """Stop the worker (the next sweep that needs it starts a new one)."""
+    global _executor
+    with _lock:
+        executor, _executor = _executor, None
+    if executor is not None:
+        executor.shutdown(wait=True)
+
+
+class BackgroundSearches:
+    """Heads' searches sent to the worker, in order, on one train split.
+
+    Parameters
+    ----------
+    X, y : arrays
+        The train split, as the heads' searches in this process see it.
+    names : sequence of str
+        Registered scikit-learn heads, searched in this order.
+    norm, pca, cv, seed
+        As :func:`pipeline.heads.fit_heads` takes them (the search's ``jobs`` is 1).
+    """
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        names: Sequence[str],
+        *,
+        norm: str | None,
+        pca: int | None,
+        cv: int,
+        seed: int,
+    ) -> None:
+        if len(set(names)) != len(names):
+            raise ValueError(f"each head once: {list(names)}")
+        worker = _worker()
+        token = uuid.uuid4().hex
+        self._worker, self._token = worker, token
+        self._futures: dict[str, Future] = {}
+        self.failures: dict[str, str] = {}  # head -> why the worker did not deliver it
+        worker.submit(_hold, token, X, y)
+        for name in names:
+            self._futures[name] = worker.submit(
+                _search_held, token, name, norm=norm, pca=pca, cv=cv, seed=seed
+            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The heads still the worker's (not taken back), in order."""
+        return tuple(self._futures)
+
+    def take_back(self) -> list[str]:
+        """The searches the worker has not started, from the last back, removed from it.
+
+        Returns their names in the order they were given; the caller runs them.
+        """
+        taken: list[str] = []
+        for name in reversed(list(self._futures)):
+            if not self._futures[name].cancel():
+                break  # started, or queued next: this one and those before it stay
+            del self._futures[name]
+            taken.insert(0, name)
+        return taken
+
+    def result(self, name: str) -> Searched | None:
+        """Wait for a head's search; ``None`` when the worker could not deliver it.
+
+        The reason is kept in :attr:`failures`; a dead worker is replaced on the next sweep.
+        """
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._futures[name].result()
+        except BrokenProcessPool as exc:  # the worker died: every later search fails too
+            _forget(self._worker)
+            self.failures[name] = f"the background process stopped ({_first_line(exc)})"
+        except Exception as exc:
+            self.failures[name] = f"{type(exc).__name__}: {_first_line(exc)}"
+        return None
+
+    def close(self) -> None:
+        """Cancel what has not started and let the worker drop the train split."""
+        for future in self._futures.values():
+            future.cancel()
+        with contextlib.suppress(Exception):  # a dead or shut-down worker holds nothing
+            self._worker.submit(_release, self._token)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _worker() -> Any:
+    global _executor
+    with _lock:
+        if _executor is None:
+            from joblib.externals.loky import ProcessPoolExecutor
+
+            _executor = ProcessPoolExecutor(max_workers=1)
+        return _executor
+
+
+def _forget(executor: Any) -> None:
+    global _executor
+    with _lock:
+        if _executor is executor:
+            _executor = None
+    executor.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------- in the worker
+
+_held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _import_searches() -> None:
+    import pipeline.heads  # noqa: F401  (scikit-learn and the searches)
+
+
+def _hold(token: str, X: np.ndarray, y: np.ndarray) -> None:
+    _held.clear()  # one sweep's data at a time
+    _held[token] = (X, y)
+
+
+def _release(token: str) -> None:
+    _held.pop(token, None)
+
+
+def _search_held(
+    token: str, name: str, *, norm: str | None, pca: int | None, cv: int, seed: int
+) -> Searched:
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.head_search import timed_search
+    from pipeline.heads import HEADS, build_head
+
+    X, y = _held[token]
+    with threadpool_limits(1):  # the other core trains Keras
+        return timed_search(
+            HEADS[name], build_head(name, norm=norm, pca=pca, seed=seed), X, y, cv, seed, 1
+        )

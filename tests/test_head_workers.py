@@ -1,0 +1,121 @@
+"""The scikit-learn heads' searches in a background process beside Keras (pipeline.head_workers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from heads_helpers import blobs, synthetic_cache
+
+from pipeline import head_workers
+from pipeline.head_search import timed_search
+from pipeline.heads import HEADS, _background_heads, build_head, fit_heads
+
+SKLEARN_HEADS = ("svm", "rbf_svm", "logreg", "knn", "ridge")
+
+
+def _same_search(a, b) -> None:
+    assert a.params == b.params
+    assert a.cv_info["scores"] == b.cv_info["scores"] and a.cv_info["score"] == b.cv_info["score"]
+    X = np.random.default_rng(5).normal(size=(7, 12)).astype(np.float32)
+    np.testing.assert_array_equal(a.fitted.predict(X), b.fitted.predict(X))
+
+
+def test_a_background_search_is_the_search_here():
+    X, y = blobs(15, 3, 12, separation=1.5, seed=4)
+    searches = head_workers.BackgroundSearches(
+        X, y, SKLEARN_HEADS, norm=None, pca=None, cv=3, seed=1
+    )
+    try:
+        for name in searches.names:
+            there = searches.result(name)
+            assert there is not None, searches.failures
+            here = timed_search(HEADS[name], build_head(name, seed=1), X, y, 3, 1, 1)
+            _same_search(there, here)
+            assert there.seconds > 0 and there.finished_at > 0
+    finally:
+        searches.close()
+
+
+def test_take_back_returns_the_searches_not_started_in_order():
+    X, y = blobs(15, 2, 12, separation=1.5)
+    head_workers._worker().submit(time.sleep, 1.0)  # busy: the searches below wait
+    names = list(SKLEARN_HEADS)
+    searches = head_workers.BackgroundSearches(X, y, names, norm=None, pca=None, cv=3, seed=0)
+    try:
+        taken = searches.take_back()
+        kept = list(searches.names)
+        assert kept + taken == names  # the order given, split in two
+        assert len(kept) <= 2  # at most what the executor has queued for the worker already
+        assert searches.take_back() == []  # what is left is queued: it cannot be taken
+        for name in kept:
+            assert searches.result(name) is not None
+    finally:
+        searches.close()
+
+
+def test_a_dead_worker_is_reported_and_replaced():
+    X, y = blobs(10, 2, 12, separation=1.5)
+    worker = head_workers._worker()
+    pid = worker.submit(os.getpid).result()
+    worker.submit(time.sleep, 5.0)  # killed while it waits
+    searches = head_workers.BackgroundSearches(X, y, ["svm"], norm=None, pca=None, cv=3, seed=0)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        assert searches.result("svm") is None
+        assert "background process stopped" in searches.failures["svm"]
+    finally:
+        searches.close()
+    again = head_workers.BackgroundSearches(X, y, ["svm"], norm=None, pca=None, cv=3, seed=0)
+    try:
+        assert again.result("svm") is not None  # a new worker
+    finally:
+        again.close()
+
+
+def test_an_overlapped_sweep_saves_what_a_sweep_in_one_process_saves(tmp_path):
+    cache = synthetic_cache(tmp_path, n_classes=3, width=12, separation=1.5, per_class=20)
+    runs = {}
+    for overlap in (True, False):
+        results = fit_heads(
+            cache, "svm,knn,softmax,ridge", artifacts_dir=tmp_path / str(overlap), overlap=overlap
+        )
+        assert [r.head for r in results] == ["svm", "knn", "softmax", "ridge"]
+        assert results.fits_seconds > 0
+        runs[overlap] = results
+    assert runs[True].background == ("svm", "knn", "ridge") and runs[False].background == ()
+    for there, here in zip(runs[True], runs[False], strict=True):
+        for key in ("params", "metrics", "warnings", "n_train"):
+            assert there.manifest[key] == here.manifest[key], key
+        for key in ("score", "scores", "folds", "scheme"):
+            assert there.manifest["cv"][key] == here.manifest["cv"][key], key
+        assert there.manifest["searched_in_background"] == (there.head in runs[True].background)
+        assert not here.manifest["searched_in_background"]
+
+
+def test_which_heads_go_to_the_background():
+    X = np.zeros((10, 4), np.float32)
+    both = ("svm", "softmax", "knn")
+    assert _background_heads(both, X, 1, True) == ("svm", "knn")
+    assert _background_heads(both, X, 1, False) == ()
+    assert _background_heads(both, X, 2, True) == ()  # the folds are spread already
+    assert _background_heads(("svm", "knn"), X, 1, True) == ()  # no Keras to overlap with
+    assert _background_heads(("softmax",), X, 1, True) == ()
+    expected = ("svm", "knn") if head_workers.usable_cores() >= 2 else ()
+    assert _background_heads(both, X, 1, None) == expected
+
+
+def test_a_train_split_too_large_stays_here(monkeypatch):
+    monkeypatch.setattr(head_workers, "OVERLAP_MAX_BYTES", 100)
+    X = np.zeros((10, 4), np.float32)  # 160 bytes
+    assert _background_heads(("svm", "softmax"), X, 1, None) == ()
+    assert _background_heads(("svm", "softmax"), X, 1, True) == ("svm",)  # asked for
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_the_worker():
+    yield
+    head_workers.shut_down()
