@@ -432,7 +432,13 @@ def run() -> None:
     from pipeline.console import filter_native_logs
 
     filter_native_logs()
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        workers = sys.modules.get("pipeline.head_workers")  # imported only if a command used it
+        if workers is not None:
+            workers.shut_down()  # the heads' background process ends with the command
+    sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

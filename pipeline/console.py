@@ -27,6 +27,10 @@ _CHATTER = (
     b"To enable the following instructions:",  # the second line of cpu_feature_guard's note
 )
 _MAYBE_CHATTER = re.compile(rb"^(?:[IWEF]\d{0,4}(?: [\d:. ]*)?|W[A-Z: ]*|T[a-z ]*)$")
+# Written by :func:`filter_native_logs`'s exit handler: the filter's last input. Child
+# processes (the heads' background worker, loky's resource tracker, Ray) inherit
+# descriptor 2, so the pipe may not reach its end while they live.
+END_OF_FILTER = b"\0pipeline: end of the stderr filter\0"
 
 
 def is_chatter(line: bytes) -> bool:
@@ -44,7 +48,6 @@ def filter_native_logs() -> None:
         original = os.dup(2)
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
-        os.close(write_end)
     except OSError:  # no usable descriptor 2: nothing to filter
         return
     thread = threading.Thread(
@@ -55,7 +58,10 @@ def filter_native_logs() -> None:
     def restore() -> None:
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's last write end: the thread sees EOF
+        os.dup2(original, 2)
+        with contextlib.suppress(OSError):
+            _write_all(write_end, END_OF_FILTER)  # one write, under PIPE_BUF: never split
+            os.close(write_end)
         thread.join(timeout=2)
 
     atexit.register(restore)
@@ -65,15 +71,21 @@ def _forward(read_end: int, out: int) -> None:
     pending = b""
     while chunk := os.read(read_end, 65536):
         pending += chunk
+        ended = END_OF_FILTER in pending
+        if ended:
+            pending = pending[: pending.index(END_OF_FILTER)]
         *lines, pending = pending.split(b"\n")
         kept = [line + b"\n" for line in lines if not is_chatter(line)]
         # A partial line (a progress bar's "\r..." update) goes out at once unless it
-        # may still become a chatter line.
-        if pending and not _MAYBE_CHATTER.match(pending) and not is_chatter(pending):
+        # may still become a chatter line, or the end mark (a NUL: none in text).
+        partial = pending and b"\0" not in pending and not _MAYBE_CHATTER.match(pending)
+        if partial and not is_chatter(pending):
             kept.append(pending)
             pending = b""
         if kept:
             _write_all(out, b"".join(kept))
+        if ended:
+            break
     if pending and not is_chatter(pending):
         _write_all(out, pending)
     os.close(read_end)

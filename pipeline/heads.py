@@ -283,15 +283,23 @@ class HeadResults(list):
 
     ``fits_seconds`` is the wall-clock time from the sweep's start to the end of its last
     search (searches overlapped in two processes count once; evaluation and files are
-    outside it where they come after); ``background`` names the heads searched in the
-    background process (:mod:`pipeline.head_workers`).
+    outside it where they come after), less Keras's import when the sweep paid it
+    (``keras_import_seconds``: start-up, as each head's ``fit_seconds`` leaves it out);
+    ``background`` names the heads searched in the background process
+    (:mod:`pipeline.head_workers`).
     """
 
     def __init__(
-        self, results: Iterable[HeadResult], *, fits_seconds: float, background: Sequence[str]
+        self,
+        results: Iterable[HeadResult],
+        *,
+        fits_seconds: float,
+        background: Sequence[str],
+        keras_import_seconds: float = 0.0,
     ) -> None:
         super().__init__(results)
         self.fits_seconds = float(fits_seconds)
+        self.keras_import_seconds = float(keras_import_seconds)
         self.background = tuple(background)
 
 
@@ -433,9 +441,11 @@ def fit_heads(
     finally:
         if background is not None:
             background.close()
+    startup = sum(r.manifest.get("keras_import_seconds") or 0.0 for r in recorded.values())
     results = HeadResults(
         (recorded[name] for name in names),
-        fits_seconds=max(finished) - started,
+        fits_seconds=max(finished) - started - startup,
+        keras_import_seconds=startup,
         background=[n for n in aside if recorded[n].manifest.get("searched_in_background")],
     )
     if log is not None and len(results) > 1:
@@ -493,7 +503,12 @@ def summary_table(results: Sequence[HeadResult]) -> str:
             if results.background
             else ""
         )
-        lines.append(f"  searches {results.fits_seconds:.2f} s wall-clock{aside}")
+        loaded = (
+            f" (after loading Keras, {results.keras_import_seconds:.1f} s)"
+            if results.keras_import_seconds >= 0.05
+            else ""
+        )
+        lines.append(f"  searches {results.fits_seconds:.2f} s wall-clock{loaded}{aside}")
     return "\n".join(lines)
 
 

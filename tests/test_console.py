@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from pipeline.console import _forward, is_chatter
+from pipeline.console import END_OF_FILTER, _forward, is_chatter
 
 TF_START_UP = (
     b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
@@ -53,3 +53,22 @@ def test_filter_drops_chatter_and_keeps_everything_else_in_order():
 def test_a_chatter_line_split_across_writes_is_still_dropped():
     line = TF_START_UP.splitlines(keepends=True)[1]
     assert _filtered(line[:3], line[3:20], line[20:], b"kept\n") == b"kept\n"
+
+
+def test_the_end_mark_stops_the_filter_while_a_child_still_holds_the_pipe():
+    """A child process that inherited descriptor 2 keeps the pipe open: the exit handler's
+    end mark, not the pipe's end, stops the thread, and what came before it is kept."""
+    source_read, source_write = os.pipe()
+    sink_read, sink_write = os.pipe()
+    held_by_a_child = os.dup(source_write)
+    thread = threading.Thread(target=_forward, args=(source_read, sink_write))
+    thread.start()
+    os.write(source_write, b"last line\n")
+    os.write(source_write, b"\rbar 9/10" + END_OF_FILTER + b"after the end\n")
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    os.close(sink_write)
+    with os.fdopen(sink_read, "rb") as sink:
+        assert sink.read() == b"last line\n\rbar 9/10"
+    for fd in (source_write, held_by_a_child):
+        os.close(fd)
