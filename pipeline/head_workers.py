@@ -6,9 +6,9 @@ small), and threads cannot overlap it with the other heads' searches: both hold
 Python's interpreter lock most of the time. One worker process can. It gets the
 train split once, then searches the scikit-learn heads one after another, in the
 order given, on one BLAS thread (the other core is Keras's), while this process
-trains the Keras heads. When those are done, this process takes back the searches the
-worker has not started (:meth:`BackgroundSearches.take_back`) and runs them itself, so
-neither core waits for the other.
+trains the Keras heads. When those are done, this process takes the searches the worker
+has not started from the back of the list (:meth:`BackgroundSearches.take_last`) and runs
+them itself, so neither core waits for the other.
 
 The worker is started once per process and kept (:func:`warm_up` starts it ahead);
 its first start costs about a second on 2 cores, spent while this process imports
@@ -66,7 +66,11 @@ def shut_down() -> None:
 
 
 class BackgroundSearches:
-    """Heads' searches sent to the worker, in order, on one train split.
+    """Heads' searches for the worker, on one train split: it takes them from the front,
+    one at a time; this process may take them from the back (:meth:`take_last`).
+
+    A search is sent when the worker's previous one ends (a callback of its future), so
+    none waits in the executor's queue, where it could no longer be taken back.
 
     Parameters
     ----------
@@ -91,34 +95,29 @@ class BackgroundSearches:
     ) -> None:
         if len(set(names)) != len(names):
             raise ValueError(f"each head once: {list(names)}")
-        worker = _worker()
-        token = uuid.uuid4().hex
-        self._worker, self._token = worker, token
-        self._futures: dict[str, Future] = {}
+        self._worker, self._token = _worker(), uuid.uuid4().hex
+        self._options = {"norm": norm, "pca": pca, "cv": cv, "seed": seed}
+        self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)
+        self._waiting = list(names)  # not sent yet, in order
+        self._futures: dict[str, Future] = {}  # sent
+        self._closed = False
         self.failures: dict[str, str] = {}  # head -> why the worker did not deliver it
-        worker.submit(_hold, token, X, y)
-        for name in names:
-            self._futures[name] = worker.submit(
-                _search_held, token, name, norm=norm, pca=pca, cv=cv, seed=seed
-            )
+        self._submit(_hold, self._token, X, y)
+        self._send_next()
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The heads still the worker's (not taken back), in order."""
-        return tuple(self._futures)
+        """The heads the worker has or will have (none taken back), in order."""
+        with self._lock:
+            return (*self._futures, *self._waiting)
 
-    def take_back(self) -> list[str]:
-        """The searches the worker has not started, from the last back, removed from it.
-
-        Returns their names in the order they were given; the caller runs them.
-        """
-        taken: list[str] = []
-        for name in reversed(list(self._futures)):
-            if not self._futures[name].cancel():
-                break  # started, or queued next: this one and those before it stay
-            del self._futures[name]
-            taken.insert(0, name)
-        return taken
+    def take_last(self) -> str | None:
+        """The last search not sent yet, now this process's to run; ``None`` when none is left."""
+        with self._sent:
+            name = self._waiting.pop() if self._waiting else None
+            self._sent.notify_all()
+            return name
 
     def result(self, name: str) -> Searched | None:
         """Wait for a head's search; ``None`` when the worker could not deliver it.
@@ -127,8 +126,13 @@ class BackgroundSearches:
         """
         from concurrent.futures.process import BrokenProcessPool
 
+        with self._sent:
+            self._sent.wait_for(lambda: name not in self._waiting)  # sent when the last ends
+            future = self._futures.get(name)
+        if future is None:
+            raise KeyError(f"{name} was not sent to the worker (taken back, or not asked)")
         try:
-            return self._futures[name].result()
+            return future.result()
         except BrokenProcessPool as exc:  # the worker died: every later search fails too
             _forget(self._worker)
             self.failures[name] = f"the background process stopped ({_first_line(exc)})"
@@ -137,11 +141,31 @@ class BackgroundSearches:
         return None
 
     def close(self) -> None:
-        """Cancel what has not started and let the worker drop the train split."""
-        for future in self._futures.values():
-            future.cancel()
+        """Send nothing more and let the worker drop the train split."""
+        with self._sent:
+            self._closed = True
+            self._waiting.clear()
+            self._sent.notify_all()
         with contextlib.suppress(Exception):  # a dead or shut-down worker holds nothing
             self._worker.submit(_release, self._token)
+
+    def _send_next(self, _previous: Future | None = None) -> None:
+        with self._lock:
+            if self._closed or not self._waiting:
+                return
+            name = self._waiting.pop(0)
+            future = self._submit(_search_held, self._token, name, **self._options)
+            self._futures[name] = future
+            self._sent.notify_all()
+        future.add_done_callback(self._send_next)  # runs now if it is done already
+
+    def _submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future:
+        try:
+            return self._worker.submit(fn, *args, **kwargs)
+        except Exception as exc:  # a broken or shut-down executor: the future carries it
+            failed: Future = Future()
+            failed.set_exception(exc)
+            return failed
 
 
 def _first_line(exc: BaseException) -> str:

@@ -387,6 +387,7 @@ def fit_heads(
     started = time.monotonic()
     finished: list[float] = []
     recorded: dict[str, HeadResult] = {}
+    searched_here: dict[str, tuple[head_search.Searched, float | None]] = {}
 
     def record(name: str, searched: head_search.Searched, **where: Any) -> None:
         finished.append(searched.finished_at)
@@ -399,7 +400,7 @@ def fit_heads(
     def search_here(name: str) -> None:
         if log is not None:
             fits = f"{plan[name]} fit{'' if plan[name] == 1 else 's'}"
-            done = sum(plan[n] for n in recorded)
+            done = sum(plan[n] for n in [*recorded, *searched_here])
             log(f"[fits {done}/{sum(plan.values())}] {name}: {fits} planned ...")
         spec = HEADS[name]
         pipe = build_head(name, norm=norm, pca=pca, seed=seed)
@@ -408,7 +409,12 @@ def fit_heads(
         # excludes it.
         startup = _import_keras() if spec.keras else None
         searched = head_search.timed_search(spec, pipe, X_train, y_train, cv, seed, jobs)
-        record(name, searched, keras_import_seconds=startup, background=False)
+        searched_here[name] = (searched, startup)
+
+    def record_here() -> None:  # evaluated and saved once no search waits for this process
+        for name, (searched, startup) in searched_here.items():
+            record(name, searched, keras_import_seconds=startup, background=False)
+        searched_here.clear()
 
     aside = _background_heads(names, X_train, jobs, overlap)
     background = (
@@ -427,15 +433,24 @@ def fit_heads(
         for name in names:
             if name not in aside:
                 search_here(name)
+                if background is None:
+                    record_here()
         if background is not None:
-            for name in background.take_back():  # not started yet: this process is free now
-                search_here(name)
+            # The worker takes searches from the front; this process, free now, from the back,
+            # on one BLAS thread (the worker's core is busy: more threads would only contend).
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(1):
+                while (name := background.take_last()) is not None:
+                    search_here(name)
+            record_here()
             for name in background.names:
                 searched = background.result(name)
                 if searched is None:
                     if log is not None:
                         log(f"{name}: {background.failures[name]}; searching it here")
                     search_here(name)
+                    record_here()
                 else:
                     record(name, searched, keras_import_seconds=None, background=True)
     finally:

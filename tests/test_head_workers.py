@@ -40,19 +40,35 @@ def test_a_background_search_is_the_search_here():
         searches.close()
 
 
-def test_take_back_returns_the_searches_not_started_in_order():
+def test_this_process_takes_searches_from_the_back_while_the_worker_takes_the_front():
     X, y = blobs(15, 2, 12, separation=1.5)
-    head_workers._worker().submit(time.sleep, 1.0)  # busy: the searches below wait
-    names = list(SKLEARN_HEADS)
-    searches = head_workers.BackgroundSearches(X, y, names, norm=None, pca=None, cv=3, seed=0)
+    head_workers._worker().submit(time.sleep, 1.0)  # busy: only the first search is sent
+    searches = head_workers.BackgroundSearches(
+        X, y, SKLEARN_HEADS, norm=None, pca=None, cv=3, seed=0
+    )
     try:
-        taken = searches.take_back()
-        kept = list(searches.names)
-        assert kept + taken == names  # the order given, split in two
-        assert len(kept) <= 2  # at most what the executor has queued for the worker already
-        assert searches.take_back() == []  # what is left is queued: it cannot be taken
-        for name in kept:
-            assert searches.result(name) is not None
+        taken = []
+        while (name := searches.take_last()) is not None:
+            taken.append(name)
+        assert taken == ["ridge", "knn", "logreg", "rbf_svm"]  # none of them was sent
+        assert searches.names == ("svm",)
+        assert searches.result("svm") is not None
+        with pytest.raises(KeyError, match="not sent"):
+            searches.result("ridge")
+    finally:
+        searches.close()
+
+
+def test_the_worker_takes_the_next_search_when_one_ends():
+    X, y = blobs(15, 2, 12, separation=1.5)
+    searches = head_workers.BackgroundSearches(
+        X, y, SKLEARN_HEADS, norm=None, pca=None, cv=3, seed=0
+    )
+    try:
+        results = [searches.result(name) for name in SKLEARN_HEADS]  # waits on each in turn
+        assert all(r is not None for r in results) and searches.take_last() is None
+        ends = [r.finished_at for r in results]
+        assert ends == sorted(ends)  # one after another, in the order given
     finally:
         searches.close()
 
