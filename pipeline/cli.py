@@ -333,10 +333,10 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
     if args.data:  # stage one timed in this run, beside the heads
         bench_heads_on_folders(
             args.data, feature_config(args), split=split_config(args), out=args.out, cv=args.cv,
-            log=print,
+            repeats=args.repeats, log=print,
         )  # fmt: skip
     else:  # the caches' recorded extraction times
-        bench_heads(list(args.cache), out=args.out, cv=args.cv, log=print)
+        bench_heads(list(args.cache), out=args.out, cv=args.cv, repeats=args.repeats, log=print)
     print(f"wrote {args.out}")
     return 0
 
@@ -424,6 +424,9 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     add_split_options(p)
     p.add_argument("--cv", type=int, default=3, help="folds of the search")
     p.add_argument("--out", default="artifacts/bench/heads.json", help="JSON file for the figures")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="sweeps per data set; the median one is reported"
+    )
     p.set_defaults(func=cmd_bench_heads)
 
 

@@ -19,6 +19,8 @@ def test_bench_heads_divides_the_heads_fit_time_by_extraction(tmp_path):
     assert set(row["fit_seconds"]) == set(DEFAULT_HEADS)
     assert row["extraction_seconds"] == 20.0
     assert row["ratio"] == pytest.approx(row["searches_seconds"] / 20.0)
+    each = row["searches_seconds_each_sweep"]
+    assert len(each) == 3 and row["searches_seconds"] == sorted(each)[1]  # the median sweep
     assert row["ratio_serial"] == pytest.approx(sum(row["fit_seconds"].values()) / 20.0)
     assert row["ratio_sweep"] == pytest.approx(row["sweep_seconds"] / 20.0)
     # the searches' wall time holds the longest search; the sweep's holds the searches, and
@@ -30,6 +32,13 @@ def test_bench_heads_divides_the_heads_fit_time_by_extraction(tmp_path):
         assert sum(row["fit_seconds"].values()) <= row["searches_seconds"] + 1e-3
     assert json.loads((tmp_path / "heads.json").read_text())["caches"][0]["ratio"] == row["ratio"]
     assert "ratio" in lines[0] and "target <= 0.1" in lines[0]
+
+
+def test_bench_heads_refuses_no_sweep(tmp_path):
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="--repeats must be at least 1"):
+        bench_heads([synthetic_cache(tmp_path)], repeats=0)
 
 
 def test_bench_heads_on_folders_times_stage_one_in_the_same_run(
