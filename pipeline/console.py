@@ -55,12 +55,20 @@ def filter_native_logs() -> None:
     )
     thread.start()
 
+    owner = os.getpid()
+
     def restore() -> None:
+        if os.getpid() != owner:  # a forked child exiting: the filter is its parent's
+            return
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
         os.dup2(original, 2)
         with contextlib.suppress(OSError):
-            _write_all(write_end, END_OF_FILTER)  # one write, under PIPE_BUF: never split
+            # One write, under PIPE_BUF: never split. Not blocking: if the thread has died
+            # (its output closed) and the pipe is full, exit all the same.
+            os.set_blocking(write_end, False)
+            _write_all(write_end, END_OF_FILTER)
+        with contextlib.suppress(OSError):
             os.close(write_end)
         thread.join(timeout=2)
 

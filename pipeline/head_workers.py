@@ -5,16 +5,17 @@ head's fit is one core's work (tracing its training step is Python, its steps ar
 small), and threads cannot overlap it with the other heads' searches: both hold
 Python's interpreter lock most of the time. One worker process can. It gets the
 train split once, then searches the scikit-learn heads one after another, in the
-order given, on one BLAS thread (the other core is Keras's), while this process
-trains the Keras heads. When those are done, this process takes the searches the worker
+order given, on half the cores' BLAS threads (:func:`blas_threads`; the other half
+is Keras's), while this process trains the Keras heads. When those are done, this process takes the searches the worker
 has not started from the back of the list (:meth:`BackgroundSearches.take_last`) and runs
 them itself, so neither core waits for the other.
 
 The worker is started once per process and kept (:func:`warm_up` starts it ahead);
 its first start costs about a second on 2 cores, spent while this process imports
 Keras (about 4 s) on a fresh ``make head``. A search the worker cannot deliver (the
-worker died, or the search raised) is run again here, so errors and results are what
-a sweep without the worker gives. The worker process is made by loky (joblib's
+worker died, or the search raised) is run again here, so errors are what a sweep
+without the worker gives. Results are the same searches on the same folds and seeds; a
+different number of BLAS threads can only change rounding (so, at most, a near tie). The worker process is made by loky (joblib's
 process executor): no fork of this process, whose TensorFlow threads a fork would
 not carry safely.
 """
@@ -45,6 +46,12 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def blas_threads() -> int:
+    """BLAS and OpenMP threads for a search that runs beside another process's work: half
+    the cores (one on 2 cores, where the other is Keras's or the worker's)."""
+    return max(1, usable_cores() // 2)
 
 
 def warm_up() -> None:
@@ -141,11 +148,16 @@ class BackgroundSearches:
         return None
 
     def close(self) -> None:
-        """Send nothing more and let the worker drop the train split."""
+        """Send nothing more and let the worker drop the train split; a search still running
+        (the sweep stopped on an error or Ctrl-C) is stopped with its worker."""
         with self._sent:
             self._closed = True
             self._waiting.clear()
             self._sent.notify_all()
+            unfinished = any(not future.done() for future in self._futures.values())
+        if unfinished:  # nobody will read it: do not make the command wait for it
+            _forget(self._worker, kill=True)
+            return
         with contextlib.suppress(Exception):  # a dead or shut-down worker holds nothing
             self._worker.submit(_release, self._token)
 
@@ -183,12 +195,13 @@ def _worker() -> Any:
         return _executor
 
 
-def _forget(executor: Any) -> None:
+def _forget(executor: Any, *, kill: bool = False) -> None:
     global _executor
     with _lock:
         if _executor is executor:
             _executor = None
-    executor.shutdown(wait=False)
+    with contextlib.suppress(Exception):
+        executor.shutdown(wait=False, kill_workers=kill)
 
 
 # --------------------------------------------------------------------------- in the worker
@@ -201,7 +214,9 @@ def _import_searches() -> None:
 
 
 def _hold(token: str, X: np.ndarray, y: np.ndarray) -> None:
-    _held.clear()  # one sweep's data at a time
+    # One sweep's data at a time: a sweep run beside another in the same process finds its
+    # split gone, and its searches run again in that process.
+    _held.clear()
     _held[token] = (X, y)
 
 
@@ -218,7 +233,7 @@ def _search_held(
     from pipeline.heads import HEADS, build_head
 
     X, y = _held[token]
-    with threadpool_limits(1):  # the other core trains Keras
+    with threadpool_limits(blas_threads()):  # the other cores train Keras
         return timed_search(
             HEADS[name], build_head(name, norm=norm, pca=pca, seed=seed), X, y, cv, seed, 1
         )

@@ -282,9 +282,11 @@ class HeadResults(list):
     and the sweep's timing.
 
     ``fits_seconds`` is the wall-clock time from the sweep's start to the end of its last
-    search (searches overlapped in two processes count once; evaluation and files are
-    outside it where they come after), less Keras's import when the sweep paid it
-    (``keras_import_seconds``: start-up, as each head's ``fit_seconds`` leaves it out);
+    search (searches overlapped in two processes count once; evaluation and files count
+    where they come before that end). ``keras_import_seconds`` is Keras's import when the
+    sweep paid it (start-up, as each head's ``fit_seconds`` leaves it out): subtracted
+    from ``fits_seconds`` when every search ran here, after it; kept in it
+    (``import_included``) when the background process searched meanwhile.
     ``background`` names the heads searched in the background process
     (:mod:`pipeline.head_workers`).
     """
@@ -296,10 +298,12 @@ class HeadResults(list):
         fits_seconds: float,
         background: Sequence[str],
         keras_import_seconds: float = 0.0,
+        import_included: bool = False,
     ) -> None:
         super().__init__(results)
         self.fits_seconds = float(fits_seconds)
         self.keras_import_seconds = float(keras_import_seconds)
+        self.import_included = bool(import_included)
         self.background = tuple(background)
 
 
@@ -417,18 +421,22 @@ def fit_heads(
         searched_here.clear()
 
     aside = _background_heads(names, X_train, jobs, overlap)
-    background = (
-        head_workers.BackgroundSearches(
-            X_train, y_train, aside, norm=norm, pca=pca, cv=cv, seed=seed
-        )
-        if aside
-        else None
-    )
+    background = None
+    if aside:
+        try:
+            background = head_workers.BackgroundSearches(
+                X_train, y_train, aside, norm=norm, pca=pca, cv=cv, seed=seed
+            )
+        except Exception as exc:  # e.g. no usable /dev/shm for its locks: search here
+            aside = ()
+            if log is not None:
+                log(f"[fits] no background process ({type(exc).__name__}: {exc}); all here")
     try:
         if background is not None and log is not None:
             here = ", ".join(n for n in names if n not in aside)
             log(
-                f"[fits] {', '.join(aside)}: searched in a background process while {here} trains here"
+                f"[fits] {', '.join(aside)}: sent to a background process while {here} trains "
+                "here (this process takes back the last ones it has not started)"
             )
         for name in names:
             if name not in aside:
@@ -437,10 +445,10 @@ def fit_heads(
                     record_here()
         if background is not None:
             # The worker takes searches from the front; this process, free now, from the back,
-            # on one BLAS thread (the worker's core is busy: more threads would only contend).
+            # on half the cores (the worker's are busy: more threads would only contend).
             from threadpoolctl import threadpool_limits
 
-            with threadpool_limits(1):
+            with threadpool_limits(head_workers.blas_threads()):
                 while (name := background.take_last()) is not None:
                     search_here(name)
             record_here()
@@ -457,11 +465,15 @@ def fit_heads(
         if background is not None:
             background.close()
     startup = sum(r.manifest.get("keras_import_seconds") or 0.0 for r in recorded.values())
+    searched_aside = [n for n in aside if recorded[n].manifest.get("searched_in_background")]
+    # While this process imported Keras the worker searched: the import stays in the wall time.
+    included = bool(searched_aside) and startup > 0
     results = HeadResults(
         (recorded[name] for name in names),
-        fits_seconds=max(finished) - started - startup,
+        fits_seconds=max(finished) - started - (0.0 if included else startup),
         keras_import_seconds=startup,
-        background=[n for n in aside if recorded[n].manifest.get("searched_in_background")],
+        import_included=included,
+        background=searched_aside,
     )
     if log is not None and len(results) > 1:
         log(summary_table(results))
@@ -518,11 +530,14 @@ def summary_table(results: Sequence[HeadResult]) -> str:
             if results.background
             else ""
         )
-        loaded = (
-            f" (after loading Keras, {results.keras_import_seconds:.1f} s)"
-            if results.keras_import_seconds >= 0.05
-            else ""
-        )
+        startup = results.keras_import_seconds
+        loaded = ""
+        if startup >= 0.05:
+            loaded = (
+                f" (loading Keras, {startup:.1f} s, included)"
+                if results.import_included
+                else f" (after loading Keras, {startup:.1f} s)"
+            )
         lines.append(f"  searches {results.fits_seconds:.2f} s wall-clock{loaded}{aside}")
     return "\n".join(lines)
 

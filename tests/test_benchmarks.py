@@ -41,6 +41,19 @@ def test_bench_heads_refuses_no_sweep(tmp_path):
         bench_heads([synthetic_cache(tmp_path)], repeats=0)
 
 
+def test_bench_heads_on_folders_checks_repeats_before_stage_one(tmp_path, monkeypatch):
+    import pipeline.features
+    from pipeline.benchmarks.heads import bench_heads_on_folders
+    from pipeline.errors import PipelineError
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("stage one ran before the options were checked")
+
+    monkeypatch.setattr(pipeline.features, "extract_features", no_extraction)
+    with pytest.raises(PipelineError, match="--repeats"):
+        bench_heads_on_folders([tmp_path], None, repeats=0)
+
+
 def test_bench_heads_on_folders_times_stage_one_in_the_same_run(
     split_folder, tmp_path, monkeypatch
 ):

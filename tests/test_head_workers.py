@@ -135,3 +135,34 @@ def test_a_train_split_too_large_stays_here(monkeypatch):
 def _stop_the_worker():
     yield
     head_workers.shut_down()
+
+
+def test_closing_with_a_search_running_stops_the_worker_at_once():
+    """A sweep stopped by an error or Ctrl-C does not make the command wait for a search
+    nobody will read: the worker is stopped, and the next sweep starts a new one."""
+    X, y = blobs(10, 2, 12, separation=1.5)
+    head_workers._worker().submit(time.sleep, 30.0)  # stands for a long search
+    searches = head_workers.BackgroundSearches(X, y, ["svm"], norm=None, pca=None, cv=3, seed=0)
+    started = time.monotonic()
+    searches.close()
+    head_workers.shut_down()
+    assert time.monotonic() - started < 10  # not the 30 s the running task would take
+    again = head_workers.BackgroundSearches(X, y, ["svm"], norm=None, pca=None, cv=3, seed=0)
+    try:
+        assert again.result("svm") is not None
+    finally:
+        again.close()
+
+
+def test_a_background_process_that_cannot_start_leaves_every_search_here(tmp_path, monkeypatch):
+    def cannot_start(*args, **kwargs):
+        raise OSError("no usable /dev/shm")
+
+    monkeypatch.setattr(head_workers, "BackgroundSearches", cannot_start)
+    cache = synthetic_cache(tmp_path, n_classes=2, width=12, per_class=15)
+    lines: list[str] = []
+    results = fit_heads(
+        cache, "svm,softmax", artifacts_dir=tmp_path / "a", overlap=True, log=lines.append
+    )
+    assert results.background == () and [r.head for r in results] == ["svm", "softmax"]
+    assert any("no background process (OSError: no usable /dev/shm)" in line for line in lines)

@@ -35,6 +35,7 @@ def bench_heads_on_folders(
     """
     from pipeline.features import extract_features
 
+    _check_repeats(repeats)  # before stage one's minutes, not after
     with tempfile.TemporaryDirectory() as tmp:
         caches = [
             extract_features(
@@ -64,8 +65,8 @@ def bench_heads(
     wall-clock time of the heads' searches (final fits included; the scikit-learn
     heads' run in the background process while Keras trains), divided by the cache's
     ``seconds`` attribute (stage one's extraction time, its graph compilation
-    included); ``ratio_serial`` divides the sum of the heads' own fit times instead
-    (what one process would take); ``ratio_sweep`` divides the wall-clock time of
+    included); ``ratio_serial`` divides the sum of the heads' own fit times instead, each
+    measured where it ran (the worker's on its BLAS threads, beside Keras); ``ratio_sweep`` divides the wall-clock time of
     the whole :func:`~pipeline.heads.fit_heads` call (evaluation and saved files
     too); ``ratio_final_fit`` counts only the fit that made each kept head. Each cache is
     swept ``repeats`` times; the row is the sweep with the median searches' time (every
@@ -82,7 +83,6 @@ def bench_heads(
     """
     from pipeline import head_workers
     from pipeline.cache import read_attrs
-    from pipeline.errors import PipelineError
     from pipeline.files import write_json_atomic
     from pipeline.heads import DEFAULT_HEADS
     from pipeline.softmax import SoftmaxClassifier
@@ -91,8 +91,7 @@ def bench_heads(
     # one-epoch grid fit on noise pays the Keras start-up here, outside the timing, the
     # first use of the grid's code included (about 0.25 s on 2 cores, which the first data
     # set alone paid before). Each sweep still builds and traces its own models.
-    if repeats < 1:
-        raise PipelineError(f"--repeats must be at least 1 (sweeps per data set); got {repeats}")
+    _check_repeats(repeats)
     X, y = np.random.default_rng(seed).normal(size=(8, 4)), np.arange(8) % 2
     SoftmaxClassifier(max_epochs=1, validation_fraction=0.0).fit_grid(X, y, (1e-3, 3e-3))
     head_workers.warm_up()
@@ -147,6 +146,13 @@ def bench_heads(
     if out is not None:
         write_json_atomic(out, summary)
     return summary
+
+
+def _check_repeats(repeats: int) -> None:
+    from pipeline.errors import PipelineError
+
+    if repeats < 1:
+        raise PipelineError(f"--repeats must be at least 1 (sweeps per data set); got {repeats}")
 
 
 def _timed_sweep(cache_path: str | Path, cv: int, seed: int) -> tuple[Any, float]:
