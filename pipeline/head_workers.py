@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Sequence
@@ -60,7 +61,7 @@ def warm_up() -> None:
     ``make bench-heads`` calls it before timing, as it imports Keras before timing: a
     fresh ``make head`` pays both while it starts, side by side.
     """
-    _worker().submit(_import_searches).result()
+    _worker().submit(_import_searches).result()  # started with its import already queued
 
 
 def shut_down() -> None:
@@ -191,8 +192,27 @@ def _worker() -> Any:
         if _executor is None:
             from joblib.externals.loky import ProcessPoolExecutor
 
-            _executor = ProcessPoolExecutor(max_workers=1)
+            executor = ProcessPoolExecutor(max_workers=1)
+            with _ctrl_c_ignored():
+                # The worker starts now, with Ctrl-C ignored for its whole life: it shares
+                # the terminal's process group, and Ctrl-C during its start-up would print
+                # its import traceback; this process stops it (:meth:`BackgroundSearches.close`).
+                executor.submit(_import_searches)
+            _executor = executor
         return _executor
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Any:
+    """SIGINT ignored while a child process starts (it keeps the disposition across exec)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change signal handlers
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _forget(executor: Any, *, kill: bool = False) -> None:
@@ -200,8 +220,15 @@ def _forget(executor: Any, *, kill: bool = False) -> None:
     with _lock:
         if _executor is executor:
             _executor = None
+    if kill:
+        # The worker process itself: loky then fails what it still holds as a dead worker's.
+        # Its own shutdown(kill_workers=True) with calls still queued trips its manager
+        # thread on a KeyError, a traceback on stderr (joblib 1.6's loky).
+        for process in list(getattr(executor, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                process.kill()
     with contextlib.suppress(Exception):
-        executor.shutdown(wait=False, kill_workers=kill)
+        executor.shutdown(wait=False)
 
 
 # --------------------------------------------------------------------------- in the worker

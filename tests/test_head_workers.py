@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -137,16 +138,23 @@ def _stop_the_worker():
     head_workers.shut_down()
 
 
-def test_closing_with_a_search_running_stops_the_worker_at_once():
+def test_closing_with_a_search_running_stops_the_worker_at_once(monkeypatch):
     """A sweep stopped by an error or Ctrl-C does not make the command wait for a search
     nobody will read: the worker is stopped, and the next sweep starts a new one."""
     X, y = blobs(10, 2, 12, separation=1.5)
-    head_workers._worker().submit(time.sleep, 30.0)  # stands for a long search
+    errors: list = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)  # loky's threads included
+    worker = head_workers._worker()
+    worker.submit(time.sleep, 30.0)  # stands for a long search
     searches = head_workers.BackgroundSearches(X, y, ["svm"], norm=None, pca=None, cv=3, seed=0)
     started = time.monotonic()
     searches.close()
     head_workers.shut_down()
     assert time.monotonic() - started < 10  # not the 30 s the running task would take
+    manager = getattr(worker, "_executor_manager_thread", None)
+    if manager is not None:  # what loky does with the calls it still held
+        manager.join(timeout=10)
+    assert errors == []  # no traceback on stderr
     again = head_workers.BackgroundSearches(X, y, ["svm"], norm=None, pca=None, cv=3, seed=0)
     try:
         assert again.result("svm") is not None
