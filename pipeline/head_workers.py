@@ -105,8 +105,7 @@ class BackgroundSearches:
             raise ValueError(f"each head once: {list(names)}")
         self._worker, self._token = _worker(), uuid.uuid4().hex
         self._options = {"norm": norm, "pca": pca, "cv": cv, "seed": seed}
-        self._lock = threading.Lock()
-        self._sent = threading.Condition(self._lock)
+        self._sent = threading.Condition()  # guards what follows; notified when one is sent
         self._waiting = list(names)  # not sent yet, in order
         self._futures: dict[str, Future] = {}  # sent
         self._closed = False
@@ -117,7 +116,7 @@ class BackgroundSearches:
     @property
     def names(self) -> tuple[str, ...]:
         """The heads the worker has or will have (none taken back), in order."""
-        with self._lock:
+        with self._sent:
             return (*self._futures, *self._waiting)
 
     def take_last(self) -> str | None:
@@ -163,7 +162,7 @@ class BackgroundSearches:
             self._worker.submit(_release, self._token)
 
     def _send_next(self, _previous: Future | None = None) -> None:
-        with self._lock:
+        with self._sent:
             if self._closed or not self._waiting:
                 return
             name = self._waiting.pop(0)

@@ -295,16 +295,24 @@ class HeadResults(list):
         self,
         results: Iterable[HeadResult],
         *,
-        fits_seconds: float,
+        wall_seconds: float,
         background: Sequence[str],
         keras_import_seconds: float = 0.0,
-        import_included: bool = False,
     ) -> None:
         super().__init__(results)
-        self.fits_seconds = float(fits_seconds)
+        self.wall_seconds = float(wall_seconds)  # the sweep's start to its last search's end
         self.keras_import_seconds = float(keras_import_seconds)
-        self.import_included = bool(import_included)
         self.background = tuple(background)
+
+    @property
+    def import_included(self) -> bool:
+        """Whether Keras's import stays in :attr:`fits_seconds`: the worker searched while
+        this process imported it."""
+        return bool(self.background) and self.keras_import_seconds > 0
+
+    @property
+    def fits_seconds(self) -> float:
+        return self.wall_seconds - (0.0 if self.import_included else self.keras_import_seconds)
 
 
 def fit_heads(
@@ -464,16 +472,13 @@ def fit_heads(
     finally:
         if background is not None:
             background.close()
-    startup = sum(r.manifest.get("keras_import_seconds") or 0.0 for r in recorded.values())
-    searched_aside = [n for n in aside if recorded[n].manifest.get("searched_in_background")]
-    # While this process imported Keras the worker searched: the import stays in the wall time.
-    included = bool(searched_aside) and startup > 0
     results = HeadResults(
         (recorded[name] for name in names),
-        fits_seconds=max(finished) - started - (0.0 if included else startup),
-        keras_import_seconds=startup,
-        import_included=included,
-        background=searched_aside,
+        wall_seconds=max(finished) - started,
+        keras_import_seconds=sum(
+            r.manifest.get("keras_import_seconds") or 0.0 for r in recorded.values()
+        ),
+        background=[n for n in aside if recorded[n].manifest.get("searched_in_background")],
     )
     if log is not None and len(results) > 1:
         log(summary_table(results))
@@ -525,21 +530,20 @@ def summary_table(results: Sequence[HeadResult]) -> str:
         mark = f"  <- best on {basis}" if r is best else ""
         lines.append(f"  {r.head:<8} {shown} {m['fit_seconds']:7.2f}{mark}")
     if isinstance(results, HeadResults):
-        aside = (
-            f"; {', '.join(results.background)} searched in a background process beside Keras"
-            if results.background
-            else ""
-        )
-        startup = results.keras_import_seconds
-        loaded = ""
-        if startup >= 0.05:
-            loaded = (
-                f" (loading Keras, {startup:.1f} s, included)"
-                if results.import_included
-                else f" (after loading Keras, {startup:.1f} s)"
-            )
-        lines.append(f"  searches {results.fits_seconds:.2f} s wall-clock{loaded}{aside}")
+        lines.append(_searches_line(results))
     return "\n".join(lines)
+
+
+def _searches_line(results: HeadResults) -> str:
+    """The sweep's searches' wall time, under the table."""
+    loaded, startup = "", results.keras_import_seconds
+    if startup >= 0.05:
+        included = results.import_included
+        loaded = f" ({'' if included else 'after '}loading Keras, {startup:.1f} s"
+        loaded += ", included)" if included else ")"
+    aside = ", ".join(results.background)
+    beside = f"; {aside} searched in a background process beside Keras" if aside else ""
+    return f"  searches {results.fits_seconds:.2f} s wall-clock{loaded}{beside}"
 
 
 def _check_cache(fs: Any, pca: int | None) -> tuple[np.ndarray, np.ndarray]:

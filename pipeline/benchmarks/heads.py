@@ -66,18 +66,19 @@ def bench_heads(
     heads' run in the background process while Keras trains), divided by the cache's
     ``seconds`` attribute (stage one's extraction time, its graph compilation
     included); ``ratio_serial`` divides the sum of the heads' own fit times instead, each
-    measured where it ran (the worker's on its BLAS threads, beside Keras); ``ratio_sweep`` divides the wall-clock time of
-    the whole :func:`~pipeline.heads.fit_heads` call (evaluation and saved files
-    too); ``ratio_final_fit`` counts only the fit that made each kept head. Each cache is
-    swept ``repeats`` times; the row is the sweep with the median searches' time (every
+    measured where it ran (the worker's on its BLAS threads, beside Keras);
+    ``ratio_sweep`` divides the wall-clock time of the whole
+    :func:`~pipeline.heads.fit_heads` call (evaluation and saved files too);
+    ``ratio_final_fit`` counts only the fit that made each kept head. Each cache is swept
+    ``repeats`` times; the row is the sweep with the median searches' time (every
     sweep's in ``searches_seconds_each_sweep``).
 
     Returns
     -------
     dict
         ``{"target": 0.1, "caches": [{"cache", "dataset", "extraction_seconds",
-        "searches_seconds", "searches_seconds_each_sweep", "sweep_seconds", "fit_seconds": {head: s},
-        "refit_seconds": {head: s}, "background": [head], "total_fit_seconds", "ratio",
+        "searches_seconds", "searches_seconds_each_sweep", "sweep_seconds",
+        "fit_seconds": {head: s}, "refit_seconds": {head: s}, "background": [head], "total_fit_seconds", "ratio",
         "ratio_serial", "ratio_sweep", "ratio_final_fit", "accuracy": {...}}]}``, also
         written to ``out`` as JSON when given.
     """
