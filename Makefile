@@ -85,8 +85,8 @@ backbones: install ## print the backbone registry
 features: install ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= FLOAT16=1 PRECISION= RUNTIME=auto|keras|openvino RUNTIME_PRECISION=auto|fp32|bf16 SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
 	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency $(CONCURRENCY)
 
-head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= OVERLAP=0 ENGINE=local|ray RAY_ADDRESS=)
-	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) $(if $(FEATURES),--features $(FEATURES) --join-norm $(JOIN_NORM)) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(if $(filter 0,$(OVERLAP)),--no-overlap) $(RAY_ARGS)
+head: install ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= ENGINE=local|ray RAY_ADDRESS=)
+	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) $(if $(FEATURES),--features $(FEATURES) --join-norm $(JOIN_NORM)) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(RAY_ARGS)
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)

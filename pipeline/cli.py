@@ -258,7 +258,6 @@ def cmd_head(args: argparse.Namespace) -> int:
             cv=args.cv,
             seed=args.seed,
             jobs=jobs,
-            overlap=False if args.no_overlap else None,
             log=print,
         )
     return 0
@@ -377,12 +376,6 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
     )
-    p.add_argument(
-        "--no-overlap",
-        action="store_true",
-        help="search every head in this process (OVERLAP=0); by default the scikit-learn "
-        "heads search in a background process while Keras trains",
-    )
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)
 
@@ -435,13 +428,7 @@ def run() -> None:
     from pipeline.console import filter_native_logs
 
     filter_native_logs()
-    try:
-        status = main()
-    finally:
-        workers = sys.modules.get("pipeline.head_workers")  # imported only if a command used it
-        if workers is not None:
-            workers.shut_down()  # the heads' background process ends with the command
-    sys.exit(status)
+    sys.exit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

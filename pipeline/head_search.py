@@ -41,16 +41,13 @@ FoldScorer = Callable[..., list[float]]
 
 @dataclass
 class Searched:
-    """One head's search as it ran (:func:`timed_search`), in this process or another."""
+    """One head's search as it ran (:func:`timed_search`)."""
 
     fitted: Pipeline  # refitted on all of train with the chosen params
     params: dict[str, Any]  # {"<head>__<param>": value}
     cv_info: dict[str, Any]  # what the manifest records of the search
     seconds: float  # the search and the final fit
     notes: list[str]  # its convergence warnings, first sentence each
-    # ``time.monotonic()`` at its end: one clock for every process of a machine, so a sweep
-    # whose searches ran in two processes can say when the last one ended.
-    finished_at: float
 
 
 def timed_search(
@@ -67,7 +64,7 @@ def timed_search(
     notes = sorted(
         {str(w.message).split(".")[0] for w in caught if issubclass(w.category, ConvergenceWarning)}
     )
-    return Searched(fitted, params, cv_info, seconds, notes, time.monotonic())
+    return Searched(fitted, params, cv_info, seconds, notes)
 
 
 def search(

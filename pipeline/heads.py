@@ -48,7 +48,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline import artifacts, head_search, head_workers
+from pipeline import artifacts, head_search
 from pipeline.errors import HeadError, did_you_mean
 from pipeline.head_store import head_outputs, save_head
 from pipeline.options import check_options
@@ -278,41 +278,20 @@ def _short(value: Any) -> str:
 
 
 class HeadResults(list):
-    """What :func:`fit_heads` returns: a :class:`HeadResult` per head, in the order asked,
-    and the sweep's timing.
+    """What :func:`fit_heads` returns: a :class:`HeadResult` per head, in the order asked.
 
-    ``fits_seconds`` is the wall-clock time from the sweep's start to the end of its last
-    search (searches overlapped in two processes count once; evaluation and files count
-    where they come before that end). ``keras_import_seconds`` is Keras's import when the
-    sweep paid it (start-up, as each head's ``fit_seconds`` leaves it out): subtracted
-    from ``fits_seconds`` when every search ran here, after it; kept in it
-    (``import_included``) when the background process searched meanwhile.
-    ``background`` names the heads searched in the background process
-    (:mod:`pipeline.head_workers`).
+    ``fits_seconds`` sums the heads' ``fit_seconds`` (searches and final fits).
+    ``keras_import_seconds`` is Keras's import when the sweep paid it: start-up, left
+    out of every head's ``fit_seconds`` as stage one's time leaves it out.
     """
 
-    def __init__(
-        self,
-        results: Iterable[HeadResult],
-        *,
-        wall_seconds: float,
-        background: Sequence[str],
-        keras_import_seconds: float = 0.0,
-    ) -> None:
+    def __init__(self, results: Iterable[HeadResult], *, keras_import_seconds: float = 0.0) -> None:
         super().__init__(results)
-        self.wall_seconds = float(wall_seconds)  # the sweep's start to its last search's end
         self.keras_import_seconds = float(keras_import_seconds)
-        self.background = tuple(background)
-
-    @property
-    def import_included(self) -> bool:
-        """Whether Keras's import stays in :attr:`fits_seconds`: the worker searched while
-        this process imported it."""
-        return bool(self.background) and self.keras_import_seconds > 0
 
     @property
     def fits_seconds(self) -> float:
-        return self.wall_seconds - (0.0 if self.import_included else self.keras_import_seconds)
+        return float(sum(result.manifest["fit_seconds"] for result in self))
 
 
 def fit_heads(
@@ -325,19 +304,16 @@ def fit_heads(
     cv: int = 3,
     seed: int = 0,
     jobs: int = 1,
-    overlap: bool | None = None,
     log: Any = None,
 ) -> HeadResults:
-    """Fit heads on the train split of a feature cache and save them with manifests.
+    """Fit heads on the train split of a feature cache, one after another, and save them.
 
-    Hyper-parameters are chosen by stratified ``cv``-fold cross-validation
+    Each head's hyper-parameters are chosen by stratified ``cv``-fold cross-validation
     (accuracy) on the train split (the softmax head: its learning rates trained
     together in one fit, :meth:`~pipeline.softmax.SoftmaxClassifier.fit_grid`, and
-    compared on its 15% early-stopping hold-out of train), then the head is refitted
-    on the whole train split and evaluated on ``val`` and ``test`` when the cache has
-    them. With a Keras head among scikit-learn heads, the scikit-learn heads' searches
-    run in a background process while Keras trains here (``overlap``); the results
-    are the same either way.
+    compared on its 15% early-stopping hold-out of train); the head is refitted on
+    the whole train split, evaluated on ``val`` and ``test`` when the cache has them
+    and saved with its manifest in :meth:`pipeline.artifacts.Artifacts.heads_dir`.
 
     Parameters
     ----------
@@ -346,157 +322,75 @@ def fit_heads(
     heads : str or sequence of str
         Head names (:data:`HEADS`), comma-separated names, or ``"all"``.
     artifacts_dir : path
-        Output root; heads go to :meth:`pipeline.artifacts.Artifacts.heads_dir`.
+        Output root.
     norm : {"l2", "standard", "none"}, optional
         Override every head's normalisation step.
     pca : int, optional
         Keep this many principal components.
     cv : int
-        Folds of the hyper-parameter search (fewer when a class is smaller).
+        Folds of the search (fewer when a class is smaller).
     seed : int
         Seed of the folds and of every random step.
     jobs : int
         Parallel fits of the search (Keras heads always use one).
-    overlap : bool, optional
-        Search the scikit-learn heads in a background process beside the Keras heads
-        (:mod:`pipeline.head_workers`). Default: when the sweep has both kinds, ``jobs``
-        is 1, this process may use two cores or more and the train split's features
-        take at most :data:`~pipeline.head_workers.OVERLAP_MAX_BYTES`.
     log : callable, optional
-        Called with one line per fitted head (e.g. ``print``).
+        Called with each head's progress and result lines (e.g. ``print``).
 
     Returns
     -------
     HeadResults
-        A list of :class:`HeadResult`, one per head, in the order given, with the
-        sweep's ``fits_seconds`` and ``background`` heads.
+        One :class:`HeadResult` per head, in the order given.
 
     Raises
     ------
     HeadError
-        Unknown head, an option out of bounds (``NORM``, ``PCA``, ``CV``,
-        ``SEED``, ``--jobs``), a train split with one class, a val/test class
-        absent from train. Nothing is written in these cases.
+        Unknown head, an option out of bounds (``NORM``, ``PCA``, ``CV``, ``SEED``,
+        ``--jobs``), a train split with one class, a val/test class absent from
+        train. Nothing is written in these cases.
     CacheError
         A missing or unreadable cache.
-
-    Examples
-    --------
-    >>> results = fit_heads("artifacts/features/digits/mobilenet_v2_224_avg_imagenet.h5", "svm,softmax")
-    >>> print(results[0].format())
     """
-    from pipeline.cache import load_features
-
     check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
     names = resolve_heads(heads)
-    fs = load_features(cache_path)
-    X_train, y_train = _check_cache(fs, pca)
-    out_dir = artifacts.Artifacts(artifacts_dir).heads_dir(
-        str(fs.attrs.get("dataset") or "unknown"), Path(fs.path).stem
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
     plan = {name: planned_fits(HEADS[name], cv) for name in names}
-    started = time.monotonic()
-    finished: list[float] = []
-    recorded: dict[str, HeadResult] = {}
-    searched_here: dict[str, tuple[head_search.Searched, float | None]] = {}
-
-    def record(name: str, searched: head_search.Searched, **where: Any) -> None:
-        finished.append(searched.finished_at)
-        recorded[name] = _record(
-            fs, name, searched, y_train, out_dir, norm=norm, pca=pca, seed=seed, **where
-        )
+    results = HeadResults([])
+    for name in names:
         if log is not None:
-            log(recorded[name].format())
-
-    def search_here(name: str) -> None:
-        if log is not None:
-            fits = f"{plan[name]} fit{'' if plan[name] == 1 else 's'}"
-            done = sum(plan[n] for n in [*recorded, *searched_here])
-            log(f"[fits {done}/{sum(plan.values())}] {name}: {fits} planned ...")
-        spec = HEADS[name]
-        pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+            log(_progress_line(name, plan, done=sum(plan[r.head] for r in results)))
         # Keras's import (about 4 s on 2 cores, once per process) is start-up, not this head's
-        # fit: it is paid before the clock starts and recorded apart, as stage one's time
-        # excludes it.
-        startup = _import_keras() if spec.keras else None
-        searched = head_search.timed_search(spec, pipe, X_train, y_train, cv, seed, jobs)
-        searched_here[name] = (searched, startup)
-
-    def record_here() -> None:  # evaluated and saved once no search waits for this process
-        for name, (searched, startup) in searched_here.items():
-            record(name, searched, keras_import_seconds=startup, background=False)
-        searched_here.clear()
-
-    aside = _background_heads(names, X_train, jobs, overlap)
-    background = None
-    if aside:
-        try:
-            background = head_workers.BackgroundSearches(
-                X_train, y_train, aside, norm=norm, pca=pca, cv=cv, seed=seed
-            )
-        except Exception as exc:  # e.g. no usable /dev/shm for its locks: search here
-            aside = ()
-            if log is not None:
-                log(f"[fits] no background process ({type(exc).__name__}: {exc}); all here")
-    try:
-        if background is not None and log is not None:
-            here = ", ".join(n for n in names if n not in aside)
-            log(
-                f"[fits] {', '.join(aside)}: sent to a background process while {here} trains "
-                "here (this process takes back the last ones it has not started)"
-            )
-        for name in names:
-            if name not in aside:
-                search_here(name)
-                if background is None:
-                    record_here()
-        if background is not None:
-            # The worker takes searches from the front; this process, free now, from the back,
-            # on half the cores (the worker's are busy: more threads would only contend).
-            from threadpoolctl import threadpool_limits
-
-            with threadpool_limits(head_workers.blas_threads()):
-                while (name := background.take_last()) is not None:
-                    search_here(name)
-            record_here()
-            for name in background.names:
-                searched = background.result(name)
-                if searched is None:
-                    if log is not None:
-                        log(f"{name}: {background.failures[name]}; searching it here")
-                    search_here(name)
-                    record_here()
-                else:
-                    record(name, searched, keras_import_seconds=None, background=True)
-    finally:
-        if background is not None:
-            background.close()
-    results = HeadResults(
-        (recorded[name] for name in names),
-        wall_seconds=max(finished) - started,
-        keras_import_seconds=sum(
-            r.manifest.get("keras_import_seconds") or 0.0 for r in recorded.values()
-        ),
-        background=[n for n in aside if recorded[n].manifest.get("searched_in_background")],
-    )
+        # fit: paid before its clock starts and recorded apart, as stage one's time excludes it.
+        startup = _import_keras() if HEADS[name].keras else None
+        results.keras_import_seconds += startup or 0.0
+        pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+        searched = head_search.timed_search(HEADS[name], pipe, X_train, y_train, cv, seed, jobs)
+        options = {"norm": norm, "pca": pca, "seed": seed, "keras_import_seconds": startup}
+        results.append(_record(fs, name, searched, y_train, out_dir, **options))
+        if log is not None:
+            log(results[-1].format())
     if log is not None and len(results) > 1:
         log(summary_table(results))
     return results
 
 
-def _background_heads(
-    names: Sequence[str], X_train: np.ndarray, jobs: int, overlap: bool | None
-) -> tuple[str, ...]:
-    """The heads to search in the background process (none: every search runs here)."""
-    others = tuple(name for name in names if not HEADS[name].keras)
-    if overlap is False or jobs != 1 or not others or len(others) == len(names):
-        return ()  # nothing to overlap with, or the search's folds are spread already
-    if overlap is None and (
-        head_workers.usable_cores() < 2 or X_train.nbytes > head_workers.OVERLAP_MAX_BYTES
-    ):
-        return ()
-    return others
+def _open_cache(
+    cache_path: str | Path, pca: int | None, artifacts_dir: str | Path
+) -> tuple[Any, np.ndarray, np.ndarray, Path]:
+    """The cache, its checked train split and the heads' folder (made here)."""
+    from pipeline.cache import load_features
+
+    fs = load_features(cache_path)
+    X_train, y_train = _check_cache(fs, pca)
+    dataset = str(fs.attrs.get("dataset") or "unknown")
+    out_dir = artifacts.Artifacts(artifacts_dir).heads_dir(dataset, Path(fs.path).stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return fs, X_train, y_train, out_dir
+
+
+def _progress_line(name: str, plan: Mapping[str, int], *, done: int) -> str:
+    """``[fits 11/48] knn: 10 fits planned ...``: the fits before this head's, of the sweep's."""
+    fits = f"{plan[name]} fit{'' if plan[name] == 1 else 's'}"
+    return f"[fits {done}/{sum(plan.values())}] {name}: {fits} planned ..."
 
 
 def planned_fits(spec: HeadSpec, cv: int) -> int:
@@ -535,15 +429,10 @@ def summary_table(results: Sequence[HeadResult]) -> str:
 
 
 def _searches_line(results: HeadResults) -> str:
-    """The sweep's searches' wall time, under the table."""
-    loaded, startup = "", results.keras_import_seconds
-    if startup >= 0.05:
-        included = results.import_included
-        loaded = f" ({'' if included else 'after '}loading Keras, {startup:.1f} s"
-        loaded += ", included)" if included else ")"
-    aside = ", ".join(results.background)
-    beside = f"; {aside} searched in a background process beside Keras" if aside else ""
-    return f"  searches {results.fits_seconds:.2f} s wall-clock{loaded}{beside}"
+    """The sweep's searches' time, under the table."""
+    startup = results.keras_import_seconds
+    loaded = f" (after loading Keras, {startup:.1f} s)" if startup >= 0.05 else ""
+    return f"  searches {results.fits_seconds:.2f} s in all{loaded}"
 
 
 def _check_cache(fs: Any, pca: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -587,7 +476,6 @@ def _record(
     pca: int | None,
     seed: int,
     keras_import_seconds: float | None,
-    background: bool,
 ) -> HeadResult:
     """Evaluate a searched head on val and test, and save it with its manifest."""
     spec, fitted, cv_info = HEADS[name], searched.fitted, searched.cv_info
@@ -620,7 +508,6 @@ def _record(
         fit_seconds=searched.seconds,  # search and final fit
         keras_import_seconds=keras_import_seconds,  # None: no Keras; 0.0: imported already
         refit_seconds=cv_info["refit_seconds"],  # the final fit alone
-        searched_in_background=background,  # pipeline.head_workers
         predict_seconds_per_image=predict_seconds / n_predicted if n_predicted else None,
         extraction_seconds=attrs.get("seconds"),
         metrics=metrics,

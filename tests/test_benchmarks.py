@@ -21,15 +21,10 @@ def test_bench_heads_divides_the_heads_fit_time_by_extraction(tmp_path):
     assert row["ratio"] == pytest.approx(row["searches_seconds"] / 20.0)
     each = row["searches_seconds_each_sweep"]
     assert len(each) == 3 and row["searches_seconds"] == sorted(each)[1]  # the median sweep
-    assert row["ratio_serial"] == pytest.approx(sum(row["fit_seconds"].values()) / 20.0)
     assert row["ratio_sweep"] == pytest.approx(row["sweep_seconds"] / 20.0)
-    # the searches' wall time holds the longest search; the sweep's holds the searches, and
-    # evaluation and saving besides
-    assert max(row["fit_seconds"].values()) <= row["searches_seconds"] <= row["sweep_seconds"]
-    if row["background"]:  # overlapped: the searches took less than their sum
-        assert set(row["background"]) <= set(DEFAULT_HEADS) - {"softmax"}
-    else:
-        assert sum(row["fit_seconds"].values()) <= row["searches_seconds"] + 1e-3
+    # the searches run one after another; the sweep holds them, and evaluation and saving
+    assert row["searches_seconds"] == pytest.approx(sum(row["fit_seconds"].values()))
+    assert row["searches_seconds"] <= row["sweep_seconds"]
     assert json.loads((tmp_path / "heads.json").read_text())["caches"][0]["ratio"] == row["ratio"]
     assert "ratio" in lines[0] and "target <= 0.1" in lines[0]
 

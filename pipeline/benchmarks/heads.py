@@ -58,31 +58,25 @@ def bench_heads(
     """Fit time of the default heads over stage-one extraction time, per cache.
 
     ``make bench-heads`` (through :func:`bench_heads_on_folders`). The heads are
-    fitted into a temporary folder (the
-    user's heads are not touched); Keras and the background search process
-    (:mod:`pipeline.head_workers`) are started first, as stage one's time excludes
-    start-up too (a fresh ``make head`` starts both side by side). ``ratio`` is the
-    wall-clock time of the heads' searches (final fits included; the scikit-learn
-    heads' run in the background process while Keras trains), divided by the cache's
-    ``seconds`` attribute (stage one's extraction time, its graph compilation
-    included); ``ratio_serial`` divides the sum of the heads' own fit times instead, each
-    measured where it ran (the worker's on its BLAS threads, beside Keras);
-    ``ratio_sweep`` divides the wall-clock time of the whole
+    fitted into a temporary folder (the user's heads are not touched); Keras is
+    started first, as stage one's time excludes start-up too. ``ratio`` is the time
+    of the heads' searches (final fits included, one head after another), divided by
+    the cache's ``seconds`` attribute (stage one's extraction time, its graph
+    compilation included); ``ratio_sweep`` divides the wall-clock time of the whole
     :func:`~pipeline.heads.fit_heads` call (evaluation and saved files too);
-    ``ratio_final_fit`` counts only the fit that made each kept head. Each cache is swept
-    ``repeats`` times; the row is the sweep with the median searches' time (every
-    sweep's in ``searches_seconds_each_sweep``).
+    ``ratio_final_fit`` counts only the fit that made each kept head. Each cache is
+    swept ``repeats`` times; the row is the sweep with the median searches' time
+    (every sweep's in ``searches_seconds_each_sweep``).
 
     Returns
     -------
     dict
         ``{"target": 0.1, "caches": [{"cache", "dataset", "extraction_seconds",
         "searches_seconds", "searches_seconds_each_sweep", "sweep_seconds",
-        "fit_seconds": {head: s}, "refit_seconds": {head: s}, "background": [head], "total_fit_seconds", "ratio",
-        "ratio_serial", "ratio_sweep", "ratio_final_fit", "accuracy": {...}}]}``, also
+        "fit_seconds": {head: s}, "refit_seconds": {head: s}, "total_fit_seconds", "ratio",
+        "ratio_sweep", "ratio_final_fit", "accuracy": {...}}]}``, also
         written to ``out`` as JSON when given.
     """
-    from pipeline import head_workers
     from pipeline.cache import read_attrs
     from pipeline.files import write_json_atomic
     from pipeline.heads import DEFAULT_HEADS
@@ -95,7 +89,6 @@ def bench_heads(
     _check_repeats(repeats)
     X, y = np.random.default_rng(seed).normal(size=(8, 4)), np.arange(8) % 2
     SoftmaxClassifier(max_epochs=1, validation_fraction=0.0).fit_grid(X, y, (1e-3, 3e-3))
-    head_workers.warm_up()
     rows = []
     for cache_path in cache_paths:
         attrs = read_attrs(cache_path)
@@ -117,12 +110,10 @@ def bench_heads(
             "refit_seconds": refit,
             "searches_seconds": searches,
             "searches_seconds_each_sweep": [run.fits_seconds for run, _ in sweeps],
-            "background": list(results.background),
             "sweep_seconds": sweep,
             "total_fit_seconds": total,
             "total_refit_seconds": total_refit,
             "ratio": searches / extraction if extraction > 0 else None,
-            "ratio_serial": total / extraction if extraction > 0 else None,
             "ratio_sweep": sweep / extraction if extraction > 0 else None,
             "ratio_final_fit": total_refit / extraction if extraction > 0 else None,
             "accuracy": {r.head: r.manifest["metrics"] for r in results},
@@ -131,8 +122,7 @@ def bench_heads(
         if log is not None:
             log(
                 f"{row['dataset']}: heads' searches {searches:.2f} s / extraction "
-                f"{extraction:.1f} s = ratio {_ratio_text(row['ratio'])} (target <= 0.1; their "
-                f"fit times summed {total:.2f} s, {_ratio_text(row['ratio_serial'])}; whole "
+                f"{extraction:.1f} s = ratio {_ratio_text(row['ratio'])} (target <= 0.1; whole "
                 f"sweep with evaluation and files {sweep:.1f} s, {_ratio_text(row['ratio_sweep'])}; "
                 f"final fits {total_refit:.1f} s, {_ratio_text(row['ratio_final_fit'])}); "
                 + ", ".join(f"{h} {s:.2f} s" for h, s in fit.items())
