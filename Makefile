@@ -53,7 +53,7 @@ FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--
 	--runtime $(RUNTIME) --runtime-precision $(RUNTIME_PRECISION) --artifacts $(ARTIFACTS)
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
-.PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen
+.PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -123,6 +123,14 @@ lint: install ## ruff lint and format check
 
 format: install ## apply ruff fixes and formatting
 	$(PY) -m ruff check --fix pipeline tests; $(PY) -m ruff format pipeline tests
+
+# The documentation tools (the `docs` extra) are installed on the first `make docs` only.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed ## build the documentation site (mkdocs, strict: a warning fails) into artifacts/site/
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir $(ARTIFACTS)/site
 
 bench-features: install weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
 	$(PY) -m pipeline bench-features --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --batch-size $(BATCH) --images $(or $(N),400) --out $(ARTIFACTS)/bench/$(if $(filter ray,$(ENGINE)),features_ray,features).json $(RAY_ARGS)
