@@ -14,8 +14,8 @@ test are never seen. Three ways, one report (``params``, ``scores``, ``score``):
   work is gone. Each scorer checks its preconditions and falls back to one fit per
   value. Folds run in parallel with ``jobs``; their convergence warnings come back
   to the calling process.
-- **One fit for the whole grid** (:func:`one_fit_search`): the softmax head trains
-  a head per learning rate side by side (:meth:`~pipeline.softmax.SoftmaxClassifier.fit_grid`).
+- **No search** (:func:`held_out_fit`): a Keras head (softmax) is fitted once with
+  its grid's single values and scored on its own early-stopping hold-out of train.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def search(
         scheme = "none (a class has one train image): middle of the grid"
         info = {"folds": 0, "scheme": scheme, "score": None, "scores": {}}
         return pipe, params, {**info, "refit_seconds": time.perf_counter() - started}
-    if spec.one_fit_grid and len(grid) == 1:
-        return one_fit_search(pipe, X, y, grid)
+    if spec.keras:
+        return held_out_fit(pipe, X, y, grid)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     info = {"folds": folds, "scheme": f"{folds}-fold"}
     if len(grid) == 1:
@@ -180,39 +180,28 @@ def _score_fold(scorer, pipe, param, values, X, y, train, test) -> tuple[list[fl
     return scores, found
 
 
-def one_fit_search(
+def held_out_fit(
     pipe: Pipeline, X: np.ndarray, y: np.ndarray, grid: Mapping[str, list]
 ) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
-    """The search of a head that trains its grid in one fit (``fit_grid``), as a search reports it.
+    """One fit on all of train with the grid's first values, reported as a search.
 
-    The steps before the classifier are fitted on all of train, as a final fit
-    fits them; the classifier's own early-stopping hold-out of train scores the
-    grid (val and test are never seen).
+    The score is the classifier's accuracy on its own early-stopping hold-out of
+    train (``held_out_score_``); val and test are never seen.
     """
-    ((key, values),) = grid.items()
+    params = {key: values[0] for key, values in grid.items()}
     started = time.perf_counter()
-    features = pipe[:-1].fit_transform(X, y)
-    classifier = pipe.steps[-1][1].fit_grid(features, y, values)
+    pipe.set_params(**params).fit(X, y)
     seconds = time.perf_counter() - started
-    chosen = classifier.get_params()[key.split("__", 1)[1]]
-    scores = {
-        json.dumps(unprefixed({key: value}), sort_keys=True): score
-        for value, score in classifier.grid_scores_.items()
-    }
-    scheme = (
-        "one fit of the whole grid; chosen on its early-stopping hold-out "
-        f"({classifier.n_held_out_} train images)"
-        if scores
-        else "one fit of the whole grid; no hold-out (too few images): middle of the grid"
-    )
-    info = {
-        "folds": 1 if scores else 0,
-        "scheme": scheme,
-        "score": classifier.grid_scores_.get(chosen),
-        "scores": scores,
-        "refit_seconds": seconds,  # the one fit is the search and the final fit
-    }
-    return pipe, {key: chosen}, info
+    classifier = pipe.steps[-1][1]
+    score, n_held = classifier.held_out_score_, classifier.n_held_out_
+    if score is None:
+        scheme, scores = "no search: one fit; no hold-out (too few images)", {}
+    else:
+        scheme = f"no search: one fit, scored on its early-stopping hold-out ({n_held} images)"
+        scores = {json.dumps(unprefixed(params), sort_keys=True): score}
+    info = {"folds": 0 if score is None else 1, "scheme": scheme, "score": score}
+    # The one fit is the search and the final fit.
+    return pipe, params, {**info, "scores": scores, "refit_seconds": seconds}
 
 
 def unprefixed(params: Mapping[str, Any]) -> dict[str, Any]:

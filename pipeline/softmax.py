@@ -6,14 +6,15 @@ Stage two fits it on cached features through :class:`SoftmaxClassifier` (the
 head as a scikit-learn classifier); stage three puts the same head on top of
 the backbone and starts from the stage-two weights, so the layer names here
 are a contract: do not rename them.
+
+Training is Keras's own step on seeded full mini-batches (:func:`train_epochs`),
+with Keras's early-stopping rule on a held-out part of train (:class:`Patience`).
 """
 
 from __future__ import annotations
 
 import tempfile
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
-
-from pipeline.softmax_training import Patience, cross_entropy, train_epochs, two_columns
 
 if TYPE_CHECKING:
     import keras
@@ -96,6 +95,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         The trained Keras model.
     n_epochs_ : int
         Epochs of the kept weights (the best held-out loss).
+    n_held_out_ : int
+        Training images held out for early stopping (0: none).
+    held_out_score_ : float or None
+        Accuracy of the kept weights on those images (``None`` without them).
     history_ : dict
         ``{"loss": [...], "val_loss": [...]}`` per epoch.
 
@@ -186,95 +189,45 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
         """Train on ``X`` (n, d) and labels ``y`` (n,); returns ``self``."""
-        X_fit, y_fit, X_held, y_held = self._prepare(X, y)
-        for stale in ("grid_scores_", "grid_losses_", "n_held_out_"):  # from an earlier fit_grid
-            self.__dict__.pop(stale, None)
-        # A fresh model (its initial weights and dropout seed are what this seed gives) and a
-        # compiled model of the same architecture that trains it: built and traced once per
-        # process, re-initialised from the fresh model's variables for every fit.
-        model = self._fresh_model(X_fit.shape[1])
-        with _trainers.borrow(
-            model, sigmoid=bool(self.sigmoid), learning_rate=float(self.learning_rate)
-        ) as trainer:
-            stop = Patience(int(self.patience))
-            held_losses: list[float] = []
-            best_weights = None
-
-            def end_epoch(epoch: int) -> bool:
-                nonlocal best_weights
-                if X_held is None:
-                    return False
-                held_losses.append(cross_entropy(self._proba(trainer, X_held), y_held))
-                if stop.improved(held_losses[-1], epoch):
-                    best_weights = trainer.get_weights()
-                return stop.done
-
-            losses = self._train(trainer, X_fit, y_fit, end_epoch)
-            if best_weights is not None:  # as EarlyStopping(restore_best_weights=True)
-                trainer.set_weights(best_weights)
-            _copy_variables(trainer, model)
-        self.history_ = {"loss": losses, "val_loss": held_losses}
-        self.n_epochs_ = stop.best_epoch + 1 if X_held is not None else int(self.max_epochs)
-        self.model_ = model
-        return self
-
-    def fit_grid(self, X: Any, y: Any, learning_rates: Sequence[float]) -> SoftmaxClassifier:
-        """Train one head per learning rate in one training loop; keep the best on held-out data.
-
-        The heads of the grid sit side by side in one Keras model and see the same
-        batches; each has its own effective learning rate (its weights are ``scale *
-        variable``, and Adam's step does not depend on the gradient's scale, so a
-        scale of ``rate / max(rates)`` is that head's learning rate) and its own early
-        stopping on the held-out ``validation_fraction`` of ``X``, which keeps its best
-        epoch; a head out of patience stops counting (its result is what a single fit
-        would keep) and training ends when every head is. The loss is the sum of the
-        heads' cross-entropies, from their logits. The kept head is the one with the
-        best held-out accuracy (the first rate among equals, as GridSearchCV ranks);
-        ``learning_rate`` is set to its rate and the estimator holds its model as
-        ``fit`` does, with ``grid_scores_`` (rate -> held-out accuracy),
-        ``grid_losses_`` (rate -> best held-out loss) and ``n_held_out_`` added;
-        ``history_["loss"]`` stays empty (training yields the heads' summed loss only).
-        Without held-out data (``validation_fraction=0`` or too few images) every
-        head trains ``max_epochs`` and the middle rate is kept.
-
-        One fit instead of one per rate: the search costs about what one fit costs.
-        """
         import keras
 
-        from pipeline.softmax_grid import GridStopping, export_head, grid_loss, grid_model
-
-        rates = [float(rate) for rate in learning_rates]
-        if not rates or min(rates) <= 0:
-            raise ValueError(f"learning_rates must be positive numbers; got {learning_rates!r}")
         X_fit, y_fit, X_held, y_held = self._prepare(X, y)
-        fresh = self._fresh_model(X_fit.shape[1])
-        grid = grid_model(fresh, [rate / max(rates) for rate in rates])
-        grid.compile(optimizer=keras.optimizers.Adam(max(rates)), loss=grid_loss(self.sigmoid))
+        model = self._fresh_model(X_fit.shape[1])
+        # A compiled twin trains, from the fresh model's variables (its dropout seed included):
+        # the kept model stays uncompiled, so its .keras file holds no optimizer.
+        trainer = self._fresh_model(X_fit.shape[1])
+        _copy_variables(model, trainer)
+        loss = "binary_crossentropy" if self.sigmoid else "sparse_categorical_crossentropy"
+        trainer.compile(optimizer=keras.optimizers.Adam(float(self.learning_rate)), loss=loss)
         # Built here, not inside the first traced step: creating variables while tracing
         # makes TensorFlow trace twice (about half a second on 2 cores).
-        grid.optimizer.build(grid.trainable_variables)
-        stopping = GridStopping(X_held, y_held, len(rates), int(self.patience), bool(self.sigmoid))
-        self._train(
-            grid, X_fit, y_fit, lambda epoch: X_held is not None and stopping.end_epoch(grid, epoch)
-        )
+        trainer.optimizer.build(trainer.trainable_variables)
+        stop = Patience(int(self.patience))
+        held_losses: list[float] = []
+        best_weights = None
+
+        def end_epoch(epoch: int) -> bool:
+            nonlocal best_weights
+            if X_held is None:
+                return False
+            held_losses.append(cross_entropy(self._proba(trainer, X_held), y_held))
+            if stop.improved(held_losses[-1], epoch):
+                best_weights = trainer.get_weights()
+            return stop.done
+
+        losses = self._train(trainer, X_fit, y_fit, end_epoch)
+        if best_weights is not None:  # as EarlyStopping(restore_best_weights=True)
+            trainer.set_weights(best_weights)
+        _copy_variables(trainer, model)
+        self.history_ = {"loss": losses, "val_loss": held_losses}
+        self.n_epochs_ = stop.best_epoch + 1 if X_held is not None else int(self.max_epochs)
         self.n_held_out_ = 0 if X_held is None else len(X_held)
-        if X_held is None:
-            best = len(rates) // 2
-            self.grid_scores_, self.grid_losses_ = {}, {}
-            self.n_epochs_ = int(self.max_epochs)
-            self.history_ = {"loss": [], "val_loss": []}
-        else:
-            accuracy = stopping.best_accuracy
-            best = min(range(len(rates)), key=lambda g: (-accuracy[g], g))  # first among equals
-            self.grid_scores_ = dict(zip(rates, accuracy, strict=True))
-            self.grid_losses_ = dict(zip(rates, stopping.best_loss, strict=True))
-            self.n_epochs_ = stopping.best_epoch[best] + 1
-            # Training yields the heads' summed loss; the kept head's own is not separable.
-            # Its held-out losses end where a single fit would have stopped.
-            self.history_ = {"loss": [], "val_loss": stopping.history[best]}
-        export_head(grid, best, stopping.best_weights[best] if X_held is not None else None, fresh)
-        self.learning_rate = rates[best]
-        self.model_ = fresh
+        self.held_out_score_ = (
+            None
+            if X_held is None
+            else float(np.mean(np.argmax(self._proba(model, X_held), axis=1) == y_held))
+        )
+        self.model_ = model
         return self
 
     def _train(
@@ -348,92 +301,82 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 self.model_ = keras.saving.load_model(path, compile=False)
 
 
-class _TrainerPool:
-    """Compiled softmax models kept between fits, one architecture per key.
-
-    Tracing Keras's training step costs more than a whole fit of this small head on a
-    few hundred images; a search fits the same architecture again and again (each
-    grid point, then the final fit). A trainer is lent to one fit at a time (threads
-    get their own) and reset before each: its variables, dropout seed included, are
-    copied from the fitting estimator's fresh model, and its optimizer gets back the
-    state it had when built, then the fit's learning rate. Compiling is not repeated,
-    so the traced training step is kept.
-    """
-
-    _MAX_KEYS = 4  # architectures kept; the least recently used is dropped
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple, list[tuple[Any, list[np.ndarray]]]] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def borrow(
-        self, model: keras.Model, *, sigmoid: bool, learning_rate: float
-    ) -> Iterator[keras.Model]:
-        """A compiled twin of ``model``, reset to ``model``'s variables and a new optimizer."""
-        import keras
-
-        dropout = model.get_layer("head_dropout").rate
-        key = (
-            keras.backend.backend(),
-            keras.config.dtype_policy().name,
-            tuple(tuple(v.shape) for v in model.variables),
-            float(dropout),
-            sigmoid,
-        )
-        with self._lock:
-            idle = self._idle.pop(key, [])
-            entry = idle.pop() if idle else None
-            if idle:
-                self._idle[key] = idle
-        if entry is None:
-            entry = self._build(model, sigmoid=sigmoid, dropout=dropout)
-        trainer, optimizer_state = entry
-        _copy_variables(model, trainer)
-        for variable, value in zip(trainer.optimizer.variables, optimizer_state, strict=True):
-            variable.assign(value)
-        trainer.optimizer.learning_rate = learning_rate
-        try:
-            yield trainer
-        finally:
-            with self._lock:
-                self._idle.setdefault(key, []).append(entry)
-                self._idle[key] = self._idle.pop(key)[-2:]  # most recent last, two at most
-                while len(self._idle) > self._MAX_KEYS:
-                    del self._idle[next(iter(self._idle))]
-
-    @staticmethod
-    def _build(model: keras.Model, *, sigmoid: bool, dropout: float) -> tuple[Any, list]:
-        import keras
-
-        width, hidden = model.get_layer("head_dense").kernel.shape
-        k = 2 if sigmoid else model.get_layer("head_output").units
-        trainer = build_softmax_head(
-            int(width), int(k), hidden=int(hidden), dropout=dropout, sigmoid=sigmoid
-        )
-        loss = "binary_crossentropy" if sigmoid else "sparse_categorical_crossentropy"
-        trainer.compile(optimizer=keras.optimizers.Adam(), loss=loss)
-        trainer.optimizer.build(trainer.trainable_variables)
-        return trainer, [np.array(v.numpy()) for v in trainer.optimizer.variables]
-
-    def clear(self) -> None:
-        """Drop every kept trainer (the next fit builds and traces its own)."""
-        with self._lock:
-            self._idle.clear()
-
-
-_trainers = _TrainerPool()
-
-
-def clear_trainers() -> None:
-    """Forget the compiled models kept between fits, so the next fit pays for tracing.
-
-    Benchmarks call it before each data set: a sweep is timed as a fresh process runs it.
-    """
-    _trainers.clear()
-
-
 def _copy_variables(source: keras.Model, target: keras.Model) -> None:
     """Every variable of ``source`` into ``target`` (same architecture), seed states included."""
     for src, dst in zip(source.variables, target.variables, strict=True):
         dst.assign(src)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def two_columns(proba: Any) -> np.ndarray:
+    """Probabilities as ``(n, k)`` float64; a sigmoid's ``(n, 1)`` P(class 1) -> ``[1 - p, p]``.
+
+    Any other shape is returned as is (as float64), so callers need not check first.
+    """
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 1:
+        return np.hstack([1.0 - p, p])
+    return p
+
+
+def cross_entropy(proba: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-probability of the true classes."""
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, 1.0))))
+
+
+class Patience:
+    """Keras's ``EarlyStopping(min_delta=1e-6)`` rule on a held-out loss.
+
+    :meth:`improved` takes each epoch's held-out loss; ``done`` turns true once
+    ``patience`` epochs have passed without a loss lower than the best by more than
+    ``1e-6`` (``best_epoch`` is the epoch whose weights a restore keeps). One difference:
+    a NaN loss never counts as the best (Keras takes the first epoch's, NaN or not).
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_loss, self.best_epoch, self.done = np.inf, 0, False
+
+    def improved(self, loss: float, epoch: int) -> bool:
+        if loss < self.best_loss - 1e-6:
+            self.best_loss, self.best_epoch = loss, epoch
+            return True
+        if epoch - self.best_epoch >= self.patience:
+            self.done = True
+        return False
+
+
+def train_epochs(
+    model: keras.Model,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    max_epochs: int,
+    seed: int,
+    end_epoch: Callable[[int], bool],
+) -> list[float]:
+    """Train a compiled ``model`` on full mini-batches, reshuffled each epoch from ``seed``.
+
+    ``end_epoch(epoch)`` runs after every epoch and returns True to stop. Returns the
+    mean training loss of each epoch. One ``train_on_batch`` per step: Keras's
+    ``fit`` would feed the batches through an input pipeline (on TensorFlow,
+    ``tf.data`` calling back into Python for every batch), which cost about 7 ms
+    per step against under 3 for the step itself on this head (2-core CPU). Batches
+    are full, so the training step has one shape and is traced once.
+    """
+    size = min(batch_size, len(X))
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    for epoch in range(max_epochs):
+        order = rng.permutation(len(X))
+        batch_losses = [
+            model.train_on_batch(X[rows], y[rows], return_dict=True)["loss"]
+            for rows in (order[i : i + size] for i in range(0, len(X) - size + 1, size))
+        ]
+        losses.append(float(np.mean(batch_losses)))
+        if end_epoch(epoch):
+            break
+    return losses

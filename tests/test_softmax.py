@@ -68,25 +68,19 @@ def test_a_fit_is_repeatable_for_a_seed(early_stopped):
     assert np.array_equal(again.predict_proba(X), clf.predict_proba(X))
 
 
-def test_a_reused_trainer_gives_what_a_fresh_process_gives(early_stopped):
-    """A search fits one head after another on one kept, compiled model: each fit equals
-    a fit with nothing kept (a fresh process)."""
-    from pipeline.softmax import clear_trainers
-
+def test_the_held_out_score_is_the_kept_weights_accuracy_on_the_hold_out(early_stopped):
     X, y, clf = early_stopped
-    SoftmaxClassifier(learning_rate=3e-3, random_state=9, max_epochs=5).fit(X[:50], y[:50])
-    reused = clone(clf).fit(X, y)
-    clear_trainers()
-    fresh = clone(clf).fit(X, y)
-    assert reused.history_ == fresh.history_ == clf.history_
-    assert reused.n_epochs_ == fresh.n_epochs_
-    np.testing.assert_array_equal(reused.predict_proba(X), fresh.predict_proba(X))
+    _, encoded = np.unique(y, return_inverse=True)
+    _, _, X_held, y_held = clf._hold_out(X.astype(np.float32), encoded.astype(np.int64))
+    assert clf.n_held_out_ == len(y_held) == 18
+    assert clf.held_out_score_ == np.mean(clf.predict(X_held) == clf.classes_[y_held])
 
 
 def test_without_a_hold_out_it_trains_every_epoch():
     X, y = blobs(10, 2, 4, separation=3.0)
     clf = SoftmaxClassifier(max_epochs=4, validation_fraction=0.0).fit(X, y)
     assert clf.n_epochs_ == 4 and len(clf.history_["loss"]) == 4 and clf.history_["val_loss"] == []
+    assert clf.n_held_out_ == 0 and clf.held_out_score_ is None
 
 
 def test_pickling_keeps_the_keras_model(early_stopped):
@@ -95,57 +89,6 @@ def test_pickling_keeps_the_keras_model(early_stopped):
     assert copy is not clf and copy.model_ is not clf.model_
     assert np.allclose(copy.predict_proba(X), clf.predict_proba(X), atol=1e-6)
     assert copy.get_params() == clf.get_params()
-
-
-@pytest.mark.parametrize("sigmoid", [False, True])
-def test_the_grid_head_of_the_largest_rate_follows_a_single_fit(sigmoid):
-    """fit_grid trains one head per rate in one fit: the head at the largest rate (scale 1)
-    sees what a single fit at that rate sees (weights, dropout masks, batches, hold-out)."""
-    X, y = blobs(40, 2, 8, separation=1.0, seed=7)
-    params = {"max_epochs": 15, "patience": 3, "random_state": 2, "sigmoid": sigmoid}
-    grid = SoftmaxClassifier(**params)
-    grid.fit_grid(X, y, (3e-3, 1e-2))
-    single = SoftmaxClassifier(learning_rate=1e-2, **params).fit(X, y)
-    losses = grid.grid_losses_
-    assert losses[1e-2] == pytest.approx(min(single.history_["val_loss"]), rel=1e-4)
-    assert set(grid.grid_scores_) == {3e-3, 1e-2} and grid.n_held_out_ == 12
-    best = max(grid.grid_scores_.values())
-    assert grid.learning_rate == min(r for r, s in grid.grid_scores_.items() if s == best)
-    if grid.learning_rate == 1e-2:
-        assert grid.n_epochs_ == single.n_epochs_
-        np.testing.assert_allclose(grid.predict_proba(X), single.predict_proba(X), atol=1e-4)
-    assert [layer.name for layer in grid.model_.layers[1:]] == list(HEAD_LAYERS)
-    assert grid.predict_proba(X).shape == (80, 2)
-
-
-@pytest.mark.parametrize("sigmoid", [False, True])
-def test_a_grid_of_one_rate_is_the_single_fit(sigmoid):
-    """One head at scale 1 sees exactly what a single fit sees: the kept epoch, the held-out
-    losses and the exported head's probabilities are the single fit's."""
-    X, y = blobs(40, 2, 8, separation=1.0, seed=7)
-    params = {"max_epochs": 15, "patience": 3, "random_state": 2, "sigmoid": sigmoid}
-    grid = SoftmaxClassifier(**params).fit_grid(X, y, (1e-2,))
-    single = SoftmaxClassifier(learning_rate=1e-2, **params).fit(X, y)
-    assert grid.n_epochs_ == single.n_epochs_
-    np.testing.assert_allclose(grid.history_["val_loss"], single.history_["val_loss"], rtol=1e-4)
-    np.testing.assert_allclose(grid.predict_proba(X), single.predict_proba(X), atol=1e-5)
-
-
-def test_the_grid_keeps_the_rate_with_the_best_held_out_accuracy():
-    """A rate far too small learns nothing in a few epochs: the grid keeps the useful one."""
-    X, y = blobs(40, 2, 8, separation=3.0, seed=8)
-    clf = SoftmaxClassifier(max_epochs=8, patience=8).fit_grid(X, y, (1e-9, 1e-2))
-    assert clf.learning_rate == 1e-2 and clf.grid_scores_[1e-2] > clf.grid_scores_[1e-9]
-    assert clf.score(X, y) >= 0.9
-
-
-def test_a_grid_without_hold_out_trains_every_epoch_and_keeps_the_middle_rate():
-    X, y = blobs(10, 2, 4, separation=3.0)
-    clf = SoftmaxClassifier(max_epochs=3, validation_fraction=0.0)
-    clf.fit_grid(X, y, (1e-3, 3e-3, 1e-2))
-    assert clf.learning_rate == 3e-3 and clf.n_epochs_ == 3 and clf.grid_scores_ == {}
-    with pytest.raises(ValueError, match="learning_rates must be positive"):
-        SoftmaxClassifier().fit_grid(X, y, (1e-3, 0.0))
 
 
 # The checks that fit many times cost several seconds each with Keras; run them with

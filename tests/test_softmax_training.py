@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.softmax import build_softmax_head
-from pipeline.softmax_training import Patience, cross_entropy, train_epochs, two_columns
+from pipeline.softmax import (
+    Patience,
+    build_softmax_head,
+    cross_entropy,
+    train_epochs,
+    two_columns,
+)
 
 
 def _keras_stop(losses: list[float], patience: int, model) -> tuple[int, int]:

