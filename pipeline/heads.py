@@ -82,11 +82,6 @@ class HeadSpec:
     fold_bounded : tuple of str
         Grid parameters that cannot exceed the images of a training fold
         (``n_neighbors``).
-    fold_scorer : callable, optional
-        Scores the whole one-parameter grid on one fold with shared work (one
-        kernel matrix, one neighbour query, one Gram matrix, a warm-started path):
-        see :mod:`pipeline.head_search`. Same folds, scores and choice as
-        GridSearchCV; only the repeated work is gone.
     """
 
     name: str
@@ -97,7 +92,6 @@ class HeadSpec:
     default: bool = True
     keras: bool = False
     fold_bounded: tuple[str, ...] = ()
-    fold_scorer: head_search.FoldScorer | None = None
 
     def estimator(self, seed: int) -> BaseEstimator:
         """A fresh, unfitted classifier (the last step of the head's pipeline)."""
@@ -122,7 +116,6 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: SVC(kernel="rbf", C=10.0, gamma="scale", random_state=seed),
         norm="l2",
         grid={"C": (1.0, 10.0)},
-        fold_scorer=head_search.shared_kernel,
     ),
     HeadSpec(
         name="logreg",
@@ -136,7 +129,6 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         # Raw features: cross-validation on both real data sets prefers them to l2 or standard.
         norm="none",
         grid={"C": (0.1, 1.0, 10.0)},
-        fold_scorer=head_search.warm_path,
     ),
     HeadSpec(
         name="knn",
@@ -145,7 +137,6 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         norm="l2",
         grid={"n_neighbors": (1, 5, 15)},
         fold_bounded=("n_neighbors",),
-        fold_scorer=head_search.shared_neighbours,
     ),
     HeadSpec(
         name="ridge",
@@ -153,7 +144,6 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: RidgeClassifier(alpha=100.0),
         norm="standard",
         grid={"alpha": (10.0, 100.0, 1000.0)},
-        fold_scorer=head_search.shared_gram,
     ),
     HeadSpec(
         name="softmax",
