@@ -12,7 +12,6 @@ the variables of the command the user ran, so they can be pasted as they are.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -424,17 +423,12 @@ def _add_stage_two(sub: argparse._SubParsersAction) -> None:
 
 
 def run() -> None:
-    """The ``pipeline`` script and ``python -m pipeline``: quiet start-up, then :func:`main`."""
-    from pipeline.console import filter_native_logs
-
-    filter_native_logs()
+    """The ``pipeline`` script and ``python -m pipeline``: :func:`main`, its status the exit's."""
     sys.exit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user error)."""
-    # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) is noise here.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, a usage error: argparse has printed it

@@ -1,24 +1,33 @@
-"""What the terminal shows: native start-up chatter of TensorFlow filtered out.
+"""What the terminal shows: TensorFlow's native start-up lines quieted at their source.
 
-TensorFlow's C++ libraries log through absl straight to file descriptor 2 while
-Keras imports them ("All log messages before absl::InitializeLog() ...",
-"oneDNN custom operations are on ...", "Could not find cuda drivers ..."),
-twice per command, and ``TF_CPP_MIN_LOG_LEVEL`` does not reach those lines.
-:func:`filter_native_logs` puts a pipe in front of descriptor 2 and a thread
-that forwards everything except lines in absl's log format, so progress bars,
-warnings and errors pass unchanged. The command-line entry points install it;
-library use (notebooks, tests) is left alone. ``PIPELINE_NATIVE_LOGS=1`` turns
-the filter off.
+Importing Keras loads TensorFlow's C++ libraries, and each of two of them logs
+through absl straight to file descriptor 2 before anything can configure it::
+
+    WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+    I0000 00:00:1796293896.743674    3983 port.cc:153] oneDNN custom operations are on. ...
+    I0000 00:00:1796293896.744059    3983 cudart_stub.cc:31] Could not find cuda drivers ...
+
+Then come ``cpu_feature_guard.cc``'s two lines and, at the first operation on a
+machine without a GPU, ``E0000 ... cuda_platform.cc:52] failed call to cuInit``;
+``TF_CPP_MIN_LOG_LEVEL=3`` silences those two, not the first ones.
+:func:`quiet_keras_import` quiets all of them at the first import of Keras (or
+TensorFlow), wherever it happens: it sets the level and runs that import with
+descriptor 2 in a temporary file (:func:`quiet_native_logs`), whose lines are then
+written to the real descriptor 2, absl's left out (:func:`is_chatter`). Importing
+:mod:`pipeline` installs it, so commands and notebooks get it alike; an error raised
+by the import still reaches the caller. ``PIPELINE_NATIVE_LOGS=1`` leaves
+TensorFlow's output as it is.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import re
 import sys
-import threading
+import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 # absl's line format: "I0000 00:00:1795473214.864178   11383 port.cc:153] ...".
 _ABSL_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] ")
@@ -26,79 +35,82 @@ _CHATTER = (
     b"WARNING: All log messages before absl::InitializeLog()",
     b"To enable the following instructions:",  # the second line of cpu_feature_guard's note
 )
-_MAYBE_CHATTER = re.compile(rb"^(?:[IWEF]\d{0,4}(?: [\d:. ]*)?|W[A-Z: ]*|T[a-z ]*)$")
-# Written by :func:`filter_native_logs`'s exit handler: the filter's last input. Child
-# processes (the heads' background worker, loky's resource tracker, Ray) inherit
-# descriptor 2, so the pipe may not reach its end while they live.
-END_OF_FILTER = b"\0pipeline: end of the stderr filter\0"
+_QUIETED = ("keras", "tensorflow")  # the first of them to be imported loads TensorFlow
 
 
 def is_chatter(line: bytes) -> bool:
-    """Whether a complete stderr line is native TensorFlow/absl start-up logging."""
+    """Whether a stderr line is native TensorFlow/absl start-up logging."""
     return bool(_ABSL_LINE.match(line)) or line.startswith(_CHATTER)
 
 
-def filter_native_logs() -> None:
-    """Route descriptor 2 through a filter thread that drops :func:`is_chatter` lines."""
-    if os.environ.get("PIPELINE_NATIVE_LOGS") == "1" or not hasattr(os, "pipe"):
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # what the level does reach
+def quiet_keras_import() -> None:
+    """Quiet TensorFlow's native start-up lines at this process's first import of Keras."""
+    if any(name in sys.modules for name in _QUIETED):
+        return  # imported already: too late
+    if not any(isinstance(finder, _QuietFirstImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietFirstImport())
+
+
+@contextlib.contextmanager
+def quiet_native_logs() -> Iterator[None]:
+    """Descriptor 2 into a temporary file for the block; afterwards its lines go to the real
+    descriptor 2, absl's left out, even when the block raises."""
     try:
         sys.stderr.flush()
-        original = os.dup(2)
-        read_end, write_end = os.pipe()
-        os.dup2(write_end, 2)
-    except OSError:  # no usable descriptor 2: nothing to filter
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 to quiet
+        saved = None
+    if saved is None:
+        yield
         return
-    thread = threading.Thread(
-        target=_forward, args=(read_end, original), name="stderr-filter", daemon=True
-    )
-    thread.start()
-
-    owner = os.getpid()
-
-    def restore() -> None:
-        if os.getpid() != owner:  # a forked child exiting: the filter is its parent's
-            return
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.flush()
-        os.dup2(original, 2)
-        with contextlib.suppress(OSError):
-            # One write, under PIPE_BUF: never split. Not blocking: if the thread has died
-            # (its output closed) and the pipe is full, exit all the same.
-            os.set_blocking(write_end, False)
-            _write_all(write_end, END_OF_FILTER)
-        with contextlib.suppress(OSError):
-            os.close(write_end)
-        thread.join(timeout=2)
-
-    atexit.register(restore)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().splitlines(keepends=True)
+            kept = b"".join(line for line in lines if not is_chatter(line))
+            while kept:
+                kept = kept[os.write(2, kept) :]
 
 
-def _forward(read_end: int, out: int) -> None:
-    pending = b""
-    while chunk := os.read(read_end, 65536):
-        pending += chunk
-        ended = END_OF_FILTER in pending
-        if ended:
-            pending = pending[: pending.index(END_OF_FILTER)]
-        *lines, pending = pending.split(b"\n")
-        kept = [line + b"\n" for line in lines if not is_chatter(line)]
-        # A partial line (a progress bar's "\r..." update) goes out at once unless it
-        # may still become a chatter line, or the end mark (a NUL: none in text).
-        partial = pending and b"\0" not in pending and not _MAYBE_CHATTER.match(pending)
-        if partial and not is_chatter(pending):
-            kept.append(pending)
-            pending = b""
-        if kept:
-            _write_all(out, b"".join(kept))
-        if ended:
-            break
-    if pending and not is_chatter(pending):
-        _write_all(out, pending)
-    os.close(read_end)
+class _QuietFirstImport:
+    """A meta-path finder that finds nothing itself: it hands the first import of Keras or
+    TensorFlow a loader that runs it quietly, then leaves."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name not in _QUIETED:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        if os.environ.get("PIPELINE_NATIVE_LOGS") == "1":
+            return None
+        spec = importlib.util.find_spec(name)  # the other finders' answer
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
+class _QuietLoader:
+    """Runs one module's import inside :func:`quiet_native_logs`, at log level 3."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # the real one from now on
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        with quiet_native_logs():
+            self.loader.exec_module(module)
