@@ -5,12 +5,12 @@
 - a head of stage two: its manifest ``<head>.json``, its ``<head>.skops``, its
   ``<head>.joblib`` export or, for the softmax head, ``softmax.keras`` (any of
   them loads the head through its manifest, from the ``.skops`` file:
-  :func:`pipeline.head_store.load_head`). The backbone is rebuilt from the
+  :func:`pipeline.heads.store.load_head`). The backbone is rebuilt from the
   manifest (backbone, weights source, input size, pooling, layer), its features
-  are checked against the head's (:meth:`pipeline.head_store.Head.check_features`)
+  are checked against the head's (:meth:`pipeline.heads.store.Head.check_features`)
   and the head is applied. A head on joined or multi-view features rebuilds every
-  part from its recorded configuration and joins them as :mod:`pipeline.combine`
-  did (:mod:`pipeline.rebuild`);
+  part from its recorded configuration and joins them as :mod:`pipeline.features.joins`
+  did (:mod:`pipeline.features.rebuild`);
 - a fine-tuned model of stage three: ``<name>.keras`` with ``<name>.json``
   beside it whose ``"kind"`` is ``"finetuned"``. The model takes float32 RGB
   images in 0..255 of ``manifest["input_size"]`` pixels (preprocessing inside
@@ -18,7 +18,7 @@
   is read as the probability of class 1); ``manifest["class_names"]`` names
   the outputs.
 
-Images are decoded by :mod:`pipeline.images` exactly as in stage one;
+Images are decoded by :mod:`pipeline.data.images` exactly as in stage one;
 unreadable files are skipped and reported, like stage one does. An image's
 true label is the name of the nearest folder above it (``IMAGES`` itself
 included) that is one of the model's classes, so ``IMAGES=data/test`` or
@@ -36,10 +36,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import rebuild
-from pipeline.errors import PipelineError, PredictError
-from pipeline.files import write_bytes_atomic
-from pipeline.images import IMAGE_EXTENSIONS, images_under, iter_batches, skipped_images
+from pipeline.core.artifacts import Artifacts, dataset_name
+from pipeline.core.errors import PipelineError, PredictError
+from pipeline.core.files import write_bytes_atomic
+from pipeline.data.folders import IMAGE_EXTENSIONS, images_under
+from pipeline.data.images import iter_batches, skipped_images
+from pipeline.features import backbones, rebuild
+from pipeline.finetuning.model import load_finetuned
+from pipeline.heads.softmax import two_columns
+from pipeline.heads.store import find_manifest, load_head
 
 # Leading characters that make Excel, LibreOffice or Sheets read a cell as a formula (OWASP).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -269,8 +274,6 @@ def _stack(parts: list[np.ndarray], dtype: Any) -> np.ndarray | None:
 
 
 def _head_predictor(model_path: Path, artifacts_dir: str | Path) -> Predictor:
-    from pipeline import backbones
-    from pipeline.head_store import load_head
 
     head = load_head(model_path)
     m = head.manifest
@@ -330,7 +333,6 @@ def _head_predictor(model_path: Path, artifacts_dir: str | Path) -> Predictor:
 
 
 def _finetuned_predictor(model_path: Path, manifest: Mapping[str, Any]) -> Predictor:
-    from pipeline.softmax import two_columns
 
     keras_path = model_path if model_path.suffix == ".keras" else model_path.with_suffix(".keras")
     if not keras_path.is_file():
@@ -344,7 +346,6 @@ def _finetuned_predictor(model_path: Path, manifest: Mapping[str, Any]) -> Predi
         raise PredictError(
             f"manifest {keras_path.with_suffix('.json')} needs 'class_names' and 'input_size'"
         ) from None
-    from pipeline.finetune_model import load_finetuned
 
     try:
         model = load_finetuned(keras_path)
@@ -385,7 +386,6 @@ def load_predictor(model_path: str | Path, artifacts_dir: str | Path = "artifact
     PredictError, HeadError
         Missing file or manifest, or a manifest of an unknown kind.
     """
-    from pipeline.head_store import find_manifest
 
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -409,8 +409,7 @@ def load_predictor(model_path: str | Path, artifacts_dir: str | Path = "artifact
 def default_output(
     predictor: Predictor, images: str | Path, artifacts_dir: str | Path = "artifacts"
 ) -> Path:
-    """``artifacts/predictions/<dataset>/<model id>/<images name>.csv`` (see :mod:`pipeline.artifacts`)."""
-    from pipeline.artifacts import Artifacts, dataset_name
+    """``artifacts/predictions/<dataset>/<model id>/<images name>.csv`` (see :mod:`pipeline.core.artifacts`)."""
 
     images = Path(images).expanduser()
     name = images.stem if images.is_file() else dataset_name(images)

@@ -57,8 +57,9 @@ def split_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """A real stage-one cache: MobileNetV2, random weights, 32x32 inputs, 3 classes."""
-    from pipeline.features import FeatureConfig, extract_features
-    from pipeline.images import SplitConfig
+    from pipeline.data.folders import SplitConfig
+    from pipeline.features.config import FeatureConfig
+    from pipeline.features.extract import extract_features
 
     root = tmp_path_factory.mktemp("tiny")
     make_folder(root / "colours", per_class=10, classes=tuple(COLOURS))

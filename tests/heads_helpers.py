@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import CacheWriter
+from pipeline.features.cache_writer import CacheWriter
 
 BASE_ATTRS = {
     "backbone": "mobilenet_v2",

@@ -15,22 +15,24 @@ import numpy as np
 import pytest
 from conftest import COLOURS, make_folder
 
-from pipeline import activations
-from pipeline import finetune as ft
-from pipeline.cache import FeatureRows
-from pipeline.features import FeatureConfig, extract_features
-from pipeline.images import SplitConfig
+from pipeline.data.folders import SplitConfig
+from pipeline.features import cache_writer
+from pipeline.features.cache import FeatureRows
+from pipeline.features.config import FeatureConfig
+from pipeline.features.extract import extract_features
+from pipeline.finetuning import activations
+from pipeline.finetuning import run as ft
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ft.FinetuneConfig(
     FeatureConfig(weights="none", input_size=32, batch_size=8),
-    head_epochs=2, epochs=2, layers="block", aug_views=3,
+    head_epochs=2, epochs=2, unfreeze="block", aug_copies=3,
 )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def base():
-    from pipeline.backbones import build_base, get_backbone
+    from pipeline.features.backbones import build_base, get_backbone
 
     return build_base(get_backbone("mobilenet_v2"), weights="none", input_size=32)
 
@@ -41,7 +43,7 @@ def colours(tmp_path_factory) -> Path:
 
 
 def _images(folder: Path, paths) -> np.ndarray:
-    from pipeline.images import load_image
+    from pipeline.data.images import load_image
 
     return np.stack([load_image(folder / p, 32) for p in paths]).astype(np.float32)
 
@@ -50,7 +52,7 @@ def _images(folder: Path, paths) -> np.ndarray:
 
 
 def test_the_cut_of_the_last_block_is_the_last_add_before_it(base):
-    from pipeline.freezing import last_block_size
+    from pipeline.finetuning.freezing import last_block_size
 
     assert activations.find_cut(base, last_block_size(base)).layer == "block_15_add"
     assert activations.find_cut(base, 12).layer == "block_14_add"  # block_15 has a residual
@@ -61,7 +63,7 @@ def test_the_cut_of_the_last_block_is_the_last_add_before_it(base):
 def test_top_model_on_the_frozen_part_equals_the_whole_model(base, layers):
     import keras
 
-    from pipeline.softmax import build_softmax_head
+    from pipeline.heads.softmax import build_softmax_head
 
     keras.utils.set_random_seed(0)
     head = build_softmax_head(1280, 3)
@@ -80,7 +82,7 @@ def test_top_model_on_the_frozen_part_equals_the_whole_model(base, layers):
 def test_the_cut_cache_equals_the_frozen_part_run_directly(base, colours, tmp_path):
     import keras
 
-    from pipeline.backbones import build_base, get_backbone
+    from pipeline.features.backbones import build_base, get_backbone
 
     cut = activations.find_cut(base, 11)
     config = activations.cut_config(TINY.features, cut)
@@ -113,7 +115,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _write_views(path, folder, base, cut, *, seed=0, zoom=0.1, views=3, progress=False):
-    from pipeline.finetune_model import build_augmentation
+    from pipeline.finetuning.model import build_augmentation
 
     config = replace(TINY, zoom=zoom, split=SplitConfig(seed=seed))
     spec = activations.ViewsSpec(
@@ -154,14 +156,13 @@ def test_views_are_the_frozen_part_of_augmented_images_and_rebuilt_when_inputs_c
 
 
 def test_an_interrupted_views_cache_resumes_to_the_same_rows(base, colours, tmp_path, monkeypatch):
-    from pipeline import cache
 
     cut = activations.find_cut(base, 11)
     whole = tmp_path / "whole.h5"
     _write_views(whole, colours, base, cut)
     path = tmp_path / "views.h5"
     calls = {"n": 0}
-    original = cache.CacheWriter.write_batch
+    original = cache_writer.CacheWriter.write_batch
 
     def dying(self, *args, **kwargs):
         if calls["n"] == 1:
@@ -169,11 +170,11 @@ def test_an_interrupted_views_cache_resumes_to_the_same_rows(base, colours, tmp_
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(cache.CacheWriter, "write_batch", dying)
+    monkeypatch.setattr(cache_writer.CacheWriter, "write_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         _write_views(path, colours, base, cut)
-    assert cache.work_path_of(path).exists() and not path.exists()
-    monkeypatch.setattr(cache.CacheWriter, "write_batch", original)
+    assert cache_writer.work_path_of(path).exists() and not path.exists()
+    monkeypatch.setattr(cache_writer.CacheWriter, "write_batch", original)
     assert _write_views(path, colours, base, cut)[0][0] == "resumed"
     with FeatureRows(path) as a, FeatureRows(whole) as b:
         np.testing.assert_array_equal(a.read(np.arange(30)), b.read(np.arange(30)))
@@ -202,22 +203,22 @@ def test_the_feed_draws_one_view_per_image_per_epoch_the_same_way_again(tmp_path
 
 
 def test_finetune_on_cached_views_exports_the_whole_network(colours, tmp_path):
-    from pipeline.finetune_model import load_finetuned
+    from pipeline.finetuning.model import load_finetuned
 
     artifacts = tmp_path / "artifacts"
     result = ft.finetune(
         colours, TINY, artifacts_dir=artifacts, progress=False, echo=lambda _: None
     )
-    assert "cached activations at block_15_add (3 augmented views" in result.format()
+    assert "cached activations at block_15_add (3 augmented copies" in result.format()
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["phase_two_input"]["mode"] == "cached activations"
-    assert manifest["phase_two_input"]["views"] == 3
+    assert manifest["phase_two_input"]["copies"] == 3
     cut_cache = Path(manifest["phase_two_input"]["cut_cache"])
     # the exported model (images in) equals the trained top model on the cached activations
     model = load_finetuned(result.model_path)
     assert not any("augmentation" in layer.name for layer in model.layers)
-    from pipeline.backbones import build_base, get_backbone
-    from pipeline.softmax import build_softmax_head
+    from pipeline.features.backbones import build_base, get_backbone
+    from pipeline.heads.softmax import build_softmax_head
 
     base = build_base(get_backbone("mobilenet_v2"), weights="none", input_size=32)
     cut = activations.find_cut(base, 11)
@@ -262,48 +263,48 @@ def test_a_killed_cached_run_resumes_to_the_uninterrupted_result(colours, tmp_pa
     assert len(again) == len(strip)
     for row, expected in zip(again, strip, strict=True):
         assert row == pytest.approx(expected, rel=1e-5)
-    # the unfinished run of another way (AUG_VIEWS=0) is refused, not continued
+    # the unfinished run of another way (AUG_COPIES=0) is refused, not continued
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(
             colours, config, artifacts_dir=tmp_path / "c", progress=False, echo=lambda _: None,
             callbacks=[Kill()],
         )  # fmt: skip
-    with pytest.raises(ft.FinetuneError, match="aug_views"):
+    with pytest.raises(ft.FinetuneError, match="aug_copies"):
         ft.finetune(
-            colours, replace(config, aug_views=0), artifacts_dir=tmp_path / "c",
+            colours, replace(config, aug_copies=0), artifacts_dir=tmp_path / "c",
             progress=False, echo=lambda _: None,
         )  # fmt: skip
 
 
-def test_aug_views_zero_runs_the_images_and_says_so(colours, tmp_path):
+def test_aug_copies_zero_runs_the_images_and_says_so(colours, tmp_path):
     result = ft.finetune(
-        colours, replace(TINY, aug_views=0, epochs=1), artifacts_dir=tmp_path,
+        colours, replace(TINY, aug_copies=0, epochs=1), artifacts_dir=tmp_path,
         progress=False, echo=lambda _: None,
     )  # fmt: skip
-    assert "images, a full forward pass every epoch (AUG_VIEWS=0)" in result.format()
+    assert "images, a full forward pass every epoch (AUG_COPIES=0)" in result.format()
     assert json.loads(result.manifest_path.read_text())["phase_two_input"]["mode"] == "images"
 
 
 @pytest.mark.parametrize("value", [-1, 65, 1.5, True])
-def test_aug_views_must_be_a_whole_number(value):
-    with pytest.raises(ft.FinetuneError, match="AUG_VIEWS"):
-        replace(TINY, aug_views=value).validate()
+def test_aug_copies_must_be_a_whole_number(value):
+    with pytest.raises(ft.FinetuneError, match="AUG_COPIES"):
+        replace(TINY, aug_copies=value).validate()
 
 
-def test_make_finetune_passes_aug_views(colours, tmp_path):
+def test_make_finetune_passes_aug_copies(colours, tmp_path):
     out = subprocess.run(
-        ["make", "-n", "finetune", f"DATA={colours}", "AUG_VIEWS=2"],
+        ["make", "-n", "finetune", f"DATA={colours}", "AUG_COPIES=2"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ}, check=True,
     ).stdout  # fmt: skip
-    assert "--aug-views 2" in out
+    assert "--aug-copies 2" in out
 
 
 def test_a_view_is_the_seeded_augmentation_then_the_frozen_part(base, colours):
     """The compiled view model computes what the layers give run one by one, eagerly."""
     import keras
 
-    from pipeline.finetune_model import build_augmentation
-    from pipeline.layers import ImagePreprocessing
+    from pipeline.finetuning.layers import ImagePreprocessing
+    from pipeline.finetuning.model import build_augmentation
 
     cut = activations.find_cut(base, 11)
     frozen = activations.frozen_part(base, cut)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.artifacts import (
+from pipeline.core.artifacts import (
     MANIFEST_VERSION,
     ArtifactError,
     Artifacts,

@@ -1,12 +1,12 @@
-"""make auto (pipeline.auto): the choice reads cross-validation on train only."""
+"""make auto (pipeline.recipes.auto): the choice reads cross-validation on train only."""
 
 from __future__ import annotations
 
 import numpy as np
-from test_combine import write_cache
+from test_joins import write_cache
 
-from pipeline import auto
-from pipeline.auto import Candidate, choose, fit_recipe_heads
+from pipeline.recipes import auto
+from pipeline.recipes.auto import Candidate, choose, fit_recipe_heads
 
 
 def _candidate(recipe, head, cv, val, test):

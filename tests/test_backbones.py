@@ -7,8 +7,9 @@ import gc
 import numpy as np
 import pytest
 
-from pipeline import backbones
-from pipeline.backbones import (
+from pipeline.core.errors import BackboneError, WeightsError
+from pipeline.features import backbones
+from pipeline.features.backbones import (
     BACKBONES,
     build_base,
     build_feature_extractor,
@@ -17,7 +18,6 @@ from pipeline.backbones import (
     resolve_input_size,
     weights_identity,
 )
-from pipeline.errors import BackboneError, WeightsError
 
 
 @pytest.mark.slow

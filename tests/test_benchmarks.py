@@ -8,7 +8,7 @@ import pytest
 from heads_helpers import synthetic_cache
 
 from pipeline.benchmarks.heads import bench_heads
-from pipeline.heads import DEFAULT_HEADS
+from pipeline.heads.registry import DEFAULT_HEADS
 
 
 def test_bench_heads_divides_the_heads_fit_time_by_extraction(tmp_path):
@@ -30,21 +30,21 @@ def test_bench_heads_divides_the_heads_fit_time_by_extraction(tmp_path):
 
 
 def test_bench_heads_refuses_no_sweep(tmp_path):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="--repeats must be at least 1"):
         bench_heads([synthetic_cache(tmp_path)], repeats=0)
 
 
 def test_bench_heads_on_folders_checks_repeats_before_stage_one(tmp_path, monkeypatch):
-    import pipeline.features
+    import pipeline.features.extract
     from pipeline.benchmarks.heads import bench_heads_on_folders
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("stage one ran before the options were checked")
 
-    monkeypatch.setattr(pipeline.features, "extract_features", no_extraction)
+    monkeypatch.setattr(pipeline.features.extract, "extract_features", no_extraction)
     with pytest.raises(PipelineError, match="--repeats"):
         bench_heads_on_folders([tmp_path], None, repeats=0)
 
@@ -55,7 +55,7 @@ def test_bench_heads_on_folders_times_stage_one_in_the_same_run(
     """make bench-heads: stage one extracts into a temporary folder and its time, taken in
     this run, is the ratio's denominator; the user's artifacts are not written."""
     from pipeline.benchmarks.heads import bench_heads_on_folders
-    from pipeline.features import FeatureConfig
+    from pipeline.features.config import FeatureConfig
 
     monkeypatch.chdir(tmp_path)  # so a stray write to ./artifacts would land in tmp_path
     config = FeatureConfig(weights="none", input_size=32, batch_size=8, runtime="keras")

@@ -1,4 +1,4 @@
-"""TensorFlow's native start-up lines quieted at the first import of Keras (pipeline.console)."""
+"""TensorFlow's native start-up lines quieted at the first import of Keras (pipeline.core.console)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from heads_helpers import synthetic_cache
 
-from pipeline.console import is_chatter
+from pipeline.core.console import is_chatter
 
 ROOT = Path(__file__).resolve().parents[1]
 TF_START_UP = (
@@ -47,7 +47,7 @@ def test_absl_start_up_lines_are_chatter_and_user_lines_are_not():
 def test_quiet_native_logs_keeps_other_lines_and_restores_descriptor_2_on_an_error():
     code = f"""
 import os, sys
-from pipeline.console import quiet_native_logs
+from pipeline.core.console import quiet_native_logs
 try:
     with quiet_native_logs():
         os.write(2, {TF_START_UP!r})

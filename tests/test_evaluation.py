@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
-from pipeline import stats
-from pipeline.artifacts import SplitPredictions
-from pipeline.evaluation import Run, build_report_data, top_losses
+from pipeline.core.artifacts import SplitPredictions
+from pipeline.report import stats
+from pipeline.report.evaluation import Run, build_report_data, top_losses
 
 NAMES = ("a", "b", "c")
 

@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 from conftest import make_folder, make_image
 
-from pipeline import cache, images
-from pipeline.checkpoints import Checkpoint
-from pipeline.cli import main
-from pipeline.errors import CacheError, DataError, FinetuneError, PipelineError
-from pipeline.features import FeatureConfig, extract_features
-from pipeline.files import WriteError, write_atomic, write_bytes_atomic
-from pipeline.images import ImageError, load_image, scan_folder
+from pipeline.cli.main import main
+from pipeline.core.errors import CacheError, DataError, FinetuneError, PipelineError
+from pipeline.core.files import WriteError, write_atomic, write_bytes_atomic
+from pipeline.data import images
+from pipeline.data.folders import scan_folder
+from pipeline.data.images import ImageError, load_image
+from pipeline.features import cache
+from pipeline.features.config import FeatureConfig
+from pipeline.features.extract import extract_features
+from pipeline.finetuning.checkpoints import Checkpoint
 
 TINY = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, batch_size=4)
 
@@ -268,7 +271,7 @@ def test_a_second_finetune_run_of_the_same_name_refuses(tmp_path):
 
 def test_a_second_finetune_process_refuses(tmp_path):
     code = (
-        "import sys, time; from pipeline.checkpoints import Checkpoint;"
+        "import sys, time; from pipeline.finetuning.checkpoints import Checkpoint;"
         f"c = Checkpoint({str(tmp_path / 'run.checkpoint')!r}); c.open({{}}, restart=False,"
         " note=print); print('locked', flush=True); time.sleep(30)"
     )

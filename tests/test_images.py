@@ -11,14 +11,9 @@ import pytest
 from conftest import COLOURS, make_folder, make_image
 from PIL import Image
 
-from pipeline.errors import DataError
-from pipeline.images import (
-    ImageError,
-    SplitConfig,
-    iter_batches,
-    load_image,
-    scan_folder,
-)
+from pipeline.core.errors import DataError
+from pipeline.data.folders import SplitConfig, scan_folder
+from pipeline.data.images import ImageError, iter_batches, load_image
 
 # --- layouts and splits ---------------------------------------------------------
 
@@ -230,7 +225,7 @@ def test_input_pipeline_and_cache_never_import_tensorflow():
     import sys
 
     code = (
-        "import sys, pipeline.images, pipeline.cache, pipeline.features, pipeline.backbones, pipeline.cli;"
+        "import sys, pipeline.data.images, pipeline.features.cache, pipeline.features.extract, pipeline.features.backbones, pipeline.cli.main;"
         "bad = [m for m in ('tensorflow', 'keras', 'torch', 'jax') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import DataError, PipelineError
-from pipeline.options import OPTIONS, check_options, option_label
+from pipeline.core.errors import DataError, PipelineError
+from pipeline.core.options import OPTIONS, check_options, option_label
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from pipeline import plotting
+from pipeline.report import plotting
 
 NAMES = ["ants", "bees", "wasps"]
 
@@ -225,7 +225,7 @@ def test_class_names_with_mathtext_characters_print_as_written():
 
     import numpy as np
 
-    from pipeline.plotting import confusion_figure
+    from pipeline.report.plotting import confusion_figure
 
     names = ["$\\frac{$", "a_b^2 $x$"]
     figure = confusion_figure(np.array([[3, 1], [0, 4]]), names, title="$\\bad{ title")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import COLOURS, make_folder, make_image
 
-from pipeline.errors import PredictError
-from pipeline.head_store import load_head
-from pipeline.heads import fit_heads
+from pipeline.core.errors import PredictError
+from pipeline.heads.fit import fit_heads
+from pipeline.heads.store import load_head
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -25,8 +25,9 @@ def heads(tmp_path_factory):
     """svm and softmax heads on a cache made with a local (reproducible) weights file."""
     import keras
 
-    from pipeline.features import FeatureConfig, extract_features
-    from pipeline.images import SplitConfig
+    from pipeline.data.folders import SplitConfig
+    from pipeline.features.config import FeatureConfig
+    from pipeline.features.extract import extract_features
 
     tmp = tmp_path_factory.mktemp("predict")
     keras.utils.set_random_seed(0)
@@ -47,7 +48,7 @@ def heads(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["svm", "softmax"])
 def test_predict_with_a_head_matches_the_cached_features(heads, name, tmp_path):
-    from pipeline.cache import load_features
+    from pipeline.features.cache import load_features
     from pipeline.predict import predict_images
 
     _, data, cache, manifests = heads
@@ -190,7 +191,7 @@ def test_many_images_print_no_table(tmp_path):
 
 
 def test_predict_refusals(heads, tmp_path):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
     from pipeline.predict import predict_images
 
     _, data, _, manifests = heads
@@ -222,10 +223,11 @@ def test_a_head_on_joined_multi_view_features_predicts_what_its_cache_holds(
 ):
     """make auto's winners: each part (multi-view, a cut layer) is rebuilt from its recorded
     configuration and joined as the join did; the predictions are the cached features'."""
-    from pipeline.cache import load_features
-    from pipeline.combine import join_caches
-    from pipeline.features import FeatureConfig, extract_features
-    from pipeline.images import SplitConfig
+    from pipeline.data.folders import SplitConfig
+    from pipeline.features.cache import load_features
+    from pipeline.features.config import FeatureConfig
+    from pipeline.features.extract import extract_features
+    from pipeline.features.joins import join_caches
     from pipeline.predict import predict_images
 
     tmp, data, _, _ = heads
@@ -274,9 +276,10 @@ def test_a_head_on_joined_multi_view_features_predicts_what_its_cache_holds(
 
 
 def test_a_standardised_join_whose_part_changed_is_refused(heads, tmp_path):
-    from pipeline.combine import join_caches
-    from pipeline.features import FeatureConfig, extract_features
-    from pipeline.images import SplitConfig
+    from pipeline.data.folders import SplitConfig
+    from pipeline.features.config import FeatureConfig
+    from pipeline.features.extract import extract_features
+    from pipeline.features.joins import join_caches
     from pipeline.predict import predict_images
 
     tmp, data, cache, _ = heads

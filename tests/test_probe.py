@@ -1,14 +1,15 @@
-"""The layer probe (pipeline.probe): one forward pass, several cut layers, CV on train."""
+"""The layer probe (pipeline.recipes.probe): one forward pass, several cut layers, CV on train."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import backbones, probe
-from pipeline.errors import BackboneError
-from pipeline.features import FeatureConfig
-from pipeline.images import SplitConfig
+from pipeline.core.errors import BackboneError
+from pipeline.data.folders import SplitConfig
+from pipeline.features import backbones
+from pipeline.features.config import FeatureConfig
+from pipeline.recipes import probe
 
 
 def test_multi_output_model_equals_separate_cut_models():
@@ -44,7 +45,7 @@ def test_run_probe_writes_json_and_plot(tmp_path):
     assert result.json_path.is_file() and result.png_path.read_bytes()[:4] == b"\x89PNG"
     assert [row["name"] for row in result.layers][-1] == "out_relu"
     assert all(0.0 <= row["cv_mean"] <= 1.0 for row in result.layers)
-    from pipeline.images import scan_folder
+    from pipeline.data.folders import scan_folder
 
     train = [r for r in scan_folder(data, SplitConfig(seed=0)).records if r.split == "train"]
     assert result.n_train == len(train) < 24  # train only

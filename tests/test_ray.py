@@ -1,4 +1,4 @@
-"""pipeline.ray_engine on a local Ray cluster: the same cache as the local engine, resume, retries.
+"""pipeline.features.ray_engine on a local Ray cluster: the same cache as the local engine, resume, retries.
 
 One Ray session serves the whole module (starting one costs seconds on two cores);
 the engine uses a session that is already up and leaves it running.
@@ -14,19 +14,16 @@ import numpy as np
 import pytest
 from conftest import make_folder
 
-from pipeline.cache import load_features, read_attrs, read_skipped
-from pipeline.features import FeatureConfig, extract_features
-from pipeline.images import SplitConfig
-from pipeline.ray_shards import shard_dir_of
+from pipeline.data.folders import SplitConfig
+from pipeline.features.cache import load_features, read_attrs, read_skipped
+from pipeline.features.config import FeatureConfig
+from pipeline.features.extract import extract_features
+from pipeline.features.ray_shards import shard_dir_of
 
 ray = pytest.importorskip("ray")
 
-from pipeline.ray_engine import (  # noqa: E402
-    EmbedBatches,
-    RayConfig,
-    extract_features_ray,
-    joblib_on_ray,
-)
+from pipeline.features.ray_engine import EmbedBatches, extract_features_ray  # noqa: E402
+from pipeline.features.ray_session import RayConfig, joblib_on_ray  # noqa: E402
 
 BLOCK = 8  # records per shard: the 22 records below make 3 blocks
 
@@ -45,7 +42,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, FeatureConfig]:
     """Two classes of 10 PNGs, a corrupt and an empty image; fixed random weights, 32 px."""
-    from pipeline.backbones import build_feature_extractor
+    from pipeline.features.backbones import build_feature_extractor
 
     root = tmp_path_factory.mktemp("raydata")
     folder = make_folder(root / "shapes", per_class=10)
@@ -188,7 +185,7 @@ def test_a_worker_that_dies_mid_job_is_restarted_and_its_batch_retried(
 
 def test_actors_the_cluster_cannot_start_stop_the_run_in_one_line(ray_cluster, data, tmp_path):
     """Ray Data would wait for ever for actors that ask for more than the cluster has."""
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     folder, config = data
     with pytest.raises(PipelineError, match=r"did not start 1 backbone actor\(s\) of 16 CPU"):
@@ -203,7 +200,7 @@ def test_actors_the_cluster_cannot_start_stop_the_run_in_one_line(ray_cluster, d
 
 
 def test_the_head_search_on_ray_chooses_and_scores_as_locally(ray_cluster, tiny_cache, tmp_path):
-    from pipeline.heads import fit_heads
+    from pipeline.heads.fit import fit_heads
 
     local = fit_heads(tiny_cache, "svm,logreg", artifacts_dir=tmp_path / "local", jobs=1)
     with joblib_on_ray():
@@ -215,7 +212,7 @@ def test_the_head_search_on_ray_chooses_and_scores_as_locally(ray_cluster, tiny_
 
 
 def test_unknown_engine_is_one_line_with_a_suggestion(image_folder, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     code = main(["features", "--data", str(image_folder), "--engine", "rey", "--quiet"])
     assert code == 2

@@ -1,4 +1,4 @@
-"""pipeline.ray_shards without Ray: blocks, shards written and read back, reuse, collection."""
+"""pipeline.features.ray_shards without Ray: blocks, shards written and read back, reuse, collection."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.ray_shards import Block, BlockCollector, Shards, plan_blocks, shard_dir_of
+from pipeline.features.ray_shards import Block, BlockCollector, Shards, plan_blocks, shard_dir_of
 
 WIDTH = 3
 

@@ -12,8 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.cache import load_features
-from pipeline.features import FeatureConfig, extract_features
+from pipeline.features.cache import load_features
+from pipeline.features.config import FeatureConfig
+from pipeline.features.extract import extract_features
 
 MOBILENET_V2 = (
     ASSETS / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.errors import PredictError
-from pipeline.rebuild import feature_parts, is_plain, parts_extractor
+from pipeline.core.errors import PredictError
+from pipeline.features.rebuild import feature_parts, is_plain, parts_extractor
 
 PLAIN = {"backbone": "mobilenet_v2", "input_size": 224, "pooling": "avg", "layer": ""}
 VIEWS = {**PLAIN, "views": {"scales": [224, 320], "flip": True, "crops": False, "combine": "mean"}}

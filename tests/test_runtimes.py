@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from conftest import make_folder
 
-from pipeline import cache, runtimes
-from pipeline.cache import load_features, read_attrs
-from pipeline.cli import main
-from pipeline.errors import PipelineError
-from pipeline.features import FeatureConfig, cache_path_for, extract_features, resolve_features
+from pipeline.cli.main import main
+from pipeline.core.errors import PipelineError
+from pipeline.features import cache_writer, runtimes
+from pipeline.features.cache import load_features, read_attrs
+from pipeline.features.config import FeatureConfig, cache_path_for, resolve_features
+from pipeline.features.extract import extract_features
 
 TINY = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, batch_size=4)
 needs_openvino = pytest.mark.skipif(
@@ -60,10 +61,12 @@ def test_runtime_missing_falls_back_to_keras_with_a_note(tmp_path, monkeypatch):
 def test_auto_prefers_bf16_where_the_cpu_has_it(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
     monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
-    assert runtimes.choose("auto", "auto", store=_store(tmp_path)).tag == "ov-bf16"
+    choice = runtimes.choose("auto", "auto", store=_store(tmp_path))
+    assert (choice.runtime, choice.precision) == ("openvino", "bf16")
     monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: False)
-    assert runtimes.choose("auto", "auto", store=_store(tmp_path)).tag == "ov-fp32"
-    explicit = runtimes.choose("openvino", "bf16", store=_store(tmp_path))
+    choice = runtimes.choose("auto", "auto", store=_store(tmp_path))
+    assert (choice.runtime, choice.precision) == ("openvino", "fp32")
+    explicit = runtimes.choose("openvino", "bfloat16", store=_store(tmp_path))
     assert explicit.precision == "fp32" and "no native bfloat16" in explicit.notes[0]
 
 
@@ -72,35 +75,60 @@ def test_failed_checks_and_conversions_are_remembered(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
     store = _store(tmp_path)
     failed = {"cosine_min": 0.99, "passed": False, "images": 16}
-    _record(store, checks={"bf16": failed})
-    choice = runtimes.choose("auto", "auto", store=store)
-    assert choice.tag == "ov-fp32" and "0.9900" in choice.notes[0]
+    _record(store, checks={"photos": {"bf16": failed}})
+    choice = runtimes.choose("auto", "auto", store=store, data="photos")
+    assert (choice.runtime, choice.precision) == ("openvino", "fp32") and "0.9900" in choice.notes[
+        0
+    ]
+    # Checks are per data set: another one is not judged by this one's images.
+    assert runtimes.choose("auto", "auto", store=store, data="other").precision == "bf16"
     # Asked for explicitly: used, with a warning.
-    choice = runtimes.choose("openvino", "bf16", store=store)
-    assert choice.tag == "ov-bf16" and choice.notes[0].startswith("warning:")
-    _record(store, checks={"bf16": failed, "fp32": failed})
-    assert runtimes.choose("auto", "auto", store=store).runtime == "keras"
+    choice = runtimes.choose("openvino", "bfloat16", store=store, data="photos")
+    assert choice.precision == "bf16" and choice.notes[0].startswith("warning:")
+    _record(store, checks={"photos": {"bf16": failed, "fp32": failed}})
+    assert runtimes.choose("auto", "auto", store=store, data="photos").runtime == "keras"
     _record(store, converted=False, error="NotImplementedError: op")
     choice = runtimes.choose("auto", "auto", store=store)
     assert choice.runtime == "keras" and "does not convert" in choice.notes[0]
     with pytest.raises(PipelineError, match="does not convert"):
-        runtimes.choose("openvino", "fp32", store=store)
+        runtimes.choose("openvino", "float32", store=store)
 
 
-def test_keras_dtype_policies_and_random_weights_stay_on_keras(tmp_path, monkeypatch):
+def test_float16_and_random_weights_stay_on_keras(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
-    choice = runtimes.choose(
-        "auto", "auto", keras_precision="mixed_float16", store=_store(tmp_path)
-    )
-    assert choice.runtime == "keras" and "PRECISION=mixed_float16" in choice.notes[0]
-    assert runtimes.choose("auto", "auto", store=_store(tmp_path), random_weights=True).tag == ""
+    choice = runtimes.choose("auto", "float16", store=_store(tmp_path))
+    assert (choice.runtime, choice.precision, choice.keras_policy) == (
+        "keras", "fp16", "mixed_float16",
+    )  # fmt: skip
+    assert "float16" in choice.notes[0]
+    with pytest.raises(PipelineError, match="no float16"):
+        runtimes.choose("openvino", "float16", store=_store(tmp_path))
+    choice = runtimes.choose("auto", "auto", store=_store(tmp_path), random_weights=True)
+    assert (choice.runtime, choice.precision) == ("keras", "fp32")
+
+
+def test_the_cache_name_says_the_precision_never_the_runtime():
+    resolved = resolve_features(TINY, choose_runtime=False)
+    assert resolved.stem_at("fp32") == resolved.cache_stem
+    assert resolved.stem_at("bf16") == resolved.cache_stem + "_bf16"
+    stored = resolve_features(FeatureConfig(**{**TINY.__dict__, "storage": "float16"}))
+    assert stored.cache_stem.endswith("_stored-f16")
 
 
 def test_bad_runtime_words_are_refused_at_the_boundary(tmp_path, capsys):
     with pytest.raises(PipelineError, match=r"RUNTIME= \(--runtime\) must be one of auto"):
         FeatureConfig(runtime="onnx").validate()
-    code = main(["features", "--data", str(tmp_path), "--runtime-precision", "bf17"])
-    assert code == 2 and "did you mean bf16" in capsys.readouterr().err
+    code = main(["features", "--data", str(tmp_path), "--precision", "bfloat61"])
+    assert code == 2 and "did you mean bfloat16" in capsys.readouterr().err
+
+
+def test_old_spellings_say_what_to_write(tmp_path, capsys):
+    code = main(["features", "--data", str(tmp_path / "none"), "--float16",
+                 "--runtime-precision", "bf16"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 2  # the folder does not exist: the options were taken first
+    assert "--float16 is now --storage float16" in out
+    assert "--runtime-precision is now --precision bfloat16" in out
 
 
 def test_store_key_changes_with_what_the_graph_depends_on(tmp_path):
@@ -116,7 +144,7 @@ def test_store_key_changes_with_what_the_graph_depends_on(tmp_path):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """One conversion (tiny MobileNetV2, fixed random weights, 32 px) shared by the tests below."""
-    from pipeline.backbones import build_base, get_backbone
+    from pipeline.features.backbones import build_base, get_backbone
 
     root = tmp_path_factory.mktemp("runtimes")
     folder = make_folder(root / "shapes")
@@ -127,7 +155,7 @@ def converted(tmp_path_factory):
             **TINY.__dict__,
             "weights": str(weights),
             "runtime": "openvino",
-            "runtime_precision": "fp32",
+            "precision": "float32",
         }
     )
     summary = extract_features(folder, config, artifacts_dir=root / "art", progress=False)
@@ -148,7 +176,7 @@ def test_openvino_features_equal_keras_features(converted):
     if runtimes.cpu_supports_bf16():
         bf16 = extract_features(
             folder,
-            FeatureConfig(**{**config.__dict__, "runtime_precision": "bf16"}),
+            FeatureConfig(**{**config.__dict__, "precision": "bfloat16"}),
             artifacts_dir=root / "art",
             progress=False,
         )
@@ -156,34 +184,33 @@ def test_openvino_features_equal_keras_features(converted):
 
 
 @needs_openvino
-def test_identity_of_a_runtime_cache(converted):
+def test_a_float32_runtime_writes_the_keras_cache(converted):
     root, folder, config, summary = converted
-    assert summary.cache_path.name.endswith("_ov-fp32.h5")
-    assert summary.cache_path == cache_path_for("shapes", config, root / "art")
     attrs = read_attrs(summary.cache_path)
-    assert (attrs["runtime"], attrs["runtime_precision"]) == ("openvino", "fp32")
+    assert (attrs["runtime"], attrs["precision"]) == ("openvino", "fp32")
     assert attrs["openvino_version"] == runtimes.openvino_version()
-    identity = json.loads(attrs["config_json"])
-    assert (identity["runtime"], identity["runtime_precision"]) == ("openvino", "fp32")
+    assert "runtime" not in json.loads(attrs["config_json"])  # execution, not identity
     assert FeatureConfig.from_cache_attrs(attrs).runtime == "openvino"
-    # The Keras cache of the same options keeps its old name and identity.
-    keras_path = cache_path_for("shapes", FeatureConfig(**{**config.__dict__, "runtime": "keras"}))
-    assert keras_path.name == summary.cache_path.name.replace("_ov-fp32", "")
+    # Keras and later stages name the same file, without choosing a runtime.
+    keras_config = FeatureConfig(**{**config.__dict__, "runtime": "keras"})
+    assert cache_path_for("shapes", keras_config, root / "art") == summary.cache_path
+    assert cache_path_for("shapes", config, root / "art") == summary.cache_path
+    keras = extract_features(folder, keras_config, artifacts_dir=root / "art", progress=False)
+    assert keras.status == "up to date" and keras.cache_path == summary.cache_path
 
 
 @needs_openvino
-def test_a_cache_of_another_runtime_is_rebuilt_not_mixed(converted, tmp_path):
+def test_a_cache_of_another_precision_is_rebuilt_not_mixed(converted, tmp_path):
     root, folder, config, _ = converted
     path = tmp_path / "one.h5"
     keras_config = FeatureConfig(**{**config.__dict__, "runtime": "keras"})
     extract_features(folder, keras_config, artifacts_dir=root / "art", cache_path=path)
     again = extract_features(folder, config, artifacts_dir=root / "art", cache_path=path)
-    assert again.status == "built" and any("rebuilding" in n for n in again.notes)
-    assert read_attrs(path)["runtime"] == "openvino"
-    # A resumed work file of another runtime is discarded, as for any other option.
-    other_runtime = read_attrs(path)["config_json"].replace('"openvino"', '"keras"')
+    assert again.status == "up to date"  # float32 of either runtime: the same features
+    # A resumed work file of another precision is discarded, as for any other option.
+    other_runtime = read_attrs(path)["config_json"].replace('"fp32"', '"bf16"')
     two = path.with_name("two.h5")
-    writer, _ = cache.CacheWriter.open(
+    writer, _ = cache_writer.CacheWriter.open(
         two,
         config_json=other_runtime,
         fingerprint="x",
@@ -203,17 +230,23 @@ def test_conversion_is_reused_and_rebuilt_on_change(converted, monkeypatch):
     root, _, config, _ = converted
     store = resolve_features(config, artifacts_dir=root / "art").store
     meta = store.meta()
-    assert meta["converted"] and meta["checks"]["fp32"]["passed"]
+    check = meta["checks"]["shapes"]["fp32"]
+    assert meta["converted"] and check["passed"] and check["data"] == "shapes"
+    assert check["paths"] and all(p.startswith(("red/", "green/", "blue/")) for p in check["paths"])
     xml_mtime = store.model_xml.stat().st_mtime_ns
 
-    # Reused: another data set converts nothing and builds no Keras model.
-    def no_keras(*args, **kwargs):
-        raise AssertionError("Keras model built although the conversion is stored")
-
-    monkeypatch.setattr("pipeline.backbones.build_feature_extractor", no_keras)
+    # Reused: another data set converts nothing; its own images are checked once.
     other = make_folder(root / "other", per_class=3)
     summary = extract_features(other, config, artifacts_dir=root / "art", progress=False)
     assert summary.status == "built" and store.model_xml.stat().st_mtime_ns == xml_mtime
+    assert store.meta()["checks"]["other"]["fp32"]["data"] == "other"
+
+    def no_keras(*args, **kwargs):
+        raise AssertionError("Keras model built although the conversion and check are stored")
+
+    monkeypatch.setattr("pipeline.features.backbones.build_feature_extractor", no_keras)
+    summary = extract_features(other, config, artifacts_dir=root / "art", progress=False)
+    assert summary.status == "up to date"
     monkeypatch.undo()
 
     # Rebuilt: a store whose record no longer matches (another identity) is converted again.

@@ -11,7 +11,7 @@ from heads_helpers import blobs
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.softmax import HEAD_LAYERS, SoftmaxClassifier, build_softmax_head
+from pipeline.heads.softmax import HEAD_LAYERS, SoftmaxClassifier, build_softmax_head
 
 
 def test_the_head_keeps_its_layer_names():

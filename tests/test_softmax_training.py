@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.softmax import (
+from pipeline.heads.softmax import (
     Patience,
     build_softmax_head,
     cross_entropy,

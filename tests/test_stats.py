@@ -1,4 +1,4 @@
-"""pipeline.stats against values known by hand, from the binomial law and from scikit-learn."""
+"""pipeline.report.stats against values known by hand, from the binomial law and from scikit-learn."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics
 
-from pipeline import stats
+from pipeline.report import stats
 
 
 def _pairs(only_a: int, only_b: int, both: int = 0, neither: int = 0):

@@ -1,4 +1,4 @@
-"""Multi-view stage one (pipeline.views): the plain view is today's, views are recorded."""
+"""Multi-view stage one (pipeline.features.views): the plain view is today's, views are recorded."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline import views
-from pipeline.cache import load_features, read_attrs
-from pipeline.errors import PipelineError
-from pipeline.features import FeatureConfig, cache_path_for, extract_features, resolve_features
-from pipeline.images import SplitConfig
+from pipeline.core.errors import PipelineError
+from pipeline.data.folders import SplitConfig
+from pipeline.features import views
+from pipeline.features.cache import load_features, read_attrs
+from pipeline.features.config import FeatureConfig, cache_path_for, resolve_features
+from pipeline.features.extract import extract_features
 
 BASE = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, batch_size=8)
 
@@ -61,8 +62,8 @@ def test_default_view_keeps_todays_name_and_identity(tmp_path):
 
 def test_single_view_model_equals_todays_forward():
     """The multi-view code path with one view computes exactly stage one's features."""
-    from pipeline import backbones
-    from pipeline.features import forward_batch
+    from pipeline.features import backbones
+    from pipeline.features.extractor import forward_batch
 
     model = backbones.build_feature_extractor("mobilenet_v2", weights="none", input_size=32)
     x = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)

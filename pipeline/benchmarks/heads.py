@@ -10,6 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import write_json_atomic
+from pipeline.features.cache import read_attrs
+from pipeline.features.extract import extract_features
+from pipeline.heads.fit import fit_heads
+from pipeline.heads.registry import DEFAULT_HEADS
+from pipeline.heads.softmax import SoftmaxClassifier
+
 
 def _ratio_text(value: float | None) -> str:
     return "n/a (no extraction time in the cache)" if value is None else f"{value:.3f}"
@@ -30,10 +38,9 @@ def bench_heads_on_folders(
 
     ``make bench-heads``. Both sides of the ratio are then timed in one run on the same
     machine: a cache's recorded ``seconds`` come from whenever it was built, possibly on
-    a quieter or busier machine. ``config`` is a :class:`pipeline.features.FeatureConfig`,
-    ``split`` a :class:`pipeline.images.SplitConfig`. The user's caches are not touched.
+    a quieter or busier machine. ``config`` is a :class:`pipeline.features.config.FeatureConfig`,
+    ``split`` a :class:`pipeline.data.folders.SplitConfig`. The user's caches are not touched.
     """
-    from pipeline.features import extract_features
 
     _check_repeats(repeats)  # before stage one's minutes, not after
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +70,7 @@ def bench_heads(
     of the heads' searches (final fits included, one head after another), divided by
     the cache's ``seconds`` attribute (stage one's extraction time, its graph
     compilation included); ``ratio_sweep`` divides the wall-clock time of the whole
-    :func:`~pipeline.heads.fit_heads` call (evaluation and saved files too);
+    :func:`~pipeline.heads.fit.fit_heads` call (evaluation and saved files too);
     ``ratio_final_fit`` counts only the fit that made each kept head. Each cache is
     swept ``repeats`` times; the row is the sweep with the median searches' time
     (every sweep's in ``searches_seconds_each_sweep``).
@@ -77,55 +84,15 @@ def bench_heads(
         "ratio_sweep", "ratio_final_fit", "accuracy": {...}}]}``, also
         written to ``out`` as JSON when given.
     """
-    from pipeline.cache import read_attrs
-    from pipeline.files import write_json_atomic
-    from pipeline.heads import DEFAULT_HEADS
-    from pipeline.softmax import SoftmaxClassifier
 
-    # Stage one's seconds exclude start-up (TensorFlow initialisation, model building); a
-    # one-epoch fit on noise pays the Keras start-up here, outside the timing. Each sweep
-    # still builds and traces its own models.
     _check_repeats(repeats)
-    X, y = np.random.default_rng(seed).normal(size=(8, 4)), np.arange(8) % 2
-    SoftmaxClassifier(max_epochs=1, validation_fraction=0.0).fit(X, y)
+    _warm_up(seed)
     rows = []
     for cache_path in cache_paths:
-        attrs = read_attrs(cache_path)
-        sweeps = [_timed_sweep(cache_path, cv, seed) for _ in range(repeats)]
-        # The median sweep by the searches' time: a sweep of half a second feels a moment's
-        # noise on a shared machine that stage one's seconds average out.
-        results, sweep = sorted(sweeps, key=lambda run: run[0].fits_seconds)[len(sweeps) // 2]
-        fit = {r.head: r.manifest["fit_seconds"] for r in results}
-        refit = {r.head: r.manifest["refit_seconds"] for r in results}
-        total, total_refit = float(sum(fit.values())), float(sum(refit.values()))
-        searches = results.fits_seconds
-        extraction = float(attrs["seconds"])
-        row = {
-            "cache": Path(cache_path).name,
-            "dataset": attrs.get("dataset"),
-            "n_images": attrs.get("n_images"),
-            "extraction_seconds": extraction,
-            "fit_seconds": fit,
-            "refit_seconds": refit,
-            "searches_seconds": searches,
-            "searches_seconds_each_sweep": [run.fits_seconds for run, _ in sweeps],
-            "sweep_seconds": sweep,
-            "total_fit_seconds": total,
-            "total_refit_seconds": total_refit,
-            "ratio": searches / extraction if extraction > 0 else None,
-            "ratio_sweep": sweep / extraction if extraction > 0 else None,
-            "ratio_final_fit": total_refit / extraction if extraction > 0 else None,
-            "accuracy": {r.head: r.manifest["metrics"] for r in results},
-        }
+        row = _bench_cache(cache_path, cv, seed, repeats)
         rows.append(row)
         if log is not None:
-            log(
-                f"{row['dataset']}: heads' searches {searches:.2f} s / extraction "
-                f"{extraction:.1f} s = ratio {_ratio_text(row['ratio'])} (target <= 0.1; whole "
-                f"sweep with evaluation and files {sweep:.1f} s, {_ratio_text(row['ratio_sweep'])}; "
-                f"final fits {total_refit:.1f} s, {_ratio_text(row['ratio_final_fit'])}); "
-                + ", ".join(f"{h} {s:.2f} s" for h, s in fit.items())
-            )
+            log(_row_line(row))
     summary = {
         "target": 0.1,
         "heads": list(DEFAULT_HEADS),
@@ -138,9 +105,59 @@ def bench_heads(
     return summary
 
 
-def _check_repeats(repeats: int) -> None:
-    from pipeline.errors import PipelineError
+def _warm_up(seed: int) -> None:
+    """Start Keras before any timing."""
+    # Stage one's seconds exclude start-up (TensorFlow initialisation, model building); a
+    # one-epoch fit on noise pays the Keras start-up here, outside the timing. Each sweep
+    # still builds and traces its own models.
+    X, y = np.random.default_rng(seed).normal(size=(8, 4)), np.arange(8) % 2
+    SoftmaxClassifier(max_epochs=1, validation_fraction=0.0).fit(X, y)
 
+
+def _bench_cache(cache_path: str | Path, cv: int, seed: int, repeats: int) -> dict[str, Any]:
+    """Sweep one cache ``repeats`` times; the row of the median sweep, with its ratios."""
+    attrs = read_attrs(cache_path)
+    sweeps = [_timed_sweep(cache_path, cv, seed) for _ in range(repeats)]
+    # The median sweep by the searches' time: a sweep of half a second feels a moment's
+    # noise on a shared machine that stage one's seconds average out.
+    results, sweep = sorted(sweeps, key=lambda run: run[0].fits_seconds)[len(sweeps) // 2]
+    fit = {r.head: r.manifest["fit_seconds"] for r in results}
+    refit = {r.head: r.manifest["refit_seconds"] for r in results}
+    total, total_refit = float(sum(fit.values())), float(sum(refit.values()))
+    searches = results.fits_seconds
+    extraction = float(attrs["seconds"])
+    return {
+        "cache": Path(cache_path).name,
+        "dataset": attrs.get("dataset"),
+        "n_images": attrs.get("n_images"),
+        "extraction_seconds": extraction,
+        "fit_seconds": fit,
+        "refit_seconds": refit,
+        "searches_seconds": searches,
+        "searches_seconds_each_sweep": [run.fits_seconds for run, _ in sweeps],
+        "sweep_seconds": sweep,
+        "total_fit_seconds": total,
+        "total_refit_seconds": total_refit,
+        "ratio": searches / extraction if extraction > 0 else None,
+        "ratio_sweep": sweep / extraction if extraction > 0 else None,
+        "ratio_final_fit": total_refit / extraction if extraction > 0 else None,
+        "accuracy": {r.head: r.manifest["metrics"] for r in results},
+    }
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    """One cache's line: the ratios against the target, and each head's fit time."""
+    return (
+        f"{row['dataset']}: heads' searches {row['searches_seconds']:.2f} s / extraction "
+        f"{row['extraction_seconds']:.1f} s = ratio {_ratio_text(row['ratio'])} (target <= 0.1; "
+        f"whole sweep with evaluation and files "
+        f"{row['sweep_seconds']:.1f} s, {_ratio_text(row['ratio_sweep'])}; final fits "
+        f"{row['total_refit_seconds']:.1f} s, {_ratio_text(row['ratio_final_fit'])}); "
+        + ", ".join(f"{h} {s:.2f} s" for h, s in row["fit_seconds"].items())
+    )
+
+
+def _check_repeats(repeats: int) -> None:
     if repeats < 1:
         raise PipelineError(f"--repeats must be at least 1 (sweeps per data set); got {repeats}")
 
@@ -148,7 +165,6 @@ def _check_repeats(repeats: int) -> None:
 def _timed_sweep(cache_path: str | Path, cv: int, seed: int) -> tuple[Any, float]:
     """One default sweep into a temporary folder, as a fresh process runs it; its results
     and its wall time."""
-    from pipeline.heads import DEFAULT_HEADS, fit_heads
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

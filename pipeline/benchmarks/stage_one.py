@@ -6,7 +6,7 @@ one backbone and batch size, over the same N images (4N for the memory check):
 * **forward**: in one process, interleaved rounds over batches already decoded
   and preprocessed in memory (the limit any input pipeline can reach), median
   images/s of the Keras ``predict_on_batch`` and of each runtime at each
-  precision (:mod:`pipeline.runtimes`), with the smallest cosine of each one's
+  precision (:mod:`pipeline.features.runtimes`), with the smallest cosine of each one's
   features to Keras float32 features;
 * **start-up**: importing Keras, building the model, importing the runtime,
   converting, compiling (cold and from the compiled-model cache);
@@ -31,13 +31,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataError
-from pipeline.images import scan_folder
+from pipeline.core.errors import DataError
+from pipeline.data.folders import scan_folder
+from pipeline.data.images import iter_batches, load_image
+from pipeline.features import runtimes
+from pipeline.features.backbones import build_feature_extractor, get_backbone
+from pipeline.features.cache import read_attrs
+from pipeline.features.config import PRECISION_WORDS, FeatureConfig
+from pipeline.features.extract import extract_features
 
 FORWARD_ROUNDS = 5  # interleaved rounds of the forward comparison (median taken)
 
@@ -61,7 +68,6 @@ def _subset_folder(data: Path, n: int, out: Path) -> Path:
 
 
 def _decoded_batches(folder: Path, spec, batch_size: int, n_batches: int) -> list[np.ndarray]:
-    from pipeline.images import iter_batches
 
     paths = [r.path for r in scan_folder(folder).records]
     batches = iter_batches(
@@ -76,8 +82,6 @@ def _decoded_batches(folder: Path, spec, batch_size: int, n_batches: int) -> lis
 
 def _child_forward(folder: Path, backbone: str, weights: str, batch_size: int, args: dict) -> dict:
     """Keras and every runtime precision, interleaved rounds in this one process."""
-    from pipeline import runtimes
-    from pipeline.backbones import build_feature_extractor, get_backbone
 
     spec = get_backbone(backbone)
     keras_model = build_feature_extractor(spec, weights=weights)
@@ -121,8 +125,6 @@ def _child_startup(folder: Path, backbone: str, weights: str, batch_size: int, a
     import keras  # noqa: F401  (TensorFlow's import is most of it)
 
     out["import_keras_s"] = clock() - t
-    from pipeline import runtimes
-    from pipeline.backbones import build_feature_extractor, get_backbone
 
     spec = get_backbone(backbone)
     t = clock()
@@ -157,9 +159,6 @@ def _child_startup(folder: Path, backbone: str, weights: str, batch_size: int, a
 def _child_stage(folder: Path, backbone: str, weights: str, batch_size: int, args: dict) -> dict:
     import shutil
 
-    from pipeline.cache import read_attrs
-    from pipeline.features import FeatureConfig, extract_features
-
     # Each run extracts anew; what it may keep from an earlier run is the converted model.
     shutil.rmtree(Path(args["artifacts"]) / "features", ignore_errors=True)
     started = time.perf_counter()
@@ -168,7 +167,7 @@ def _child_stage(folder: Path, backbone: str, weights: str, batch_size: int, arg
         weights=weights,
         batch_size=batch_size,
         runtime=args["runtime"],
-        runtime_precision=args.get("runtime_precision", "auto"),
+        precision=args.get("precision", "auto"),
     )
     summary = extract_features(folder, config, artifacts_dir=args["artifacts"], progress=False)
     wall = time.perf_counter() - started
@@ -178,7 +177,7 @@ def _child_stage(folder: Path, backbone: str, weights: str, batch_size: int, arg
     return {
         "images": summary.images,
         "runtime": str(attrs["runtime"]),
-        "runtime_precision": str(attrs["runtime_precision"]),
+        "precision": str(attrs["precision"]),
         "notes": summary.notes,
         "call_seconds": wall,
         "loop_seconds": attrs["seconds"],
@@ -190,9 +189,6 @@ def _child_stage(folder: Path, backbone: str, weights: str, batch_size: int, arg
 
 def _child_tutorial(folder: Path, backbone: str, weights: str, batch_size: int, args: dict) -> dict:
     import h5py
-
-    from pipeline.backbones import build_feature_extractor, get_backbone
-    from pipeline.images import load_image
 
     spec = get_backbone(backbone)
     model = build_feature_extractor(spec, weights=weights)
@@ -262,7 +258,6 @@ def bench_features(
         whole-process seconds, steady images/s, peak memory), ``tutorial``,
         and the ratios the targets are about.
     """
-    from pipeline import runtimes
 
     data = Path(data)
     if not data.is_dir():
@@ -292,56 +287,97 @@ def bench_features(
             results[key] = _run_child(mode, folder, backbone, weights, batch_size, args)
             return results[key]
 
-        startup = run(
-            "startup", "startup", small, store=str(tmp / "startup"), precisions=precisions
+        _bench_startup(run, small, tmp, precisions, say)
+        _bench_forward(run, small, tmp, n_images, precisions, say)
+        _bench_stages(run, small, large, tmp, precisions, say)
+        _bench_tutorials(run, small, large, say)
+    results["ratios"] = _ratios(results)
+    _say_targets(results, say)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    say(f"wrote {out}")
+    return results
+
+
+# ``run(key, mode, folder, **args)``: one child process, its figures kept under ``key``.
+_Run = Callable[..., dict]
+_Say = Callable[[str], Any]
+
+
+def _bench_startup(run: _Run, small: Path, tmp: Path, precisions: list[str], say: _Say) -> None:
+    """Time each start-up step in a fresh process (it also converts the model for forward)."""
+    startup = run("startup", "startup", small, store=str(tmp / "startup"), precisions=precisions)
+    say(
+        "start-up (s): "
+        + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in startup.items() if k.endswith("_s"))
+    )
+
+
+def _bench_forward(
+    run: _Run, small: Path, tmp: Path, n_images: int, precisions: list[str], say: _Say
+) -> None:
+    """Measure the forward pass of Keras and of every runtime precision on decoded batches."""
+    forward = run(
+        "forward",
+        "forward",
+        small,
+        n=n_images,
+        store=str(tmp / "startup"),
+        precisions=precisions,
+    )
+    for name, row in forward.items():
+        if isinstance(row, dict):
+            say(
+                f"  forward {name:<16} {row['images_per_second']:7.1f} images/s   cosine to keras {row['cosine_min_to_keras']:.5f}"
+            )
+
+
+def _bench_stages(
+    run: _Run, small: Path, large: Path, tmp: Path, precisions: list[str], say: _Say
+) -> None:
+    """Run the whole stage per runtime, each in its own process, at N and 4N images."""
+    stages = [
+        ("stage_keras_n", small, "keras", "auto", "keras_n"),
+        ("stage_auto_cold_n", small, "auto", "auto", "auto"),
+        ("stage_auto_n", small, "auto", "auto", "auto"),
+        ("stage_keras_4n", large, "keras", "auto", "keras_4n"),
+        ("stage_auto_4n", large, "auto", "auto", "auto"),
+    ] + [
+        (f"stage_openvino_{p}_n", small, "openvino", PRECISION_WORDS[p], "auto") for p in precisions
+    ]
+    for key, folder, runtime, precision, art in stages:
+        row = run(
+            key,
+            "stage",
+            folder,
+            runtime=runtime,
+            precision=precision,
+            artifacts=str(tmp / "art" / art),
         )
         say(
-            "start-up (s): "
-            + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in startup.items() if k.endswith("_s"))
+            f"  {key:<22} {row['runtime']:>8} {row['precision']:<5} whole stage "
+            f"{row['process_seconds']:6.1f} s, steady {row['images_per_second']:6.1f} images/s, "
+            f"peak memory {row['peak_rss_mb']:6.0f} MB"
         )
-        forward = run(
-            "forward",
-            "forward",
-            small,
-            n=n_images,
-            store=str(tmp / "startup"),
-            precisions=precisions,
+        for note in row["notes"]:
+            say(f"      {note}")
+
+
+def _bench_tutorials(run: _Run, small: Path, large: Path, say: _Say) -> None:
+    """The tutorial's load-everything extraction at N and 4N images, for reference."""
+    for key, folder in (("tutorial_n", small), ("tutorial_4n", large)):
+        row = run(key, "tutorial", folder, out=str(folder.parent))
+        say(
+            f"  {key:<22} keras tutorial {row['process_seconds']:6.1f} s, {row['images_per_second']:6.1f} images/s, peak memory {row['peak_rss_mb']:6.0f} MB"
         )
-        for name, row in forward.items():
-            if isinstance(row, dict):
-                say(
-                    f"  forward {name:<16} {row['images_per_second']:7.1f} images/s   cosine to keras {row['cosine_min_to_keras']:.5f}"
-                )
-        stages = [
-            ("stage_keras_n", small, "keras", "auto", "keras_n"),
-            ("stage_auto_cold_n", small, "auto", "auto", "auto"),
-            ("stage_auto_n", small, "auto", "auto", "auto"),
-            ("stage_keras_4n", large, "keras", "auto", "keras_4n"),
-            ("stage_auto_4n", large, "auto", "auto", "auto"),
-        ] + [(f"stage_openvino_{p}_n", small, "openvino", p, "auto") for p in precisions]
-        for key, folder, runtime, precision, art in stages:
-            row = run(
-                key,
-                "stage",
-                folder,
-                runtime=runtime,
-                runtime_precision=precision,
-                artifacts=str(tmp / "art" / art),
-            )
-            say(
-                f"  {key:<22} {row['runtime']:>8} {row['runtime_precision']:<5} whole stage "
-                f"{row['process_seconds']:6.1f} s, steady {row['images_per_second']:6.1f} images/s, "
-                f"peak memory {row['peak_rss_mb']:6.0f} MB"
-            )
-            for note in row["notes"]:
-                say(f"      {note}")
-        for key, folder in (("tutorial_n", small), ("tutorial_4n", large)):
-            row = run(key, "tutorial", folder, out=str(folder.parent))
-            say(
-                f"  {key:<22} keras tutorial {row['process_seconds']:6.1f} s, {row['images_per_second']:6.1f} images/s, peak memory {row['peak_rss_mb']:6.0f} MB"
-            )
+
+
+def _ratios(results: dict) -> dict:
+    """The ratios the targets are about, and each runtime's forward pass over Keras's."""
+    forward = results["forward"]
     keras_forward = forward["keras"]["images_per_second"]
-    results["ratios"] = {
+    ratios = {
         "default_over_keras_whole_stage_n": results["stage_keras_n"]["process_seconds"]
         / results["stage_auto_n"]["process_seconds"],
         "default_over_keras_whole_stage_4n": results["stage_keras_4n"]["process_seconds"]
@@ -357,12 +393,15 @@ def bench_features(
     }
     for name, row in forward.items():
         if isinstance(row, dict) and name != "keras":
-            results["ratios"][f"{name}_forward_over_keras"] = (
-                row["images_per_second"] / keras_forward
-            )
+            ratios[f"{name}_forward_over_keras"] = row["images_per_second"] / keras_forward
+    return ratios
+
+
+def _say_targets(results: dict, say: _Say) -> None:
+    """The default runtime's gains and memory against their targets."""
     r = results["ratios"]
     say(
-        f"default ({results['stage_auto_n']['runtime']} {results['stage_auto_n']['runtime_precision']}) "
+        f"default ({results['stage_auto_n']['runtime']} {results['stage_auto_n']['precision']}) "
         f"over keras, whole stage: {r['default_over_keras_whole_stage_n']:.2f}x at N, "
         f"{r['default_over_keras_whole_stage_4n']:.2f}x at 4N (target >= 2); steady loop "
         f"{r['default_over_keras_steady_4n']:.2f}x"
@@ -371,11 +410,6 @@ def bench_features(
         f"default peak memory 4N / N: {r['default_memory_4n_over_n']:.3f} (target <= 1.1); "
         f"tutorial: {r['tutorial_memory_4n_over_n']:.3f}"
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    say(f"wrote {out}")
-    return results
 
 
 def _child_main(argv: list[str]) -> None:

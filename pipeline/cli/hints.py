@@ -1,0 +1,103 @@
+"""Make commands in messages, completed with the user's own variables.
+
+An error or a note that names a make command (```make features```) is completed
+by :func:`fill_make_hints` with the variables of the command the user ran, so
+the hint can be pasted as it is; :func:`make_command` writes one such command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+
+# make variable, argparse dest, the Makefile's default (a variable is written when it differs).
+_MAKE_VARIABLES: tuple[tuple[str, str, object], ...] = (
+    ("DATA", "data", None),
+    ("MODEL", "model", None),
+    ("IMAGES", "images", None),
+    ("BACKBONE", "backbone", "mobilenet_v2"),
+    ("WEIGHTS", "weights", "imagenet"),
+    ("INPUT_SIZE", "input_size", None),
+    ("POOLING", "pooling", "avg"),
+    ("LAYER", "layer", None),
+    ("PRECISION", "precision", "auto"),
+    ("STORAGE", "storage", "float32"),
+    ("RUNTIME", "runtime", "auto"),
+    ("SEED", "seed", 0),
+    ("VAL_FRACTION", "val_fraction", 0.2),
+    ("TEST_FRACTION", "test_fraction", 0.2),
+    ("ARTIFACTS", "artifacts", "artifacts"),
+    ("ENGINE", "engine", "local"),
+    ("RAY_ADDRESS", "ray_address", None),
+    ("CONCURRENCY", "concurrency", 1),
+)
+_FEATURE_VARIABLES = ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "POOLING", "LAYER", "PRECISION",
+                      "STORAGE", "RUNTIME", "ARTIFACTS")  # fmt: skip
+_SPLIT_VARIABLES = ("SEED", "VAL_FRACTION", "TEST_FRACTION")
+# The variables each target reads (others of the user's command would not change it).
+_TARGET_VARIABLES = {
+    "features": (*_FEATURE_VARIABLES, *_SPLIT_VARIABLES, "ENGINE", "RAY_ADDRESS", "CONCURRENCY"),
+    "head": (*_FEATURE_VARIABLES, "SEED", "ENGINE", "RAY_ADDRESS"),
+    "report": ("DATA", "ARTIFACTS"),
+    "predict": ("MODEL", "IMAGES", "ARTIFACTS"),
+    "finetune": ("DATA", "BACKBONE", "WEIGHTS", "INPUT_SIZE", "PRECISION", *_SPLIT_VARIABLES,
+                 "ARTIFACTS"),
+}  # fmt: skip
+_PLACEHOLDERS = {
+    "DATA": "path/to/images",
+    "MODEL": "path/to/model.json",
+    "IMAGES": "path/to/images",
+}
+_MAKE_HINT = re.compile(r"`make ([a-z][a-z-]*)([^`]*)`")
+
+
+def make_command(target: str, args: argparse.Namespace | None = None, **explicit: str) -> str:
+    """``make <target> VAR=value ...``: ``explicit`` values, then the user's own from ``args``.
+
+    Only variables that ``target`` reads and that differ from the Makefile's
+    defaults are written; the data folder (or model and images) always is, as
+    a placeholder when ``args`` does not know it.
+
+    Examples
+    --------
+    >>> ns = argparse.Namespace(data="photos", backbone="vgg16", weights="imagenet")
+    >>> make_command("features", ns)
+    'make features DATA=photos BACKBONE=vgg16'
+    """
+    wanted = _TARGET_VARIABLES.get(target, ("DATA", "ARTIFACTS"))
+    words = [f"make {target}"]
+    for var, dest, default in _MAKE_VARIABLES:
+        if var not in wanted or var in explicit:
+            continue
+        value = getattr(args, dest, None) if args is not None else None
+        if isinstance(value, bool):
+            value = 1 if value else None
+        if value is None and var in _PLACEHOLDERS:
+            value = _PLACEHOLDERS[var]
+        if value is not None and value != default:
+            words.append(f"{var}={shlex.quote(str(value))}")
+    words += [f"{var}={shlex.quote(str(value))}" for var, value in explicit.items()]
+    return " ".join(words)
+
+
+def fill_make_hints(message: str, args: argparse.Namespace | None) -> str:
+    """Every ```make <target> [VAR=value] [...]``` in ``message`` completed by :func:`make_command`.
+
+    Values the hint names (``HEAD=svm``) are kept; ``...`` and ``VAR=...`` are
+    placeholders, filled from ``args``.
+    """
+
+    def complete(match: re.Match) -> str:
+        try:
+            words = shlex.split(match.group(2))  # a complete command stays as it is
+        except ValueError:
+            words = match.group(2).split()
+        explicit = {}
+        for word in words:
+            var, _, value = word.partition("=")
+            if value and value != "..." and var.isupper():
+                explicit[var] = value
+        return f"`{make_command(match.group(1), args, **explicit)}`"
+
+    return _MAKE_HINT.sub(complete, message)

@@ -1,0 +1,324 @@
+"""Image folders: class folders, split folders, the stratified split, and the scan that
+finds every image (no decoding here: :mod:`pipeline.data.images`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.artifacts import dataset_name
+from pipeline.core.errors import DataError
+from pipeline.core.options import check_options, option_label
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+
+# Split folder names as users spell them -> the split name stored in caches.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How to split a folder that has no ``train/``, ``val/``, ``test/`` folders.
+
+    The split is stratified by class and fixed by ``seed``; both are recorded in
+    the cache, so later stages see exactly the same images in each split.
+    """
+
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_options(asdict(self), error=DataError)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise DataError(
+                f"{option_label('val_fraction')} + {option_label('test_fraction')} must leave images for "
+                f"training; got {self.val_fraction} + {self.test_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image: its path relative to the data root, class index and split."""
+
+    path: str
+    label: int
+    split: str
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A scanned data folder: classes, images and the split of each image."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    records: tuple[ImageRecord, ...]
+    split_source: str  # "folders" or "stratified"
+    split: SplitConfig | None = None  # set when split_source == "stratified"
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        """The data set's name (the resolved folder name: ``.`` and its full path agree)."""
+        return dataset_name(self.root)
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per split."""
+        out = {s: 0 for s in SPLITS}
+        for record in self.records:
+            out[record.split] += 1
+        return {s: n for s, n in out.items() if n}
+
+    def fingerprint(self) -> str:
+        """sha256 of every image's path, size, modification time, class and split.
+
+        Any added, removed, edited or relabelled image changes it.
+        """
+        digest = hashlib.sha256()
+        digest.update("\x1f".join(self.class_names).encode())
+        for record in self.records:
+            stat = _stat_line(self.root / record.path)
+            line = f"{record.path}\x1f{stat}\x1f{record.label}\x1f{record.split}\n"
+            digest.update(line.encode())
+        return digest.hexdigest()
+
+
+def _stat_line(path: Path) -> str:
+    """Size and modification time; a dangling link or a link loop says so instead."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:  # skipped at decoding, with the reason; fixing it changes this
+        return f"unreadable\x1f{exc.errno}"
+    return f"{stat.st_size}\x1f{stat.st_mtime_ns}"
+
+
+def shown(path: str | Path) -> str:
+    """``path`` printable on one line: bytes that are not UTF-8 as ``\\xff`` escapes."""
+    text = str(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates of a Windows name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_name(path: Path) -> None:
+    """Refuse a name that is not valid UTF-8: caches, heads and reports store names as UTF-8."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"name is not valid UTF-8: {shown(path)}; rename it (for example "
+            "`convmv -f latin1 -t utf-8 -r --notest <data folder>`) and run again"
+        ) from None
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def images_under(folder: Path, notes: list[str] | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden entries skipped), sorted.
+
+    Symbolic links to folders are followed, each folder once: a link back to a
+    folder already scanned (a loop) is skipped, with a line added to ``notes``.
+    Links to files are listed even when dangling or looping; decoding skips
+    them with the reason.
+
+    Raises
+    ------
+    DataError
+        A file or folder name that is not valid UTF-8 (the message names it).
+    """
+    found = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            stat = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirnames[:] = []
+            if notes is not None:
+                notes.append(f"skipped {shown(dirpath)}: symbolic link to a folder already scanned")
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames:
+            _check_name(Path(dirpath) / name)
+        for name in filenames:
+            if _is_image_name(name):
+                _check_name(Path(dirpath) / name)
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for path in found:
+        _check_name(path)
+    return found
+
+
+def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFolder:
+    """Scan a folder of class subfolders into an :class:`ImageFolder`.
+
+    Two layouts are understood::
+
+        root/<class>/<image>                 stratified split by ``split``
+        root/train/<class>/<image>           splits from the folders
+        root/val|validation/<class>/<image>  (optional)
+        root/test/<class>/<image>            (optional)
+
+    Raises
+    ------
+    DataError
+        Missing or empty folder, no class folders, a class folder without
+        images, or fewer than two classes.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"data folder {root} does not exist; pass DATA=<folder of class subfolders>"
+        )
+    if not root.is_dir():
+        raise DataError(f"DATA={root} is a file; pass a folder of class subfolders")
+    _check_name(root.resolve())
+    split = split or SplitConfig()
+    subfolders = _class_folders(root)
+    split_folders = [p for p in subfolders if p.name.lower() in SPLIT_FOLDERS]
+    if split_folders:
+        return _scan_split_folders(root, split_folders)
+
+    notes: list[str] = []
+    by_class = _scan_classes(root, subfolders, where=str(root), notes=notes)
+    records = _stratified_split(by_class, split)
+    return ImageFolder(root, tuple(by_class), tuple(records), "stratified", split, tuple(notes))
+
+
+def _scan_classes(
+    root: Path, class_dirs: list[Path], where: str, notes: list[str]
+) -> dict[str, list[str]]:
+    if not class_dirs:
+        loose = [p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
+        hint = (
+            f" (found {len(loose)} loose images: move them into one folder per class)"
+            if loose
+            else ""
+        )
+        raise DataError(f"no class folders in {where}: expected {where}/<class>/<image>{hint}")
+    by_class: dict[str, list[str]] = {}
+    for class_dir in class_dirs:
+        images = images_under(class_dir, notes)
+        if not images:
+            raise DataError(
+                f"class folder {class_dir} holds no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
+            )
+        by_class[class_dir.name] = [p.relative_to(root).as_posix() for p in images]
+    if len(by_class) < 2:
+        only = next(iter(by_class))
+        raise DataError(
+            f"found only one class folder ({only!r}) in {where}; a classifier needs at least two"
+        )
+    return by_class
+
+
+def _scan_split_folders(root: Path, split_folders: list[Path]) -> ImageFolder:
+    names = {}
+    for folder in split_folders:
+        split_name = SPLIT_FOLDERS[folder.name.lower()]
+        if split_name in names:
+            raise DataError(
+                f"{root} has both {names[split_name].name}/ and {folder.name}/; keep one of them"
+            )
+        names[split_name] = folder
+    if "train" not in names:
+        raise DataError(
+            f"{root} has {', '.join(f.name + '/' for f in split_folders)} but no train/ folder"
+        )
+    scan_notes: list[str] = []
+    per_split = {
+        s: _scan_classes(root, _class_folders(f), where=str(f), notes=scan_notes)
+        if s == "train"
+        else _scan_optional_split(root, f, scan_notes)
+        for s, f in names.items()
+    }
+    class_names = sorted(set().union(*per_split.values()))
+    index = {name: i for i, name in enumerate(class_names)}
+    notes = scan_notes + [
+        f"class {c!r} appears in {s}/ but not in train/"
+        for s in ("val", "test")
+        if s in per_split
+        for c in sorted(set(per_split[s]) - set(per_split["train"]))
+    ]
+    records = [
+        ImageRecord(path, index[c], s)
+        for s in SPLITS
+        if s in per_split
+        for c, paths in sorted(per_split[s].items())
+        for path in paths
+    ]
+    return ImageFolder(root, tuple(class_names), tuple(records), "folders", None, tuple(notes))
+
+
+def _scan_optional_split(root: Path, folder: Path, notes: list[str]) -> dict[str, list[str]]:
+    by_class = {}
+    for class_dir in _class_folders(folder):
+        images = images_under(class_dir, notes)
+        if not images:
+            raise DataError(f"class folder {class_dir} holds no images; add images or remove it")
+        by_class[class_dir.name] = [p.relative_to(root).as_posix() for p in images]
+    if not by_class:
+        raise DataError(f"split folder {folder} has no class folders; remove it or fill it")
+    return by_class
+
+
+def _stratified_split(by_class: dict[str, list[str]], split: SplitConfig) -> list[ImageRecord]:
+    rng = np.random.default_rng(split.seed)
+    records = []
+    for label, (_, paths) in enumerate(by_class.items()):
+        order = rng.permutation(len(paths))
+        n_test = int(round(len(paths) * split.test_fraction))
+        n_val = int(round(len(paths) * split.val_fraction))
+        for rank, i in enumerate(order):
+            name = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            records.append(ImageRecord(paths[i], label, name))
+    records.sort(key=lambda r: r.path)
+    return records
+
+
+def describe_folder(folder: ImageFolder) -> str:
+    """What a scan found: classes, images per split and where the split came from.
+
+    Examples
+    --------
+    >>> print(describe_folder(scan_folder("artifacts/data/digits")))  # doctest: +SKIP
+    found 1797 images of 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) in artifacts/data/digits
+      split: train 1077, val 360, test 360 (stratified by class, SEED=0, VAL_FRACTION=0.2, TEST_FRACTION=0.2)
+    """
+    names = folder.class_names
+    shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:10]) + f", ... {names[-1]}"
+    counts = ", ".join(f"{split} {n}" for split, n in folder.counts().items())
+    if folder.split_source == "folders":
+        source = "from the split folders " + ", ".join(f"{s}/" for s in folder.counts())
+    else:
+        s = folder.split
+        source = (
+            f"stratified by class, SEED={s.seed}, VAL_FRACTION={s.val_fraction:g}, "
+            f"TEST_FRACTION={s.test_fraction:g}"
+        )
+    return (
+        f"found {len(folder.records)} images of {len(names)} classes ({shown}) in {folder.root}\n"
+        f"  split: {counts} ({source})"
+    )

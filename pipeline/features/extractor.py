@@ -1,0 +1,178 @@
+"""The model that computes stage one's features: Keras, the runtime's compiled model, or the
+views' model; the runtime settled on a sample of the user's own images; one padded forward pass;
+and what both engines do before extracting (:func:`prepare_extraction`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.folders import ImageFolder, SplitConfig, describe_folder, scan_folder
+from pipeline.data.images import iter_batches
+from pipeline.features import backbones, cache, runtimes
+from pipeline.features import views as views_module
+from pipeline.features.config import (
+    FeatureConfig,
+    ResolvedFeatures,
+    cache_path_for,
+    resolve_features,
+)
+from pipeline.features.records import ExtractionSummary, cache_config_json, up_to_date_summary
+
+
+@dataclass
+class PreparedExtraction:
+    """A stage-one run before its first image: what both engines settle the same way.
+
+    Attributes
+    ----------
+    resolved : ResolvedFeatures
+        The options, with the runtime settled on the folder's images.
+    folder : ImageFolder
+        The scanned (and split) image folder.
+    path : Path
+        The cache file.
+    config_json, fingerprint : str
+        The cache's identity: the options and the images.
+    notes : list of str
+        The lines the run's summary starts with (the folder's warnings, the runtime's
+        notes, and what the run adds).
+    """
+
+    resolved: ResolvedFeatures
+    folder: ImageFolder
+    path: Path
+    config_json: str
+    fingerprint: str
+    notes: list[str]
+
+    def cache_state(self) -> bool | None:
+        """:func:`pipeline.features.cache.cache_matches` for this cache and identity."""
+        return cache.cache_matches(self.path, self.config_json, self.fingerprint)
+
+    def up_to_date(self) -> ExtractionSummary:
+        """The summary of a run that found the cache up to date."""
+        return up_to_date_summary(self.path, self.folder, self.notes)
+
+    def finished_meanwhile(self) -> ExtractionSummary | None:
+        """Under the cache's lock: the up-to-date summary if another run finished the cache
+        while the model was built, else ``None`` (noting a cache that will be rebuilt)."""
+        state = self.cache_state()
+        if state:
+            return self.up_to_date()
+        if state is False:
+            self.notes.append(f"{self.path} was made from other images or options; rebuilding it")
+        return None
+
+    def summary(self, status: str, seconds: float) -> ExtractionSummary:
+        """The summary of a run that wrote the cache (``status``: built or resumed)."""
+        skipped = cache.read_skipped(self.path)
+        n = len(self.folder.records)
+        size = self.path.stat().st_size
+        return ExtractionSummary(
+            self.path, status, n, n - len(skipped), skipped, seconds, size, self.notes
+        )
+
+
+def prepare_extraction(
+    data_dir: str | Path,
+    config: FeatureConfig | None,
+    *,
+    split: SplitConfig | None,
+    artifacts_dir: str | Path,
+    cache_path: str | Path | None,
+    log: Callable[[str], Any] | None,
+) -> PreparedExtraction:
+    """Resolve the options, scan the folder, settle the runtime and name the cache.
+
+    Both engines start so (the parameters are those of
+    :func:`pipeline.features.extract.extract_features`); ``log`` gets the folder's line,
+    then the runtime's.
+
+    Returns
+    -------
+    PreparedExtraction
+        The settled options, the folder, the cache's path and identity, the first notes.
+    """
+    resolved = resolve_features(config or FeatureConfig(), artifacts_dir=artifacts_dir)
+    folder = scan_folder(data_dir, split)
+    if log is not None:
+        log(describe_folder(folder))
+    resolved = settle_runtime(resolved, folder)
+    if log is not None:
+        log(runtimes.describe(resolved.runtime))
+    path = Path(cache_path) if cache_path else cache_path_for(folder.name, resolved, artifacts_dir)
+    return PreparedExtraction(
+        resolved,
+        folder,
+        path,
+        cache_config_json(folder, resolved),
+        folder.fingerprint(),
+        [f"warning: {w}" for w in folder.warnings] + list(resolved.runtime.notes),
+    )
+
+
+def settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedFeatures:
+    """Convert and check the chosen runtime once (recorded); fall back where it fails.
+
+    Both engines call it after the scan (:func:`prepare_extraction`): the check runs on a
+    few images of ``folder``.
+    """
+    config = resolved.config
+    if resolved.store is None or resolved.runtime.runtime == "keras":
+        return resolved
+
+    @functools.cache
+    def sample() -> tuple[np.ndarray, list[str]]:  # a few images spread over the data set
+        records = folder.records
+        picks = np.linspace(0, len(records) - 1, min(runtimes.CHECK_IMAGES, len(records)))
+        paths = [records[int(i)].path for i in picks]
+        spec, size = resolved.spec, resolved.input_size
+        batches = iter_batches(
+            folder.root, paths, size=size, batch_size=len(paths), preprocess=spec.preprocess
+        )
+        return np.concatenate([b.x for b in batches]), paths
+
+    choice = runtimes.settle(
+        config.runtime,
+        config.precision,
+        store=resolved.store,
+        random_weights=config.weights == "none",
+        build_keras=lambda: build_extractor(replace(resolved, runtime=runtimes.RuntimeChoice())),
+        sample=sample,
+        data=folder.name,
+    )
+    return replace(resolved, runtime=choice)
+
+
+def build_extractor(resolved: ResolvedFeatures):
+    """The Keras model, or the runtime's compiled model (both: ``output_shape``, ``predict_on_batch``)."""
+    config = resolved.config
+    if resolved.views is not None:
+        return views_module.build_model(resolved)
+    if resolved.runtime.runtime == "openvino" and resolved.store is not None:
+        return runtimes.load(resolved.runtime, resolved.store)
+    with backbones.dtype_policy(resolved.runtime.keras_policy):
+        return backbones.build_feature_extractor(
+            resolved.spec,
+            weights=config.weights,
+            input_size=resolved.input_size,
+            pooling=config.pooling,
+            layer=config.layer,
+        )
+
+
+def forward_batch(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Features of ``x`` (float32); short batches are zero-padded so the compiled shape
+    never changes (both engines' forward pass)."""
+    n = len(x)
+    if n == 0:
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    if n < batch_size:
+        x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+    return np.asarray(model.predict_on_batch(x), dtype=np.float32)[:n]

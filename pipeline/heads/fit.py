@@ -1,0 +1,341 @@
+"""Stage two: every requested head chosen on train, fitted and evaluated on cached features.
+
+:func:`fit_heads` runs the sweep: the heads of :mod:`pipeline.heads.registry`, one
+after another, each searched by cross-validation on train (:mod:`pipeline.heads.search`),
+refitted, evaluated on val and test, and saved by :mod:`pipeline.heads.store` in the
+folder :class:`pipeline.core.artifacts.Artifacts` names
+(``artifacts/heads/<dataset>/<cache stem>/``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from pipeline.core import artifacts
+from pipeline.core.errors import HeadError
+from pipeline.core.options import check_options
+from pipeline.features.cache import load_features
+from pipeline.heads import search as head_search
+from pipeline.heads.registry import (
+    HEADS,
+    build_head,
+    planned_fits,
+    resolve_heads,
+)
+from pipeline.heads.softmax import SoftmaxClassifier
+from pipeline.heads.store import head_outputs, save_head
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class HeadResult:
+    """One fitted and saved head (what :func:`fit_heads` returns per head)."""
+
+    head: str
+    manifest_path: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+    def format(self) -> str:
+        """One line for the CLI: head, chosen values, CV and held-out accuracy, timing."""
+        m = self.manifest
+        params = ", ".join(f"{k}={_short(v)}" for k, v in m["params"].items())
+        scores = [f"cv {m['cv']['score']:.3f}" if m["cv"]["score"] is not None else "cv -"]
+        scores += [f"{s} {v['accuracy']:.3f}" for s, v in m["metrics"].items()]
+        startup = m.get("keras_import_seconds") or 0.0
+        loaded = f" (after loading Keras, {startup:.1f} s)" if startup >= 0.05 else ""
+        return (
+            f"{self.head:<8} {params:<24} {'  '.join(scores):<32} "
+            f"fit {m['fit_seconds']:6.2f} s{loaded}  -> {self.manifest_path}"
+        )
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class HeadResults(list):
+    """What :func:`fit_heads` returns: a :class:`HeadResult` per head, in the order asked.
+
+    ``fits_seconds`` sums the heads' ``fit_seconds`` (searches and final fits).
+    ``keras_import_seconds`` is Keras's import when the sweep paid it: start-up, left
+    out of every head's ``fit_seconds`` as stage one's time leaves it out.
+    """
+
+    def __init__(self, results: Iterable[HeadResult], *, keras_import_seconds: float = 0.0) -> None:
+        super().__init__(results)
+        self.keras_import_seconds = float(keras_import_seconds)
+
+    @property
+    def fits_seconds(self) -> float:
+        return float(sum(result.manifest["fit_seconds"] for result in self))
+
+
+def fit_heads(
+    cache_path: str | Path,
+    heads: str | Sequence[str] = ("all",),
+    *,
+    artifacts_dir: str | Path = "artifacts",
+    norm: str | None = None,
+    pca: int | None = None,
+    cv: int = 3,
+    seed: int = 0,
+    jobs: int = 1,
+    log: Any = None,
+) -> HeadResults:
+    """Fit heads on the train split of a feature cache, one after another, and save them.
+
+    Each head's hyper-parameters are chosen by stratified ``cv``-fold cross-validation
+    (accuracy) on the train split (the softmax head has none to choose: it is fitted
+    once and scored on its 15% early-stopping hold-out of train); the head is refitted
+    on the whole train split, evaluated on ``val`` and ``test`` when the cache has them
+    and saved with its manifest in :meth:`pipeline.core.artifacts.Artifacts.heads_dir`.
+
+    Parameters
+    ----------
+    cache_path : path
+        A stage-one feature cache (``artifacts/features/<dataset>/<config>.h5``).
+    heads : str or sequence of str
+        Head names (:data:`HEADS`), comma-separated names, or ``"all"``.
+    artifacts_dir : path
+        Output root.
+    norm : {"l2", "standard", "none"}, optional
+        Override every head's normalisation step.
+    pca : int, optional
+        Keep this many principal components.
+    cv : int
+        Folds of the search (fewer when a class is smaller).
+    seed : int
+        Seed of the folds and of every random step.
+    jobs : int
+        Parallel fits of the search (Keras heads always use one).
+    log : callable, optional
+        Called with each head's progress and result lines (e.g. ``print``).
+
+    Returns
+    -------
+    HeadResults
+        One :class:`HeadResult` per head, in the order given.
+
+    Raises
+    ------
+    HeadError
+        Unknown head, an option out of bounds (``NORM``, ``PCA``, ``CV``, ``SEED``,
+        ``--jobs``), a train split with one class, a val/test class absent from
+        train. Nothing is written in these cases.
+    CacheError
+        A missing or unreadable cache.
+    """
+    check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
+    names = resolve_heads(heads)
+    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
+    plan = {name: planned_fits(HEADS[name], cv) for name in names}
+    results = HeadResults([])
+    for name in names:
+        if log is not None:
+            log(_progress_line(name, plan, done=sum(plan[r.head] for r in results)))
+        # Keras's import (about 4 s on 2 cores, once per process) is start-up, not this head's
+        # fit: paid before its clock starts and recorded apart, as stage one's time excludes it.
+        startup = _import_keras() if HEADS[name].keras else None
+        results.keras_import_seconds += startup or 0.0
+        pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+        searched = head_search.timed_search(HEADS[name], pipe, X_train, y_train, cv, seed, jobs)
+        options = {"norm": norm, "pca": pca, "seed": seed, "keras_import_seconds": startup}
+        results.append(_record(fs, name, searched, y_train, out_dir, **options))
+        if log is not None:
+            log(results[-1].format())
+    if log is not None and len(results) > 1:
+        log(summary_table(results))
+    return results
+
+
+def _open_cache(
+    cache_path: str | Path, pca: int | None, artifacts_dir: str | Path
+) -> tuple[Any, np.ndarray, np.ndarray, Path]:
+    """The cache, its checked train split and the heads' folder (made here)."""
+
+    fs = load_features(cache_path)
+    X_train, y_train = _check_cache(fs, pca)
+    dataset = str(fs.attrs.get("dataset") or "unknown")
+    out_dir = artifacts.Artifacts(artifacts_dir).heads_dir(dataset, Path(fs.path).stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return fs, X_train, y_train, out_dir
+
+
+def _progress_line(name: str, plan: Mapping[str, int], *, done: int) -> str:
+    """``[fits 11/48] knn: 10 fits planned ...``: the fits before this head's, of the sweep's."""
+    fits = f"{plan[name]} fit{'' if plan[name] == 1 else 's'}"
+    return f"[fits {done}/{sum(plan.values())}] {name}: {fits} planned ..."
+
+
+def summary_table(results: Sequence[HeadResult]) -> str:
+    """The heads side by side, the one to pick marked: best on val, else on CV (never test);
+    ties go to the higher CV score, then the name (as the report ranks them)."""
+
+    def score(result: HeadResult) -> float:
+        m = result.manifest
+        val = m["metrics"].get("val", {}).get("accuracy")
+        return val if val is not None else (m["cv"]["score"] or 0.0)
+
+    basis = "val" if all("val" in r.manifest["metrics"] for r in results) else "cv"
+    best = min(results, key=lambda r: (-score(r), -(r.manifest["cv"]["score"] or 0.0), r.head))
+    lines = [f"  {'head':<8} {'cv':>6} {'val':>6} {'test':>6} {'fit s':>7}"]
+    for r in results:
+        m = r.manifest
+        cells = [
+            m["cv"]["score"],
+            *(m["metrics"].get(s, {}).get("accuracy") for s in ("val", "test")),
+        ]
+        shown = " ".join(f"{c:6.3f}" if c is not None else f"{'-':>6}" for c in cells)
+        mark = f"  <- best on {basis}" if r is best else ""
+        lines.append(f"  {r.head:<8} {shown} {m['fit_seconds']:7.2f}{mark}")
+    if isinstance(results, HeadResults):
+        lines.append(_searches_line(results))
+    return "\n".join(lines)
+
+
+def _searches_line(results: HeadResults) -> str:
+    """The sweep's searches' time, under the table."""
+    startup = results.keras_import_seconds
+    loaded = f" (after loading Keras, {startup:.1f} s)" if startup >= 0.05 else ""
+    return f"  searches {results.fits_seconds:.2f} s in all{loaded}"
+
+
+def _check_cache(fs: Any, pca: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if "train" not in fs.splits:
+        raise HeadError(
+            f"cache {fs.path} has no train split (splits: {', '.join(fs.splits)}); heads fit on train"
+        )
+    X_train, y_train = fs.select("train")
+    present = np.unique(y_train)
+    if len(present) < 2:
+        only = fs.class_names[int(present[0])] if len(present) else "none"
+        raise HeadError(
+            f"cache {fs.path} has only one class in train ({only!r}); a classifier needs at least "
+            "two: add images of another class and re-run `make features`"
+        )
+    for split in artifacts.EVAL_SPLITS:
+        if split in fs.splits:
+            missing = sorted(set(np.unique(fs.select(split)[1]).tolist()) - set(present.tolist()))
+            if missing:
+                names = ", ".join(repr(fs.class_names[i]) for i in missing)
+                raise HeadError(
+                    f"class {names} appears in {split} but not in train of {fs.path}; "
+                    f"add training images of it or remove it from {split}"
+                )
+    if pca is not None and pca > min(X_train.shape):
+        raise HeadError(
+            f"PCA={pca} exceeds what the train split supports (at most {min(X_train.shape)} "
+            f"components: {X_train.shape[0]} images of width {X_train.shape[1]})"
+        )
+    return X_train, y_train
+
+
+def _record(
+    fs: Any,
+    name: str,
+    searched: head_search.Searched,
+    y_train: np.ndarray,
+    out_dir: Path,
+    *,
+    norm: str | None,
+    pca: int | None,
+    seed: int,
+    keras_import_seconds: float | None,
+) -> HeadResult:
+    """Evaluate a searched head on val and test, and save it with its manifest."""
+    spec, fitted, cv_info = HEADS[name], searched.fitted, searched.cv_info
+    predictions, metrics, predict_seconds = _evaluate(fitted, fs)
+    n_predicted = sum(len(p.labels) for p in predictions.values())
+    attrs = fs.attrs
+    last = fitted.steps[-1][1]
+    manifest = artifacts.new_manifest(
+        "head",
+        name=name,
+        dataset=attrs.get("dataset"),
+        class_names=fs.class_names,
+        features=artifacts.feature_identity(attrs),
+        fingerprint=attrs.get("fingerprint"),
+        head=name,  # the version-1 key, for readers that still look for it
+        description=spec.description,
+        cache=str(Path(fs.path).resolve()),
+        cache_stem=Path(fs.path).stem,
+        config_json=attrs.get("config_json"),
+        feature_width=int(fs.features.shape[1]),
+        n_train=int(len(y_train)),
+        norm=spec.norm if norm is None else norm,
+        pca=pca,
+        seed=seed,
+        params=head_search.unprefixed(searched.params),
+        grid={key: list(values) for key, values in spec.grid.items()},
+        cv=cv_info,
+        estimator=repr(last),
+        has_proba=hasattr(last, "predict_proba"),
+        fit_seconds=searched.seconds,  # search and final fit
+        keras_import_seconds=keras_import_seconds,  # None: no Keras; 0.0: imported already
+        refit_seconds=cv_info["refit_seconds"],  # the final fit alone
+        predict_seconds_per_image=predict_seconds / n_predicted if n_predicted else None,
+        extraction_seconds=attrs.get("seconds"),
+        metrics=metrics,
+        warnings=searched.notes,
+        versions=_versions(),
+        **_estimator_fields(last),
+    )
+    manifest_path = save_head(fitted, manifest, out_dir, predictions=predictions)
+    return HeadResult(name, manifest_path, json.loads(manifest_path.read_text()))
+
+
+def _import_keras() -> float:
+    """Import Keras (and its backend) now; the seconds it took (0.0 when already imported)."""
+    if "keras" in sys.modules:
+        return 0.0
+    started = time.perf_counter()
+    import keras  # noqa: F401
+
+    return time.perf_counter() - started
+
+
+def _estimator_fields(estimator: Any) -> dict[str, Any]:
+    """What a classifier learnt that belongs in the manifest (the softmax head's epochs)."""
+    if isinstance(estimator, SoftmaxClassifier):
+        return {"n_epochs": int(estimator.n_epochs_), "sigmoid": bool(estimator.sigmoid)}
+    return {}
+
+
+def _evaluate(
+    fitted: Pipeline, fs: Any
+) -> tuple[dict[str, artifacts.SplitPredictions], dict[str, Any], float]:
+    """Predictions and accuracy on ``val`` and ``test``, and the seconds predicting took."""
+    predictions, metrics, seconds = {}, {}, 0.0
+    for split in artifacts.EVAL_SPLITS:
+        if split not in fs.splits:
+            continue
+        mask = fs.split == split
+        X, y = fs.features[mask], fs.labels[mask]
+        started = time.perf_counter()
+        pred, scores, is_proba = head_outputs(fitted, X, len(fs.class_names))
+        seconds += time.perf_counter() - started
+        metrics[split] = {"accuracy": float(np.mean(pred == y)), "n": int(len(y))}
+        predictions[split] = artifacts.SplitPredictions(
+            paths=np.asarray(fs.paths[mask], dtype=object),
+            labels=np.asarray(y, dtype=np.int64),
+            pred=pred,
+            scores=scores,
+            is_proba=is_proba,
+        )
+    return predictions, metrics, seconds
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    return {pkg: importlib.metadata.version(pkg) for pkg in ("scikit-learn", "keras", "numpy")}

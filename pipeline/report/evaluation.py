@@ -1,0 +1,488 @@
+"""The report's numbers: metrics of each run, the honest ranking, the verdict, error analysis.
+
+The middle step of the report (collect -> **evaluate** -> render). It takes the
+runs :func:`pipeline.report.collect.collect_runs` read and returns plain JSON-ready data
+(:func:`build_report_data`); it reads no file and draws nothing. The statistics
+themselves (bootstrap intervals, the exact McNemar test, ROC and reliability
+curves) live in :mod:`pipeline.report.stats`.
+
+Selection is honest: runs are ranked on val accuracy (on the head's
+cross-validation score on train when there is no val split), never on test;
+the chosen run's test figures are reported apart, as the final number nobody
+chose on. Runs on random backbone weights (``weights_source == "none"``) are
+baselines: listed, but not ranked against real runs unless they are all there is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.artifacts import EVAL_SPLITS, SplitPredictions, now_iso
+from pipeline.report import stats
+
+ALPHA = 0.05  # McNemar p-value below which two runs are told apart
+TOP_LOSSES = 8  # thumbnails per split in the error analysis
+MOST_CONFUSED = 10  # rows of the most-confused table
+CURVE_POINTS = 101  # ROC curves are stored at this many false-positive rates
+
+
+@dataclass
+class Run:
+    """One head or fine-tuned model with its predictions on the evaluated splits."""
+
+    name: str  # row label, e.g. "svm" or the fine-tuned model's name
+    kind: str  # "head" | "finetuned"
+    group: str  # cache stem for heads, "finetuned" for stage three
+    manifest: dict[str, Any]
+    class_names: tuple[str, ...]
+    splits: dict[str, SplitPredictions] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # fine-tuned: per-epoch log
+    data_root: str | None = None  # where the predictions' image paths are relative to
+    cache_images: int | None = None  # images stage one read for this run's cache
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.group}/{self.name}"
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _curves(predictions: SplitPredictions) -> dict[str, Any]:
+    """ROC (thinned to :data:`CURVE_POINTS` false-positive rates) and reliability bins."""
+    fpr, tpr, auc = stats.one_vs_rest_roc(predictions.labels, predictions.scores)
+    grid = np.r_[0.0, np.logspace(-4, 0, CURVE_POINTS - 1)]  # drawn on a log axis
+    top = np.r_[np.flatnonzero(np.diff(fpr)), len(fpr) - 1]  # highest tpr at each fpr
+    thinned = np.interp(grid, fpr[top], tpr[top])
+    return {
+        "roc": {
+            "fpr": [float(f"{v:.4g}") for v in grid],
+            "tpr": thinned.round(4).tolist(),
+            "auc": auc,
+            "kind": "binary" if predictions.scores.shape[1] == 2 else "micro one-vs-rest",
+        },
+        "calibration": stats.reliability(predictions.labels, predictions.scores),
+    }
+
+
+def evaluate_run(run: Run, *, n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Metrics of one run per split, with bootstrap intervals (see :mod:`pipeline.report.stats`).
+
+    Returns
+    -------
+    dict
+        split -> ``n``, each metric of :data:`pipeline.report.stats.METRICS` with its
+        ``<metric>_ci`` (95% percentile bootstrap), ``top5_accuracy`` (more than
+        five classes and scores), ``log_loss``, ``roc`` and ``calibration``
+        (probabilities), ``confusion``, ``per_class`` (precision, recall, F1,
+        support) and ``per_class_f1``.
+    """
+    k = len(run.class_names)
+    out = {}
+    for split, predictions in run.splits.items():
+        y, pred, scores = predictions.labels, predictions.pred, predictions.scores
+        cm = stats.confusion(y, pred, k)
+        point = {m: float(v) for m, v in stats.metrics_from_confusion(cm).items()}
+        ci = stats.bootstrap_metrics(y, pred, k, n_resamples=n_resamples, seed=seed)
+        entry: dict[str, Any] = {"n": int(len(y))}
+        for m in stats.METRICS:
+            entry[m] = point[m]
+            entry[f"{m}_ci"] = list(ci[m])
+        if k > 5 and scores is not None:
+            entry["top5_accuracy"] = stats.top_k_accuracy(y, scores, 5)
+        if predictions.is_proba and scores is not None:
+            entry["log_loss"] = stats.log_loss(y, scores)
+            entry.update(_curves(predictions))
+        entry["confusion"] = cm.tolist()
+        per_class = stats.per_class_metrics(cm)
+        entry["per_class"] = {key: values.tolist() for key, values in per_class.items()}
+        entry["per_class_f1"] = per_class["f1"].tolist()
+        out[split] = entry
+    return out
+
+
+_FEATURE_KEYS = ("backbone", "input_size", "pooling", "layer", "preprocessing")
+# "layers": the name of "unfreeze" in manifests of the previous release.
+_FINETUNE_SHOWN = (
+    "unfreeze", "layers", "learning_rate", "lr", "epochs", "augment", "batch_size", "seed",
+)  # fmt: skip
+
+
+def run_config(run: Run) -> dict[str, Any]:
+    """The configuration of a run as the report shows it.
+
+    ``weights_source`` is what the user passed (``imagenet``, ``none``, a
+    file); ``weights`` is the weights' identity, as in every manifest. A
+    version-1 head manifest has no source: its identity stands in.
+    """
+    m = run.manifest
+    config = {key: m.get(key) for key in _FEATURE_KEYS if m.get(key) not in (None, "")}
+    if m.get("weights") not in (None, ""):
+        config["weights"] = m["weights"]
+    source = m.get("weights_source") or m.get("weights")
+    if source not in (None, ""):
+        config["weights_source"] = source
+    if run.kind == "head":
+        cv = _cv(run)
+        config.update(
+            norm=m.get("norm"),
+            pca=m.get("pca"),
+            params=m.get("params"),
+            cv_folds=cv.get("folds"),
+            cv_accuracy=cv.get("score"),
+            seed=m.get("seed"),
+            estimator=m.get("estimator"),
+        )
+        if "n_epochs" in m:
+            config["n_epochs"] = m["n_epochs"]
+    else:  # stage three: its options (a dict under "config"), or whatever "params" holds
+        options = m.get("config") if isinstance(m.get("config"), dict) else None
+        config["params"] = (
+            {key: options[key] for key in _FINETUNE_SHOWN if key in options}
+            if options
+            else m.get("params")
+        )
+    return config
+
+
+def _cv(run: Run) -> dict[str, Any]:
+    cv = run.manifest.get("cv")
+    return cv if isinstance(cv, dict) else {}
+
+
+def _costs(run: Run) -> dict[str, Any]:
+    """Fit and prediction times, and what they include.
+
+    A head's times are on cached features: stage one's extraction (once per
+    backbone cache, shared by every head) comes on top, and ``end_to_end``
+    adds its time per image. A fine-tuned run's times include the backbone.
+    """
+    m = run.manifest
+    per_image = m.get("predict_seconds_per_image")
+    extraction = m.get("extraction_seconds") if run.kind == "head" else None
+    stage_one = extraction / run.cache_images if extraction and run.cache_images else None
+    end_to_end = per_image
+    if run.kind == "head":
+        end_to_end = per_image + stage_one if per_image is not None and stage_one else None
+    return {
+        "fit_seconds": m.get("fit_seconds"),
+        "predict_seconds_per_image": per_image,
+        "extraction_seconds": extraction,
+        "extraction_seconds_per_image": stage_one,
+        "end_to_end_seconds_per_image": end_to_end,
+        "includes_backbone": run.kind == "finetuned",
+    }
+
+
+def is_baseline(run: Run) -> bool:
+    """A run on random backbone weights (``weights_source`` ``none``): a baseline only."""
+    source = run.manifest.get("weights_source") or run.manifest.get("weights")
+    return str(source).lower() == "none"
+
+
+def _run_row(run: Run, *, n_resamples: int, seed: int) -> dict[str, Any]:
+    return {
+        "run": run.run_id,
+        "name": run.name,
+        "kind": run.kind,
+        "group": run.group,
+        "baseline": is_baseline(run),
+        "class_names": list(run.class_names),
+        **_costs(run),
+        "config": run_config(run),
+        "history": run.history,
+        "splits": evaluate_run(run, n_resamples=n_resamples, seed=seed),
+    }
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def mcnemar(a: Run, b: Run, split: str) -> dict[str, Any] | None:
+    """McNemar's exact test of two runs on one split, or ``None``.
+
+    ``None`` unless both predicted exactly the same images with the same labels.
+    """
+    if split not in a.splits or split not in b.splits:
+        return None
+    first, second = a.splits[split], b.splits[split]
+    if (
+        len(first.paths) != len(second.paths)
+        or not np.array_equal(first.paths, second.paths)
+        or not np.array_equal(first.labels, second.labels)
+    ):
+        return None
+    result = stats.mcnemar_exact(first.pred == first.labels, second.pred == second.labels)
+    return {
+        "split": split,
+        "a": a.run_id,
+        "b": b.run_id,
+        "n": result.n,
+        "only_a": result.only_a,
+        "only_b": result.only_b,
+        "both": result.both,
+        "neither": result.neither,
+        "p_value": result.p_value,
+    }
+
+
+def comparisons(runs: Sequence[Run], ranked: Sequence[str]) -> list[dict[str, Any]]:
+    """McNemar tests: ``svm`` against ``softmax`` of each cache, then each fine-tuned run
+    against the best-ranked head of each cache (ranked without the test images)."""
+    by_id = {r.run_id: r for r in runs}
+    out = []
+    groups = sorted({r.group for r in runs if r.kind == "head"})
+    for group in groups:
+        a, b = by_id.get(f"{group}/svm"), by_id.get(f"{group}/softmax")
+        for split in EVAL_SPLITS:
+            if a and b and (c := mcnemar(a, b, split)):
+                out.append(c)
+    for run in runs:
+        if run.kind != "finetuned":
+            continue
+        for group in groups:
+            best = next((by_id[i] for i in ranked if by_id[i].group == group), None)
+            for split in EVAL_SPLITS:
+                if best and (c := mcnemar(run, best, split)):
+                    out.append(c)
+    return out
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def selection_rule(runs: Sequence[Run]) -> tuple[str, str]:
+    """``("val", words)`` when every run has val predictions, else ``("cv", words)``."""
+    if runs and all("val" in r.splits for r in runs):
+        words = (
+            "Runs are ranked on val accuracy (ties: the higher cross-validation score on train, "
+            "then the name); the test images "
+            "played no part in choosing."
+        )
+        if any(r.kind == "finetuned" for r in runs):
+            words += (
+                " Fine-tuned runs chose their best epoch on val, so their val figures lean "
+                "optimistic against the heads'."
+            )
+        return "val", words
+    return "cv", (
+        "There is no val split, so runs are ranked on the accuracy of the head's "
+        "cross-validation on the train split (runs without one are not ranked); the test "
+        "images played no part in choosing."
+    )
+
+
+def selection_score(run: Run, rule: str) -> float | None:
+    """The number a run is ranked on: val accuracy, or cross-validation accuracy on train."""
+    if rule == "val":
+        p = run.splits["val"]
+        return float(np.mean(p.pred == p.labels)) if len(p.labels) else None
+    score = _cv(run).get("score")
+    return None if score is None else float(score)
+
+
+def rank_runs(runs: Sequence[Run], rule: str) -> list[Run]:
+    """Runs with a selection score, best first (ties: the higher cross-validation score on
+    train, then the name; never the fit time, which changes from run to run)."""
+    scored = [(selection_score(r, rule), r) for r in runs]
+    scored = [(s, r) for s, r in scored if s is not None]
+
+    def key(item: tuple[float, Run]) -> tuple:
+        cv = _cv(item[1]).get("score")
+        return -item[0], -cv if isinstance(cv, int | float) else np.inf, item[1].run_id
+
+    return [r for _, r in sorted(scored, key=key)]
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def leaderboard(
+    ranked: Sequence[Run], rows: dict[str, dict[str, Any]], rule: str, split: str | None
+) -> list[dict[str, Any]]:
+    """The ranked runs with their selection score, their ``split`` accuracy and interval,
+    and how they compare with the best (exact McNemar on ``split``, overlapping intervals)."""
+    entries = []
+    best = ranked[0] if ranked else None
+    for i, run in enumerate(ranked):
+        row = rows[run.run_id]
+        entry: dict[str, Any] = {
+            "rank": i + 1,
+            "run": run.run_id,
+            "kind": run.kind,
+            "group": run.group,
+            "selection_score": selection_score(run, rule),
+            "split": split,
+            "fit_seconds": row["fit_seconds"],
+            "predict_seconds_per_image": row["predict_seconds_per_image"],
+        }
+        if split and split in row["splits"]:
+            s = row["splits"][split]
+            entry.update(accuracy=s["accuracy"], accuracy_ci=s["accuracy_ci"])
+            entry.update(balanced_accuracy=s["balanced_accuracy"], macro_f1=s["macro_f1"])
+        if best is not None and run is not best and split:
+            test = mcnemar(best, run, split)
+            entry["mcnemar_vs_best"] = test
+            best_ci = rows[best.run_id]["splits"].get(split, {}).get("accuracy_ci")
+            if best_ci and "accuracy_ci" in entry:
+                entry["overlaps_best"] = _overlap(best_ci, entry["accuracy_ci"])
+            entry["tied_with_best"] = (
+                test["p_value"] >= ALPHA if test else bool(entry.get("overlaps_best"))
+            )
+        entries.append(entry)
+    return entries
+
+
+def _final(row: dict[str, Any]) -> dict[str, Any] | None:
+    test = row["splits"].get("test")
+    if test is None:
+        return None
+    keys = ("n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci")
+    return {key: test[key] for key in (*keys, "macro_f1", "macro_f1_ci")}
+
+
+def selection(
+    ranked: Sequence[Run], rows: dict[str, dict[str, Any]], rule: str, words: str
+) -> dict[str, Any]:
+    """How the winner was chosen, the winner, its untouched test figures, its ties."""
+    split = "val" if rule == "val" else ("test" if ranked and "test" in ranked[0].splits else None)
+    board = leaderboard(ranked, rows, rule, split)
+    out: dict[str, Any] = {
+        "rule": rule,
+        "metric": "val accuracy" if rule == "val" else "cross-validation accuracy (train)",
+        "words": words,
+        "compare_split": split,
+        "winner": board[0]["run"] if board else None,
+        "final_test": _final(rows[board[0]["run"]]) if board else None,
+        "runner_up": board[1]["run"] if len(board) > 1 else None,
+        "runner_up_mcnemar": board[1].get("mcnemar_vs_best") if len(board) > 1 else None,
+        "tied": [e["run"] for e in board[1:] if e.get("tied_with_best")],
+        "overlapping": [e["run"] for e in board[1:] if e.get("overlaps_best")],
+    }
+    return {**out, "leaderboard": board}
+
+
+# --------------------------------------------------------------------------- error analysis
+
+
+def top_losses(
+    predictions: SplitPredictions, class_names: Sequence[str], top: int = TOP_LOSSES
+) -> list[dict[str, Any]]:
+    """The ``top`` images the run got most wrong.
+
+    With probabilities: highest loss, ``-log p(true class)``, first. With
+    scores only: wrong images by the margin of the predicted over the true
+    class. Without either: the wrong images in path order.
+    """
+    y, pred, scores = predictions.labels, predictions.pred, predictions.scores
+    idx = np.arange(len(y))
+    if scores is not None:
+        true_score = scores[idx, y]
+        if predictions.is_proba:
+            badness = -np.log(np.clip(true_score, 1e-15, 1.0))
+        else:
+            badness = np.where(pred != y, scores[idx, pred] - true_score, -np.inf)
+    else:
+        badness = np.where(pred != y, 0.0, -np.inf)
+    order = [int(i) for i in np.argsort(-badness, kind="stable")[:top] if badness[i] > -np.inf]
+    out = []
+    for i in order:
+        entry: dict[str, Any] = {
+            "path": str(predictions.paths[i]),
+            "label": class_names[int(y[i])],
+            "pred": class_names[int(pred[i])],
+        }
+        if predictions.is_proba and scores is not None:
+            entry.update(p_pred=float(scores[i, pred[i]]), p_true=float(scores[i, y[i]]))
+            entry["loss"] = float(badness[i])
+        elif scores is not None:
+            entry["margin"] = float(badness[i])
+        out.append(entry)
+    return out
+
+
+def error_analysis(run: Run, row: dict[str, Any]) -> dict[str, Any]:
+    """Most-confused class pairs and highest-loss images of ``run`` on each split."""
+    out: dict[str, Any] = {"run": run.run_id, "has_proba": False, "splits": {}}
+    for split, predictions in run.splits.items():
+        cm = np.array(row["splits"][split]["confusion"])
+        support = cm.sum(axis=1)
+        pairs = [
+            {
+                "true": run.class_names[i],
+                "pred": run.class_names[j],
+                "count": count,
+                "share": count / support[i] if support[i] else 0.0,
+            }
+            for i, j, count in stats.most_confused(cm, MOST_CONFUSED)
+        ]
+        out["splits"][split] = {
+            "most_confused": pairs,
+            "top_losses": top_losses(predictions, run.class_names),
+        }
+        out["has_proba"] = out["has_proba"] or predictions.is_proba
+    return out
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def build_report_data(
+    dataset: str,
+    runs: Sequence[Run],
+    notes: Sequence[str],
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything the report shows, as plain JSON-ready data (``report.json``).
+
+    Parameters
+    ----------
+    dataset : str
+        The data set's name.
+    runs : sequence of Run
+        What :func:`pipeline.report.collect.collect_runs` found.
+    notes : sequence of str
+        What was skipped and why; shown at the end of the report.
+    n_resamples : int
+        Bootstrap resamples for the intervals.
+    seed : int
+        Seed of the bootstrap.
+    """
+    rows = {r.run_id: _run_row(r, n_resamples=n_resamples, seed=seed) for r in runs}
+    real = [r for r in runs if not is_baseline(r)]
+    compared = real or list(runs)  # random-weight runs only compete among themselves
+    rule, words = selection_rule(compared)
+    ranked = rank_runs(compared, rule)
+    notes = list(notes)
+    ranked_ids = {r.run_id for r in ranked}
+    compared_ids = {r.run_id for r in compared}
+    unranked = [r.run_id for r in compared if r.run_id not in ranked_ids]
+    if unranked:
+        notes.append(f"not ranked (no {rule} score): {', '.join(unranked)}")
+    chosen = selection(ranked, rows, rule, words)
+    winner = next((r for r in ranked if r.run_id == chosen["winner"]), None)
+    return {
+        "dataset": dataset,
+        "created": now_iso(),
+        "bootstrap": {"resamples": n_resamples, "confidence": 0.95, "seed": seed},
+        "counts": {
+            "heads": sum(r.kind == "head" for r in runs),
+            "finetuned": sum(r.kind == "finetuned" for r in runs),
+            "backbones": len({r.group for r in runs if r.kind == "head"}),
+        },
+        "runs": [rows[r.run_id] for r in ranked]
+        + [rows[r.run_id] for r in runs if r.run_id not in ranked_ids],
+        "baselines": [r.run_id for r in runs if r.run_id not in compared_ids],
+        "selection": chosen,
+        "leaderboard": chosen.pop("leaderboard"),
+        "mcnemar": comparisons(compared, [r.run_id for r in ranked]),
+        "errors": error_analysis(winner, rows[winner.run_id]) if winner else None,
+        "notes": notes,
+    }

@@ -1,0 +1,79 @@
+"""The head searches: GridSearchCV as the manifest records it; the softmax head's one fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from heads_helpers import blobs
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+from pipeline.heads import search as head_search
+from pipeline.heads.registry import HEADS, build_head
+
+
+def _reference(name: str, X, y):
+    ((key, values),) = HEADS[name].grid.items()
+    return GridSearchCV(
+        build_head(name),
+        {f"{name}__{key}": list(values)},
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
+        scoring="accuracy",
+    ).fit(X, y)
+
+
+@pytest.mark.parametrize("name", ["svm", "rbf_svm", "logreg", "knn", "ridge"])
+def test_a_search_reports_what_grid_search_chose_and_scored(name):
+    """Same folds, per-value scores, choice and refitted head as GridSearchCV, in the
+    manifest's form."""
+    X, y = blobs(30, 3, 24, separation=0.8, seed=1)
+    spec = HEADS[name]
+    fitted, params, info = head_search.search(spec, build_head(name), X, y, 3, 0, 1)
+    reference = _reference(name, X, y)
+    ((key, values),) = spec.grid.items()
+    expected = {
+        f'{{"{key}": {v}}}': s
+        for v, s in zip(values, reference.cv_results_["mean_test_score"], strict=True)
+    }
+    assert params == reference.best_params_
+    assert info["scores"] == pytest.approx(expected, abs=1e-12)
+    assert info["score"] == pytest.approx(reference.best_score_, abs=1e-12)
+    assert info["folds"] == 3 and info["scheme"] == "3-fold" and info["refit_seconds"] > 0
+    assert np.array_equal(fitted.predict(X), reference.best_estimator_.predict(X))
+
+
+def test_k_beyond_a_training_fold_is_left_out_of_the_grid():
+    X, y = blobs(4, 2, 6, separation=3.0, seed=2)  # 8 images: folds train on 5 or 6
+    _, params, info = head_search.search(HEADS["knn"], build_head("knn"), X, y, 3, 0, 1)
+    assert set(info["scores"]) == {'{"n_neighbors": 1}', '{"n_neighbors": 5}'}
+    assert params["knn__n_neighbors"] in (1, 5)
+
+
+def test_the_softmax_head_is_one_fit_scored_on_its_own_hold_out():
+    X, y = blobs(30, 2, 8, separation=2.0, seed=6)
+    pipe = build_head("softmax").set_params(softmax__max_epochs=20)
+    fitted, chosen, info = head_search.search(HEADS["softmax"], pipe, X, y, 3, 0, 1)
+    classifier = fitted.named_steps["softmax"]
+    assert info["folds"] == 1 and "early-stopping hold-out (9 images)" in info["scheme"]
+    assert (
+        chosen
+        == {"softmax__learning_rate": 1e-3}
+        == {"softmax__learning_rate": classifier.learning_rate}
+    )
+    assert info["scores"] == {'{"learning_rate": 0.001}': classifier.held_out_score_}
+    assert info["score"] == classifier.held_out_score_ > 0.8
+    assert info["refit_seconds"] > 0 and fitted.score(X, y) > 0.9
+
+
+def test_the_final_fits_convergence_warning_reaches_the_caller_with_parallel_folds():
+    """The folds' fits warn in worker processes; the final fit, the saved head, warns here,
+    where fit_heads records it in the manifest."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y = blobs(20, 2, 10, separation=0.5, seed=11)
+    pipe = build_head("svm").set_params(svm__max_iter=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head_search.search(HEADS["svm"], pipe, X, y, 3, 0, 2)
+    assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
