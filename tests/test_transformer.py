@@ -6,7 +6,10 @@ tiny MobileNet with random weights, and scikit-learn's own estimator checks.
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +85,18 @@ def test_without_a_cache_every_transform_runs_the_backbone(forwarded):
     assert sum(forwarded) == 2 * len(images)
 
 
+def test_a_partly_cached_list_runs_only_the_new_images_in_order(forwarded, tmp_path):
+    images, _ = colour_images(3)  # 9 images, batches of 4
+    features = ImageFeatures("mobilenet_025", cache=tmp_path, **TINY)
+    first = features.transform(images[2:7])
+    assert forwarded == [4, 1]
+    every = features.transform(images)
+    assert forwarded == [4, 1, 4]  # the 4 new ones only, in one batch
+    np.testing.assert_array_equal(every[2:7], first)
+    expected = np.stack([image.mean(axis=(0, 1)) / 127.5 - 1 for image in images])
+    np.testing.assert_allclose(every, expected, atol=0.05)  # resized means, in input order
+
+
 def test_the_cache_key_holds_the_feature_identity(forwarded, tmp_path):
     images, _ = colour_images(1)
     ImageFeatures("mobilenet_025", cache=tmp_path, **TINY).transform(images)
@@ -112,6 +127,8 @@ def test_arrays_paths_and_lists_give_the_same_rows(forwarded, tmp_path):
         ([np.zeros((8, 8, 3), np.float32)], "float32 array of shape (8, 8, 3)"),
         ([np.zeros((8, 8, 2), np.uint8)], "uint8 array of shape (8, 8, 2)"),
         (42, "got int"),
+        ([], "no images"),
+        (np.zeros((0, 8, 8, 3), np.uint8), "no images"),
     ],
 )
 def test_input_that_is_not_images_is_one_clear_line(X, words):
@@ -197,3 +214,23 @@ def test_a_real_backbone_gives_files_and_arrays_the_same_features(tmp_path):
     copy = pickle.loads(pickle.dumps(features.set_params(cache=None)))
     np.testing.assert_allclose(copy.transform(arrays[4]), from_files[4:5], rtol=1e-4, atol=1e-5)
     assert Path(tmp_path / "cache" / "images").is_dir()
+
+
+@pytest.mark.slow
+def test_a_notebook_session_shows_no_tensorflow_start_up_lines(tmp_path):
+    code = (
+        "import numpy as np\n"
+        "from sklearn.svm import LinearSVC\n"
+        "import pipeline\n"
+        "from pipeline import ImageFeatures\n"
+        "images = np.random.default_rng(0).integers(0, 255, (4, 40, 30, 3), dtype=np.uint8)\n"
+        "features = ImageFeatures('mobilenet_025', weights='none', input_size=32, cache='c')\n"
+        "print(features.fit_transform(images).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "(4, 256)", run.stderr
+    assert run.stderr == ""  # no absl lines, no cuInit error, no warnings

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -126,21 +127,16 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         """
         images = _as_images(X)
         resolved = self._settled(self._resolved(), images)
-        identity = extractor_identity(resolved)
-        folder = self._cache_folder(identity)
+        folder = self._cache_folder(extractor_identity(resolved))
         keys = [_content_key(image) for image in images] if folder else []
-        rows: list[np.ndarray | None] = [_read_cached(folder, k) for k in keys] or [None] * len(
-            images
-        )
+        rows = [_read_cached(folder, key) for key in keys] if folder else [None] * len(images)
         missing = [i for i, row in enumerate(rows) if row is None]
-        if missing:
-            computed = self._compute(resolved, [images[i] for i in missing])
-            for i, vector in zip(missing, computed, strict=True):
+        batch = int(self.batch_size)
+        for start, vectors in self._compute(resolved, [images[i] for i in missing]):
+            for i, vector in zip(missing[start : start + batch], vectors, strict=True):
                 rows[i] = vector
-                if folder is not None:
+                if folder is not None:  # batch by batch: a stopped run keeps what it did
                     _write_cached(folder, keys[i], vector)
-        if not rows:
-            return np.zeros((0, 0), np.float32)
         return np.stack(rows).astype(np.float32, copy=False)
 
     # ----------------------------------------------------------------- internals
@@ -207,18 +203,26 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
             write_atomic(identity_file, lambda tmp: tmp.write_text(text + "\n"))
         return folder
 
-    def _compute(self, resolved: ResolvedFeatures, images: list[Any]) -> list[np.ndarray]:
-        """The backbone over ``images`` in batches of ``batch_size``, decoded on threads."""
+    def _compute(
+        self, resolved: ResolvedFeatures, images: list[Any]
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(offset, features)`` of each batch of ``images``, decoded a few batches ahead on
+        threads (as stage one's loader), so memory stays bounded by a few batches."""
+        if not images:
+            return
         size, batch = resolved.input_size, int(self.batch_size)
-        with ThreadPoolExecutor(min(default_workers(), len(images))) as pool:
-            pixels = list(pool.map(lambda image: _pixels(image, size), images))
-        x_all = np.stack(pixels)
         model = _model(resolved)
-        out = []
-        for start in range(0, len(x_all), batch):
-            x = resolved.spec.preprocess(x_all[start : start + batch])
-            out.extend(extractor.forward_batch(model, x, batch))
-        return out
+        decode = lambda chunk: np.stack([_pixels(image, size) for image in chunk])  # noqa: E731
+        workers = default_workers()
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            starts = range(0, len(images), batch)
+            pending = deque(pool.submit(decode, images[s : s + batch]) for s in starts[:workers])
+            for n, start in enumerate(starts):
+                x = pending.popleft().result()
+                if n + workers < len(starts):
+                    first = starts[n + workers]
+                    pending.append(pool.submit(decode, images[first : first + batch]))
+                yield start, extractor.forward_batch(model, resolved.spec.preprocess(x), batch)
 
 
 # --------------------------------------------------------------------------- the images
@@ -226,6 +230,13 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
 
 def _as_images(X: Any) -> list[Any]:
     """``X`` as a list of images (``Path`` or uint8 array), each checked for its form."""
+    images = _listed(X)
+    if not images:
+        raise DataError("ImageFeatures got no images (an empty list or array)")
+    return images
+
+
+def _listed(X: Any) -> list[Any]:
     if isinstance(X, str | os.PathLike):
         return [Path(X)]
     if isinstance(X, np.ndarray):
@@ -246,7 +257,7 @@ def _as_images(X: Any) -> list[Any]:
             "(sparse input is not supported)"
         )
     if hasattr(X, "__array__") and not isinstance(X, list):  # a pandas Series of paths
-        return _as_images(np.asarray(X))
+        return _listed(np.asarray(X))
     if isinstance(X, Sequence):
         return [_one(item) for item in X]
     raise DataError(f"ImageFeatures takes image file paths or uint8 images; got {type(X).__name__}")
