@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -154,7 +155,8 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         )
 
     def _artifacts_dir(self) -> Path:
-        return Path(self.cache) / "runtimes" if self.cache is not None else Path("artifacts")
+        # The converted model lands in <this>/runtimes/, beside the cached features.
+        return Path(self.cache) if self.cache is not None else Path("artifacts")
 
     def _resolved(self) -> ResolvedFeatures:
         """The options resolved (checked) once per setting; hashing a weights file is not free."""
@@ -186,6 +188,9 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
             ),
             data="python-api",
         )
+        for note in choice.notes:  # a check that failed but was insisted on, say
+            if note.startswith("warning: "):
+                warnings.warn(note.removeprefix("warning: "), UserWarning, stacklevel=3)
         settled = replace(resolved, runtime=choice)
         self._resolved_memo = (self._resolved_memo[0], settled)
         return settled
