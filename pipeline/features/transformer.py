@@ -74,6 +74,12 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         A folder for computed features, one file per image keyed by the image's content
         and the feature identity: each image is computed once across clones, CV folds
         and sessions. ``None``: nothing is kept.
+
+    Attributes
+    ----------
+    identity_ : dict
+        Set by ``fit``: what makes the features what they are (backbone, weights,
+        input size, pooling, layer, precision), as a stage-one cache records it.
     """
 
     def __init__(
