@@ -31,6 +31,7 @@ from pipeline.heads.registry import (
     planned_fits,
     resolve_heads,
 )
+from pipeline.heads.results import HeadResultAccess, HeadResultsAccess, chosen_head
 from pipeline.heads.softmax import SoftmaxClassifier
 from pipeline.heads.store import head_outputs, save_head
 
@@ -38,8 +39,13 @@ from pipeline.heads.store import head_outputs, save_head
 
 
 @dataclass
-class HeadResult:
-    """One fitted and saved head (what :func:`fit_heads` returns per head)."""
+class HeadResult(HeadResultAccess):
+    """One fitted and saved head (what :func:`fit_heads` returns per head).
+
+    Scores and the fitted estimator are attributes (``val_accuracy``, ``test_accuracy``,
+    ``cv_score``, ``params``, ``cv_results_``, ``estimator_``:
+    :class:`pipeline.heads.results.HeadResultAccess`).
+    """
 
     head: str
     manifest_path: Path
@@ -63,8 +69,12 @@ def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-class HeadResults(list):
+class HeadResults(HeadResultsAccess, list):
     """What :func:`fit_heads` returns: a :class:`HeadResult` per head, in the order asked.
+
+    Heads are looked up by name too (``results["svm"]``); ``best_`` is the head the summary
+    marks and ``best_estimator_`` its fitted pipeline
+    (:class:`pipeline.heads.results.HeadResultsAccess`).
 
     ``fits_seconds`` sums the heads' ``fit_seconds`` (searches and final fits).
     ``keras_import_seconds`` is Keras's import when the sweep paid it: start-up, left
@@ -78,6 +88,10 @@ class HeadResults(list):
     @property
     def fits_seconds(self) -> float:
         return float(sum(result.manifest["fit_seconds"] for result in self))
+
+    def format(self) -> str:
+        """The heads side by side, the best marked (:func:`summary_table`)."""
+        return summary_table(self)
 
 
 def fit_heads(
@@ -181,13 +195,8 @@ def summary_table(results: Sequence[HeadResult]) -> str:
     """The heads side by side, the one to pick marked: best on val, else on CV (never test);
     ties go to the higher CV score, then the name (as the report ranks them)."""
 
-    def score(result: HeadResult) -> float:
-        m = result.manifest
-        val = m["metrics"].get("val", {}).get("accuracy")
-        return val if val is not None else (m["cv"]["score"] or 0.0)
-
     basis = "val" if all("val" in r.manifest["metrics"] for r in results) else "cv"
-    best = min(results, key=lambda r: (-score(r), -(r.manifest["cv"]["score"] or 0.0), r.head))
+    best = chosen_head(results)
     lines = [f"  {'head':<8} {'cv':>6} {'val':>6} {'test':>6} {'fit s':>7}"]
     for r in results:
         m = r.manifest
