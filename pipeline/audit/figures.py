@@ -1,0 +1,96 @@
+"""The audit's pictures: the map of the data (PCA, then t-SNE) and thumbnails of findings."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core.files import write_atomic
+
+THUMB = 112  # longest side of a thumbnail, pixels
+MAP_PCA = 50
+TSNE_ITER = 500  # t-SNE's layout settles well before its default 1,000 on a few thousand points
+
+
+def embed_2d(features: np.ndarray, seed: int) -> np.ndarray:
+    """2-D coordinates: PCA to 50 dimensions (a denoising step), then t-SNE."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float32)
+    n = len(x)
+    if n < 4:
+        return np.zeros((n, 2))
+    x = PCA(min(MAP_PCA, n, x.shape[1]), random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, (n - 1) / 3))
+    tsne = TSNE(
+        2, perplexity=perplexity, init="pca", random_state=seed, max_iter=TSNE_ITER, n_jobs=1
+    )
+    return tsne.fit_transform(x)
+
+
+def draw_map(
+    xy: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    marks: dict[str, Iterable[int]],
+    path: Path,
+) -> Path:
+    """A scatter of ``xy`` coloured by class, the findings of ``marks`` drawn over it (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=110)
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for c, name in enumerate(class_names):
+        rows = labels == c
+        if rows.any():
+            ax.scatter(*xy[rows].T, s=9, color=cmap(c % cmap.N), alpha=0.55, label=name, lw=0)
+    styles = {
+        "label issue": dict(marker="o", s=70, facecolors="none", edgecolors="red", linewidths=1.4),
+        "near duplicate": dict(marker="s", s=60, facecolors="none", edgecolors="#7b2cbf", lw=1.4),
+        "exact duplicate": dict(marker="D", s=60, facecolors="none", edgecolors="black", lw=1.4),
+        "outlier": dict(marker="x", s=70, color="black", linewidths=1.8),
+    }
+    for name, rows in marks.items():
+        rows = np.fromiter(rows, dtype=np.int64)
+        if len(rows):
+            ax.scatter(*xy[rows].T, label=f"{name} ({len(rows)})", **styles[name])
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("t-SNE of the features (PCA to 50 first), coloured by class")
+    ax.legend(loc="best", fontsize=8, markerscale=1.2, framealpha=0.85)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def thumbnail(root: Path, rel: str, out_dir: Path) -> str | None:
+    """A small JPEG of ``root/rel`` in ``out_dir``; its file name, or ``None`` if unreadable.
+
+    Only files inside ``root`` are read (a cache names paths; it never names where to look).
+    """
+    root = root.resolve()
+    source = (root / rel).resolve()
+    if not source.is_relative_to(root) or not source.is_file():
+        return None
+    name = hashlib.sha1(rel.encode()).hexdigest()[:16] + ".jpg"
+    target = out_dir / name
+    if target.is_file():
+        return name
+    try:
+        with Image.open(source) as image:
+            image.draft("RGB", (THUMB * 2, THUMB * 2))
+            image = image.convert("RGB")
+            image.thumbnail((THUMB, THUMB))
+            write_atomic(target, lambda tmp: image.save(tmp, format="JPEG", quality=80))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return name
