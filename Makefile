@@ -68,6 +68,7 @@ FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
 .PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs
+.PHONY: audit export bench-audit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,7 +82,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## create .venv and install the package with its dependencies
 
 # The extras, installed on first use by the targets that need them: dev (test, lint), ray
-# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen).
+# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen), export
+# (make export: pyarrow for Parquet).
 $(VENV)/.%-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e '.[$*]'
 	touch $@
@@ -125,6 +127,17 @@ check-unseen: install $(VENV)/.unseen-installed weights-from-assets ## make auto
 	$(PY) -m pipeline unseen-data --out $(ARTIFACTS)/data --source $(ASSETS)/datasets/hymenoptera_data
 	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/textures $(FEATURE_ARGS) --cv $(CV)
 	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/hymenoptera_data_small_blurred $(FEATURE_ARGS) --cv $(CV)
+
+# The data audit (pipeline/audit/): THRESHOLD= a near-duplicate cosine (default: calibrated).
+THRESHOLD ?=
+audit: install weights-from-assets ## duplicates, leaks, likely label errors, outliers, balance, a map (DATA= CV= THRESHOLD=; stage one first if no cache) -> artifacts/audit/<dataset>/
+	$(PY) -m pipeline audit --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) --cv $(CV) $(if $(THRESHOLD),--threshold $(THRESHOLD))
+
+export: install $(VENV)/.export-installed ## features, labels, paths, splits (and the audit's out-of-fold probabilities) as .npz and Parquet -> artifacts/export/<dataset>/
+	$(PY) -m pipeline export --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS)
+
+bench-audit: install weights-from-assets ## the audit's time / stage one's, both timed in the run (BENCH_DATA=, default cats_and_dogs_filtered) -> artifacts/bench/audit.json
+	$(PY) -m pipeline bench-audit --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) $(FEATURE_ARGS) --cv $(CV) --out $(ARTIFACTS)/bench/audit.json
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json)
 	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --runtime keras --cv $(CV) --out $(ARTIFACTS)/bench/heads.json

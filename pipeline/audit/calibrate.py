@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline.audit.neighbours import unit_rows
 from pipeline.data.images import ImageError
 
-SAMPLE = 24  # images copied; three copies each
+SAMPLE = 16  # images copied; three copies each
 QUANTILE = 5.0  # percent of such copies the threshold may miss
 
 

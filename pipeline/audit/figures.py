@@ -13,7 +13,7 @@ from pipeline.core.files import write_atomic
 
 THUMB = 112  # longest side of a thumbnail, pixels
 MAP_PCA = 50
-TSNE_ITER = 500  # t-SNE's layout settles well before its default 1,000 on a few thousand points
+TSNE_ITER = 350  # t-SNE at 350 iterations and angle 0.8: the map of 3,000 images in a few seconds
 
 
 def embed_2d(features: np.ndarray, seed: int) -> np.ndarray:
@@ -28,7 +28,7 @@ def embed_2d(features: np.ndarray, seed: int) -> np.ndarray:
     x = PCA(min(MAP_PCA, n, x.shape[1]), random_state=seed).fit_transform(x)
     perplexity = float(min(30.0, (n - 1) / 3))
     tsne = TSNE(
-        2, perplexity=perplexity, init="pca", random_state=seed, max_iter=TSNE_ITER, n_jobs=1
+        2, perplexity=perplexity, init="pca", random_state=seed, max_iter=TSNE_ITER, angle=0.8
     )
     return tsne.fit_transform(x)
 

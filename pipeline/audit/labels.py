@@ -18,6 +18,13 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pipeline.core.errors import PipelineError
+
+
+class AuditDependencyError(PipelineError):
+    """A package the audit needs is missing."""
+
+
 C = 0.05  # strong L2 on standardised 1,000-odd dimensions: calibrated enough to rank by
 
 
@@ -45,7 +52,13 @@ def audit_labels(features: np.ndarray, labels: np.ndarray, cv: int, seed: int) -
     Classes with fewer than ``cv`` images are left out of the audit (``left_out``):
     stratified folds need one image of each class per fold.
     """
-    from cleanlab.filter import find_label_issues
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        raise AuditDependencyError(
+            "the label audit needs cleanlab, which this environment lacks: run `make install` "
+            "(or pip install cleanlab)"
+        ) from None
 
     counts = np.bincount(labels)
     left_out = [int(c) for c in np.flatnonzero((counts > 0) & (counts < cv))]

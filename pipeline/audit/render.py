@@ -184,7 +184,7 @@ def page(s: dict[str, Any]) -> str:
     )
     lab, out, near = s["label_issues"], s["outliers"], s["near_duplicates"]
     issues = "".join(
-        _card(i, f" -> {i['suggested']} ({i['self_confidence']:.2f})")
+        _card(i, f" \u2192 {i['suggested']}, p(label) {i['self_confidence']:.2f}")
         for i in lab["items"][:SHOWN]
     )
     far = "".join(_card(i, f" score {i['score']:.3f}") for i in out["items"][:SHOWN])
@@ -200,7 +200,8 @@ def page(s: dict[str, Any]) -> str:
 <h2>Near duplicates</h2><p class="muted">Threshold cosine {near["calibration"]["threshold"]:.3f};
 rule: {e(near["calibration"]["rule"])}.</p>{_groups_html(near["groups"])}
 <h2>Likely label errors ({len(lab["items"])})</h2><p class="muted">{e(lab["method"])}. Caption:
-label given -> label suggested (probability of the given label). Least confident first.</p>
+the label given &rarr; the class the model suggests, and the probability it gives the label.
+Least confident first.</p>
 <div class="cards">{issues or "None found."}</div>
 <h2>Outliers ({len(out["items"])})</h2><p class="muted">{e(out["rule"])} ({out["fence"]:.3f}).
 Farthest first.</p><div class="cards">{far or "None found."}</div>

@@ -208,15 +208,15 @@ def _group(fs: FeatureSet, members: list[int], near: neighbours.Neighbours | Non
 
 def _summary(fs, exact, near_dups, near, calib, lab, scores, flagged, fence, cv) -> dict:
     names = fs.class_names
-    order = {int(i): r for r, i in enumerate(lab.ranked)}
+    row = np.searchsorted(lab.audited, lab.issues)  # audited is sorted: each issue's row
     issues = [
         _item(
             fs,
             i,
-            self_confidence=round(float(lab.self_confidence[order[int(i)]]), 4),
-            suggested=names[int(np.argmax(lab.pred_probs[np.searchsorted(lab.audited, i)]))],
+            self_confidence=round(float(lab.self_confidence[r]), 4),
+            suggested=names[int(np.argmax(lab.pred_probs[r]))],
         )
-        for i in lab.issues
+        for i, r in zip(lab.issues, row, strict=True)
     ]
     return {
         "kind": "audit",
