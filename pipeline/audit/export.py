@@ -56,7 +56,9 @@ def _predictions(fs: FeatureSet, artifacts_dir: str | Path) -> np.ndarray | None
     return out
 
 
-def export_features(cache_path: str | Path, *, artifacts_dir: str | Path = "artifacts") -> ExportResult:
+def export_features(
+    cache_path: str | Path, *, artifacts_dir: str | Path = "artifacts"
+) -> ExportResult:
     """Write ``artifacts/export/<dataset>/<cache stem>.npz`` and ``.parquet``.
 
     Arrays (and columns): ``features`` (n, d) float32, ``labels`` int64, ``class_name``,

@@ -54,7 +54,11 @@ def terminal_lines(s: dict[str, Any]) -> list[str]:
     rule = near["calibration"]["rule"].split(":", 1)[0]
     notes = [f"{r['class']}: {n}" for r in s["classes"] for n in r["notes"]]
     totals = ", ".join(f"{r['class']} {r['total']}" for r in s["classes"])
-    left = f"; classes left out: {', '.join(lab['left_out_classes'])}" if lab["left_out_classes"] else ""
+    left = (
+        f"; classes left out: {', '.join(lab['left_out_classes'])}"
+        if lab["left_out_classes"]
+        else ""
+    )
     return [
         _groups_line("exact duplicates", s["exact_duplicates"]),
         _groups_line(

@@ -114,15 +114,15 @@ def audit(
     flagged, fence = outliers.flag_outliers(scores)
     lab = clock.run("labels", labels.audit_labels, fs.features, fs.labels, cv, seed)
     out = audit_dir(artifacts_dir, str(fs.attrs.get("dataset") or Path(fs.path).parent.name))
-    xy = clock.run("map", figures.embed_2d, fs.features, seed)
     marks = {
         "label issue": lab.issues.tolist(),
         "near duplicate": sorted({i for g in near_dups for i in g}),
         "exact duplicate": sorted({i for g in exact for i in g}),
         "outlier": flagged.tolist(),
     }
-    figures.draw_map(xy, fs.labels, fs.class_names, marks, out / "map.png")
+    shown = clock.run("map", _draw_map, fs, marks, seed, out / "map.png")
     summary = _summary(fs, exact, near_dups, near, calib, lab, scores, flagged, fence, cv)
+    summary["map_images"] = shown
     clock.run("thumbnails", _add_thumbnails, summary, root, out / "thumbs")
     summary["seconds"] = clock.seconds
     _save_predictions(fs, lab, out / "oof.npz")
@@ -145,6 +145,19 @@ class _Clock:
             return fn(*args)
         finally:
             self.seconds[name] = round(time.perf_counter() - started, 3)
+
+
+def _draw_map(fs: FeatureSet, marks: dict[str, list[int]], seed: int, path: Path) -> int:
+    """The map (every finding on it; a sample of the rest past ``MAP_MAX``); images shown."""
+    rows = figures.map_rows(len(fs.labels), [i for m in marks.values() for i in m], seed)
+    position = {int(r): p for p, r in enumerate(rows)}
+    xy = figures.embed_2d(fs.features[rows], seed)
+    title = "t-SNE of the features (PCA to 50 first), coloured by class"
+    if len(rows) < len(fs.labels):
+        title += f"\n{len(rows):,} of {len(fs.labels):,} images: every finding, a random sample"
+    mapped = {k: [position[i] for i in v] for k, v in marks.items()}
+    figures.draw_map(xy, fs.labels[rows], fs.class_names, mapped, path, title)
+    return len(rows)
 
 
 def _calibrate(
