@@ -8,19 +8,20 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from pipeline.core.files import write_atomic
 
 THUMB = 112  # longest side of a thumbnail, pixels
 MAP_PCA = 50
-TSNE_ITER = 300  # 50 iterations after early exaggeration's 250 settle a map of a few thousand
-MAP_MAX = 2000  # images on the map: every finding, and a random sample of the rest
+TSNE_ITER = 400  # 150 iterations after early exaggeration's 250 settle a map of a few thousand
+MAP_MAX = 5000  # images on the map: every finding, and a random sample of the rest
 
 
 def map_rows(n: int, marked: Iterable[int], seed: int) -> np.ndarray:
     """The rows the map shows: all when ``n <= MAP_MAX``, else every marked row and a sample.
 
-    t-SNE's time grows with the images; a sample of 2,000 shows the classes' shapes as well.
+    t-SNE's time grows with the images; a sample of 5,000 shows the classes' shapes as well.
     """
     if n <= MAP_MAX:
         return np.arange(n)
@@ -45,7 +46,10 @@ def embed_2d(features: np.ndarray, seed: int) -> np.ndarray:
     tsne = TSNE(
         2, perplexity=perplexity, init="pca", random_state=seed, max_iter=TSNE_ITER, angle=0.8
     )
-    return tsne.fit_transform(x)
+    # One OpenMP thread: the Barnes-Hut gradient's threads spin-wait for each other, five times
+    # slower in wall time on a machine that is busy with other work (2,000 images: 5 s, not 27).
+    with threadpool_limits(1, "openmp"):
+        return tsne.fit_transform(x)
 
 
 def draw_map(
