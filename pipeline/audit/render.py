@@ -124,28 +124,33 @@ def markdown(s: dict[str, Any]) -> str:
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
 h1{font-size:24px;margin-bottom:4px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
-.sum{list-style:none;padding:0} .sum li{margin:4px 0;padding:6px 10px;border-radius:4px;background:#f3f4f8}
+.tiles{display:flex;gap:10px;margin:14px 0} .tile{flex:1;padding:8px 10px;border-radius:6px;
+background:#ebfbee;color:#2b8a3e;font-size:12px} .tile b{display:block;font-size:26px}
+.tile.hit{background:#fff4e6;color:#d9480f} .sum{list-style:none;padding:0} .sum li{margin:4px 0;padding:6px 10px;border-radius:4px;background:#f3f4f8}
 .sum li.hit{background:#fff1e6;border-left:4px solid #e8590c} .sum li.ok{border-left:4px solid #2b8a3e}
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-.cards{display:flex;flex-wrap:wrap;gap:8px} .card{width:128px;font-size:11px;word-break:break-all}
-.card img{width:112px;height:112px;object-fit:contain;background:#eee;display:block}
+.cards{display:flex;flex-wrap:wrap;gap:10px} .card{width:124px;font-size:11px;word-break:break-all}
+.card img,.noimg{width:112px;height:112px;object-fit:contain;background:#eee;display:block}
+.card .note{color:#c92a2a;font-weight:600} .noimg{color:#999;text-align:center;line-height:112px}
 .group{border:1px solid #ddd;border-radius:6px;padding:6px;margin:8px 0}
 .tag{display:inline-block;padding:1px 6px;border-radius:3px;background:#e7f5ff;margin-right:4px}
 .tag.bad{background:#ffe3e3;color:#c92a2a} .muted{color:#666}
 """
 
 
-def _card(item: dict[str, Any], caption: str = "") -> str:
+def _card(item: dict[str, Any], note: str = "") -> str:
+    """A thumbnail with its class and split, a note (suggested class, score) and its path."""
     img = (
         f'<img src="{html.escape(item["thumb"])}" alt="">'
         if item.get("thumb")
-        else '<div class="muted">(no thumbnail)</div>'
+        else '<div class="noimg">no thumbnail</div>'
     )
     name = html.escape(item["path"])
+    note_html = f'<div class="note">{html.escape(note)}</div>' if note else ""
     return (
-        f'<div class="card" title="{name}">{img}<b>{html.escape(item["class"])}</b> '
-        f"{html.escape(item['split'])}{html.escape(caption)}<br>"
-        f'<span class="muted">{name}</span></div>'
+        f'<div class="card" title="{name}">{img}<div><b>{html.escape(item["class"])}</b> '
+        f"&middot; {html.escape(item['split'])}</div>{note_html}"
+        f'<div class="muted">{name}</div></div>'
     )
 
 
@@ -165,8 +170,12 @@ def _groups_html(groups: list[dict[str, Any]]) -> str:
     return "".join(parts) + (f"<p>{more} more in audit.json</p>" if more > 0 else "")
 
 
-def page(s: dict[str, Any]) -> str:
-    """``audit.html``: summary lines, classes, each finding with thumbnails, the map."""
+_TILES = ("exact duplicate groups", "near duplicate groups", "likely label errors", "outliers",
+          "class notes")  # fmt: skip
+
+
+def _summary_html(s: dict[str, Any]) -> str:
+    """Tiles of the counts (orange where something was found), then the terminal's lines."""
     e = html.escape
     counts = [
         len(s["exact_duplicates"]),
@@ -175,10 +184,20 @@ def page(s: dict[str, Any]) -> str:
         len(s["outliers"]["items"]),
         sum(len(r["notes"]) for r in s["classes"]),
     ]
-    summary = "".join(
+    tiles = "".join(
+        f'<div class="tile {"hit" if n else "ok"}"><b>{n}</b>{e(word)}</div>'
+        for n, word in zip(counts, _TILES, strict=True)
+    )
+    lines = "".join(
         f'<li class="{"hit" if n else "ok"}">{e(line)}</li>'
         for line, n in zip(terminal_lines(s), counts, strict=True)
     )
+    return f'<div class="tiles">{tiles}</div><ul class="sum">{lines}</ul>'
+
+
+def page(s: dict[str, Any]) -> str:
+    """``audit.html``: the counts, each finding with thumbnails, the classes, the map."""
+    e = html.escape
     heads = "".join(f"<th>{e(k)}</th>" for k in s["classes"][0]["counts"])
     rows = "".join(
         f"<tr><td>{e(r['class'])}</td>"
@@ -188,27 +207,29 @@ def page(s: dict[str, Any]) -> str:
     )
     lab, out, near = s["label_issues"], s["outliers"], s["near_duplicates"]
     issues = "".join(
-        _card(i, f" \u2192 {i['suggested']}, p(label) {i['self_confidence']:.2f}")
+        _card(i, f"\u2192 {i['suggested']} (p {i['self_confidence']:.2f})")
         for i in lab["items"][:SHOWN]
     )
-    far = "".join(_card(i, f" score {i['score']:.3f}") for i in out["items"][:SHOWN])
+    far = "".join(_card(i, f"distance {i['score']:.3f}") for i in out["items"][:SHOWN])
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Data audit: {e(str(s["dataset"]))}</title><style>{_CSS}</style></head><body>
 <h1>Data audit: {e(str(s["dataset"]))}</h1>
-<p class="muted">{s["n_images"]} images, cache {e(s["cache_stem"])}, {e(s["created"])}</p>
-<ul class="sum">{summary}</ul>
-<h2>Map of the data</h2><img src="{e(s["map"])}" alt="t-SNE map" style="max-width:100%">
-<h2>Classes</h2><table><tr><th>class</th>{heads}<th>notes</th></tr>{rows}</table>
-<h2>Exact duplicates</h2><p class="muted">Same file content (sha256).</p>
-{_groups_html(s["exact_duplicates"])}
-<h2>Near duplicates</h2><p class="muted">Threshold cosine {near["calibration"]["threshold"]:.3f};
-rule: {e(near["calibration"]["rule"])}.</p>{_groups_html(near["groups"])}
-<h2>Likely label errors ({len(lab["items"])})</h2><p class="muted">{e(lab["method"])}. Caption:
-the label given &rarr; the class the model suggests, and the probability it gives the label.
-Least confident first.</p>
+<p class="muted">{s["n_images"]} images, cache {e(s["cache_stem"])}, {e(s["created"])}.
+How each finding is computed: docs/audit.md.</p>
+{_summary_html(s)}
+<h2>Exact duplicates ({len(s["exact_duplicates"])})</h2>
+<p class="muted">Same file content (sha256).</p>{_groups_html(s["exact_duplicates"])}
+<h2>Near duplicates ({len(near["groups"])})</h2><p class="muted">Feature cosine &ge;
+{near["calibration"]["threshold"]:.3f}; rule: {e(near["calibration"]["rule"])}.</p>
+{_groups_html(near["groups"])}
+<h2>Likely label errors ({len(lab["items"])})</h2><p class="muted">{e(lab["method"])}.
+Each card: the label given, &rarr; the class the model suggests (p: the probability it
+gives the label given). Least confident first.</p>
 <div class="cards">{issues or "None found."}</div>
 <h2>Outliers ({len(out["items"])})</h2><p class="muted">{e(out["rule"])} ({out["fence"]:.3f}).
 Farthest first.</p><div class="cards">{far or "None found."}</div>
+<h2>Classes</h2><table><tr><th>class</th>{heads}<th>notes</th></tr>{rows}</table>
+<h2>Map of the data</h2><img src="{e(s["map"])}" alt="t-SNE map" style="max-width:100%">
 </body></html>
 """
 
