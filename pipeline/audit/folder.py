@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.audit.run import AuditResult, audit
+from pipeline.audit.run import AuditResult, audit, check_audit_options
 from pipeline.core.artifacts import dataset_name
 from pipeline.data.folders import SplitConfig
 from pipeline.features.config import FeatureConfig, cache_path_for
@@ -57,6 +57,7 @@ def audit_folder(
     >>> result = audit_folder("photos")
     >>> print(result.format())   # one line per finding class; artifacts/audit/photos/audit.html
     """
+    check_audit_options(**{k: v for k, v in options.items() if k != "embed"})
     cache = find_or_extract(
         data_dir, config, split=split, artifacts_dir=artifacts_dir, progress=progress, log=log
     )

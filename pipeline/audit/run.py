@@ -93,11 +93,7 @@ def audit(
     CacheError
         A missing or unreadable cache.
     """
-    check_options({"cv": cv, "seed": seed}, error=AuditError)
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise AuditError(f"THRESHOLD={threshold} is not a cosine in (0, 1]; try 0.95")
-    if calibration not in ("copies", "neighbours"):
-        raise AuditError(f"calibration {calibration!r} is not one of: copies, neighbours")
+    check_audit_options(cv=cv, seed=seed, threshold=threshold, calibration=calibration)
     fs = load_features(cache_path)
     if len(fs.labels) < 3:
         raise AuditError(f"{cache_path} holds {len(fs.labels)} images; an audit needs 3 or more")
@@ -133,6 +129,17 @@ def audit(
         for line in result.lines():
             log(line)
     return result
+
+
+def check_audit_options(
+    *, cv: int = 3, seed: int = 0, threshold: float | None = None, calibration: str = "copies"
+) -> None:
+    """Refuse an option out of bounds (before stage one's minutes, where it runs first)."""
+    check_options({"cv": cv, "seed": seed}, error=AuditError)
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise AuditError(f"THRESHOLD={threshold} is not a cosine in (0, 1]; try 0.95")
+    if calibration not in ("copies", "neighbours"):
+        raise AuditError(f"calibration {calibration!r} is not one of: copies, neighbours")
 
 
 class _Clock:

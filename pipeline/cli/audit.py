@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.audit import audit, export_features
 from pipeline.audit.folder import find_or_extract
+from pipeline.audit.run import check_audit_options
 from pipeline.benchmarks.audit import bench_audit
 from pipeline.cli.options import (
     add_command,
@@ -36,6 +37,8 @@ def _cache(args: argparse.Namespace) -> Path:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    options = {"threshold": args.threshold, "calibration": args.calibration}
+    check_audit_options(cv=args.cv, seed=args.seed, **options)
     audit(
         _cache(args),
         artifacts_dir=args.artifacts,
