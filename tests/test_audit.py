@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,9 +17,13 @@ from heads_helpers import write_cache
 from PIL import Image
 
 from pipeline.audit import AuditError, audit, export_features
+from pipeline.audit import run as run_module
 from pipeline.audit.figures import thumbnail
 from pipeline.audit.neighbours import exact_groups, near_groups, nearest
+from pipeline.audit.render import class_table
 from pipeline.cli.main import main
+from pipeline.core.errors import WeightsError
+from pipeline.features.cache import load_features
 
 CLASSES = ("cat", "dog")
 FLIPPED = (3, 45)  # rows whose labels are planted wrong
@@ -135,6 +140,38 @@ def test_export_writes_npz_and_parquet_with_the_audits_probabilities(planted):
     table = pq.read_table(out.parquet)
     assert table.column_names == ["path", "label", "class_name", "split", "features", "oof_proba"]
     assert table.num_rows == 60 and table.column("split").to_pylist()[25] == "val"
+
+
+def test_copies_fall_back_to_the_neighbour_rule_when_the_backbone_fails(planted):
+    def broken(images: list) -> np.ndarray:
+        raise WeightsError("no weights file")
+
+    calib = run_module._calibrate(
+        load_features(planted["cache"]), planted["tmp"] / "data", nearest(np.eye(4), 2),
+        None, "copies", broken, 0,
+    )  # fmt: skip
+    assert calib.rule.startswith("neighbours") and "no weights file" in calib.rule
+
+
+def test_class_notes_say_what_is_too_small():
+    fs = SimpleNamespace(
+        labels=np.array([0] * 20 + [1] * 2 + [2] * 6),
+        split=np.array(["train"] * 14 + ["val"] * 6 + ["train"] * 2 + ["train"] * 6),
+        class_names=("a", "b", "c"),
+    )
+    notes = {row["class"]: row["notes"] for row in class_table(fs, cv=3)}
+    assert notes["b"][:2] == [
+        "fewer than CV=3 train images: the heads' 3-fold search fails",
+        "left out of the label audit (fewer than 3 images)",
+    ]
+    assert "no val image" in notes["c"] and notes["a"] == []
+
+
+def test_the_package_offers_the_audit():
+    import pipeline
+    from pipeline.audit import audit_folder
+
+    assert pipeline.audit_folder is audit_folder and pipeline.export_features is export_features
 
 
 def test_thumbnails_never_read_outside_the_data_root(tmp_path):

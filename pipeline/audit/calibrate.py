@@ -103,7 +103,7 @@ def calibrate_on_copies(
 
 def backbone_embedder(attrs: dict[str, Any]) -> Callable[[list], np.ndarray] | None:
     """The cache's own backbone over in-memory images, or ``None`` where it cannot be rebuilt."""
-    if attrs.get("views") or not attrs.get("backbone") or attrs.get("joined"):
+    if attrs.get("views") or not attrs.get("backbone") or attrs.get("cache_parts"):
         return None
     from pipeline.features.transformer import ImageFeatures
 

@@ -179,14 +179,20 @@ def _calibrate(
     """The given threshold, else the copies' calibration, else the neighbour rule."""
     if threshold is not None:
         return calibrate.Calibration(float(threshold), "given (THRESHOLD=)", [])
+    why = ""
     if how == "copies":
         embed = embed or calibrate.backbone_embedder(fs.attrs)
         originals, copies = calibrate.copy_pixels(root, list(fs.paths), seed)
         if embed is not None and len(originals) >= 3:
-            return calibrate.calibrate_on_copies(originals, copies, embed)
+            try:
+                return calibrate.calibrate_on_copies(originals, copies, embed)
+            except PipelineError as exc:  # weights gone, a backbone this version lacks
+                why = f" (the copies' rule could not run: {exc})"
+        else:
+            why = " (no backbone to run copies through, or too few readable images)"
     rule = (
         "neighbours: the upper fence Q3 + 3 IQR of each image's cosine to its nearest "
-        "other image, capped at 0.999"
+        f"other image, capped at 0.999{why}"
     )
     return calibrate.Calibration(round(neighbours.neighbour_threshold(near), 4), rule, [])
 
