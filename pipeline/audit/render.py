@@ -68,7 +68,8 @@ def terminal_lines(s: dict[str, Any]) -> list[str]:
         ),
         f"label issues: {len(lab['items'])} of {lab['audited']} images flagged "
         f"(confident learning on {lab['folds']}-fold out-of-fold probabilities){left}",
-        f"outliers: {len(out['items'])} images beyond the fence {out['fence']:.3f}"
+        f"outliers: {len(out['items'])} image{'s' * (len(out['items']) != 1)} beyond the "
+        f"fence {out['fence']:.3f}"
         + (f", farthest {out['items'][0]['path']}" if out["items"] else ""),
         f"classes: {totals}" + (f"; {len(notes)} note(s): " + "; ".join(notes) if notes else ""),
     ]
@@ -163,7 +164,7 @@ def _groups_html(groups: list[dict[str, Any]]) -> str:
             f'<span class="tag{" bad" if w != "same class, same split" else ""}">{w}</span>'
             for w in g["where"]
         )
-        sim = f" cosine &ge; {g['similarity']}" if g.get("similarity") else ""
+        sim = f" cosine &ge; {g['similarity']:.3f}" if g.get("similarity") else ""
         cards = "".join(_card(m) for m in g["members"])
         parts.append(f'<div class="group">{tags}{sim}<div class="cards">{cards}</div></div>')
     more = len(groups) - SHOWN
