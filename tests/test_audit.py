@@ -153,6 +153,21 @@ def test_copies_fall_back_to_the_neighbour_rule_when_the_backbone_fails(planted)
     assert calib.rule.startswith("neighbours") and "no weights file" in calib.rule
 
 
+def test_copies_less_alike_than_neighbours_fall_back_to_the_neighbour_rule(planted):
+    """Copies whose features are unrelated to their originals (as tiny digits' are)."""
+
+    def unrelated(images: list) -> np.ndarray:
+        return np.random.default_rng(len(images)).normal(size=(len(images), 8))
+
+    fs = load_features(planted["cache"])
+    calib = run_module._calibrate(
+        fs, planted["tmp"] / "data", nearest(fs.features, 5), None, "copies", unrelated, 0
+    )
+    assert (
+        calib.rule.startswith("neighbours") and "less alike than the 90th percentile" in calib.rule
+    )
+
+
 def test_class_notes_say_what_is_too_small():
     fs = SimpleNamespace(
         labels=np.array([0] * 20 + [1] * 2 + [2] * 6),

@@ -5,8 +5,10 @@ and re-encoded as JPEG, cropped by a few percent, re-encoded at low quality); th
 backbone the cache was made with computes the features of originals and copies alike,
 and the threshold is a low quantile of the cosine between each original and its copies:
 a copy made like these would be found with that probability. Where the backbone cannot
-run (a joined or multi-view cache, images gone), :func:`~pipeline.audit.neighbours.neighbour_threshold`
-is the rule instead; the audit records which rule it used.
+run (a joined or multi-view cache, images gone), or where that threshold is not above
+most nearest-neighbour similarities (copies of tiny images change too much),
+:func:`~pipeline.audit.neighbours.neighbour_threshold` is the rule instead; the audit
+records which rule it used and why.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from pipeline.data.images import ImageError
 
 SAMPLE = 16  # images copied; three copies each
 QUANTILE = 5.0  # percent of such copies the threshold may miss
+# The copies' threshold is used only above this percentile of every image's cosine to its
+# nearest other image: else it would join distinct images (a duplicate-heavy set still passes).
+NEIGHBOUR_PERCENTILE = 90.0
 
 
 @dataclass

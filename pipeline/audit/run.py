@@ -185,9 +185,20 @@ def _calibrate(
         originals, copies = calibrate.copy_pixels(root, list(fs.paths), seed)
         if embed is not None and len(originals) >= 3:
             try:
-                return calibrate.calibrate_on_copies(originals, copies, embed)
+                found = calibrate.calibrate_on_copies(originals, copies, embed)
             except PipelineError as exc:  # weights gone, a backbone this version lacks
                 why = f" (the copies' rule could not run: {exc})"
+            else:
+                # Copies must be more alike than distinct images usually are (tiny or very
+                # uniform images: digits' copies sit below most nearest neighbours).
+                bulk = float(np.percentile(near.similarity[:, 0], calibrate.NEIGHBOUR_PERCENTILE))
+                if found.threshold > bulk:
+                    return found
+                why = (
+                    f" (copies of these images, {found.threshold:.3f}, are less alike than "
+                    f"the {calibrate.NEIGHBOUR_PERCENTILE:g}th percentile of nearest "
+                    f"neighbours, {bulk:.3f})"
+                )
         else:
             why = " (no backbone to run copies through, or too few readable images)"
     rule = (
