@@ -182,6 +182,26 @@ def test_class_notes_say_what_is_too_small():
     assert "no val image" in notes["c"] and notes["a"] == []
 
 
+def test_a_class_too_small_and_no_data_root(tmp_path):
+    """One class under CV: no label audit (said so); no data root recorded: no file read."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 8)).astype(np.float32)
+    y = np.array([0] * 10 + [1] * 2)
+    cache = write_cache(tmp_path / "small.h5", X, y, ["train"] * 12, CLASSES, dataset="small")
+    result = audit(cache, artifacts_dir=tmp_path / "art", calibration="copies")
+    lines = result.lines()
+    assert (
+        lines[2]
+        == "label issues: not checked (fewer than two classes with CV images); classes left out: dog"
+    )
+    assert "dog: fewer than CV=3 train images" in lines[4]
+    assert "no backbone to run copies through" in lines[1] or "neighbours" in lines[1]
+    assert not (result.folder / "thumbs").exists()
+    out = export_features(cache, artifacts_dir=tmp_path / "art")
+    with np.load(out.npz) as saved:
+        assert np.isnan(saved["oof_proba"]).all()
+
+
 def test_the_package_offers_the_audit():
     import pipeline
     from pipeline.audit import audit_folder

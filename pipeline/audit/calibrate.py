@@ -66,8 +66,10 @@ def _copies(image: Image.Image) -> list[Image.Image]:
     return [jpeg(shrunk, 85), jpeg(cropped, 90), jpeg(image, 40)]
 
 
-def copy_pixels(root: Path, paths: Sequence[str], seed: int) -> tuple[list, list]:
+def copy_pixels(root: Path | None, paths: Sequence[str], seed: int) -> tuple[list, list]:
     """Originals and their copies as uint8 arrays (a sample of ``paths``, read inside ``root``)."""
+    if root is None:
+        return [], []
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(paths), size=min(SAMPLE, len(paths)), replace=False)
     root = root.resolve()

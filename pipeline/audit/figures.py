@@ -92,11 +92,13 @@ def draw_map(
     return path
 
 
-def thumbnail(root: Path, rel: str, out_dir: Path) -> str | None:
+def thumbnail(root: Path | None, rel: str, out_dir: Path) -> str | None:
     """A small JPEG of ``root/rel`` in ``out_dir``; its file name, or ``None`` if unreadable.
 
     Only files inside ``root`` are read (a cache names paths; it never names where to look).
     """
+    if root is None:
+        return None
     root = root.resolve()
     source = (root / rel).resolve()
     if not source.is_relative_to(root) or not source.is_file():

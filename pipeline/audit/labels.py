@@ -65,8 +65,9 @@ def audit_labels(features: np.ndarray, labels: np.ndarray, cv: int, seed: int) -
     keep = np.flatnonzero(np.isin(labels, np.flatnonzero(counts >= cv)))
     present = np.unique(labels[keep])
     if len(present) < 2:
-        empty = np.zeros(0, dtype=np.int64)
-        return LabelAudit(keep, np.zeros((0, 0)), empty, empty, np.zeros(0), 0, left_out)
+        empty = np.zeros(0, dtype=np.int64)  # nothing audited: no probabilities to export
+        width = int(labels.max()) + 1
+        return LabelAudit(empty, np.zeros((0, width)), empty, empty, np.zeros(0), 0, left_out)
     y = np.searchsorted(present, labels[keep])  # classes renumbered 0..k-1 for cleanlab
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=500))
     folds = StratifiedKFold(cv, shuffle=True, random_state=seed)

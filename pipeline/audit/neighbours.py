@@ -53,8 +53,10 @@ def nearest(features: np.ndarray, k: int = 10) -> Neighbours:
     return Neighbours(index, similarity)
 
 
-def content_hashes(root: Path, paths: Sequence[str]) -> list[str | None]:
+def content_hashes(root: Path | None, paths: Sequence[str]) -> list[str | None]:
     """sha256 of each file's bytes (``None`` where it cannot be read); paths stay inside ``root``."""
+    if root is None:
+        return [None] * len(paths)
     root = root.resolve()
     out: list[str | None] = []
     for rel in paths:

@@ -67,7 +67,9 @@ def terminal_lines(s: dict[str, Any]) -> list[str]:
             f" (cosine >= {near['calibration']['threshold']:.3f}, {rule})",
         ),
         f"label issues: {len(lab['items'])} of {lab['audited']} images flagged "
-        f"(confident learning on {lab['folds']}-fold out-of-fold probabilities){left}",
+        f"(confident learning on {lab['folds']}-fold out-of-fold probabilities){left}"
+        if lab["folds"]
+        else f"label issues: not checked (fewer than two classes with CV images){left}",
         f"outliers: {len(out['items'])} image{'s' * (len(out['items']) != 1)} beyond the "
         f"fence {out['fence']:.3f}"
         + (f", farthest {out['items'][0]['path']}" if out["items"] else ""),

@@ -98,7 +98,8 @@ def audit(
     if len(fs.labels) < 3:
         raise AuditError(f"{cache_path} holds {len(fs.labels)} images; an audit needs 3 or more")
     clock = _Clock()
-    root = Path(str(fs.attrs.get("data_root") or "."))
+    # Files are read only inside the data root the cache records; none recorded, none read.
+    root = Path(str(fs.attrs["data_root"])) if fs.attrs.get("data_root") else None
     hashes = clock.run("hashes", neighbours.content_hashes, root, list(fs.paths))
     exact = neighbours.exact_groups(hashes)
     near = clock.run("neighbours", neighbours.nearest, fs.features, 10)
@@ -169,7 +170,7 @@ def _draw_map(fs: FeatureSet, marks: dict[str, list[int]], seed: int, path: Path
 
 def _calibrate(
     fs: FeatureSet,
-    root: Path,
+    root: Path | None,
     near: neighbours.Neighbours,
     threshold: float | None,
     how: str,
@@ -290,7 +291,7 @@ def _summary(fs, exact, near_dups, near, calib, lab, scores, flagged, fence, cv)
     }
 
 
-def _add_thumbnails(summary: dict, root: Path, folder: Path) -> None:
+def _add_thumbnails(summary: dict, root: Path | None, folder: Path) -> None:
     """A thumbnail for every image the pages show."""
     items = [m for g in summary["exact_duplicates"] for m in g["members"]]
     items += [m for g in summary["near_duplicates"]["groups"] for m in g["members"]]
