@@ -103,7 +103,9 @@ def thumbnail(root: Path | None, rel: str, out_dir: Path) -> str | None:
     source = (root / rel).resolve()
     if not source.is_relative_to(root) or not source.is_file():
         return None
-    name = hashlib.sha1(rel.encode()).hexdigest()[:16] + ".jpg"
+    stat = source.stat()  # an edited image gets a new thumbnail
+    key = f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    name = hashlib.sha1(key.encode()).hexdigest()[:16] + ".jpg"
     target = out_dir / name
     if target.is_file():
         return name

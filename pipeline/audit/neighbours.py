@@ -1,6 +1,6 @@
 """Nearest neighbours by cosine similarity, and the duplicate groups they reveal.
 
-One pass over the features (in row blocks, so memory stays ``block x n``) gives every
+One pass over the features (in row blocks, so memory stays bounded) gives every
 image's ``k`` most similar other images; near-duplicate groups (:func:`near_groups`) and
 the outlier scores (:mod:`pipeline.audit.outliers`) both read it. Exact duplicates are
 found by the files' content hash (:func:`exact_groups`), not by features.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK = 2048  # rows of the similarity matrix computed at once
+BLOCK_CELLS = 50_000_000  # similarities computed at once (200 MB of float32), whatever n is
 
 
 @dataclass
@@ -41,15 +41,16 @@ def nearest(features: np.ndarray, k: int = 10) -> Neighbours:
     k = max(1, min(k, n - 1))
     index = np.zeros((n, k), dtype=np.int64)
     similarity = np.zeros((n, k), dtype=np.float32)
-    for start in range(0, n, BLOCK):
-        sims = x[start : start + BLOCK] @ x.T
+    block = max(1, min(2048, BLOCK_CELLS // n))
+    for start in range(0, n, block):
+        sims = x[start : start + block] @ x.T
         rows = np.arange(len(sims))
         sims[rows, start + rows] = -np.inf  # never one's own neighbour
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         part_sims = np.take_along_axis(sims, part, axis=1)
         order = np.argsort(-part_sims, axis=1, kind="stable")
-        index[start : start + BLOCK] = np.take_along_axis(part, order, axis=1)
-        similarity[start : start + BLOCK] = np.take_along_axis(part_sims, order, axis=1)
+        index[start : start + block] = np.take_along_axis(part, order, axis=1)
+        similarity[start : start + block] = np.take_along_axis(part_sims, order, axis=1)
     return Neighbours(index, similarity)
 
 
