@@ -202,6 +202,27 @@ def test_a_class_too_small_and_no_data_root(tmp_path):
         assert np.isnan(saved["oof_proba"]).all()
 
 
+def test_stage_one_runs_only_where_the_folder_has_no_cache(tmp_path, monkeypatch):
+    from pipeline.audit import folder as folder_module
+    from pipeline.features.config import FeatureConfig, cache_path_for
+
+    (tmp_path / "photos").mkdir()
+    art = tmp_path / "art"
+    expected = cache_path_for("photos", FeatureConfig(), art)
+    calls = []
+
+    def fake_stage_one(data, config, **kwargs):
+        calls.append(data)
+        write_cache(expected, np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1]),
+                    ["train"] * 4, CLASSES)  # fmt: skip
+        return SimpleNamespace(cache_path=expected, format=lambda: "built")
+
+    monkeypatch.setattr(folder_module, "extract_features", fake_stage_one)
+    assert folder_module.find_or_extract(tmp_path / "photos", artifacts_dir=art) == expected
+    assert folder_module.find_or_extract(tmp_path / "photos", artifacts_dir=art) == expected
+    assert len(calls) == 1
+
+
 def test_the_package_offers_the_audit():
     import pipeline
     from pipeline.audit import audit_folder
