@@ -27,7 +27,7 @@ def unfreeze_words(config: Mapping[str, Any]) -> str:
         return "all layers"
     if text.isdigit():
         return f"last {text} layer{'s' * (text != '1')}"
-    return text or "?"
+    return text  # not recorded: ""
 
 
 def phase_two_words(config: Mapping[str, Any]) -> str:
@@ -68,7 +68,8 @@ def display_labels(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     for r in rows:
         config = r.get("config") or {}
         if r["kind"] == "finetuned":
-            label = f"fine-tuned ({unfreeze_words(config)})"
+            words = unfreeze_words(config)
+            label = f"fine-tuned ({words})" if words else "fine-tuned"
         else:
             label = f"{r['name']} ({caches[r['group']]})" if several else r["name"]
         labels[r["run"]] = label

@@ -279,7 +279,8 @@ def finetune_caption(row: dict[str, Any]) -> str:
     c = row["config"]
     return (
         f"{label_of(row)}: phase one trained the head on cached features; phase two "
-        f"fine-tuned the {unfreeze_words(c)} of {c.get('backbone', 'the backbone')} "
+        f"fine-tuned the {unfreeze_words(c) or 'unfrozen layers'} of "
+        f"{c.get('backbone') or 'the backbone'} "
         f"{phase_two_words(c)}."
     )
 
