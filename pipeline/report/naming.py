@@ -48,12 +48,12 @@ def cache_labels(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     configs = {r["group"]: r.get("config") or {} for r in rows if r["kind"] == "head"}
     words: dict[str, list[str]] = {g: [] for g in configs}
     for key in ("backbone", "input_size", "weights_source", "pooling", "layer"):
-        if len(set(map(" ".join, words.values()))) == len(words):
-            break
         for group, config in configs.items():
             value = config.get(key)
             if value not in (None, ""):
                 words[group].append(f"{value} px" if key == "input_size" else str(value))
+        if len(set(map(" ".join, words.values()))) == len(words):
+            break
     labels = {g: " ".join(w) or g for g, w in words.items()}
     if len(set(labels.values())) < len(labels):  # the identities differ elsewhere
         return {g: g for g in labels}

@@ -80,7 +80,7 @@ def _question(data: dict[str, Any]) -> list[str]:
             out.append(f"{ask}They predicted different {split} images{on}: no paired test.")
             continue
         finding, details = _paired(data, a, b, split, test)
-        out.append(f"{ask}{finding[0].upper()}{finding[1:]} {_where(split, test)}{on}: {details}.")
+        out.append(f"{ask}{_where(split, test).capitalize()}{on}, {finding}: {details}.")
     return out
 
 
@@ -120,7 +120,10 @@ def _chosen(data: dict[str, Any]) -> list[str]:
             f"{ci(final, 'accuracy')} accuracy: the number to quote"
         )
     else:
-        then = "there is no test split, so there is no untouched figure to quote"
+        then = (
+            "there is no test split, so there is no untouched figure to quote (the figure "
+            "it was chosen on leans optimistic)"
+        )
     head, end_to_end = row.get("predict_seconds_per_image"), row.get("end_to_end_seconds_per_image")
     if row["includes_backbone"]:
         cost = f"It takes {ms(head)} ms per image from the images."
