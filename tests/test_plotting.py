@@ -187,7 +187,7 @@ def test_curves_figure_integer_epochs_and_fine_tuning_boundary(phase_one, phase_
     assert figure.get_suptitle() == "run"
     phases = figure.get_supxlabel()
     assert ("phase one: the head on cached features" in phases) == bool(phase_one)
-    assert (f"phase two: fine-tuning {on}" in phases) == bool(phase_two)
+    assert (f"phase two ({phase_two} epochs): fine-tuning {on}" in phases) == bool(phase_two)
     assert "on images" not in phases  # what the run's record says, not a guess
     assert loss.get_ylabel() == "loss" and accuracy.get_ylabel() == "accuracy"
     for ax in (loss, accuracy):

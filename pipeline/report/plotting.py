@@ -96,7 +96,7 @@ def _phases_label(phase_one: int, phase_two: int, input_words: str = "") -> str:
         parts.append(f"phase one: the head on cached features ({_epochs(phase_one)})")
     if phase_two:
         on = f" {input_words}" if input_words else ""
-        parts.append(f"phase two: fine-tuning{on} ({_epochs(phase_two)})")
+        parts.append(f"phase two ({_epochs(phase_two)}): fine-tuning{on}")
     return "; ".join(parts)
 
 
