@@ -73,9 +73,9 @@ def test_confusion_figure_is_sized_for_its_classes(k):
     figure.canvas.draw()
     box = figure.axes[0].get_window_extent()  # pixels at the report's 100 dpi
     assert box.width >= 150 and box.height >= 150
-    assert box.width / k >= 14  # a 6 pt label (8 px) per row with room to spare
+    assert box.width / k >= 14  # a 7 pt label (10 px) per row fits its cell
     ticks = figure.axes[0].get_yticklabels()
-    assert all(t.get_fontsize() >= 6 for t in ticks)
+    assert all(t.get_fontsize() >= 7 for t in ticks)
     assert (len(figure.axes[0].texts) == k * k) == (k <= 25)
 
 

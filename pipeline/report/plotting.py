@@ -184,7 +184,7 @@ def confusion_figure(cm: Any, class_names: list[str], *, title: str) -> Any:
     ax = figure.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=min(1.0, 0.5 + 0.1 * k))
-    tick_size = 9 if k <= 15 else 8 if k <= 30 else 6
+    tick_size = 9 if k <= 15 else 8 if k <= 30 else 7
     rotate = 90 if max(len(n) for n in names) > max(2, int(cell * 11)) else 0  # fits its cell
     ax.set_xticks(range(k), names, rotation=rotate, fontsize=tick_size)
     ax.set_yticks(range(k), names, fontsize=tick_size)
