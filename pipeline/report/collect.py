@@ -115,7 +115,8 @@ from pipeline.core.options import check_options
 from pipeline.features.cache import read_attrs
 from pipeline.report import pages
 from pipeline.report.evaluation import Run, build_report_data
-from pipeline.report.plotting import report_figures
+from pipeline.report.figures import report_figures
+from pipeline.report.fonts import class_labels
 
 __all__ = ["ReportResult", "Run", "collect_runs", "write_report"]
 
@@ -385,7 +386,19 @@ def write_report(
     data = build_report_data(dataset, runs, notes, n_resamples=n_resamples, seed=seed)
     thumbs, thumb_notes = thumbnails(data, runs)
     data["notes"] += thumb_notes
+    if any(class_labels(r.class_names)[1] for r in runs):
+        data["notes"].append(
+            "class names drawn as numbers in the figures: no installed font has their glyphs "
+            "(install fonts-noto-cjk or fonts-nanum); the report has the key"
+        )
     figures = report_figures(data)
     out = Path(out_dir) if out_dir else Artifacts(artifacts_dir).reports_dir(dataset)
-    paths = _write_files(out, data, figures, thumbs)
+    try:
+        paths = _write_files(out, data, figures, thumbs)
+    except OSError as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ReportError(
+            f"cannot write the report into {out}: {why}; make the folder writable "
+            "(or remove it) or choose another with --out"
+        ) from None
     return ReportResult(*paths, pages.summary_lines(data))
