@@ -98,11 +98,10 @@ AUG_COPIES := $(call raw,AUG_VIEWS)
 endif
 
 $(foreach v,$(USER_VARS),$(eval export ARG_$v := $$(call raw,$v)))
-# Where the CLI learns that make called it: its errors then name EPOCHS=, not --epochs.
-export PIPELINE_FROM_MAKE := 1
 # make-level paths (prerequisites): the raw text too, never expanded by make.
 VENV_DIR := $(ARG_VENV)
-PIPELINE = "$$ARG_VENV/bin/python" -m pipeline
+# PIPELINE_FROM_MAKE: the CLI's errors then name the make variable (EPOCHS=), not --epochs.
+PIPELINE = PIPELINE_FROM_MAKE=1 "$$ARG_VENV/bin/python" -m pipeline
 # opt,VAR,--flag: the flag and its value, only when VAR is set.
 opt = $(if $(ARG_$1),$2 "$$ARG_$1")
 

@@ -12,6 +12,7 @@ the variables of the command the user ran, so they can be pasted as they are.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,9 +24,15 @@ from pipeline.benchmarks import (
     bench_heads_on_folders,
 )
 from pipeline.cli.beyond import add_beyond, add_stage_three
-from pipeline.cli.hints import fill_make_hints, make_command  # noqa: F401  (make_command: public)
+from pipeline.cli.hints import (  # noqa: F401  (make_command: public)
+    fill_make_hints,
+    make_command,
+    usage_error,
+)
 from pipeline.cli.options import (
     HelpFormatter,
+    Parser,
+    UsageError,
     add_bench_options,
     add_command,
     add_engine_options,
@@ -150,7 +157,7 @@ def cmd_bench_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m pipeline",
         description="Transfer learning for small image data sets: features, heads, fine-tuning.",
         formatter_class=HelpFormatter,
@@ -439,8 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user error)."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version, a usage error: argparse has printed it
+    except SystemExit as exc:  # --help, --version: argparse has printed it
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None) * 2
+    except UsageError as exc:  # one line naming the make variable or the option, not the usage
+        from_make = os.environ.get("PIPELINE_FROM_MAKE") == "1"
+        print(f"error: {usage_error(exc.message, exc.prog, from_make=from_make)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except PipelineError as exc:
