@@ -290,6 +290,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         artifacts_dir=args.artifacts,
+        log=print,  # what is loading, skipped images
+        progress=not args.quiet,
     )
     print(result.format())
     return 0
@@ -416,8 +418,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="CSV (default: <artifacts>/predictions/<dataset>/<model>/<images>.csv)",
+        help="CSV file, or a folder to write the default file name in (default: "
+        "<artifacts>/predictions/<dataset>/<model>/<images>-<hash>.csv); an existing file "
+        "that is not a predictions CSV is refused (make: OUT=)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--artifacts", default="artifacts", help="output root")
     p.set_defaults(func=cmd_predict)
