@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import pytest
@@ -160,3 +161,33 @@ def test_a_bad_value_is_one_line_naming_the_make_variable_or_the_option(
     err = _error(capsys)
     assert err.startswith(f"error: {direct}") and err.endswith(f" {argv[0]} --help`)")
     assert "usage:" not in err
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_keras_backend_that_is_not_installed_is_one_line(capsys, monkeypatch, backend):
+    cli = importlib.import_module("pipeline.cli.main")
+
+    def missing(args):  # what `import keras` raises under KERAS_BACKEND=jax without JAX
+        raise ModuleNotFoundError(f"No module named '{backend}'", name=backend)
+
+    monkeypatch.setattr(cli, "cmd_backbones", missing)
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    assert main(["backbones"]) == 2
+    err = _error(capsys)
+    assert f"KERAS_BACKEND={backend}, but {backend} is not installed" in err
+    assert f"-m pip install {backend}`) or unset KERAS_BACKEND" in err
+    monkeypatch.delenv("KERAS_BACKEND")  # another missing module is a bug: its traceback stays
+    with pytest.raises(ModuleNotFoundError):
+        main(["backbones"])
+
+
+def test_an_unknown_keras_backend_is_one_line(capsys, monkeypatch):
+    cli = importlib.import_module("pipeline.cli.main")
+
+    def unknown(args):
+        raise ValueError("Unable to import backend : nope")
+
+    monkeypatch.setattr(cli, "cmd_backbones", unknown)
+    monkeypatch.setenv("KERAS_BACKEND", "nope")
+    assert main(["backbones"]) == 2
+    assert "KERAS_BACKEND='nope' is not a Keras backend" in _error(capsys)

@@ -152,3 +152,30 @@ def usage_error(message: str, prog: str, *, from_make: bool) -> str:
         message.replace("argument command: invalid choice:", "unknown command").split()
     )
     return f"{message} (see `{prog} --help`)"
+
+
+_BACKEND_MODULES = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
+
+
+def backend_missing(exc: BaseException) -> str | None:
+    """One line for a Keras backend that cannot be imported (``KERAS_BACKEND=jax`` without
+    JAX installed), or ``None`` when ``exc`` is something else."""
+    import os
+    import sys
+
+    backend = os.environ.get("KERAS_BACKEND", "").strip()
+    if isinstance(exc, ModuleNotFoundError):
+        module = (exc.name or "").split(".")[0]
+        if not backend or _BACKEND_MODULES.get(backend) != module:
+            return None
+        return (
+            f"KERAS_BACKEND={backend}, but {module} is not installed in this environment "
+            f"({sys.executable}); install it (`{sys.executable} -m pip install {module}`) or "
+            "unset KERAS_BACKEND to use TensorFlow"
+        )
+    if isinstance(exc, ValueError) and "Unable to import backend" in str(exc):
+        return (
+            f"KERAS_BACKEND={backend!r} is not a Keras backend; use tensorflow, jax or torch "
+            "(installed), or unset KERAS_BACKEND"
+        )
+    return None

@@ -25,6 +25,7 @@ from pipeline.benchmarks import (
 )
 from pipeline.cli.beyond import add_beyond, add_stage_three
 from pipeline.cli.hints import (  # noqa: F401  (make_command: public)
+    backend_missing,
     fill_make_hints,
     make_command,
     usage_error,
@@ -465,6 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except (ModuleNotFoundError, ValueError) as exc:  # KERAS_BACKEND= a backend not installed
+        message = backend_missing(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
