@@ -292,17 +292,13 @@ def predict_images(
         An image file or a folder (searched recursively). Images inside folders
         named like the model's classes get a true label (see :func:`true_labels`).
     out_csv : path, optional
-        Output CSV, written atomically. Default
-        ``<artifacts_dir>/predictions/<dataset>/<model id>/<images>-<hash>.csv``,
-        where the model id is ``<cache stem>_<head>`` for a head and the run's
-        name for a fine-tuned model, and the hash is of the images' full path.
-        A folder (existing, or a path ending in ``/``) receives
-        ``<model id>_<images>-<hash>.csv``; an existing file that is not a
-        predictions CSV is refused. Columns: ``path``, ``true_label`` (only
-        when some image is in a class folder), ``predicted``, then
-        ``probability`` and ``p_<class>`` for every class for models with
-        probabilities, ``score`` and ``score_<class>`` (decision values) for the
-        others. Text cells starting with ``= + - @`` get a leading ``'``.
+        Output CSV (or a folder to write it in), written atomically; default
+        ``<artifacts_dir>/predictions/<dataset>/<model id>/<images>-<hash>.csv``
+        (:func:`pipeline.predictions.output_path` has the rules). Columns: ``path``,
+        ``true_label`` (when some image is in a class folder), ``predicted``, then
+        ``probability`` and ``p_<class>`` per class (models with probabilities) or
+        ``score`` and ``score_<class>`` (decision values); text cells starting with
+        ``= + - @`` get a leading ``'``.
     batch_size : int
         Images per forward pass.
     artifacts_dir : path
@@ -315,8 +311,7 @@ def predict_images(
     Returns
     -------
     Predictions
-        Paths, predicted classes, every class's scores, true labels, the
-        accuracy on images in class folders, skipped images, the CSV's path.
+        Paths, predicted classes, scores, true labels, accuracy, skipped images, the CSV.
 
     Raises
     ------
@@ -335,20 +330,12 @@ def predict_images(
         raise PredictError(f"batch size must be a positive integer; got {batch_size!r}")
     root, paths = list_images(images)
     check_out(out_csv)  # before the model loads: a refusal costs nothing
-    say = log or (lambda line: None)
-    say(f"loading {model_path} (Keras and the backbone: a few seconds)")
-    started = time.perf_counter()
-    predictor = load_predictor(model_path, artifacts_dir)
-    say(f"loaded {predictor.label} in {time.perf_counter() - started:.1f} s")
+    predictor = _load(model_path, artifacts_dir, log)
     kept, pred, scores, is_proba, skipped = _score_all(
         predictor, root, paths, batch_size, log, progress
     )
     if not kept:
-        first = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise PredictError(
-            f"none of the {len(paths)} image files under IMAGES={images} could be read{first}; "
-            "nothing was written"
-        )
+        raise PredictError(_none_read(images, paths, skipped))
     default = default_output(predictor, images, artifacts_dir)
     result = Predictions(
         out_csv=output_path(out_csv, default, predictor.model_id),
@@ -364,6 +351,24 @@ def predict_images(
     result.out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(result.out_csv, result.to_csv())
     return result
+
+
+def _load(model_path: str | Path, artifacts_dir: str | Path, log: Any) -> Predictor:
+    """:func:`load_predictor`, saying what loads (Keras and the backbone take seconds)."""
+    say = log or (lambda line: None)
+    say(f"loading {model_path} (Keras and the backbone: a few seconds)")
+    started = time.perf_counter()
+    predictor = load_predictor(model_path, artifacts_dir)
+    say(f"loaded {predictor.label} in {time.perf_counter() - started:.1f} s")
+    return predictor
+
+
+def _none_read(images: str | Path, paths: list[str], skipped: list[tuple[str, str]]) -> str:
+    first = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    return (
+        f"none of the {len(paths)} image files under IMAGES={images} could be read{first}; "
+        "nothing was written"
+    )
 
 
 def _score_all(
