@@ -100,8 +100,12 @@ endif
 $(foreach v,$(USER_VARS),$(eval export ARG_$v := $$(call raw,$v)))
 # make-level paths (prerequisites): the raw text too, never expanded by make.
 VENV_DIR := $(ARG_VENV)
-# PIPELINE_FROM_MAKE: the CLI's errors then name the make variable (EPOCHS=), not --epochs.
-PIPELINE = PIPELINE_FROM_MAKE=1 "$$ARG_VENV/bin/python" -m pipeline
+# $(call pipeline,<command and options>) runs `python -m pipeline ...` and first prints it with
+# the values in place, quoted for pasting (make's own echo would show "$ARG_DATA"); not under
+# make -s. PIPELINE_FROM_MAKE: the CLI's errors name the make variable (EPOCHS=), not --epochs.
+QUIET := $(findstring s,$(firstword -$(MAKEFLAGS)))
+pipeline = @cmd=("$$ARG_VENV/bin/python" -m pipeline $1); \
+	$(if $(QUIET),,printf '%q ' "$${cmd[@]}"; echo;) PIPELINE_FROM_MAKE=1 "$${cmd[@]}"
 # opt,VAR,--flag: the flag and its value, only when VAR is set.
 opt = $(if $(ARG_$1),$2 "$$ARG_$1")
 
@@ -146,42 +150,42 @@ weights-from-assets: ## offline machines: copy ../shared/assets weights into the
 	  done; fi
 
 demo: install weights-from-assets ## install, then run the pipeline on the embedded digits data
-	$(PIPELINE) demo-data --out "$$ARG_ARTIFACTS/data/digits"
-	$(PIPELINE) features --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS)
-	$(PIPELINE) head --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS) --head all
-	$(PIPELINE) report --data "$$ARG_ARTIFACTS/data/digits" --artifacts "$$ARG_ARTIFACTS"
+	$(call pipeline,demo-data --out "$$ARG_ARTIFACTS/data/digits")
+	$(call pipeline,features --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS))
+	$(call pipeline,head --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS) --head all)
+	$(call pipeline,report --data "$$ARG_ARTIFACTS/data/digits" --artifacts "$$ARG_ARTIFACTS")
 
 demo-data: install ## write scikit-learn's digits as PNG class folders under artifacts/data/digits
-	$(PIPELINE) demo-data --out "$$ARG_ARTIFACTS/data/digits"
+	$(call pipeline,demo-data --out "$$ARG_ARTIFACTS/data/digits")
 
 backbones: install ## print the backbone registry
-	$(PIPELINE) backbones
+	$(call pipeline,backbones)
 
 features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
-	$(PIPELINE) features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY"
+	$(call pipeline,features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY")
 
 head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= ENGINE=local|ray RAY_ADDRESS=)
-	$(PIPELINE) head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(RAY_ARGS)
+	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(RAY_ARGS))
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
-	$(PIPELINE) report --data "$$ARG_DATA" --artifacts "$$ARG_ARTIFACTS"
+	$(call pipeline,report --data "$$ARG_DATA" --artifacts "$$ARG_ARTIFACTS")
 
 predict: install ## classify new images: MODEL=<head .json/.skops/.joblib/softmax.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv or folder] (class folders: accuracy)
-	$(PIPELINE) predict $(call opt,MODEL,--model) $(call opt,IMAGES,--images) --batch-size "$$ARG_BATCH" --artifacts "$$ARG_ARTIFACTS" $(call opt,OUT,--out)
+	$(call pipeline,predict $(call opt,MODEL,--model) $(call opt,IMAGES,--images) --batch-size "$$ARG_BATCH" --artifacts "$$ARG_ARTIFACTS" $(call opt,OUT,--out))
 
 probe: install weights-from-assets ## linear-head accuracy per cut layer, one forward pass, CV on train (DATA= BACKBONE= INPUT_SIZE= PROBE_LAYERS=a,b CV=) -> artifacts/probe/
-	$(PIPELINE) probe --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(call opt,PROBE_LAYERS,--layers) --cv "$$ARG_CV"
+	$(call pipeline,probe --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(call opt,PROBE_LAYERS,--layers) --cv "$$ARG_CV")
 
 auto: install weights-from-assets ## try the feature recipes (flip, scale, middle layer, joins) with svm+logreg; choose by CV on train; report (DATA= CV=)
-	$(PIPELINE) auto --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) --cv "$$ARG_CV"
+	$(call pipeline,auto --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) --cv "$$ARG_CV")
 
 check-unseen: install $(VENV_DIR)/.unseen-installed weights-from-assets ## make auto on data unlike ImageNet: texture patches and hymenoptera shrunk to 48 px and blurred
-	$(PIPELINE) unseen-data --out "$$ARG_ARTIFACTS/data" --source "$$ARG_ASSETS/datasets/hymenoptera_data"
-	$(PIPELINE) auto --data "$$ARG_ARTIFACTS/data/textures" $(FEATURE_ARGS) --cv "$$ARG_CV"
-	$(PIPELINE) auto --data "$$ARG_ARTIFACTS/data/hymenoptera_data_small_blurred" $(FEATURE_ARGS) --cv "$$ARG_CV"
+	$(call pipeline,unseen-data --out "$$ARG_ARTIFACTS/data" --source "$$ARG_ASSETS/datasets/hymenoptera_data")
+	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/textures" $(FEATURE_ARGS) --cv "$$ARG_CV")
+	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/hymenoptera_data_small_blurred" $(FEATURE_ARGS) --cv "$$ARG_CV")
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json)
-	$(PIPELINE) bench-heads --data "$$ARG_ASSETS/datasets/hymenoptera_data" --data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/heads.json"
+	$(call pipeline,bench-heads --data "$$ARG_ASSETS/datasets/hymenoptera_data" --data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/heads.json")
 
 test: install $(VENV_DIR)/.dev-installed ## the test suite without its slow tier (a few minutes on 2 cores)
 	"$$ARG_VENV/bin/python" -m pytest -q -m "not slow"
@@ -202,13 +206,13 @@ docs: $(VENV_DIR)/.docs-installed ## build the documentation site (mkdocs, stric
 	NO_MKDOCS_2_WARNING=1 "$$ARG_VENV/bin/python" -m mkdocs build --strict --site-dir "$$ARG_ARTIFACTS/site"
 
 bench-features: install $(RAY_EXTRA) weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
-	$(PIPELINE) bench-features --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-400}" --out "$$ARG_ARTIFACTS/bench/$(if $(filter ray,$(ARG_ENGINE)),features_ray,features).json" $(RAY_ARGS)
+	$(call pipeline,bench-features --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-400}" --out "$$ARG_ARTIFACTS/bench/$(if $(filter ray,$(ARG_ENGINE)),features_ray,features).json" $(RAY_ARGS))
 
 finetune: install weights-from-assets ## stage three: fine-tune the last UNFREEZE layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= UNFREEZE=n|block|all EPOCHS= LR= AUGMENT= AUG_COPIES= PATIENCE= NAME= RESTART=1)
-	$(PIPELINE) finetune --data "$$ARG_DATA" $(FINETUNE_ARGS)
+	$(call pipeline,finetune --data "$$ARG_DATA" $(FINETUNE_ARGS))
 
 bench-finetune: install weights-from-assets ## one phase-two epoch (last block) / one stage-one pass (BENCH_DATA=, N=, AUG_COPIES=)
-	$(PIPELINE) bench-finetune --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-256}" --aug-copies "$$ARG_AUG_COPIES" --out "$$ARG_ARTIFACTS/bench/finetune.json"
+	$(call pipeline,bench-finetune --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-256}" --aug-copies "$$ARG_AUG_COPIES" --out "$$ARG_ARTIFACTS/bench/finetune.json")
 
 clean: ## remove artifacts (keeps artifacts/README.md)
 	find "$$ARG_ARTIFACTS" -mindepth 1 ! -name README.md -delete

@@ -127,3 +127,18 @@ def test_unset_optional_variables_pass_no_option(tmp_path):
     (call,) = run_make(tmp_path, "predict")
     assert call["argv"] == ["-m", "pipeline", "predict", "--batch-size", "32",
                             "--artifacts", "artifacts"]  # fmt: skip
+
+
+def test_make_shows_the_command_with_its_values_ready_to_paste(tmp_path):
+    import shlex
+
+    venv = fake_venv(tmp_path)
+    done = subprocess.run(
+        ["make", "-f", str(REPO / "Makefile"), "-o", f"{venv}/.installed", f"VENV={venv}",
+         "predict", "MODEL=my model.json", "IMAGES=new;photos", "OUT=$(shell id)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shown, called = done.stdout.splitlines()
+    assert "ARG_" not in shown  # the values, not the variables that carry them
+    assert shlex.split(shown) == [f"{venv}/bin/python", *json.loads(called)["argv"]]
