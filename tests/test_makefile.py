@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from make_helpers import REPO, fake_venv, run_make
 
 # target -> {make variable: the CLI option it becomes}
 TARGETS: dict[str, dict[str, str]] = {
@@ -49,30 +47,6 @@ def hostile(var: str, marker: Path) -> str:
     """A value a shell or make would split, run or expand: ; & $(...) `...` quotes, spaces,
     non-ASCII, and make's own $(shell ...)."""
     return f"{var} x;echo hi;& $(echo sub) `id` \"q\" 'a' é $(shell touch {marker}) $$HOME end"
-
-
-def fake_venv(root: Path) -> Path:
-    venv = root / "venv"
-    (venv / "bin").mkdir(parents=True)
-    python = venv / "bin" / "python"
-    python.write_text(
-        f"#!{sys.executable}\nimport json, os, sys\n"
-        "print(json.dumps({'argv': sys.argv[1:], 'make': os.environ.get('PIPELINE_FROM_MAKE')}))\n"
-    )
-    python.chmod(0o755)
-    (venv / ".installed").touch()
-    return venv
-
-
-def run_make(tmp_path: Path, target: str, *assignments: str) -> list[dict]:
-    venv = fake_venv(tmp_path) if not (tmp_path / "venv").exists() else tmp_path / "venv"
-    done = subprocess.run(
-        ["make", "-s", "-f", str(REPO / "Makefile"), "-o", f"{venv}/.installed", f"VENV={venv}",
-         f"ASSETS={tmp_path / 'no-assets'}", target, *assignments],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def option_values(argv: list[str]) -> dict[str, list[str]]:
