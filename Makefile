@@ -5,6 +5,8 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
+# PY: the interpreter that runs the pipeline (default: the virtual environment's)
+PY ?= $(ARG_VENV)/bin/python
 ARTIFACTS ?= artifacts
 ASSETS ?= ../shared/assets
 
@@ -67,7 +69,7 @@ NAME ?=
 # would expand them to do so). The Makefile's own defaults above are expanded as usual.
 raw = $(if $(filter command line environment%,$(origin $1)),$(value $1),$($1))
 OLD_VARS := FLOAT16 RUNTIME_PRECISION AUTO_CV LAYERS AUG_VIEWS
-USER_VARS := PYTHON VENV ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE POOLING LAYER VIEWS \
+USER_VARS := PYTHON VENV PY ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE POOLING LAYER VIEWS \
 	COMBINE FEATURES JOIN_NORM BATCH PRECISION STORAGE RUNTIME SEED VAL_FRACTION TEST_FRACTION HEAD \
 	NORM PCA CV JOBS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY PROBE_LAYERS BENCH_DATA N \
 	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES CLASS_WEIGHT RESTART NAME
@@ -104,7 +106,7 @@ VENV_DIR := $(ARG_VENV)
 # the values in place, quoted for pasting (make's own echo would show "$ARG_DATA"); not under
 # make -s. PIPELINE_FROM_MAKE: the CLI's errors name the make variable (EPOCHS=), not --epochs.
 QUIET := $(findstring s,$(firstword -$(MAKEFLAGS)))
-pipeline = @cmd=("$$ARG_VENV/bin/python" -m pipeline $1); \
+pipeline = @cmd=("$$ARG_PY" -m pipeline $1); \
 	$(if $(QUIET),,printf '%q ' "$${cmd[@]}"; echo;) PIPELINE_FROM_MAKE=1 "$${cmd[@]}"
 # opt,VAR,--flag: the flag and its value, only when VAR is set.
 opt = $(if $(ARG_$1),$2 "$$ARG_$1")
@@ -129,8 +131,8 @@ help: ## list the targets
 
 $(VENV_DIR)/.installed: pyproject.toml
 	"$$ARG_PYTHON" -m venv "$$ARG_VENV"
-	"$$ARG_VENV/bin/python" -m pip install -q --upgrade pip
-	"$$ARG_VENV/bin/python" -m pip install -q -e .
+	"$$ARG_PY" -m pip install -q --upgrade pip
+	"$$ARG_PY" -m pip install -q -e .
 	touch "$$ARG_VENV/.installed"
 
 install: $(VENV_DIR)/.installed ## create .venv and install the package with its dependencies
@@ -138,7 +140,7 @@ install: $(VENV_DIR)/.installed ## create .venv and install the package with its
 # The extras, installed on first use by the targets that need them: dev (test, lint), ray
 # (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen).
 $(VENV_DIR)/.%-installed: $(VENV_DIR)/.installed pyproject.toml
-	"$$ARG_VENV/bin/python" -m pip install -q -e '.[$*]'
+	"$$ARG_PY" -m pip install -q -e '.[$*]'
 	touch "$$ARG_VENV/.$*-installed"
 RAY_EXTRA = $(if $(filter ray,$(ARG_ENGINE)),$(VENV_DIR)/.ray-installed)
 
@@ -188,22 +190,22 @@ bench-heads: install weights-from-assets ## fit time of the default heads / stag
 	$(call pipeline,bench-heads --data "$$ARG_ASSETS/datasets/hymenoptera_data" --data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/heads.json")
 
 test: install $(VENV_DIR)/.dev-installed ## the test suite without its slow tier (a few minutes on 2 cores)
-	"$$ARG_VENV/bin/python" -m pytest -q -m "not slow"
+	"$$ARG_PY" -m pytest -q -m "not slow"
 
 test-slow: install $(VENV_DIR)/.dev-installed $(VENV_DIR)/.ray-installed weights-from-assets ## the slow tier: every backbone built, kill-and-resume runs, Ray, real data
-	"$$ARG_VENV/bin/python" -m pytest -q -m slow
+	"$$ARG_PY" -m pytest -q -m slow
 
 test-all: install $(VENV_DIR)/.dev-installed $(VENV_DIR)/.ray-installed weights-from-assets ## both tiers, as CI runs them
-	"$$ARG_VENV/bin/python" -m pytest -q
+	"$$ARG_PY" -m pytest -q
 
 lint: install $(VENV_DIR)/.dev-installed ## ruff lint and format check
-	"$$ARG_VENV/bin/python" -m ruff check pipeline tests && "$$ARG_VENV/bin/python" -m ruff format --check pipeline tests
+	"$$ARG_PY" -m ruff check pipeline tests && "$$ARG_PY" -m ruff format --check pipeline tests
 
 format: install $(VENV_DIR)/.dev-installed ## apply ruff fixes and formatting
-	"$$ARG_VENV/bin/python" -m ruff check --fix pipeline tests; "$$ARG_VENV/bin/python" -m ruff format pipeline tests
+	"$$ARG_PY" -m ruff check --fix pipeline tests; "$$ARG_PY" -m ruff format pipeline tests
 
 docs: $(VENV_DIR)/.docs-installed ## build the documentation site (mkdocs, strict: a warning fails) into artifacts/site/
-	NO_MKDOCS_2_WARNING=1 "$$ARG_VENV/bin/python" -m mkdocs build --strict --site-dir "$$ARG_ARTIFACTS/site"
+	NO_MKDOCS_2_WARNING=1 "$$ARG_PY" -m mkdocs build --strict --site-dir "$$ARG_ARTIFACTS/site"
 
 bench-features: install $(RAY_EXTRA) weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
 	$(call pipeline,bench-features --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-400}" --out "$$ARG_ARTIFACTS/bench/$(if $(filter ray,$(ARG_ENGINE)),features_ray,features).json" $(RAY_ARGS))

@@ -97,6 +97,16 @@ def test_old_spellings_pass_their_value_raw_too(tmp_path):
     assert not marker.exists()
 
 
+def test_py_chooses_the_interpreter(tmp_path):
+    venv = fake_venv(tmp_path)
+    other = tmp_path / "my python"  # a path with a space
+    other.write_bytes((venv / "bin" / "python").read_bytes())
+    other.chmod(0o755)
+    (venv / "bin" / "python").unlink()  # only PY= can run now
+    (call,) = run_make(tmp_path, "report", f"PY={other}")
+    assert call["argv"][:3] == ["-m", "pipeline", "report"]
+
+
 def test_unset_optional_variables_pass_no_option(tmp_path):
     (call,) = run_make(tmp_path, "predict")
     assert call["argv"] == ["-m", "pipeline", "predict", "--batch-size", "32",
