@@ -12,6 +12,7 @@ the variables of the command the user ran, so they can be pasted as they are.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,9 +24,16 @@ from pipeline.benchmarks import (
     bench_heads_on_folders,
 )
 from pipeline.cli.beyond import add_beyond, add_stage_three
-from pipeline.cli.hints import fill_make_hints, make_command  # noqa: F401  (make_command: public)
+from pipeline.cli.hints import (  # noqa: F401  (make_command: public)
+    backend_missing,
+    fill_make_hints,
+    make_command,
+    usage_error,
+)
 from pipeline.cli.options import (
     HelpFormatter,
+    Parser,
+    UsageError,
     add_bench_options,
     add_command,
     add_engine_options,
@@ -150,7 +158,7 @@ def cmd_bench_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m pipeline",
         description="Transfer learning for small image data sets: features, heads, fine-tuning.",
         formatter_class=HelpFormatter,
@@ -283,6 +291,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         artifacts_dir=args.artifacts,
+        log=print,  # what is loading, skipped images
+        progress=not args.quiet,
     )
     print(result.format())
     return 0
@@ -409,8 +419,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="CSV (default: <artifacts>/predictions/<dataset>/<model>/<images>.csv)",
+        help="CSV file, or a folder to write the default file name in (default: "
+        "<artifacts>/predictions/<dataset>/<model>/<images>-<hash>.csv); an existing file "
+        "that is not a predictions CSV is refused (make: OUT=)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--artifacts", default="artifacts", help="output root")
     p.set_defaults(func=cmd_predict)
@@ -439,8 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user error)."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version, a usage error: argparse has printed it
+    except SystemExit as exc:  # --help, --version: argparse has printed it
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None) * 2
+    except UsageError as exc:  # one line naming the make variable or the option, not the usage
+        from_make = os.environ.get("PIPELINE_FROM_MAKE") == "1"
+        print(f"error: {usage_error(exc.message, exc.prog, from_make=from_make)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except PipelineError as exc:
@@ -449,6 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except (ModuleNotFoundError, ValueError) as exc:  # KERAS_BACKEND= a backend not installed
+        message = backend_missing(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
