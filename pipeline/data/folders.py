@@ -89,11 +89,12 @@ class ImageFolder:
     split_source: str  # "folders" or "stratified"
     split: SplitConfig | None = None  # set when split_source == "stratified"
     warnings: tuple[str, ...] = field(default=())
+    dataset: str = ""  # the name stage one claimed (Artifacts.claim_dataset), when it did
 
     @property
     def name(self) -> str:
-        """The data set's name (the resolved folder name: ``.`` and its full path agree)."""
-        return dataset_name(self.root)
+        """The data set's name: the one claimed for it, else the folder's name as typed."""
+        return self.dataset or dataset_name(self.root)
 
     def counts(self) -> dict[str, int]:
         """Number of images per split."""

@@ -172,7 +172,8 @@ def _check_rows(
             f"{path}: its arrays do not line up (rows: {shown}; features of shape "
             f"{tuple(shape)}); {_DAMAGED}"
         )
-    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    # Caches of activations may record no class names: their labels are not checked here.
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes)) if n_classes else []
     if len(bad):
         first = int(bad[0])
         raise CacheError(
@@ -205,6 +206,20 @@ def _check_finite(path: Path, features: np.ndarray, paths: np.ndarray, attrs: di
         f"{path}: {len(rows)} image(s) have NaN or infinite features (first: {paths[rows[0]]}); "
         f"{how}"
     )
+
+
+def read_paths(path: str | Path) -> dict[str, tuple[str, str]]:
+    """Every image a cache was made from, read or skipped: path -> (class name, split)."""
+    with _open_for_reading(path) as f:
+        names = _attrs_of(f).get("class_names") or []
+        out = {}
+        for group in (f, f["skipped"]) if "skipped" in f else (f,):
+            labels = group["labels"][...].tolist()
+            for p, label, split in zip(
+                group["paths"].asstr()[...], labels, group["split"].asstr()[...], strict=False
+            ):
+                out[p] = (names[label] if 0 <= label < len(names) else str(label), split)
+        return out
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str]]:
@@ -291,8 +306,17 @@ def _checked_attrs(attrs: dict[str, Any], path: str) -> dict[str, Any]:
     return attrs
 
 
-def cache_matches(path: str | Path, config_json: str, fingerprint: str) -> bool | None:
-    """Whether a finished cache was made with this configuration and these inputs.
+def cache_matches(
+    path: str | Path,
+    config_json: str,
+    fingerprint: str,
+    *,
+    data_root: str | None = None,
+    dataset: str | None = None,
+) -> bool | None:
+    """Whether a finished cache was made with this configuration and these inputs
+    (and, when given, from the folder ``data_root`` for the data set ``dataset``: a cache
+    copied from another folder of the same images is not this folder's).
 
     Returns ``None`` when there is no file, ``False`` when it differs (or cannot
     be read).
@@ -303,4 +327,12 @@ def cache_matches(path: str | Path, config_json: str, fingerprint: str) -> bool 
         attrs = read_attrs(path)
     except CacheError:
         return False
-    return attrs.get("config_json") == config_json and attrs.get("fingerprint") == fingerprint
+    where = all(
+        value is None or attrs.get(key) == value
+        for key, value in (("data_root", data_root), ("dataset", dataset))
+    )
+    return (
+        where
+        and attrs.get("config_json") == config_json
+        and attrs.get("fingerprint") == fingerprint
+    )

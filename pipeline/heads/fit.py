@@ -24,6 +24,8 @@ from pipeline.core import artifacts
 from pipeline.core.errors import HeadError
 from pipeline.core.options import check_options
 from pipeline.features.cache import load_features
+from pipeline.features.config import FeatureConfig
+from pipeline.features.records import check_cache_for
 from pipeline.heads import search as head_search
 from pipeline.heads.registry import (
     HEADS,
@@ -98,6 +100,8 @@ def fit_heads(
     cache_path: str | Path,
     heads: str | Sequence[str] = ("all",),
     *,
+    data: str | Path | None = None,
+    features: FeatureConfig | None = None,
     artifacts_dir: str | Path = "artifacts",
     norm: str | None = None,
     pca: int | None = None,
@@ -120,6 +124,12 @@ def fit_heads(
         A stage-one feature cache (``artifacts/features/<dataset>/<config>.h5``).
     heads : str or sequence of str
         Head names (:data:`HEADS`), comma-separated names, or ``"all"``.
+    data : path, optional
+        The image folder the cache must have been made from: its images as they are now
+        (names, sizes, modification times; no decoding) and its folder are checked against
+        the cache's record, and exact copies of images across splits are logged.
+    features : FeatureConfig, optional
+        The options the cache must have been made with (checked with ``data``).
     artifacts_dir : path
         Output root.
     norm : {"l2", "standard", "none"}, optional
@@ -147,10 +157,15 @@ def fit_heads(
         ``--jobs``), a train split with one class, a val/test class absent from
         train. Nothing is written in these cases.
     CacheError
-        A missing or unreadable cache.
+        A missing or unreadable cache; one not made from ``data`` as it is now, or not
+        with ``features``.
     """
     check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
     names = resolve_heads(heads)
+    if data is not None:  # before anything is fitted: heads of stale features mislead
+        notes = check_cache_for(cache_path, data, features, artifacts_dir=artifacts_dir)
+        for note in notes if log is not None else ():
+            log(note)
     fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
     plan = {name: planned_fits(HEADS[name], cv) for name in names}
     results = HeadResults([])
