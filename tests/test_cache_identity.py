@@ -184,3 +184,21 @@ def test_stage_one_does_not_call_a_copied_cache_up_to_date(photos, tmp_path):
                              split=None, artifacts_dir=art, cache_path=None, log=None)  # fmt: skip
     assert run.path == copied and run.fingerprint == scan_folder(photos).fingerprint()
     assert run.cache_state() is False
+
+
+def test_no_val_or_test_images_is_one_warning_from_make_head(tmp_path, split_folder):
+    art = tmp_path / "art"
+    shutil.rmtree(split_folder / "val")
+    notes = check(stage_one(split_folder, art), split_folder, art=art)
+    assert notes == [
+        "warning: no val or test images: heads are compared on cross-validation only and "
+        "`make report` has no held-out predictions to rank (see the split line of "
+        "`make features`)"
+    ]
+
+
+def test_the_cache_make_head_finds_does_not_depend_on_runtime_records(photos, tmp_path):
+    art = tmp_path / "art"
+    path = stage_one(photos, art, FeatureConfig(backbone="mobilenet_v2", input_size=32))
+    found = cache_path_for("photos", FeatureConfig(backbone="mobilenet_v2", input_size=32), art)
+    assert found == path and not (art / "runtimes").exists()  # stage one's name, no records

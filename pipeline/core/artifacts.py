@@ -8,6 +8,7 @@ Data Science's ``config.py`` names its folders)::
     artifacts/
       data/<name>/                              demo data (make demo)
       features/<dataset>/<cache stem>.h5        stage one (pipeline.features.cache)
+      features/<dataset>/dataset.json           the folder that owns the name (claim_dataset)
       runtimes/<runtime>/<model stem>/          stage one's converted models (RUNTIME=openvino)
       heads/<dataset>/<cache stem>/<head>.*     stage two: manifest .json, model, predictions
       finetune/<dataset>/<name>.*               stage three: manifest .json, .keras, predictions,

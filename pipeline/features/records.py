@@ -222,20 +222,24 @@ def check_cache_for(
         resolved = resolve_features(config, artifacts_dir=artifacts_dir, choose_runtime=False)
         differ += _option_differences(recorded, resolved)
     root, made_from = Path(real_root(data)), attrs.get("data_root")
-    folder = None
+    folder = scan_folder(data, _recorded_split(attrs))
     if made_from is not None and made_from != str(root):
         differ.append(f"it was made from {made_from}, not {root}")
-    else:
-        folder = scan_folder(data, _recorded_split(attrs))
-        if folder.fingerprint() != attrs.get("fingerprint"):
-            differ.append(_image_changes(path, folder))
+    elif folder.fingerprint() != attrs.get("fingerprint"):
+        differ.append(_image_changes(path, folder))
     if differ:
         raise CacheError(
             f"{path} does not match DATA={data} and the options: {'; '.join(differ)}; "
             "re-run `make features`"
         )
-    copies = cross_split_copies(folder) if folder is not None else None
-    return [f"warning: {copies}"] if copies else []
+    notes = [cross_split_copies(folder)]
+    if not {r.split for r in folder.records} & {"val", "test"}:
+        notes.append(
+            "no val or test images: heads are compared on cross-validation only and "
+            "`make report` has no held-out predictions to rank (see the split line of "
+            "`make features`)"
+        )
+    return [f"warning: {note}" for note in notes if note]
 
 
 def _option_differences(recorded: Mapping[str, Any], resolved: ResolvedFeatures) -> list[str]:
