@@ -260,15 +260,17 @@ def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFold
 
 def _ignored_beside(others: list[Path], split_folders: list[Path]) -> tuple[str, ...]:
     """A line per folder of images beside the split folders: the split layout leaves it out."""
-    splits = " and ".join(f"{p.name}/" for p in split_folders)
+    splits = ", ".join(f"{p.name}/" for p in split_folders)
+    train = next(
+        (p.name for p in split_folders if SPLIT_FOLDERS[p.name.lower()] == "train"), "train"
+    )
     notes = []
     for folder in others:
         n = len(images_under(folder))
         if n:
             notes.append(
                 f"ignored {shown(folder)} ({n} images) beside {splits}: with split folders, "
-                f"class folders go inside them; move it into {split_folders[0].name}/ or out of "
-                "the data folder"
+                f"class folders go inside them; move it into {train}/ or out of the data folder"
             )
     return tuple(notes)
 
