@@ -392,7 +392,7 @@ def test_make_head_and_report_end_to_end(tiny_cache, tmp_path):
     shutil.copy(tiny_cache, target)
     common = [
         f"ARTIFACTS={artifacts}",
-        f"DATA={tmp_path / 'colours'}",
+        f"DATA={tiny_cache.parents[3] / 'colours'}",  # make head checks the images it was made from
         "WEIGHTS=none",
         "INPUT_SIZE=32",
     ]

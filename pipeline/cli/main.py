@@ -229,7 +229,9 @@ def _cache_for(args: argparse.Namespace):
         args, "features", None
     ):  # FEATURES=a.h5+b.h5: a joined cache (pipeline.features.joins)
         where = (
-            Artifacts(args.artifacts).features_dir(dataset_name(args.data)) if args.data else None
+            Artifacts(args.artifacts).features_dir(dataset_name(args.data, args.artifacts))
+            if args.data
+            else None
         )
         parts = resolve_parts(split_features_arg(args.features), where)
         joined = join_caches(parts, norm=args.join_norm, artifacts_dir=args.artifacts, log=print)
@@ -240,7 +242,9 @@ def _cache_for(args: argparse.Namespace):
             "give --data (the image folder stage one read) or --cache (a feature cache)"
         )
 
-    return cache_path_for(dataset_name(args.data), feature_config(args), args.artifacts)
+    return cache_path_for(
+        dataset_name(args.data, args.artifacts), feature_config(args), args.artifacts
+    )
 
 
 def cmd_head(args: argparse.Namespace) -> int:
@@ -254,10 +258,13 @@ def cmd_head(args: argparse.Namespace) -> int:
         if jobs == 1:  # one job would stay in this process
             jobs = -1
             print("ENGINE=ray: the search's fits run on every CPU of the Ray cluster (JOBS=-1)")
+    checked = not (args.cache or getattr(args, "features", None))  # found for DATA: check it
     with engine:
         fit_heads(
             _cache_for(args),
             args.head,
+            data=args.data if checked else None,
+            features=feature_config(args) if checked else None,
             artifacts_dir=args.artifacts,
             norm=args.norm or None,
             pca=args.pca,
@@ -273,7 +280,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not (args.dataset or args.data):
         raise PipelineError("give --data (the image folder) or --dataset (its name)")
-    dataset = args.dataset or dataset_name(args.data)
+    dataset = args.dataset or dataset_name(args.data, args.artifacts)
     result = write_report(
         dataset, artifacts_dir=args.artifacts, out_dir=args.out, n_resamples=args.resamples
     )
