@@ -373,6 +373,15 @@ def test_no_heads_is_one_clear_error(tmp_path, artifacts):
         write_report("synthetic", artifacts_dir=artifacts, n_resamples=0)
 
 
+def test_heads_without_val_or_test_say_so_not_run_make_head(tmp_path):
+    # Heads fitted on a split that left val and test empty: "run make head first" would be wrong.
+    (tmp_path / "heads" / "tiny" / "svm").mkdir(parents=True)
+    with pytest.raises(ReportError, match="have no val or test predictions") as caught:
+        write_report("tiny", artifacts_dir=tmp_path)
+    assert "did you mean" not in str(caught.value)
+    assert "run `make head" not in str(caught.value)
+
+
 def _make(*args: str) -> subprocess.CompletedProcess:
     # -o: treat the venv as installed (the tests run inside it; no pip, no network).
     python = Path(sys.executable)

@@ -308,8 +308,15 @@ def thumbnails(data: dict[str, Any], runs: list[Run]) -> tuple[dict[str, bytes],
 def _nothing_to_report(dataset: str, artifacts_dir: str | Path, notes: list[str]) -> ReportError:
     art = Artifacts(artifacts_dir)
     known = art.datasets_with_heads()
-    hint = did_you_mean(dataset, known) if known else ""
     extra = f" ({'; '.join(notes)})" if notes else ""
+    if dataset in known:  # heads exist, but the split gave them no val or test images to score
+        return ReportError(
+            f"nothing to report for {dataset!r}: its heads under {art.heads_root() / dataset} have "
+            "no val or test predictions (the split left val and test empty); give each class more "
+            "images, or ship val/ and test/ folders, then re-run `make features` and `make head`"
+            f"{extra}"
+        )
+    hint = did_you_mean(dataset, known) if known else ""
     return ReportError(
         f"nothing to report for {dataset!r}: no heads with predictions under "
         f"{art.heads_root() / dataset}{hint}; run `make head DATA=...` first{extra}"
