@@ -218,9 +218,11 @@ def test_stage_one_runs_only_where_the_folder_has_no_cache(tmp_path, monkeypatch
         return SimpleNamespace(cache_path=expected, format=lambda: "built")
 
     monkeypatch.setattr(folder_module, "extract_features", fake_stage_one)
+    checked = []
+    monkeypatch.setattr(folder_module, "check_cache_for", lambda *a, **k: checked.append(a) or [])
     assert folder_module.find_or_extract(tmp_path / "photos", artifacts_dir=art) == expected
     assert folder_module.find_or_extract(tmp_path / "photos", artifacts_dir=art) == expected
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(checked) == 1  # the cache found is checked, as make head does
 
 
 def test_the_package_offers_the_audit():

@@ -11,6 +11,7 @@ from pipeline.core.artifacts import dataset_name
 from pipeline.data.folders import SplitConfig
 from pipeline.features.config import FeatureConfig, cache_path_for
 from pipeline.features.extract import extract_features
+from pipeline.features.records import check_cache_for
 
 
 def find_or_extract(
@@ -22,10 +23,18 @@ def find_or_extract(
     progress: bool = True,
     log: Callable[[str], Any] | None = None,
 ) -> Path:
-    """The cache stage one wrote for ``data_dir`` and ``config``; stage one runs when there is none."""
+    """The cache stage one wrote for ``data_dir`` and ``config``; stage one runs when there is none.
+
+    A cache that is there is checked against the folder and the options as ``make head``
+    checks it (:func:`pipeline.features.records.check_cache_for`): images changed since, or
+    other options, are one line saying to re-run ``make features``; its warnings are logged.
+    """
     config = config or FeatureConfig()
-    path = cache_path_for(dataset_name(data_dir), config, artifacts_dir)
+    path = cache_path_for(dataset_name(data_dir, artifacts_dir), config, artifacts_dir)
     if path.is_file():
+        for note in check_cache_for(path, data_dir, config, artifacts_dir=artifacts_dir):
+            if log is not None:
+                log(note)
         return path
     summary = extract_features(
         data_dir, config, split=split, artifacts_dir=artifacts_dir, progress=progress, log=log

@@ -12,6 +12,7 @@ the variables of the command the user ran, so they can be pasted as they are.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -24,9 +25,16 @@ from pipeline.benchmarks import (
 )
 from pipeline.cli.audit import add_audit
 from pipeline.cli.beyond import add_beyond, add_stage_three
-from pipeline.cli.hints import fill_make_hints, make_command  # noqa: F401  (make_command: public)
+from pipeline.cli.hints import (  # noqa: F401  (make_command: public)
+    backend_missing,
+    fill_make_hints,
+    make_command,
+    usage_error,
+)
 from pipeline.cli.options import (
     HelpFormatter,
+    Parser,
+    UsageError,
     add_bench_options,
     add_command,
     add_engine_options,
@@ -151,7 +159,7 @@ def cmd_bench_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m pipeline",
         description="Transfer learning for small image data sets: features, heads, fine-tuning.",
         formatter_class=HelpFormatter,
@@ -223,7 +231,9 @@ def _cache_for(args: argparse.Namespace):
         args, "features", None
     ):  # FEATURES=a.h5+b.h5: a joined cache (pipeline.features.joins)
         where = (
-            Artifacts(args.artifacts).features_dir(dataset_name(args.data)) if args.data else None
+            Artifacts(args.artifacts).features_dir(dataset_name(args.data, args.artifacts))
+            if args.data
+            else None
         )
         parts = resolve_parts(split_features_arg(args.features), where)
         joined = join_caches(parts, norm=args.join_norm, artifacts_dir=args.artifacts, log=print)
@@ -234,7 +244,9 @@ def _cache_for(args: argparse.Namespace):
             "give --data (the image folder stage one read) or --cache (a feature cache)"
         )
 
-    return cache_path_for(dataset_name(args.data), feature_config(args), args.artifacts)
+    return cache_path_for(
+        dataset_name(args.data, args.artifacts), feature_config(args), args.artifacts
+    )
 
 
 def cmd_head(args: argparse.Namespace) -> int:
@@ -248,10 +260,13 @@ def cmd_head(args: argparse.Namespace) -> int:
         if jobs == 1:  # one job would stay in this process
             jobs = -1
             print("ENGINE=ray: the search's fits run on every CPU of the Ray cluster (JOBS=-1)")
+    checked = not (args.cache or getattr(args, "features", None))  # found for DATA: check it
     with engine:
         fit_heads(
             _cache_for(args),
             args.head,
+            data=args.data if checked else None,
+            features=feature_config(args) if checked else None,
             artifacts_dir=args.artifacts,
             norm=args.norm or None,
             pca=args.pca,
@@ -267,7 +282,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not (args.dataset or args.data):
         raise PipelineError("give --data (the image folder) or --dataset (its name)")
-    dataset = args.dataset or dataset_name(args.data)
+    dataset = args.dataset or dataset_name(args.data, args.artifacts)
     result = write_report(
         dataset, artifacts_dir=args.artifacts, out_dir=args.out, n_resamples=args.resamples
     )
@@ -285,6 +300,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         artifacts_dir=args.artifacts,
+        log=print,  # what is loading, skipped images
+        progress=not args.quiet,
     )
     print(result.format())
     return 0
@@ -411,8 +428,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="CSV (default: <artifacts>/predictions/<dataset>/<model>/<images>.csv)",
+        help="CSV file, or a folder to write the default file name in (default: "
+        "<artifacts>/predictions/<dataset>/<model>/<images>-<hash>.csv); an existing file "
+        "that is not a predictions CSV is refused (make: OUT=)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--artifacts", default="artifacts", help="output root")
     p.set_defaults(func=cmd_predict)
@@ -441,8 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user error)."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version, a usage error: argparse has printed it
+    except SystemExit as exc:  # --help, --version: argparse has printed it
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None) * 2
+    except UsageError as exc:  # one line naming the make variable or the option, not the usage
+        from_make = os.environ.get("PIPELINE_FROM_MAKE") == "1"
+        print(f"error: {usage_error(exc.message, exc.prog, from_make=from_make)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except PipelineError as exc:
@@ -451,6 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except (ModuleNotFoundError, ValueError) as exc:  # KERAS_BACKEND= a backend not installed
+        message = backend_missing(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pipeline.core import artifacts
 from pipeline.core.errors import HeadError
 from pipeline.core.options import check_options
 from pipeline.features.cache import load_features
+from pipeline.features.config import FeatureConfig
+from pipeline.features.records import check_cache_for
 from pipeline.heads import search as head_search
 from pipeline.heads.registry import (
     HEADS,
@@ -98,6 +100,8 @@ def fit_heads(
     cache_path: str | Path,
     heads: str | Sequence[str] = ("all",),
     *,
+    data: str | Path | None = None,
+    features: FeatureConfig | None = None,
     artifacts_dir: str | Path = "artifacts",
     norm: str | None = None,
     pca: int | None = None,
@@ -120,6 +124,8 @@ def fit_heads(
         A stage-one feature cache (``artifacts/features/<dataset>/<config>.h5``).
     heads : str or sequence of str
         Head names (:data:`HEADS`), comma-separated names, or ``"all"``.
+    data, features : path and FeatureConfig, optional
+        The folder and options the cache must come from (checked, warnings to ``log``).
     artifacts_dir : path
         Output root.
     norm : {"l2", "standard", "none"}, optional
@@ -147,11 +153,11 @@ def fit_heads(
         ``--jobs``), a train split with one class, a val/test class absent from
         train. Nothing is written in these cases.
     CacheError
-        A missing or unreadable cache.
+        A missing or unreadable cache, or one not made from ``data`` with ``features``.
     """
     check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
     names = resolve_heads(heads)
-    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
+    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir, data, features, log)
     plan = {name: planned_fits(HEADS[name], cv) for name in names}
     results = HeadResults([])
     for name in names:
@@ -173,9 +179,19 @@ def fit_heads(
 
 
 def _open_cache(
-    cache_path: str | Path, pca: int | None, artifacts_dir: str | Path
+    cache_path: str | Path,
+    pca: int | None,
+    artifacts_dir: str | Path,
+    data: str | Path | None = None,
+    features: FeatureConfig | None = None,
+    log: Any = None,
 ) -> tuple[Any, np.ndarray, np.ndarray, Path]:
-    """The cache, its checked train split and the heads' folder (made here)."""
+    """The cache (checked against ``data`` and ``features`` when ``data`` is given), its
+    checked train split and the heads' folder (made here)."""
+    if data is not None:  # before anything is fitted: heads of stale features mislead
+        for note in check_cache_for(cache_path, data, features, artifacts_dir=artifacts_dir):
+            if log is not None:
+                log(note)
 
     fs = load_features(cache_path)
     X_train, y_train = _check_cache(fs, pca)
