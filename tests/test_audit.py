@@ -268,3 +268,22 @@ def test_the_cli_prints_one_line_per_finding_class(planted, capsys):
     assert out[-1].startswith(f"wrote {art}/audit/planted/audit.html")
     assert main(["export", "--cache", str(planted["cache"]), "--artifacts", str(art)]) == 0
     assert f"{art}/export/planted/planted.npz" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # stage one and the copies' calibration build a (tiny) backbone
+def test_bench_audit_times_both_and_names_what_dominates(tmp_path):
+    from conftest import make_folder
+
+    from pipeline.benchmarks.audit import bench_audit
+    from pipeline.features.config import FeatureConfig
+
+    folder = make_folder(tmp_path / "colours", per_class=8)
+    config = FeatureConfig(weights="none", input_size=32, batch_size=8, runtime="keras")
+    figures = bench_audit(folder, config, out=tmp_path / "audit.json")
+    assert figures["n_images"] == 16 and figures["stage_one_seconds"] > 0
+    assert figures["ratio"] == pytest.approx(
+        figures["audit_seconds"] / figures["stage_one_seconds"], abs=1e-3
+    )
+    assert figures["dominant_phase"] in figures["audit_phases_seconds"]
+    assert figures["findings"][1].startswith("near duplicates:")
+    assert json.loads((tmp_path / "audit.json").read_text())["cpu_ratio"] > 0
