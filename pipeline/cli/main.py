@@ -23,6 +23,7 @@ from pipeline.benchmarks import (
     bench_heads,
     bench_heads_on_folders,
 )
+from pipeline.cli.audit import add_audit
 from pipeline.cli.beyond import add_beyond, add_stage_three
 from pipeline.cli.hints import (  # noqa: F401  (make_command: public)
     backend_missing,
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_two(sub)
     add_beyond(sub)  # probe, auto (pipeline.cli.beyond)
     add_stage_three(sub)  # finetune, bench-finetune (pipeline.cli.beyond)
+    add_audit(sub)  # audit, export, bench-audit (pipeline.cli.audit)
     return parser
 
 
