@@ -114,6 +114,7 @@ from pipeline.core.files import write_bytes_atomic
 from pipeline.core.options import check_options
 from pipeline.features.cache import read_attrs
 from pipeline.report import pages
+from pipeline.report.audit_note import audit_note
 from pipeline.report.evaluation import Run, build_report_data
 from pipeline.report.figures import report_figures
 from pipeline.report.fonts import class_labels
@@ -400,6 +401,7 @@ def write_report(
         )
     figures = report_figures(data)
     out = Path(out_dir) if out_dir else Artifacts(artifacts_dir).reports_dir(dataset)
+    data["audit"] = audit_note(artifacts_dir, dataset, out)
     try:
         paths = _write_files(out, data, figures, thumbs)
     except OSError as exc:

@@ -301,7 +301,10 @@ def _finetuned_blocks(data: dict[str, Any], available: Collection[str]) -> list[
 def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Section]:
     """Every section of the report, in order; figures named only where ``available``."""
     chosen = data["selection"]
-    verdict_blocks: list[Block] = [("verdict", verdict(data)), ("p", chosen["words"])]
+    verdict_blocks: list[Block] = [("verdict", verdict(data))]
+    if data.get("audit"):  # right after the verdict: a leak makes its figures optimistic
+        verdict_blocks.append(("audit", data["audit"]))
+    verdict_blocks.append(("p", chosen["words"]))
     verdict_blocks += [("table", t) for t in (final_table(data),) if t]
     if chosen["winner"]:
         verdict_blocks += [("table", cost_table(data)), ("p", cost_note(data))]
