@@ -52,6 +52,10 @@ $(warning AUTO_CV=$(AUTO_CV) is now CV=; write CV=$(AUTO_CV) instead)
 CV := $(AUTO_CV)
 endif
 JOBS ?= 1
+# GRID="svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2": grids searched instead of the heads' own;
+# FORCE=1: refit heads that an earlier `make head` fitted on the same cache with the same options.
+GRID ?=
+FORCE ?=
 MODEL ?=
 IMAGES ?=
 OUT ?=
@@ -94,7 +98,7 @@ weights-from-assets: ## offline machines: copy ../shared/assets weights into the
 demo: install weights-from-assets ## install, then run the pipeline on the embedded digits data
 	$(PY) -m pipeline demo-data --out $(DEMO_DATA)
 	$(PY) -m pipeline features --data $(DEMO_DATA) $(FEATURE_ARGS)
-	$(PY) -m pipeline head --data $(DEMO_DATA) $(FEATURE_ARGS) --head all
+	$(PY) -m pipeline head --data $(DEMO_DATA) $(FEATURE_ARGS) --head all $(if $(filter 1 yes true,$(FORCE)),--force)
 	$(PY) -m pipeline report --data $(DEMO_DATA) --artifacts $(ARTIFACTS)
 
 demo-data: install ## write scikit-learn's digits as PNG class folders under artifacts/data/digits
@@ -106,8 +110,8 @@ backbones: install ## print the backbone registry
 features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
 	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency $(CONCURRENCY)
 
-head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= ENGINE=local|ray RAY_ADDRESS=)
-	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) $(if $(FEATURES),--features $(FEATURES) --join-norm $(JOIN_NORM)) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(RAY_ARGS)
+head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
+	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) $(if $(FEATURES),--features $(FEATURES) --join-norm $(JOIN_NORM)) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(if $(GRID),--grid '$(GRID)') $(if $(filter 1 yes true,$(FORCE)),--force) $(RAY_ARGS)
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)

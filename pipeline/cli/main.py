@@ -256,6 +256,8 @@ def cmd_head(args: argparse.Namespace) -> int:
             cv=args.cv,
             seed=args.seed,
             jobs=jobs,
+            grid=args.grid or None,
+            force=args.force,
             log=print,
         )
     return 0
@@ -376,6 +378,18 @@ def _add_head(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the search's folds")
     p.add_argument(
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
+    )
+    p.add_argument(
+        "--grid",
+        default=None,
+        help='grids to search instead of the heads\' own, e.g. "svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2" '
+        "(GRID=; searched as given; a head's own grid moves past an edge whose score still rises)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="refit every head (FORCE=1); otherwise heads fitted on this cache with these options "
+        "are reused",
     )
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)

@@ -219,12 +219,15 @@ def _open_cache(
     return fs, X_train, y_train, out_dir
 
 
+PROGRESS_EVERY = 3.0  # seconds between a search's fit-count lines
+
+
 class _SweepProgress(head_search.Progress):
     """The sweep's fit count: ``[fits 11/48] knn: 10 fits planned ...`` as each head starts,
     then a line each few seconds while a search runs (a grid that moves adds its fits)."""
 
-    def __init__(self, plan: Mapping[str, int], log: Any, every: float = 3.0) -> None:
-        self.plan, self.log, self.every = dict(plan), log, every
+    def __init__(self, plan: Mapping[str, int], log: Any) -> None:
+        self.plan, self.log, self.every = dict(plan), log, PROGRESS_EVERY
         self.total, self.done, self.head, self.last = sum(plan.values()), 0, "", 0.0
 
     def start(self, name: str) -> None:
