@@ -56,6 +56,10 @@ JOBS ?= 1
 # FORCE=1: refit heads that an earlier `make head` fitted on the same cache with the same options.
 GRID ?=
 FORCE ?=
+# make bench-heads CLASSES=100: synthetic features of that many classes, ROWS train rows each time
+CLASSES ?=
+ROWS ?= 3000,30000
+REPEATS ?= 3
 MODEL ?=
 IMAGES ?=
 OUT ?=
@@ -130,8 +134,12 @@ check-unseen: install $(VENV)/.unseen-installed weights-from-assets ## make auto
 	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/textures $(FEATURE_ARGS) --cv $(CV)
 	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/hymenoptera_data_small_blurred $(FEATURE_ARGS) --cv $(CV)
 
-bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json)
+bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json); CLASSES=100 ROWS=3000,30000: on synthetic many-class features
+ifdef CLASSES
+	$(PY) -m pipeline bench-heads --classes $(CLASSES) --rows $(ROWS) $(if $(wildcard $(ASSETS)/datasets/hymenoptera_data),--data $(ASSETS)/datasets/hymenoptera_data) $(FEATURE_ARGS) --runtime keras --cv $(CV) --repeats $(REPEATS) --out $(ARTIFACTS)/bench/heads-$(CLASSES)-classes.json
+else
 	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --runtime keras --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
+endif
 
 test: install $(VENV)/.dev-installed ## the test suite without its slow tier (a few minutes on 2 cores)
 	$(PY) -m pytest -q -m "not slow"

@@ -21,6 +21,7 @@ from pipeline.benchmarks import (
     bench_features_ray,
     bench_heads,
     bench_heads_on_folders,
+    bench_heads_synthetic,
 )
 from pipeline.cli.beyond import add_beyond, add_stage_three
 from pipeline.cli.hints import fill_make_hints, make_command  # noqa: F401  (make_command: public)
@@ -317,6 +318,14 @@ def _predict_usage(args: argparse.Namespace) -> str:
 
 def cmd_bench_heads(args: argparse.Namespace) -> int:
 
+    if args.classes is not None:  # synthetic features; --data: stage one's reference folder
+        bench_heads_synthetic(
+            args.classes, _rows(args.rows), reference=args.data[0] if args.data else None,
+            config=feature_config(args) if args.data else None, out=args.out, cv=args.cv,
+            repeats=args.repeats, log=print,
+        )  # fmt: skip
+        print(f"wrote {args.out}")
+        return 0
     if not args.cache and not args.data:
         raise PipelineError("give --data folders or --cache files to benchmark")
     if args.cache and args.data:
@@ -333,6 +342,19 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
         bench_heads(list(args.cache), out=args.out, cv=args.cv, repeats=args.repeats, log=print)
     print(f"wrote {args.out}")
     return 0
+
+
+def _rows(text: str) -> list[int]:
+    """``ROWS=3000,30000`` -> ``[3000, 30000]``."""
+    try:
+        rows = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        raise PipelineError(
+            f"ROWS={text!r} is not a comma list of row counts, e.g. ROWS=3000,30000"
+        )
+    return rows
 
 
 def _add_stage_two(sub: argparse._SubParsersAction) -> None:
@@ -440,6 +462,16 @@ def _add_bench_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="artifacts/bench/heads.json", help="JSON file for the figures")
     p.add_argument(
         "--repeats", type=int, default=3, help="sweeps per data set; the median one is reported"
+    )
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="synthetic 1,280-wide features of this many classes instead of real data (CLASSES=); "
+        "--data then only times stage one per image for the ratio",
+    )
+    p.add_argument(
+        "--rows", default="3000,30000", help="with --classes: train rows, a comma list (ROWS=)"
     )
     p.set_defaults(func=cmd_bench_heads)
 

@@ -28,6 +28,7 @@ from pipeline.heads import search as head_search
 from pipeline.heads.registry import (
     HEADS,
     build_head,
+    named_heads,
     parse_grid,
     planned_fits,
     resolve_heads,
@@ -160,6 +161,7 @@ def fit_heads(
             "add it to HEAD or leave it out of GRID"
         )
     fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
+    names = _scalable(names, named_heads(heads), len(y_train), log)
     keys = {
         name: reuse_key(fs, name, grids.get(name), norm=norm, pca=pca, cv=cv, seed=seed)
         for name in names
@@ -199,6 +201,19 @@ def fit_heads(
     if len(results) > 1:
         _log(log, summary_table(results))
     return results
+
+
+def _scalable(names: Sequence[str], named: set[str], rows: int, log: Any) -> tuple[str, ...]:
+    """``names`` less the heads ``all`` brought in whose cost outgrows this train split."""
+    kept = []
+    for name in names:
+        limit = HEADS[name].max_rows
+        if limit is not None and rows > limit and name not in named:
+            _log(log, f"{name} left out: {rows:,} train images is more than the {limit:,} it "
+                      f"searches in reasonable time; HEAD={name} fits it anyway")  # fmt: skip
+        else:
+            kept.append(name)
+    return tuple(kept)
 
 
 def _log(log: Any, line: str) -> None:
