@@ -101,3 +101,19 @@ def test_a_moved_grid_is_one_line_in_the_terminal():
     }  # fmt: skip
     (line,) = grid_move_lines(manifest)
     assert line.startswith("svm: C grid moved up past 10 to 100, 1000 (the best, 100, is now")
+
+
+def test_all_leaves_out_a_head_that_cannot_scale_in_one_line_and_naming_it_keeps_it():
+    from pipeline.heads.registry import HEADS, named_heads
+
+    lines: list[str] = []
+    kept = head_fit._scalable(("svm", "rbf_svm"), named_heads("all"), 30_000, lines.append)
+    assert kept == ("svm",) and HEADS["rbf_svm"].max_rows == 10_000
+    assert lines == [
+        "rbf_svm left out: 30,000 train images is more than the 10,000 it searches in "
+        "reasonable time; HEAD=rbf_svm fits it anyway"
+    ]
+    assert head_fit._scalable(("rbf_svm",), named_heads("all,rbf_svm"), 30_000, print) == (
+        "rbf_svm",
+    )
+    assert head_fit._scalable(("rbf_svm",), set(), 3_000, print) == ("rbf_svm",)
