@@ -55,7 +55,7 @@ def bench_heads_on_folders(
 
 def bench_heads_synthetic(
     classes: int,
-    rows: list[int],
+    rows: str | list[int],
     *,
     reference: str | Path | None = None,
     config: Any = None,
@@ -68,7 +68,7 @@ def bench_heads_synthetic(
 ) -> dict:
     """``make bench-heads CLASSES=100 ROWS=3000,30000``: the default sweep on synthetic
     features of ``classes`` classes (:mod:`pipeline.benchmarks.synthetic`), ``rows`` train
-    images each time (and a fifth as many val images).
+    images each time (a list, or ``"3000,30000"``), and a fifth as many val images.
 
     The ratio's denominator is what stage one would take on as many real images: its time
     per image on the ``reference`` folder, extracted in this run with ``config``, times the
@@ -77,6 +77,7 @@ def bench_heads_synthetic(
     from pipeline.benchmarks.synthetic import write_synthetic_cache
 
     _check_repeats(repeats)
+    rows = parse_rows(rows) if isinstance(rows, str) else list(rows)
     if classes < 2 or not rows or min(rows) < 2 * classes:
         raise PipelineError(
             f"CLASSES={classes} ROWS={','.join(map(str, rows))}: give at least 2 classes and "
@@ -103,6 +104,19 @@ def bench_heads_synthetic(
     if out is not None:
         write_json_atomic(out, summary)
     return summary
+
+
+def parse_rows(text: str) -> list[int]:
+    """``ROWS=3000,30000`` -> ``[3000, 30000]``."""
+    try:
+        rows = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        raise PipelineError(
+            f"ROWS={text!r} is not a comma list of row counts, e.g. ROWS=3000,30000"
+        )
+    return rows
 
 
 def _stage_one_per_image(folder: str | Path, config: Any) -> float:

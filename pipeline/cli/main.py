@@ -320,7 +320,7 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
 
     if args.classes is not None:  # synthetic features; --data: stage one's reference folder
         bench_heads_synthetic(
-            args.classes, _rows(args.rows), reference=args.data[0] if args.data else None,
+            args.classes, args.rows, reference=args.data[0] if args.data else None,
             config=feature_config(args) if args.data else None, out=args.out, cv=args.cv,
             repeats=args.repeats, log=print,
         )  # fmt: skip
@@ -342,19 +342,6 @@ def cmd_bench_heads(args: argparse.Namespace) -> int:
         bench_heads(list(args.cache), out=args.out, cv=args.cv, repeats=args.repeats, log=print)
     print(f"wrote {args.out}")
     return 0
-
-
-def _rows(text: str) -> list[int]:
-    """``ROWS=3000,30000`` -> ``[3000, 30000]``."""
-    try:
-        rows = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        rows = []
-    if not rows or min(rows) < 1:
-        raise PipelineError(
-            f"ROWS={text!r} is not a comma list of row counts, e.g. ROWS=3000,30000"
-        )
-    return rows
 
 
 def _add_stage_two(sub: argparse._SubParsersAction) -> None:
@@ -408,10 +395,7 @@ def _add_head(sub: argparse._SubParsersAction) -> None:
         "(GRID=; searched as given; a head's own grid moves past an edge whose score still rises)",
     )
     p.add_argument(
-        "--force",
-        action="store_true",
-        help="refit every head (FORCE=1); otherwise heads fitted on this cache with these options "
-        "are reused",
+        "--force", action="store_true", help="refit heads that would be reused (FORCE=1)"
     )
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)

@@ -128,12 +128,11 @@ def fit_heads(
     jobs : int
         Parallel fits of the search (Keras heads always use one).
     grid : str or mapping, optional
-        ``GRID=``: grids that replace heads' own, ``"svm:C=0.1,1;logreg:C=1"`` or
-        ``{"svm": {"C": [0.1, 1]}}`` (:func:`~pipeline.heads.registry.parse_grid`); searched
-        as given. A head's own grid moves past an edge whose CV score still rises.
+        ``GRID=``, searched as given (:func:`~pipeline.heads.registry.parse_grid`); a head's
+        own grid moves past an edge whose CV score still rises.
     force : bool
-        Refit every head. Otherwise a head already saved from this cache (the same file)
-        with the same options, grid and code is reused, not refitted.
+        Refit every head; otherwise a head saved from this cache with the same options,
+        grid and code is reused (:mod:`pipeline.heads.reuse`).
     log : callable, optional
         Called with each head's progress and result lines (e.g. ``print``).
 
@@ -145,14 +144,53 @@ def fit_heads(
     Raises
     ------
     HeadError
-        Unknown head, an option out of bounds (``NORM``, ``PCA``, ``CV``, ``SEED``,
-        ``--jobs``), a train split with one class, a val/test class absent from
-        train. Nothing is written in these cases.
+        Unknown head, a bad ``GRID``, an option out of bounds (``NORM``, ``PCA``, ``CV``,
+        ``SEED``, ``--jobs``), one class in train, a val/test class not in train: none writes.
     CacheError
         A missing or unreadable cache.
     """
     check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
-    names = resolve_heads(heads)
+    grids = _grids_for(grid, names := resolve_heads(heads))
+    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
+    names = _scalable(names, named_heads(heads), len(y_train), log)
+    keys = {n: reuse_key(fs, n, grids.get(n), norm=norm, pca=pca, cv=cv, seed=seed) for n in names}
+    reused = {} if force else reusable_manifests(out_dir, keys)
+    plan = {n: planned_fits(HEADS[n], cv, grids.get(n)) for n in names if n not in reused}
+    progress, results = _SweepProgress(plan, log), HeadResults([])
+    for name in names:
+        if name in reused:
+            results.append(HeadResult(name, *reused[name], reused=True))
+        else:
+            progress.start(name)
+            search = (X_train, y_train, cv, seed, jobs, grids.get(name), progress)
+            results.append(_fit_one(fs, name, search, out_dir, results, norm, pca, keys[name]))
+        _log(log, "\n".join([results[-1].format(), *grid_move_lines(results[-1].manifest)]))
+    _log_end(log, results, reused)
+    return results
+
+
+def _fit_one(
+    fs: Any, name: str, search: tuple, out_dir: Path, results: HeadResults,
+    norm: str | None, pca: int | None, key: str,
+) -> HeadResult:  # fmt: skip
+    """Search, evaluate and save one head; ``search`` is ``(X, y, cv, seed, jobs, grid,
+    progress)``."""
+    X_train, y_train, cv, seed, jobs, grid, progress = search
+    # Keras's import (about 4 s on 2 cores, once per process) is start-up, not this head's
+    # fit: paid before its clock starts and recorded apart, as stage one's time excludes it.
+    startup = _import_keras() if HEADS[name].keras else None
+    results.keras_import_seconds += startup or 0.0
+    pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+    searched = head_search.timed_search(
+        HEADS[name], pipe, X_train, y_train, cv, seed, jobs, grid=grid, progress=progress
+    )
+    given = {"search_key": key, "grid_source": "head" if grid is None else "GRID"}
+    return _record(fs, name, searched, y_train, out_dir, norm=norm, pca=pca, seed=seed,
+                   keras_import_seconds=startup, extra=given)  # fmt: skip
+
+
+def _grids_for(grid: Any, names: Sequence[str]) -> dict[str, dict]:
+    """``GRID=`` parsed, each head it names among those fitted."""
     grids = parse_grid(grid)
     unfitted = sorted(set(grids) - set(names))
     if unfitted:
@@ -160,47 +198,17 @@ def fit_heads(
             f"GRID names {', '.join(unfitted)}, which HEAD={','.join(names)} does not fit; "
             "add it to HEAD or leave it out of GRID"
         )
-    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
-    names = _scalable(names, named_heads(heads), len(y_train), log)
-    keys = {
-        name: reuse_key(fs, name, grids.get(name), norm=norm, pca=pca, cv=cv, seed=seed)
-        for name in names
-    }
-    reused = {
-        name: HeadResult(name, path, manifest, reused=True)
-        for name, (path, manifest) in ({} if force else reusable_manifests(out_dir, keys)).items()
-    }
-    plan = {n: planned_fits(HEADS[n], cv, grids.get(n)) for n in names if n not in reused}
-    progress = _SweepProgress(plan, log)
-    results = HeadResults([])
-    for name in names:
-        if name in reused:
-            results.append(reused[name])
-            _log(log, results[-1].format())
-            continue
-        progress.start(name)
-        # Keras's import (about 4 s on 2 cores, once per process) is start-up, not this head's
-        # fit: paid before its clock starts and recorded apart, as stage one's time excludes it.
-        startup = _import_keras() if HEADS[name].keras else None
-        results.keras_import_seconds += startup or 0.0
-        pipe = build_head(name, norm=norm, pca=pca, seed=seed)
-        searched = head_search.timed_search(
-            HEADS[name], pipe, X_train, y_train, cv, seed, jobs, grid=grids.get(name),
-            progress=progress,
-        )  # fmt: skip
-        options = {"norm": norm, "pca": pca, "seed": seed, "keras_import_seconds": startup}
-        given = {"search_key": keys[name], "grid_source": "GRID" if name in grids else "head"}
-        results.append(_record(fs, name, searched, y_train, out_dir, **options, extra=given))
-        _log(log, results[-1].format())
-        for line in grid_move_lines(results[-1].manifest):
-            _log(log, line)
+    return grids
+
+
+def _log_end(log: Any, results: HeadResults, reused: Mapping[str, HeadResult]) -> None:
+    """The line that says which heads were reused, and the table."""
     if reused:
-        _log(log, f"reused {len(reused)} head{'s' if len(reused) > 1 else ''} fitted earlier on "
-                  "this cache with these options ({}); FORCE=1 (--force) refits".format(
-                      ", ".join(reused)))  # fmt: skip
+        heads = f"{len(reused)} head{'s' if len(reused) > 1 else ''} ({', '.join(reused)})"
+        _log(log, f"reused {heads} fitted earlier on this cache with these options; "
+                  "FORCE=1 (--force) refits")  # fmt: skip
     if len(results) > 1:
         _log(log, summary_table(results))
-    return results
 
 
 def _scalable(names: Sequence[str], named: set[str], rows: int, log: Any) -> tuple[str, ...]:

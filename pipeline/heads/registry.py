@@ -17,6 +17,11 @@ softmax   :class:`~pipeline.heads.softmax.           none            none: learn
 forest    ``RandomForestClassifier``           none            min_samples_leaf
 ========  ==================================  ==============  ===========================
 
+The grids are where each search starts: a grid whose best value sits at an edge
+with the CV score still rising there moves past it (``extend``: within bounds, at
+most :data:`MAX_EXTENSIONS` values; :mod:`pipeline.heads.search`), and ``GRID=``
+(:func:`parse_grid`) replaces them.
+
 The registry (:data:`HEADS`) is data: each :class:`HeadSpec` carries the
 factory of its classifier. ``HEAD=all`` fits the default heads (every one but
 ``forest``, which is slow on wide features and must be named). L2
