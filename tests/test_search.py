@@ -158,3 +158,22 @@ def test_a_search_counts_its_fits_as_they_finish_moved_grid_included():
     count = Count()
     head_search.search(spec, pipe, X, y, 3, 0, 1, progress=count)
     assert count.planned_more == 2 * 3 and count.done == 5 * 3 + 1  # 5 values, 3 folds, 1 refit
+
+
+@pytest.mark.parametrize(("rise", "moved"), [(8e-6, False), (2e-3, True)])
+def test_a_rise_smaller_than_an_image_does_not_move_the_grid(rise, moved):
+    """Digits' svm scored C=100 8e-6 above C=10: an image traded between folds of unequal
+    size, not a better C; a grid moves for a rise worth an image (1 / 1,000 rows here)."""
+    values = {"C": [0.1, 1.0, 10.0]}
+    scores = {'{"C": 0.1}': 0.86, '{"C": 1.0}': 0.93, '{"C": 10.0}': 0.93 + rise}
+    grid_scored = []
+
+    def score(points):
+        grid_scored.append(points)
+        return {'{"C": 100.0}': 0.5}
+
+    spec = HEADS["svm"]
+    moves = head_search._extend(
+        spec, values, scores, score, (3, 666, 0.5 / 1000), head_search.Progress()
+    )
+    assert bool(moves) is moved and len(grid_scored) == int(moved)

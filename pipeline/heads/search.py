@@ -147,7 +147,12 @@ def search(
         }
 
     scores = score(prefixed)
-    moves = {} if given else _extend(spec, values, scores, score, folds, fold_size, progress)
+    # A rise must be worth an image (about 1 / rows of the mean fold accuracy): not one
+    # image traded between folds of unequal size, which moves the mean by a few millionths.
+    rise = 0.5 / len(y)
+    moves = (
+        {} if given else _extend(spec, values, scores, score, (folds, fold_size, rise), progress)
+    )
     best = _best(values, scores)
     params = {f"{spec.name}__{key}": value for key, value in best.items()}
     started = time.perf_counter()
@@ -194,17 +199,18 @@ def _extend(
     values: dict[str, list],
     scores: dict[str, float],
     score: Callable[[Mapping[str, list]], dict[str, float]],
-    folds: int,
-    fold_size: int,
+    sizes: tuple[int, int, float],
     progress: Progress,
 ) -> dict[str, dict[str, Any]]:
     """Move a one-parameter grid past the edge its best value sits at while the score still
     rises there: one value at a time, by the head's factor, within its bounds, at most
-    :data:`~pipeline.heads.registry.MAX_EXTENSIONS` values. Updates ``values`` and
-    ``scores`` in place; returns ``{param: {"from", "searched", "direction", "stopped"}}``.
+    :data:`~pipeline.heads.registry.MAX_EXTENSIONS` values. ``sizes`` is ``(folds, images
+    of a training fold, the least rise that counts)``. Updates ``values`` and ``scores`` in
+    place; returns ``{param: {"from", "searched", "direction", "stopped"}}``.
     """
     from pipeline.heads.registry import MAX_EXTENSIONS
 
+    folds, fold_size, least = sizes
     if len(values) != 1:
         return {}
     ((key, grid),) = values.items()
@@ -219,7 +225,8 @@ def _extend(
         at = grid.index(best)
         inner = grid[1] if at == 0 else grid[-2]
         edge = "down" if at == 0 else "up" if at == len(grid) - 1 else None
-        rising = edge is not None and scores[_key({key: best})] > scores[_key({key: inner})]
+        rise = scores[_key({key: best})] - scores[_key({key: inner})]
+        rising = edge is not None and rise >= least
         if not rising or (direction is not None and edge != direction):
             stopped = "inside"
             break
