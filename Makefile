@@ -5,13 +5,12 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
+# PY: the interpreter that runs the pipeline (default: the virtual environment's)
+PY ?= $(ARG_VENV)/bin/python
 ARTIFACTS ?= artifacts
 ASSETS ?= ../shared/assets
-KERAS_MODELS := $(or $(KERAS_HOME),$(HOME)/.keras)/models
 
-DEMO_DATA := $(ARTIFACTS)/data/digits
-DATA ?= $(DEMO_DATA)
+DATA ?= $(ARG_ARTIFACTS)/data/digits
 BACKBONE ?= mobilenet_v2
 WEIGHTS ?= imagenet
 INPUT_SIZE ?=
@@ -29,28 +28,14 @@ BATCH ?= 32
 PRECISION ?= auto
 STORAGE ?= float32
 RUNTIME ?= auto
-# Old spellings, kept one release: they say what to write instead.
-ifdef FLOAT16
-$(warning FLOAT16=$(FLOAT16) is now STORAGE=float16; write that instead)
-STORAGE := $(if $(filter 1 yes true,$(FLOAT16)),float16,$(STORAGE))
-endif
-ifdef RUNTIME_PRECISION
-$(warning RUNTIME_PRECISION=$(RUNTIME_PRECISION) is now PRECISION=; write PRECISION=$(or $(filter auto,$(RUNTIME_PRECISION)),$(if $(filter bf16,$(RUNTIME_PRECISION)),bfloat16,float32)) instead)
-PRECISION := $(or $(filter auto,$(RUNTIME_PRECISION)),$(if $(filter bf16,$(RUNTIME_PRECISION)),bfloat16,float32))
-endif
 SEED ?= 0
 VAL_FRACTION ?= 0.2
 TEST_FRACTION ?= 0.2
-SPLIT_ARGS = --seed $(SEED) --val-fraction $(VAL_FRACTION) --test-fraction $(TEST_FRACTION)
 HEAD ?= all
 NORM ?=
 PCA ?=
 # CV: folds of every cross-validation (the heads' searches, make probe, make auto).
 CV ?= 3
-ifdef AUTO_CV
-$(warning AUTO_CV=$(AUTO_CV) is now CV=; write CV=$(AUTO_CV) instead)
-CV := $(AUTO_CV)
-endif
 JOBS ?= 1
 # GRID="svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2": grids searched instead of the heads' own;
 # FORCE=1: refit heads that an earlier `make head` fitted on the same cache with the same options.
@@ -68,100 +53,9 @@ OUT ?=
 ENGINE ?= local
 RAY_ADDRESS ?=
 CONCURRENCY ?= 1
-RAY_ARGS = --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
-
-FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
-	--pooling $(POOLING) $(if $(LAYER),--layer $(LAYER)) $(if $(VIEWS),--views $(VIEWS) --combine $(COMBINE)) --batch-size $(BATCH) \
-	--precision $(PRECISION) --storage $(STORAGE) --runtime $(RUNTIME) --artifacts $(ARTIFACTS)
-
-.PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
-.PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs
-
-help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
-	touch $@
-
-install: $(VENV)/.installed ## create .venv and install the package with its dependencies
-
-# The extras, installed on first use by the targets that need them: dev (test, lint), ray
-# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen).
-$(VENV)/.%-installed: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q -e '.[$*]'
-	touch $@
-RAY_EXTRA = $(if $(filter ray,$(ENGINE)),$(VENV)/.ray-installed)
-
-weights-from-assets: ## offline machines: copy ../shared/assets weights into the Keras cache (if present)
-	@if [ -d "$(ASSETS)/weights" ]; then mkdir -p "$(KERAS_MODELS)"; \
-	  for f in "$(ASSETS)"/weights/*.h5; do [ -e "$(KERAS_MODELS)/$$(basename $$f)" ] || cp "$$f" "$(KERAS_MODELS)/"; done; fi
-
-demo: install weights-from-assets ## install, then run the pipeline on the embedded digits data
-	$(PY) -m pipeline demo-data --out $(DEMO_DATA)
-	$(PY) -m pipeline features --data $(DEMO_DATA) $(FEATURE_ARGS)
-	$(PY) -m pipeline head --data $(DEMO_DATA) $(FEATURE_ARGS) --head all $(if $(filter 1 yes true,$(FORCE)),--force)
-	$(PY) -m pipeline report --data $(DEMO_DATA) --artifacts $(ARTIFACTS)
-
-demo-data: install ## write scikit-learn's digits as PNG class folders under artifacts/data/digits
-	$(PY) -m pipeline demo-data --out $(DEMO_DATA)
-
-backbones: install ## print the backbone registry
-	$(PY) -m pipeline backbones
-
-features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
-	$(PY) -m pipeline features --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency $(CONCURRENCY)
-
-head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
-	$(PY) -m pipeline head --data $(DATA) $(FEATURE_ARGS) $(if $(FEATURES),--features $(FEATURES) --join-norm $(JOIN_NORM)) --head $(HEAD) $(if $(NORM),--norm $(NORM)) $(if $(PCA),--pca $(PCA)) --cv $(CV) --seed $(SEED) --jobs $(JOBS) $(if $(GRID),--grid '$(GRID)') $(if $(filter 1 yes true,$(FORCE)),--force) $(RAY_ARGS)
-
-report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
-	$(PY) -m pipeline report --data $(DATA) --artifacts $(ARTIFACTS)
-
-predict: install ## classify new images: MODEL=<head .json/.skops/.joblib/softmax.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv] (class folders: accuracy)
-	$(PY) -m pipeline predict $(if $(MODEL),--model $(MODEL)) $(if $(IMAGES),--images $(IMAGES)) --batch-size $(BATCH) --artifacts $(ARTIFACTS) $(if $(OUT),--out $(OUT))
-
-probe: install weights-from-assets ## linear-head accuracy per cut layer, one forward pass, CV on train (DATA= BACKBONE= INPUT_SIZE= PROBE_LAYERS=a,b CV=) -> artifacts/probe/
-	$(PY) -m pipeline probe --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) $(if $(PROBE_LAYERS),--layers $(PROBE_LAYERS)) --cv $(CV)
-
-auto: install weights-from-assets ## try the feature recipes (flip, scale, middle layer, joins) with svm+logreg; choose by CV on train; report (DATA= CV=)
-	$(PY) -m pipeline auto --data $(DATA) $(FEATURE_ARGS) $(SPLIT_ARGS) --cv $(CV)
-
-check-unseen: install $(VENV)/.unseen-installed weights-from-assets ## make auto on data unlike ImageNet: texture patches and hymenoptera shrunk to 48 px and blurred
-	$(PY) -m pipeline unseen-data --out $(ARTIFACTS)/data --source $(ASSETS)/datasets/hymenoptera_data
-	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/textures $(FEATURE_ARGS) --cv $(CV)
-	$(PY) -m pipeline auto --data $(ARTIFACTS)/data/hymenoptera_data_small_blurred $(FEATURE_ARGS) --cv $(CV)
-
-bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json); CLASSES=100 ROWS=3000,30000: on synthetic many-class features
-ifdef CLASSES
-	$(PY) -m pipeline bench-heads --classes $(CLASSES) --rows $(ROWS) $(if $(wildcard $(ASSETS)/datasets/hymenoptera_data),--data $(ASSETS)/datasets/hymenoptera_data) $(FEATURE_ARGS) --runtime keras --cv $(CV) --repeats $(REPEATS) --out $(ARTIFACTS)/bench/heads-$(CLASSES)-classes.json
-else
-	$(PY) -m pipeline bench-heads --data $(ASSETS)/datasets/hymenoptera_data --data $(ASSETS)/datasets/cats_and_dogs_filtered $(FEATURE_ARGS) --runtime keras --cv $(CV) --out $(ARTIFACTS)/bench/heads.json
-endif
-
-test: install $(VENV)/.dev-installed ## the test suite without its slow tier (a few minutes on 2 cores)
-	$(PY) -m pytest -q -m "not slow"
-
-test-slow: install $(VENV)/.dev-installed $(VENV)/.ray-installed weights-from-assets ## the slow tier: every backbone built, kill-and-resume runs, Ray, real data
-	$(PY) -m pytest -q -m slow
-
-test-all: install $(VENV)/.dev-installed $(VENV)/.ray-installed weights-from-assets ## both tiers, as CI runs them
-	$(PY) -m pytest -q
-
-lint: install $(VENV)/.dev-installed ## ruff lint and format check
-	$(PY) -m ruff check pipeline tests && $(PY) -m ruff format --check pipeline tests
-
-format: install $(VENV)/.dev-installed ## apply ruff fixes and formatting
-	$(PY) -m ruff check --fix pipeline tests; $(PY) -m ruff format pipeline tests
-
-docs: $(VENV)/.docs-installed ## build the documentation site (mkdocs, strict: a warning fails) into artifacts/site/
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir $(ARTIFACTS)/site
-
-bench-features: install $(RAY_EXTRA) weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
-	$(PY) -m pipeline bench-features --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --batch-size $(BATCH) --images $(or $(N),400) --out $(ARTIFACTS)/bench/$(if $(filter ray,$(ENGINE)),features_ray,features).json $(RAY_ARGS)
-
+PROBE_LAYERS ?=
+BENCH_DATA ?= $(ARG_ASSETS)/datasets/cats_and_dogs_filtered
+N ?=
 # Stage three (fine-tuning). UNFREEZE: backbone layers to unfreeze, counted from the end:
 # n >= 0 | all | block (the backbone's last block). Not LAYER= (stage one's cut layer).
 UNFREEZE ?= block
@@ -175,26 +69,164 @@ AUG_COPIES ?= 8
 CLASS_WEIGHT ?= balanced
 RESTART ?= 0
 NAME ?=
+
+# A user's value reaches the CLI as one argument, whatever it holds (; & $(...) quotes spaces):
+# raw gives a variable's text as typed on the command line or in the environment, unexpanded by
+# make (`$(shell ...)` stays text); ARG_<VAR> holds it and is exported, and the recipes pass
+# "$$ARG_<VAR>", so bash never parses it. The user variables themselves are not exported (make
+# would expand them to do so). The Makefile's own defaults above are expanded as usual.
+raw = $(if $(filter command line environment%,$(origin $1)),$(value $1),$($1))
+OLD_VARS := FLOAT16 RUNTIME_PRECISION AUTO_CV LAYERS AUG_VIEWS
+USER_VARS := PYTHON VENV PY ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE POOLING LAYER VIEWS \
+	COMBINE FEATURES JOIN_NORM BATCH PRECISION STORAGE RUNTIME SEED VAL_FRACTION TEST_FRACTION HEAD \
+	NORM PCA CV JOBS GRID FORCE CLASSES ROWS REPEATS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY PROBE_LAYERS BENCH_DATA N \
+	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES CLASS_WEIGHT RESTART NAME
+unexport $(USER_VARS) $(OLD_VARS)
+
 # Old spellings, kept one release: they say what to write instead.
+ifdef FLOAT16
+$(warning FLOAT16=$(call raw,FLOAT16) is now STORAGE=float16; write that instead)
+STORAGE := $(if $(filter 1 yes true,$(call raw,FLOAT16)),float16,$(call raw,STORAGE))
+endif
+ifdef RUNTIME_PRECISION
+OLD_PRECISION := $(call raw,RUNTIME_PRECISION)
+NEW_PRECISION := $(or $(filter auto,$(OLD_PRECISION)),$(if $(filter bf16,$(OLD_PRECISION)),bfloat16,float32))
+$(warning RUNTIME_PRECISION=$(OLD_PRECISION) is now PRECISION=; write PRECISION=$(NEW_PRECISION) instead)
+PRECISION := $(NEW_PRECISION)
+endif
+ifdef AUTO_CV
+$(warning AUTO_CV=$(call raw,AUTO_CV) is now CV=; write CV=$(call raw,AUTO_CV) instead)
+CV := $(call raw,AUTO_CV)
+endif
 ifdef LAYERS
-$(warning LAYERS=$(LAYERS) is now UNFREEZE=$(LAYERS); write that instead)
-UNFREEZE := $(LAYERS)
+$(warning LAYERS=$(call raw,LAYERS) is now UNFREEZE=$(call raw,LAYERS); write that instead)
+UNFREEZE := $(call raw,LAYERS)
 endif
 ifdef AUG_VIEWS
-$(warning AUG_VIEWS=$(AUG_VIEWS) is now AUG_COPIES=$(AUG_VIEWS); write that instead)
-AUG_COPIES := $(AUG_VIEWS)
+$(warning AUG_VIEWS=$(call raw,AUG_VIEWS) is now AUG_COPIES=$(call raw,AUG_VIEWS); write that instead)
+AUG_COPIES := $(call raw,AUG_VIEWS)
 endif
-FINETUNE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) \
-	--unfreeze $(UNFREEZE) --epochs $(EPOCHS) --lr $(LR) --head-epochs $(HEAD_EPOCHS) --patience $(PATIENCE) \
-	--augment $(AUGMENT) --aug-copies $(AUG_COPIES) --class-weight $(CLASS_WEIGHT) --batch-size $(BATCH) --precision $(PRECISION) \
-	$(SPLIT_ARGS) --restart $(RESTART) $(if $(NAME),--name $(NAME)) --artifacts $(ARTIFACTS)
-.PHONY: finetune bench-finetune
+
+$(foreach v,$(USER_VARS),$(eval export ARG_$v := $$(call raw,$v)))
+# make-level paths (prerequisites): the raw text too, never expanded by make.
+VENV_DIR := $(ARG_VENV)
+# $(call pipeline,<command and options>) runs `python -m pipeline ...` and first prints it with
+# the values in place, quoted for pasting (make's own echo would show "$ARG_DATA"); not under
+# make -s. PIPELINE_FROM_MAKE: the CLI's errors name the make variable (EPOCHS=), not --epochs.
+QUIET := $(findstring s,$(firstword -$(MAKEFLAGS)))
+pipeline = @cmd=("$$ARG_PY" -m pipeline $1); \
+	$(if $(QUIET),,printf '%q ' "$${cmd[@]}"; echo;) PIPELINE_FROM_MAKE=1 "$${cmd[@]}"
+# opt,VAR,--flag: the flag and its value, only when VAR is set.
+opt = $(if $(ARG_$1),$2 "$$ARG_$1")
+
+SPLIT_ARGS = --seed "$$ARG_SEED" --val-fraction "$$ARG_VAL_FRACTION" --test-fraction "$$ARG_TEST_FRACTION"
+RAY_ARGS = --engine "$$ARG_ENGINE" $(call opt,RAY_ADDRESS,--ray-address)
+FEATURE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt,INPUT_SIZE,--input-size) \
+	--pooling "$$ARG_POOLING" $(call opt,LAYER,--layer) $(if $(ARG_VIEWS),--views "$$ARG_VIEWS" --combine "$$ARG_COMBINE") \
+	--batch-size "$$ARG_BATCH" --precision "$$ARG_PRECISION" --storage "$$ARG_STORAGE" --runtime "$$ARG_RUNTIME" \
+	--artifacts "$$ARG_ARTIFACTS"
+FINETUNE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt,INPUT_SIZE,--input-size) \
+	--unfreeze "$$ARG_UNFREEZE" --epochs "$$ARG_EPOCHS" --lr "$$ARG_LR" --head-epochs "$$ARG_HEAD_EPOCHS" \
+	--patience "$$ARG_PATIENCE" --augment "$$ARG_AUGMENT" --aug-copies "$$ARG_AUG_COPIES" \
+	--class-weight "$$ARG_CLASS_WEIGHT" --batch-size "$$ARG_BATCH" --precision "$$ARG_PRECISION" \
+	$(SPLIT_ARGS) --restart "$$ARG_RESTART" $(call opt,NAME,--name) --artifacts "$$ARG_ARTIFACTS"
+
+.PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
+.PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs finetune bench-finetune
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV_DIR)/.installed: pyproject.toml
+	"$$ARG_PYTHON" -m venv "$$ARG_VENV"
+	"$$ARG_PY" -m pip install -q --upgrade pip
+	"$$ARG_PY" -m pip install -q -e .
+	touch "$$ARG_VENV/.installed"
+
+install: $(VENV_DIR)/.installed ## create .venv and install the package with its dependencies
+
+# The extras, installed on first use by the targets that need them: dev (test, lint), ray
+# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen).
+$(VENV_DIR)/.%-installed: $(VENV_DIR)/.installed pyproject.toml
+	"$$ARG_PY" -m pip install -q -e '.[$*]'
+	touch "$$ARG_VENV/.$*-installed"
+RAY_EXTRA = $(if $(filter ray,$(ARG_ENGINE)),$(VENV_DIR)/.ray-installed)
+
+weights-from-assets: ## offline machines: copy ../shared/assets weights into the Keras cache (if present)
+	@models="$${KERAS_HOME:-$$HOME/.keras}/models"; \
+	if [ -d "$$ARG_ASSETS/weights" ]; then \
+	  for f in "$$ARG_ASSETS"/weights/*.h5; do \
+	    [ -e "$$models/$$(basename "$$f")" ] || { mkdir -p "$$models" && cp "$$f" "$$models/"; }; \
+	  done; fi
+
+demo: install weights-from-assets ## install, then run the pipeline on the embedded digits data
+	$(call pipeline,demo-data --out "$$ARG_ARTIFACTS/data/digits")
+	$(call pipeline,features --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS))
+	$(call pipeline,head --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS) --head all $(if $(filter 1 yes true,$(ARG_FORCE)),--force))
+	$(call pipeline,report --data "$$ARG_ARTIFACTS/data/digits" --artifacts "$$ARG_ARTIFACTS")
+
+demo-data: install ## write scikit-learn's digits as PNG class folders under artifacts/data/digits
+	$(call pipeline,demo-data --out "$$ARG_ARTIFACTS/data/digits")
+
+backbones: install ## print the backbone registry
+	$(call pipeline,backbones)
+
+features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
+	$(call pipeline,features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY")
+
+head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
+	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(call opt,GRID,--grid) $(if $(filter 1 yes true,$(ARG_FORCE)),--force) $(RAY_ARGS))
+
+report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
+	$(call pipeline,report --data "$$ARG_DATA" --artifacts "$$ARG_ARTIFACTS")
+
+predict: install ## classify new images: MODEL=<head .json/.skops/.joblib/softmax.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv or folder] (class folders: accuracy)
+	$(call pipeline,predict $(call opt,MODEL,--model) $(call opt,IMAGES,--images) --batch-size "$$ARG_BATCH" --artifacts "$$ARG_ARTIFACTS" $(call opt,OUT,--out))
+
+probe: install weights-from-assets ## linear-head accuracy per cut layer, one forward pass, CV on train (DATA= BACKBONE= INPUT_SIZE= PROBE_LAYERS=a,b CV=) -> artifacts/probe/
+	$(call pipeline,probe --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(call opt,PROBE_LAYERS,--layers) --cv "$$ARG_CV")
+
+auto: install weights-from-assets ## try the feature recipes (flip, scale, middle layer, joins) with svm+logreg; choose by CV on train; report (DATA= CV=)
+	$(call pipeline,auto --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) --cv "$$ARG_CV")
+
+check-unseen: install $(VENV_DIR)/.unseen-installed weights-from-assets ## make auto on data unlike ImageNet: texture patches and hymenoptera shrunk to 48 px and blurred
+	$(call pipeline,unseen-data --out "$$ARG_ARTIFACTS/data" --source "$$ARG_ASSETS/datasets/hymenoptera_data")
+	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/textures" $(FEATURE_ARGS) --cv "$$ARG_CV")
+	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/hymenoptera_data_small_blurred" $(FEATURE_ARGS) --cv "$$ARG_CV")
+
+bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json); CLASSES=100 ROWS=3000,30000: on synthetic many-class features
+ifdef CLASSES
+	$(call pipeline,bench-heads --classes "$$ARG_CLASSES" --rows "$$ARG_ROWS" $(if $(wildcard $(ARG_ASSETS)/datasets/hymenoptera_data),--data "$$ARG_ASSETS/datasets/hymenoptera_data") $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --repeats "$$ARG_REPEATS" --out "$$ARG_ARTIFACTS/bench/heads-$$ARG_CLASSES-classes.json")
+else
+	$(call pipeline,bench-heads --data "$$ARG_ASSETS/datasets/hymenoptera_data" --data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/heads.json")
+endif
+
+test: install $(VENV_DIR)/.dev-installed ## the test suite without its slow tier (a few minutes on 2 cores)
+	"$$ARG_PY" -m pytest -q -m "not slow"
+
+test-slow: install $(VENV_DIR)/.dev-installed $(VENV_DIR)/.ray-installed weights-from-assets ## the slow tier: every backbone built, kill-and-resume runs, Ray, real data
+	"$$ARG_PY" -m pytest -q -m slow
+
+test-all: install $(VENV_DIR)/.dev-installed $(VENV_DIR)/.ray-installed weights-from-assets ## both tiers, as CI runs them
+	"$$ARG_PY" -m pytest -q
+
+lint: install $(VENV_DIR)/.dev-installed ## ruff lint and format check
+	"$$ARG_PY" -m ruff check pipeline tests && "$$ARG_PY" -m ruff format --check pipeline tests
+
+format: install $(VENV_DIR)/.dev-installed ## apply ruff fixes and formatting
+	"$$ARG_PY" -m ruff check --fix pipeline tests; "$$ARG_PY" -m ruff format pipeline tests
+
+docs: $(VENV_DIR)/.docs-installed ## build the documentation site (mkdocs, strict: a warning fails) into artifacts/site/
+	NO_MKDOCS_2_WARNING=1 "$$ARG_PY" -m mkdocs build --strict --site-dir "$$ARG_ARTIFACTS/site"
+
+bench-features: install $(RAY_EXTRA) weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
+	$(call pipeline,bench-features --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-400}" --out "$$ARG_ARTIFACTS/bench/$(if $(filter ray,$(ARG_ENGINE)),features_ray,features).json" $(RAY_ARGS))
 
 finetune: install weights-from-assets ## stage three: fine-tune the last UNFREEZE layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= UNFREEZE=n|block|all EPOCHS= LR= AUGMENT= AUG_COPIES= PATIENCE= NAME= RESTART=1)
-	$(PY) -m pipeline finetune --data $(DATA) $(FINETUNE_ARGS)
+	$(call pipeline,finetune --data "$$ARG_DATA" $(FINETUNE_ARGS))
 
 bench-finetune: install weights-from-assets ## one phase-two epoch (last block) / one stage-one pass (BENCH_DATA=, N=, AUG_COPIES=)
-	$(PY) -m pipeline bench-finetune --data $(or $(BENCH_DATA),$(ASSETS)/datasets/cats_and_dogs_filtered) --backbone $(BACKBONE) --weights $(WEIGHTS) --batch-size $(BATCH) --images $(or $(N),256) --aug-copies $(AUG_COPIES) --out $(ARTIFACTS)/bench/finetune.json
+	$(call pipeline,bench-finetune --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-256}" --aug-copies "$$ARG_AUG_COPIES" --out "$$ARG_ARTIFACTS/bench/finetune.json")
 
 clean: ## remove artifacts (keeps artifacts/README.md)
-	find $(ARTIFACTS) -mindepth 1 ! -name README.md -delete
+	find "$$ARG_ARTIFACTS" -mindepth 1 ! -name README.md -delete

@@ -3,6 +3,7 @@
 Stage one caches frozen ImageNet backbone features to HDF5 (:func:`extract_features`);
 stage two fits heads on them (:func:`fit_heads`) and :func:`write_report` compares them;
 stage three fine-tunes (:func:`finetune`); :func:`predict_images` classifies new images.
+:class:`ImageFeatures` is stage one as a scikit-learn transformer, for images in memory.
 Importing the package is cheap: each name loads its stage on first use, and Keras and
 TensorFlow load only when a model is built.
 """
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "SplitConfig": "pipeline.data",
     "FeatureConfig": "pipeline.features",
+    "ImageFeatures": "pipeline.features.transformer",
     "cache_path_for": "pipeline.features",
     "extract_features": "pipeline.features",
     "list_backbones": "pipeline.features",

@@ -27,16 +27,15 @@ included) that is one of the model's classes, so ``IMAGES=data/test`` or
 
 from __future__ import annotations
 
-import csv
-import io
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from pipeline.core.artifacts import Artifacts, dataset_name
+from pipeline.core.console import progress_bar
 from pipeline.core.errors import PipelineError, PredictError
 from pipeline.core.files import write_bytes_atomic
 from pipeline.data.folders import IMAGE_EXTENSIONS, images_under
@@ -45,157 +44,15 @@ from pipeline.features import backbones, rebuild
 from pipeline.finetuning.model import load_finetuned
 from pipeline.heads.softmax import two_columns
 from pipeline.heads.store import find_manifest, load_head
-
-# Leading characters that make Excel, LibreOffice or Sheets read a cell as a formula (OWASP).
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-TABLE_LIMIT = 20  # print every prediction when there are at most this many images
-
-
-def spreadsheet_safe(text: str) -> str:
-    """``text`` with a ``'`` in front when a spreadsheet would evaluate it as a formula.
-
-    Examples
-    --------
-    >>> spreadsheet_safe("=HYPERLINK(...)"), spreadsheet_safe("ants/1.jpg")
-    ("'=HYPERLINK(...)", 'ants/1.jpg')
-    """
-    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
-
-
-@dataclass
-class Predictions:
-    """What :func:`predict_images` predicted, and where it wrote it.
-
-    Attributes
-    ----------
-    out_csv : Path
-        The CSV written.
-    model : str
-        The model, in words.
-    class_names : tuple of str
-        Column order of ``scores``.
-    paths : list of str
-        Image paths relative to ``IMAGES`` (a folder) or the file's name.
-    pred : ndarray of int64
-        Predicted class index of each image.
-    scores : ndarray of float64, shape (n, n_classes)
-        Probabilities (``is_proba``) or decision scores of every class.
-    is_proba : bool
-        Whether ``scores`` are probabilities.
-    labels : ndarray of int64
-        True class index from the image's class folder, ``-1`` outside class folders.
-    skipped : list of (path, reason)
-        Images that could not be read.
-    """
-
-    out_csv: Path
-    model: str
-    class_names: tuple[str, ...]
-    paths: list[str]
-    pred: np.ndarray
-    scores: np.ndarray
-    is_proba: bool
-    labels: np.ndarray
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def n_predicted(self) -> int:
-        return len(self.paths)
-
-    @property
-    def n_labelled(self) -> int:
-        """Images inside a class folder (they have a true label)."""
-        return int(np.sum(self.labels >= 0))
-
-    @property
-    def accuracy(self) -> float | None:
-        """Accuracy on the images inside class folders; ``None`` when there are none."""
-        known = self.labels >= 0
-        return float(np.mean(self.pred[known] == self.labels[known])) if known.any() else None
-
-    @property
-    def value_column(self) -> str:
-        return "probability" if self.is_proba else "score"
-
-    def columns(self) -> list[str]:
-        """CSV header: ``path, [true_label,] predicted, probability|score, p_<class>|score_<class>...``."""
-        prefix = "p_" if self.is_proba else "score_"
-        label = ["true_label"] if self.n_labelled else []
-        return ["path", *label, "predicted", self.value_column] + [
-            prefix + c for c in self.class_names
-        ]
-
-    def records(self) -> list[dict[str, Any]]:
-        """One dict per image, keyed by :meth:`columns` (values as Python objects, not text)."""
-        names, columns = self.class_names, self.columns()
-        out = []
-        for i, path in enumerate(self.paths):
-            p = int(self.pred[i])
-            row: dict[str, Any] = {"path": path}
-            if self.n_labelled:
-                row["true_label"] = names[self.labels[i]] if self.labels[i] >= 0 else None
-            row["predicted"] = names[p]
-            row[self.value_column] = float(self.scores[i, p])
-            row.update(zip(columns[-len(names) :], map(float, self.scores[i]), strict=True))
-            out.append(row)
-        return out
-
-    def to_csv(self) -> str:
-        """The CSV text; text cells that a spreadsheet would evaluate are prefixed with ``'``."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([spreadsheet_safe(c) for c in self.columns()])
-        for record in self.records():
-            writer.writerow(
-                [
-                    f"{v:.6f}" if isinstance(v, float) else spreadsheet_safe(v or "")
-                    for v in record.values()
-                ]
-            )
-        return buffer.getvalue()
-
-    def format(self, table_limit: int = TABLE_LIMIT) -> str:
-        """What ``make predict`` prints: the file, skipped images, a table when few, accuracy."""
-        lines = [
-            f"wrote {self.out_csv}: {self.n_predicted} images predicted with {self.model}, "
-            f"{len(self.skipped)} skipped"
-        ]
-        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
-        if 0 < self.n_predicted <= table_limit:
-            lines += self._table()
-        accuracy = self.accuracy
-        if accuracy is not None:
-            correct = int(round(accuracy * self.n_labelled))
-            outside = self.n_predicted - self.n_labelled
-            rest = f"; {outside} outside class folders not scored" if outside else ""
-            lines.append(
-                f"accuracy {accuracy:.3f} ({correct}/{self.n_labelled} images in class "
-                f"folders{rest})"
-            )
-        return "\n".join(lines)
-
-    def _table(self) -> list[str]:
-        labelled = bool(self.n_labelled)
-        header = ["path", *(["true"] if labelled else []), "predicted", self.value_column]
-        rows = [header]
-        for record in self.records():
-            row = [_shorten(record["path"], 48)]
-            if labelled:
-                row.append(record["true_label"] or "-")
-            value = record[self.value_column]
-            row += [record["predicted"], f"{value:.3f}"]
-            if labelled and record["true_label"] not in (None, record["predicted"]):
-                row[-1] += "  wrong"
-            rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        return [
-            "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows
-        ]
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
+from pipeline.predictions import (  # noqa: F401  (public here too)
+    FORMULA_PREFIXES,
+    TABLE_LIMIT,
+    Predictions,
+    check_out,
+    default_csv,
+    output_path,
+    spreadsheet_safe,
+)
 
 
 def list_images(images: str | Path) -> tuple[Path, list[str]]:
@@ -409,11 +266,9 @@ def load_predictor(model_path: str | Path, artifacts_dir: str | Path = "artifact
 def default_output(
     predictor: Predictor, images: str | Path, artifacts_dir: str | Path = "artifacts"
 ) -> Path:
-    """``artifacts/predictions/<dataset>/<model id>/<images name>.csv`` (see :mod:`pipeline.core.artifacts`)."""
-
-    images = Path(images).expanduser()
-    name = images.stem if images.is_file() else dataset_name(images)
-    return Artifacts(artifacts_dir).predictions_csv(predictor.dataset, predictor.model_id, name)
+    """``artifacts/predictions/<dataset>/<model id>/<images>-<hash>.csv`` (see
+    :func:`pipeline.predictions.images_label`)."""
+    return default_csv(predictor.dataset, predictor.model_id, images, artifacts_dir)
 
 
 def predict_images(
@@ -424,6 +279,7 @@ def predict_images(
     batch_size: int = 32,
     artifacts_dir: str | Path = "artifacts",
     log: Callable[[str], Any] | None = None,
+    progress: bool = False,
 ) -> Predictions:
     """Classify new images, write a CSV of every class's probability, return the predictions.
 
@@ -436,31 +292,32 @@ def predict_images(
         An image file or a folder (searched recursively). Images inside folders
         named like the model's classes get a true label (see :func:`true_labels`).
     out_csv : path, optional
-        Output CSV, written atomically. Default
-        ``<artifacts_dir>/predictions/<dataset>/<model id>/<images name>.csv``,
-        where the model id is ``<cache stem>_<head>`` for a head and the run's
-        name for a fine-tuned model. Columns: ``path``, ``true_label`` (only
-        when some image is in a class folder), ``predicted``, then
-        ``probability`` and ``p_<class>`` for every class for models with
-        probabilities, ``score`` and ``score_<class>`` (decision values) for the
-        others. Text cells starting with ``= + - @`` get a leading ``'``.
+        Output CSV (or a folder to write it in), written atomically; default
+        ``<artifacts_dir>/predictions/<dataset>/<model id>/<images>-<hash>.csv``
+        (:func:`pipeline.predictions.output_path` has the rules). Columns: ``path``,
+        ``true_label`` (when some image is in a class folder), ``predicted``, then
+        ``probability`` and ``p_<class>`` per class (models with probabilities) or
+        ``score`` and ``score_<class>`` (decision values); text cells starting with
+        ``= + - @`` get a leading ``'``.
     batch_size : int
         Images per forward pass.
     artifacts_dir : path
         Root of the default output.
     log : callable, optional
-        Called with a line for each skipped image.
+        Called with what is being loaded and a line for each skipped image.
+    progress : bool
+        Show a progress bar over the images.
 
     Returns
     -------
     Predictions
-        Paths, predicted classes, every class's scores, true labels, the
-        accuracy on images in class folders, skipped images, the CSV's path.
+        Paths, predicted classes, scores, true labels, accuracy, skipped images, the CSV.
 
     Raises
     ------
     PredictError, HeadError
-        Unusable model or input; nothing is written then.
+        Unusable model or input, ``out_csv`` an existing file that is not a
+        predictions CSV, no image readable; nothing is written then.
 
     Examples
     --------
@@ -471,18 +328,22 @@ def predict_images(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"batch size must be a positive integer; got {batch_size!r}")
-    predictor = load_predictor(model_path, artifacts_dir)
     root, paths = list_images(images)
-    k = len(predictor.class_names)
-    kept, pred, scores, is_proba, skipped = predictor.score(root, paths, batch_size, log)
-
+    check_out(out_csv)  # before the model loads: a refusal costs nothing
+    predictor = _load(model_path, artifacts_dir, log)
+    kept, pred, scores, is_proba, skipped = _score_all(
+        predictor, root, paths, batch_size, log, progress
+    )
+    if not kept:
+        raise PredictError(_none_read(images, paths, skipped))
+    default = default_output(predictor, images, artifacts_dir)
     result = Predictions(
-        out_csv=Path(out_csv) if out_csv else default_output(predictor, images, artifacts_dir),
+        out_csv=output_path(out_csv, default, predictor.model_id),
         model=predictor.label,
         class_names=predictor.class_names,
         paths=kept,
-        pred=pred if pred is not None else np.zeros(0, np.int64),
-        scores=scores if scores is not None else np.zeros((0, k)),
+        pred=pred,
+        scores=scores,
         is_proba=is_proba,
         labels=true_labels(root, kept, predictor.class_names),
         skipped=skipped,
@@ -490,3 +351,48 @@ def predict_images(
     result.out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(result.out_csv, result.to_csv())
     return result
+
+
+def _load(model_path: str | Path, artifacts_dir: str | Path, log: Any) -> Predictor:
+    """:func:`load_predictor`, saying what loads (Keras and the backbone take seconds)."""
+    say = log or (lambda line: None)
+    say(f"loading {model_path} (Keras and the backbone: a few seconds)")
+    started = time.perf_counter()
+    predictor = load_predictor(model_path, artifacts_dir)
+    say(f"loaded {predictor.label} in {time.perf_counter() - started:.1f} s")
+    return predictor
+
+
+def _none_read(images: str | Path, paths: list[str], skipped: list[tuple[str, str]]) -> str:
+    first = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    return (
+        f"none of the {len(paths)} image files under IMAGES={images} could be read{first}; "
+        "nothing was written"
+    )
+
+
+def _score_all(
+    predictor: Predictor,
+    root: Path,
+    paths: list[str],
+    batch_size: int,
+    log: Callable[[str], Any] | None,
+    progress: bool,
+) -> tuple[list[str], np.ndarray | None, np.ndarray | None, bool, list[tuple[str, str]]]:
+    """:attr:`Predictor.score` over ``paths`` a few batches at a time, with a bar over images."""
+    kept, preds, scores, skipped, is_proba = [], [], [], [], True
+    step = batch_size * 4  # a few batches per call: decoding still runs ahead of the model
+    with progress_bar(len(paths), desc="predicting", unit="img", enabled=progress) as bar:
+        for start in range(0, len(paths), step):
+            chunk = paths[start : start + step]
+            got, pred, chunk_scores, chunk_proba, missed = predictor.score(
+                root, chunk, batch_size, log
+            )
+            skipped += missed
+            if got:
+                kept += got
+                preds.append(pred)
+                scores.append(chunk_scores)
+                is_proba = chunk_proba
+            bar.update(len(chunk))
+    return kept, _stack(preds, np.int64), _stack(scores, np.float64), is_proba, skipped

@@ -6,8 +6,6 @@ MobileNetV2 with random weights at 32x32 on a tiny colour folder.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -292,11 +290,10 @@ def test_aug_copies_must_be_a_whole_number(value):
 
 
 def test_make_finetune_passes_aug_copies(colours, tmp_path):
-    out = subprocess.run(
-        ["make", "-n", "finetune", f"DATA={colours}", "AUG_COPIES=2"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ}, check=True,
-    ).stdout  # fmt: skip
-    assert "--aug-copies 2" in out
+    from make_helpers import run_make
+
+    (call,) = run_make(tmp_path, "finetune", f"DATA={colours}", "AUG_COPIES=2")
+    assert "--aug-copies 2" in " ".join(call["argv"])
 
 
 def test_a_view_is_the_seeded_augmentation_then_the_frozen_part(base, colours):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,15 +69,15 @@ def test_the_old_spellings_still_work_and_say_the_new_one(calls, capsys, monkeyp
     assert calls[-1][2]["aug_copies"] == 3
 
 
-def test_make_old_spellings_warn_and_set_the_new_variables():
-    make = ["make", "-n", "-o", "install", "-o", "weights-from-assets"]
-    run = subprocess.run(
-        [*make, "finetune", "LAYERS=2", "AUG_VIEWS=3"], cwd=REPO, capture_output=True, text=True
-    )
-    assert "LAYERS=2 is now UNFREEZE=2; write that instead" in run.stderr
-    assert "AUG_VIEWS=3 is now AUG_COPIES=3; write that instead" in run.stderr
-    assert "--unfreeze 2" in run.stdout and "--aug-copies 3" in run.stdout
-    run = subprocess.run([*make, "probe", "CV=4"], cwd=REPO, capture_output=True, text=True)
-    assert "--cv 4" in run.stdout
-    run = subprocess.run([*make, "auto", "AUTO_CV=6"], cwd=REPO, capture_output=True, text=True)
-    assert "AUTO_CV=6 is now CV=" in run.stderr and "--cv 6" in run.stdout
+def test_make_old_spellings_warn_and_set_the_new_variables(tmp_path):
+    from make_helpers import run_make_with_stderr
+
+    (call,), err = run_make_with_stderr(tmp_path, "finetune", "LAYERS=2", "AUG_VIEWS=3")
+    assert "LAYERS=2 is now UNFREEZE=2; write that instead" in err
+    assert "AUG_VIEWS=3 is now AUG_COPIES=3; write that instead" in err
+    argv = " ".join(call["argv"])
+    assert "--unfreeze 2" in argv and "--aug-copies 3" in argv
+    (call,), _ = run_make_with_stderr(tmp_path, "probe", "CV=4")
+    assert "--cv 4" in " ".join(call["argv"])
+    (call,), err = run_make_with_stderr(tmp_path, "auto", "AUTO_CV=6")
+    assert "AUTO_CV=6 is now CV=" in err and "--cv 6" in " ".join(call["argv"])

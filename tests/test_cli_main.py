@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import pytest
@@ -120,7 +121,73 @@ def test_describe_folder_with_split_folders(tmp_path):
     assert text.splitlines()[1] == "  split: train 6, val 2 (from the split folders train/, val/)"
 
 
-def test_usage_errors_return_2_in_process(capsys):
+def test_usage_errors_return_2_in_process(capsys, monkeypatch):
+    monkeypatch.delenv("PIPELINE_FROM_MAKE", raising=False)
     assert main([]) == 2
+    assert "required: command (see `python -m pipeline --help`)" in _error(capsys)
     assert main(["predict", "--batch-size", "many"]) == 2
-    assert "invalid int value" in capsys.readouterr().err
+    assert _error(capsys) == (
+        "error: --batch-size must be a whole number; got 'many' "
+        "(see `python -m pipeline predict --help`)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "from_make", "direct"),
+    [
+        (["finetune", "--data", "x", "--epochs", "many"], "EPOCHS= must be a whole number; got "
+         "'many'", "--epochs must be a whole number; got 'many'"),
+        (["features", "--data", "x", "--val-fraction", ""], "VAL_FRACTION= must be a number; "
+         "got ''", "--val-fraction must be a number; got ''"),
+        (["finetune", "--data", "x", "--restart", "maybe"], "RESTART= must be 1 or 0; got "
+         "'maybe'", "--restart must be 1 or 0; got 'maybe'"),
+        (["features", "--data", "x", "--input-size", "big"], "INPUT_SIZE= must be a whole "
+         "number (or empty for the default); got 'big'", "--input-size must be a whole number"),
+        (["predict", "--batch-size", "0.5"], "BATCH= must be a whole number; got '0.5'",
+         "--batch-size must be"),
+        (["bench-features", "--data", "x", "--images", "lots"], "N= must be a whole number; "
+         "got 'lots'", "--images must be"),
+        (["probe", "--data", "x", "--layers"], "PROBE_LAYERS= needs a value", "--layers needs"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_is_one_line_naming_the_make_variable_or_the_option(
+    capsys, monkeypatch, argv, from_make, direct
+):
+    monkeypatch.setenv("PIPELINE_FROM_MAKE", "1")
+    assert main(argv) == 2
+    assert _error(capsys) == f"error: {from_make}"
+    monkeypatch.delenv("PIPELINE_FROM_MAKE")
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert err.startswith(f"error: {direct}") and err.endswith(f" {argv[0]} --help`)")
+    assert "usage:" not in err
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_keras_backend_that_is_not_installed_is_one_line(capsys, monkeypatch, backend):
+    cli = importlib.import_module("pipeline.cli.main")
+
+    def missing(args):  # what `import keras` raises under KERAS_BACKEND=jax without JAX
+        raise ModuleNotFoundError(f"No module named '{backend}'", name=backend)
+
+    monkeypatch.setattr(cli, "cmd_backbones", missing)
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    assert main(["backbones"]) == 2
+    err = _error(capsys)
+    assert f"KERAS_BACKEND={backend}, but {backend} is not installed" in err
+    assert f"-m pip install {backend}`) or unset KERAS_BACKEND" in err
+    monkeypatch.delenv("KERAS_BACKEND")  # another missing module is a bug: its traceback stays
+    with pytest.raises(ModuleNotFoundError):
+        main(["backbones"])
+
+
+def test_an_unknown_keras_backend_is_one_line(capsys, monkeypatch):
+    cli = importlib.import_module("pipeline.cli.main")
+
+    def unknown(args):
+        raise ValueError("Unable to import backend : nope")
+
+    monkeypatch.setattr(cli, "cmd_backbones", unknown)
+    monkeypatch.setenv("KERAS_BACKEND", "nope")
+    assert main(["backbones"]) == 2
+    assert "KERAS_BACKEND='nope' is not a Keras backend" in _error(capsys)

@@ -19,6 +19,8 @@ from pipeline.core.errors import PipelineError, ReportError
 from pipeline.features.cache import load_features
 from pipeline.heads.fit import fit_heads
 from pipeline.report.collect import collect_runs, image_under, thumbnails, write_report
+from pipeline.report.pages import md_escape
+from pipeline.report.verdict import verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +195,12 @@ def test_report_files_and_figures(artifacts):
     assert page.count("data:image/png;base64,") == len(figures) + n_thumbs
     md = result.markdown.read_text()
     assert "## Leaderboard" in md and "figures/cost.png" in md and "thumbnails/" in md
-    assert "Chosen run:" in result.format()
+    terminal = " ".join(line.strip() for line in result.lines)
+    assert "Chosen overall:" in terminal and "Linear SVM or softmax head?" in terminal
+    assert "synth/" not in terminal  # short names, not the cache's identity
+    for sentence in verdict(data):  # the terminal says what the page says
+        assert sentence in terminal
+        assert md_escape(sentence) in md
 
 
 def test_html_structure_verdict_sections_and_thumbnails(artifacts):
@@ -213,9 +220,12 @@ def test_html_structure_verdict_sections_and_thumbnails(artifacts):
     ]  # fmt: skip; no baselines section: no random-weight run
     assert page.sections["finetuned"] == "Fine-tuned runs"
     winner = data["selection"]["winner"]
-    assert f"Chosen run: {winner}" in page.verdict
+    labels = {r["run"]: r["label"] for r in data["runs"]}
+    assert page.verdict.strip().startswith("Linear SVM or softmax head?")  # the question first
+    assert f"Chosen overall: {labels[winner]}," in page.verdict
     assert "untouched test split" in page.verdict
-    assert data["selection"]["runner_up"] in page.verdict and "McNemar" in page.verdict
+    assert labels[data["selection"]["runner_up"]] in page.verdict and "McNemar" in page.verdict
+    assert "synth/" not in page.verdict
     assert "ms per image" in page.verdict
     worst = [e for s in data["errors"]["splits"].values() for e in s["top_losses"]]
     assert len(worst) >= 2 and len(page.thumbnails) == len(worst)
@@ -267,14 +277,14 @@ def test_thumbnails_only_inside_the_data_root(artifacts, tmp_path):
 
 
 def _config_rows(markdown: str) -> dict[str, list[str]]:
-    """The configuration table of report.md: run -> cells (after the run)."""
+    """The configuration table of report.md: run identity -> cells by column."""
     section = markdown.split("**Configuration of each run**", 1)[1].split("##", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[1:]:  # cells are Markdown-escaped: undo the backslashes
         cells = [re.sub(r"\\(.)", r"\1", cell.strip()) for cell in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header, cells, strict=True))
+        rows[cells[1]] = dict(zip(header, cells, strict=True))
     return rows
 
 
@@ -289,7 +299,10 @@ def test_weights_column_is_the_source_for_heads_and_finetuned_runs(artifacts, ve
     rows = _config_rows(result.markdown.read_text())
     assert rows["synth/svm"]["weights"] == "imagenet"
     assert rows["synth/svm"]["weights identity"] == "imagenet (keras 3.0.0)"
+    assert rows["synth/svm"]["run"] == "svm"  # the short name, its identity beside it
     ft = rows[f"finetuned/ft_v{version}"]
+    # no unfreeze recorded; the name tells it from the module's other fine-tuned run
+    assert ft["run"] in ("fine-tuned", f"fine-tuned: ft_v{version}")
     assert ft["weights"] == "my_weights.h5"
     assert ft["weights identity"] == "sha256:abababababab"
     data = json.loads(result.json.read_text())
@@ -360,6 +373,15 @@ def test_no_heads_is_one_clear_error(tmp_path, artifacts):
         write_report("synthetic", artifacts_dir=artifacts, n_resamples=0)
 
 
+def test_heads_without_val_or_test_say_so_not_run_make_head(tmp_path):
+    # Heads fitted on a split that left val and test empty: "run make head first" would be wrong.
+    (tmp_path / "heads" / "tiny" / "svm").mkdir(parents=True)
+    with pytest.raises(ReportError, match="have no val or test predictions") as caught:
+        write_report("tiny", artifacts_dir=tmp_path)
+    assert "did you mean" not in str(caught.value)
+    assert "run `make head" not in str(caught.value)
+
+
 def _make(*args: str) -> subprocess.CompletedProcess:
     # -o: treat the venv as installed (the tests run inside it; no pip, no network).
     python = Path(sys.executable)
@@ -379,7 +401,7 @@ def test_make_head_and_report_end_to_end(tiny_cache, tmp_path):
     shutil.copy(tiny_cache, target)
     common = [
         f"ARTIFACTS={artifacts}",
-        f"DATA={tmp_path / 'colours'}",
+        f"DATA={tiny_cache.parents[3] / 'colours'}",  # make head checks the images it was made from
         "WEIGHTS=none",
         "INPUT_SIZE=32",
     ]

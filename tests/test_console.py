@@ -96,3 +96,30 @@ def test_an_error_raised_by_the_import_still_reaches_the_user():
     assert done.returncode == 1
     assert b"Unable to import backend : no-such-backend" in done.stderr
     assert b"Traceback (most recent call last)" in done.stderr
+
+
+def test_a_line_printed_while_a_bar_is_open_starts_on_a_line_of_its_own(monkeypatch):
+    """A terminal shows stdout and stderr on one screen: the bar must be cleared before the
+    line, never left in front of it (the first epoch's row glued to a stale bar)."""
+    import io
+    import sys
+
+    from pipeline.core.console import progress_bar
+
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    with progress_bar(4, desc="epoch 1/3", unit="batch") as bar:
+        bar.update(2)
+        print("phase 1: val accuracy 0.9000")
+        print("epoch 1/3", end="")  # a line in two writes is written once whole
+        print(" loss 0.1")
+        print("a warning", file=sys.stderr)
+        bar.update(2)
+    print("after")
+    assert sys.stdout is screen and sys.stderr is screen  # the streams are given back
+    text = screen.getvalue()
+    assert "epoch 1/3:  50%" in text  # the bar was drawn
+    for line in ("phase 1: val accuracy 0.9000", "epoch 1/3 loss 0.1", "a warning", "after"):
+        (before,) = [part for part in text.split("\n") if part.endswith(line)]
+        assert before.split("\r")[-1] == line, repr(before)  # nothing of a bar before it

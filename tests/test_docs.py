@@ -23,7 +23,7 @@ KERAS_MODELS = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "mod
 IMAGENET = KERAS_MODELS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 # The pages whose examples continue one another, in the order a reader meets them.
 PAGES = ("README.md", "docs/features.md", "docs/getting-started.md", "docs/heads.md",
-         "docs/predict.md", "docs/report.md", "docs/finetune.md")  # fmt: skip
+         "docs/predict.md", "docs/report.md", "docs/finetune.md", "docs/python-api.md")  # fmt: skip
 
 
 def blocks(page: str, language: str) -> list[str]:

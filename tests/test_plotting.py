@@ -7,6 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from pipeline.report import plotting
+from pipeline.report.figures import report_figures, run_title
 
 NAMES = ["ants", "bees", "wasps"]
 
@@ -51,7 +52,9 @@ def test_confusion_figure_row_shares_counts_and_title():
     figure = plotting.confusion_figure(CM, NAMES, title="vgg16 + svm: test")
     assert isinstance(figure, Figure)
     ax = figure.axes[0]
-    assert ax.get_title() == "vgg16 + svm: test"
+    assert ax.get_title().splitlines()[0] == "vgg16 + svm: test"
+    assert "share of the true class" in ax.get_title()  # under the title, not by the bar
+    assert figure.axes[1].get_ylabel() == ""  # the colour bar has no label to run over it
     assert [t.get_text() for t in ax.get_xticklabels()] == NAMES
     assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
     shares = ax.images[0].get_array()
@@ -62,21 +65,29 @@ def test_confusion_figure_row_shares_counts_and_title():
     assert all(t.get_fontsize() >= 9 for t in ax.texts)
 
 
-@pytest.mark.parametrize("k", [10, 40])
-def test_confusion_figure_grows_with_the_classes(k):
+@pytest.mark.parametrize("k", [2, 10, 40, 100])
+def test_confusion_figure_is_sized_for_its_classes(k):
+    """Two classes are not a thumbnail; a hundred keep cells and labels a reader can read."""
     cm = np.eye(k, dtype=int) * 5 + 1
     figure = plotting.confusion_figure(cm, [f"class{i}" for i in range(k)], title="t")
-    width, height = figure.get_size_inches()
-    assert width > 0.22 * k + 1 and height > 0.22 * k + 1  # 9 (7) pt counts fit their cells
-    assert (len(figure.axes[0].texts) == k * k) == (k <= 30)
+    figure.canvas.draw()
+    box = figure.axes[0].get_window_extent()  # pixels at the report's 100 dpi
+    assert box.width >= 150 and box.height >= 150
+    assert box.width / k >= 14  # a 7 pt label (10 px) per row fits its cell
+    ticks = figure.axes[0].get_yticklabels()
+    assert all(t.get_fontsize() >= 7 for t in ticks)
+    assert (len(figure.axes[0].texts) == k * k) == (k <= 25)
 
 
 def test_forest_figure_one_line_per_run_best_at_the_top():
     entries = [
-        {"label": "svm", "accuracy": 0.9, "accuracy_ci": [0.85, 0.95], "role": "winner"},
-        {"label": "knn", "accuracy": 0.88, "accuracy_ci": [0.8, 0.93], "role": "tied"},
-        {"label": "ridge", "accuracy": 0.7, "accuracy_ci": [0.6, 0.8], "role": "other"},
-    ]
+        {"label": "svm", "accuracy": 0.9, "accuracy_ci": [0.85, 0.95], "role": "winner",
+         "colour": "#1f77b4"},
+        {"label": "knn", "accuracy": 0.88, "accuracy_ci": [0.8, 0.93], "role": "tied",
+         "colour": "#d62728"},
+        {"label": "ridge", "accuracy": 0.7, "accuracy_ci": [0.6, 0.8], "role": "other",
+         "colour": "#2ca02c"},
+    ]  # fmt: skip
     figure = plotting.forest_figure(entries, split="val")
     ax = figure.axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
@@ -84,6 +95,23 @@ def test_forest_figure_one_line_per_run_best_at_the_top():
     assert "val" in ax.get_xlabel() and "interval" in ax.get_xlabel()
     assert len(ax.containers) == 3  # one error bar per run
     assert len(ax.patches) == 1  # the winner's interval, shaded
+
+
+def test_one_colour_per_run_and_roles_as_markers():
+    """A colour names a run on the whole page; chosen and tied are marker shapes."""
+    entries = [
+        {"label": n, "accuracy": 0.9, "accuracy_ci": [0.8, 0.95], "role": role, "colour": c}
+        for n, role, c in (("svm", "winner", "#1f77b4"), ("knn", "tied", "#d62728"))
+    ]
+    figure = plotting.forest_figure(entries, split="val")
+    ax = figure.axes[0]
+    lines = [c.lines[0] for c in ax.containers]
+    assert [line.get_color() for line in lines] == ["#1f77b4", "#d62728"]
+    assert [line.get_marker() for line in lines] == ["*", "o"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == len(set(legend)) == 3
+    colours = plotting.run_colours([f"r{i}" for i in range(12)])
+    assert len(set(list(colours.values())[:9])) == 9 and colours["r11"] == plotting.MORE_RUNS
 
 
 def _boxes_overlap_points(figure, ax, xs, ys):
@@ -102,36 +130,49 @@ def _boxes_overlap_points(figure, ax, xs, ys):
 def test_cost_figure_labels_hide_no_point_and_no_label():
     # a tight cluster, the case where labels next to their points would cover each other
     points = [
-        {"label": name, "group": "vgg16", "accuracy": 0.90 + 0.001 * i, "fit_seconds": 1.0 + 0.05 * i,
-         "seconds_per_image": 0.02, "finetuned": False, "extraction_seconds": 30.0}
+        {"label": name, "cache": "vgg16", "accuracy": 0.90 + 0.001 * i, "fit_seconds": 1.0 + 0.05 * i,
+         "seconds_per_image": 0.02, "finetuned": False, "extraction_seconds": 30.0,
+         "colour": plotting.RUN_COLOURS[i]}
         for i, name in enumerate(["svm", "logreg", "knn", "ridge", "softmax", "rbf_svm"])
-    ] + [{"label": "ft", "group": "finetuned", "accuracy": 0.95, "fit_seconds": 200.0,
-          "seconds_per_image": 0.05, "finetuned": True}]  # fmt: skip
+    ] + [{"label": "ft", "accuracy": 0.95, "fit_seconds": 200.0, "seconds_per_image": 0.05,
+          "finetuned": True, "colour": plotting.RUN_COLOURS[6]},
+         {"label": "no stage one time", "accuracy": 0.9, "fit_seconds": 2.0,
+          "seconds_per_image": None, "finetuned": False}]  # fmt: skip
     figure = plotting.cost_figure(points, split="val")
     fit_ax, time_ax = figure.axes
     assert fit_ax.get_xscale() == "log" and fit_ax.get_ylabel() == "accuracy (val)"
-    assert "per image" in time_ax.get_xlabel()
+    assert "per image from the images" in time_ax.get_xlabel()
     assert {t.get_text() for t in fit_ax.texts} == {p["label"] for p in points}
+    # a head-only time never sits among end-to-end ones: no end-to-end time, no point
+    assert "no stage one time" not in {t.get_text() for t in time_ax.texts}
     xs, ys = [p["fit_seconds"] for p in points], [p["accuracy"] for p in points]
     hits, pairs = _boxes_overlap_points(figure, fit_ax, xs, ys)
     assert not hits and not pairs
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
-    assert legend[:2] == ["finetuned", "vgg16"] and "fine-tuned (backbone included)" in legend
+    assert legend == ["head", "fine-tuned", "stage one, once per cache"]  # each once
     assert any(line.get_linestyle() == ":" for line in fit_ax.lines)  # stage one's time
 
 
-def test_roc_and_calibration_figures():
-    roc = {"fpr": [0.0, 0.001, 0.01, 0.1, 1.0], "tpr": [0.0, 0.5, 0.8, 0.95, 1.0], "auc": 0.97,
-           "kind": "micro one-vs-rest"}  # fmt: skip
-    figure = plotting.roc_figure([("svm", roc), ("knn", roc)], split="val")
+@pytest.mark.parametrize(("negatives", "scale"), [(70, "linear"), (3231, "log")])
+def test_roc_axis_is_chosen_for_the_number_of_negatives(negatives, scale):
+    """70 negatives: no false-positive rate below 1/70 exists, so no log axis from 1e-4."""
+    roc = {"fpr": [0.0, 1 / negatives, 0.1, 1.0], "tpr": [0.0, 0.5, 0.95, 1.0], "auc": 0.97,
+           "kind": "binary", "negatives": negatives}  # fmt: skip
+    figure = plotting.roc_figure([("svm", roc, "#1f77b4"), ("knn", roc, "#d62728")], split="val")
     ax = figure.axes[0]
-    assert ax.get_xscale() == "log" and ax.get_title() == "ROC on val (micro one-vs-rest)"
+    assert ax.get_xscale() == scale and ax.get_title() == "ROC on val (binary)"
+    low = ax.get_xlim()[0]
+    assert low == (pytest.approx(1 / negatives) if scale == "log" else 0.0)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "svm (AUC 0.970)",
         "knn (AUC 0.970)",
     ]
+    assert [line.get_color() for line in ax.lines[:2]] == ["#1f77b4", "#d62728"]
+
+
+def test_calibration_figure():
     cal = {"confidence": [0.55, 0.95], "accuracy": [0.5, 0.9], "count": [2, 8], "ece": 0.05}
-    figure = plotting.calibration_figure([("softmax", cal)], split="test")
+    figure = plotting.calibration_figure([("softmax", cal, "#1f77b4")], split="test")
     ax = figure.axes[0]
     assert ax.get_title() == "calibration on test"
     assert "softmax (ECE 0.050)" in [t.get_text() for t in ax.get_legend().get_texts()]
@@ -140,12 +181,14 @@ def test_roc_and_calibration_figures():
 
 @pytest.mark.parametrize(("phase_one", "phase_two"), [(3, 9), (0, 4), (2, 0)])
 def test_curves_figure_integer_epochs_and_fine_tuning_boundary(phase_one, phase_two):
-    figure = plotting.curves_figure(_history(phase_one, phase_two), title="run")
+    on = "on cached activations of the frozen layers at block_15_add (no augmentation)"
+    figure = plotting.curves_figure(_history(phase_one, phase_two), title="run", phase_two=on)
     loss, accuracy = figure.axes
     assert figure.get_suptitle() == "run"
     phases = figure.get_supxlabel()
     assert ("phase one: the head on cached features" in phases) == bool(phase_one)
-    assert ("phase two: fine-tuning on images" in phases) == bool(phase_two)
+    assert (f"phase two ({phase_two} epochs): fine-tuning {on}" in phases) == bool(phase_two)
+    assert "on images" not in phases  # what the run's record says, not a guess
     assert loss.get_ylabel() == "loss" and accuracy.get_ylabel() == "accuracy"
     for ax in (loss, accuracy):
         figure.canvas.draw()  # tick positions are settled when drawn
@@ -197,7 +240,7 @@ def test_report_figures_names_every_figure():
         "count": [4],
         "ece": 0.1,
     }
-    figures = plotting.report_figures(_data(rows, tied=["vgg16_224/softmax"]))
+    figures = report_figures(_data(rows, tied=["vgg16_224/softmax"]))
     assert set(figures) == {
         "forest.png",
         "cost.png",
@@ -213,10 +256,10 @@ def test_report_figures_names_every_figure():
     assert all(png[:4] == b"\x89PNG" for png in figures.values())
 
 
-def test_run_title_names_backbone_and_head():
-    assert plotting.run_title(_row("svm", "c", CM)) == "vgg16 224 px imagenet + svm"
-    tuned = _row("ft", "finetuned", CM, kind="finetuned")
-    assert plotting.run_title(tuned) == "fine-tuned vgg16 224 px imagenet: ft"
+def test_run_title_is_the_short_label():
+    row = _row("svm", "mobilenet_v2_224_avg_imagenet", CM)
+    assert run_title({**row, "label": "svm"}) == "svm"
+    assert run_title(row) == "mobilenet_v2_224_avg_imagenet/svm"  # no label given: the id
 
 
 def test_class_names_with_mathtext_characters_print_as_written():

@@ -97,14 +97,18 @@ def test_predict_a_single_file(heads, tmp_path):
 
 def test_default_outputs_differ_by_data_set_model_and_images(heads, tmp_path):
     from pipeline.predict import predict_images
+    from pipeline.predictions import images_label
 
     _, data, cache, manifests = heads
     art = tmp_path / "art"
     svm = predict_images(manifests["svm"], data, artifacts_dir=art)
     softmax = predict_images(manifests["softmax"], data / "red", artifacts_dir=art)
     stem = cache.stem
-    assert svm.out_csv == art / "predictions" / "colours" / f"{stem}_svm" / "colours.csv"
-    assert softmax.out_csv == art / "predictions" / "colours" / f"{stem}_softmax" / "red.csv"
+    assert svm.out_csv == art / "predictions" / "colours" / f"{stem}_svm" / (
+        images_label(data) + ".csv"
+    )
+    assert softmax.out_csv.parent == art / "predictions" / "colours" / f"{stem}_softmax"
+    assert softmax.out_csv.name.startswith("red-") and softmax.out_csv.suffix == ".csv"
     assert svm.out_csv.is_file() and softmax.out_csv.is_file()
     # IMAGES is itself a class folder: every image is labelled with it
     assert {r["true_label"] for r in softmax.records()} == {"red"}

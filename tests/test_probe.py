@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.core.errors import BackboneError
+from pipeline.core.errors import BackboneError, DataError
 from pipeline.data.folders import SplitConfig
 from pipeline.features import backbones
 from pipeline.features.config import FeatureConfig
@@ -54,3 +54,17 @@ def test_run_probe_writes_json_and_plot(tmp_path):
         data, config, split=SplitConfig(seed=0), folds=3, artifacts_dir=tmp_path / "art"
     )
     assert again.notes and again.layers == result.layers  # reused
+
+
+def test_a_class_of_one_train_image_is_left_out_and_the_folds_reported_are_those_scored():
+    from pipeline.recipes.probe import cv_scores, probe_rows
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 0, 1, 1, 1, 2])
+    keep, folds, notes = probe_rows(y, 3, ("a", "b", "c"))
+    assert keep.tolist() == [True] * 6 + [False] and folds == 3
+    assert notes == ["class 'c' has 1 train image: left out of the probe (no fold can hold it out)"]
+    x = rng.normal(size=(len(y), 4)) + y[:, None]
+    assert len(cv_scores(x[keep], y[keep], folds=folds)) == folds
+    with pytest.raises(DataError, match="two classes of at least 2 train images"):
+        probe_rows(np.array([0, 0, 1]), 3, ("a", "b"))

@@ -101,3 +101,81 @@ def fill_make_hints(message: str, args: argparse.Namespace | None) -> str:
         return f"`{make_command(match.group(1), args, **explicit)}`"
 
     return _MAKE_HINT.sub(complete, message)
+
+
+# Options whose make variable is not the option's name in capitals, per command ("" for all).
+_OPTION_VARIABLES = {
+    ("", "--batch-size"): "BATCH",
+    ("probe", "--layers"): "PROBE_LAYERS",
+    ("bench-features", "--data"): "BENCH_DATA",
+    ("bench-finetune", "--data"): "BENCH_DATA",
+    ("bench-features", "--images"): "N",
+    ("bench-finetune", "--images"): "N",
+}
+_ARGPARSE_ERROR = re.compile(r"argument (?P<option>[^:\s/]+)(?:/\S+)?: (?P<rest>.*)", re.S)
+_REWORDED = (
+    (re.compile(r"invalid int value: (.*)"), r"must be a whole number; got \1"),
+    (re.compile(r"invalid float value: (.*)"), r"must be a number; got \1"),
+    (re.compile(r"expected one argument"), "needs a value"),
+)
+
+
+def make_variable(command: str, option: str) -> str:
+    """The make variable that the Makefile passes as ``option`` of ``command`` (``EPOCHS``)."""
+    default = option.lstrip("-").upper().replace("-", "_")
+    return _OPTION_VARIABLES.get((command, option), _OPTION_VARIABLES.get(("", option), default))
+
+
+def usage_error(message: str, prog: str, *, from_make: bool) -> str:
+    """argparse's error ``message`` as one line naming what the user typed.
+
+    Called from make, the option is its make variable (``EPOCHS=``); called directly,
+    the option, with the command's ``--help`` to see them all.
+
+    Examples
+    --------
+    >>> usage_error("argument --epochs: invalid int value: 'many'",
+    ...             "python -m pipeline finetune", from_make=True)
+    "EPOCHS= must be a whole number; got 'many'"
+    """
+    command = prog.split()[-1] if len(prog.split()) > 3 else ""
+    match = _ARGPARSE_ERROR.match(message)
+    if match and match.group("option").startswith("--"):
+        option, rest = match.group("option"), match.group("rest")
+        for pattern, replacement in _REWORDED:
+            rest = pattern.sub(replacement, rest)
+        joiner = " " if rest.startswith(("must", "needs")) else ": "
+        if from_make:
+            return f"{make_variable(command, option)}={joiner}{rest}"
+        return f"{option}{joiner}{rest} (see `{prog} --help`)"
+    message = " ".join(
+        message.replace("argument command: invalid choice:", "unknown command").split()
+    )
+    return f"{message} (see `{prog} --help`)"
+
+
+_BACKEND_MODULES = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
+
+
+def backend_missing(exc: BaseException) -> str | None:
+    """One line for a Keras backend that cannot be imported (``KERAS_BACKEND=jax`` without
+    JAX installed), or ``None`` when ``exc`` is something else."""
+    import os
+    import sys
+
+    backend = os.environ.get("KERAS_BACKEND", "").strip()
+    if isinstance(exc, ModuleNotFoundError):
+        module = (exc.name or "").split(".")[0]
+        if not backend or _BACKEND_MODULES.get(backend) != module:
+            return None
+        return (
+            f"KERAS_BACKEND={backend}, but {module} is not installed in this environment "
+            f"({sys.executable}); install it (`{sys.executable} -m pip install {module}`) or "
+            "unset KERAS_BACKEND to use TensorFlow"
+        )
+    if isinstance(exc, ValueError) and "Unable to import backend" in str(exc):
+        return (
+            f"KERAS_BACKEND={backend!r} is not a Keras backend; use tensorflow, jax or torch "
+            "(installed), or unset KERAS_BACKEND"
+        )
+    return None

@@ -12,6 +12,7 @@ the variables of the command the user ran, so they can be pasted as they are.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -24,9 +25,16 @@ from pipeline.benchmarks import (
     bench_heads_synthetic,
 )
 from pipeline.cli.beyond import add_beyond, add_stage_three
-from pipeline.cli.hints import fill_make_hints, make_command  # noqa: F401  (make_command: public)
+from pipeline.cli.hints import (  # noqa: F401  (make_command: public)
+    backend_missing,
+    fill_make_hints,
+    make_command,
+    usage_error,
+)
 from pipeline.cli.options import (
     HelpFormatter,
+    Parser,
+    UsageError,
     add_bench_options,
     add_command,
     add_engine_options,
@@ -49,6 +57,7 @@ from pipeline.features.extract import extract_features
 from pipeline.features.joins import join_caches, resolve_parts, split_features_arg
 from pipeline.features.ray_session import joblib_on_ray
 from pipeline.heads.fit import fit_heads
+from pipeline.heads.registry import GRID_EXAMPLE
 from pipeline.predict import predict_images
 from pipeline.report.collect import write_report
 
@@ -151,7 +160,7 @@ def cmd_bench_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m pipeline",
         description="Transfer learning for small image data sets: features, heads, fine-tuning.",
         formatter_class=HelpFormatter,
@@ -222,7 +231,9 @@ def _cache_for(args: argparse.Namespace):
         args, "features", None
     ):  # FEATURES=a.h5+b.h5: a joined cache (pipeline.features.joins)
         where = (
-            Artifacts(args.artifacts).features_dir(dataset_name(args.data)) if args.data else None
+            Artifacts(args.artifacts).features_dir(dataset_name(args.data, args.artifacts))
+            if args.data
+            else None
         )
         parts = resolve_parts(split_features_arg(args.features), where)
         joined = join_caches(parts, norm=args.join_norm, artifacts_dir=args.artifacts, log=print)
@@ -233,7 +244,9 @@ def _cache_for(args: argparse.Namespace):
             "give --data (the image folder stage one read) or --cache (a feature cache)"
         )
 
-    return cache_path_for(dataset_name(args.data), feature_config(args), args.artifacts)
+    return cache_path_for(
+        dataset_name(args.data, args.artifacts), feature_config(args), args.artifacts
+    )
 
 
 def cmd_head(args: argparse.Namespace) -> int:
@@ -247,10 +260,13 @@ def cmd_head(args: argparse.Namespace) -> int:
         if jobs == 1:  # one job would stay in this process
             jobs = -1
             print("ENGINE=ray: the search's fits run on every CPU of the Ray cluster (JOBS=-1)")
+    checked = not (args.cache or getattr(args, "features", None))  # found for DATA: check it
     with engine:
         fit_heads(
             _cache_for(args),
             args.head,
+            data=args.data if checked else None,
+            features=feature_config(args) if checked else None,
             artifacts_dir=args.artifacts,
             norm=args.norm or None,
             pca=args.pca,
@@ -268,7 +284,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not (args.dataset or args.data):
         raise PipelineError("give --data (the image folder) or --dataset (its name)")
-    dataset = args.dataset or dataset_name(args.data)
+    dataset = args.dataset or dataset_name(args.data, args.artifacts)
     result = write_report(
         dataset, artifacts_dir=args.artifacts, out_dir=args.out, n_resamples=args.resamples
     )
@@ -286,6 +302,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         artifacts_dir=args.artifacts,
+        log=print,  # what is loading, skipped images
+        progress=not args.quiet,
     )
     print(result.format())
     return 0
@@ -318,14 +336,11 @@ def _predict_usage(args: argparse.Namespace) -> str:
 
 def cmd_bench_heads(args: argparse.Namespace) -> int:
 
-    if args.classes is not None:  # synthetic features; --data: stage one's reference folder
-        bench_heads_synthetic(
-            args.classes, args.rows, reference=args.data[0] if args.data else None,
-            config=feature_config(args) if args.data else None, out=args.out, cv=args.cv,
-            repeats=args.repeats, log=print,
-        )  # fmt: skip
-        print(f"wrote {args.out}")
-        return 0
+    if args.classes is not None:  # synthetic features; --data: stage one's per-image reference
+        kw = {"config": feature_config(args) if args.data else None, "out": args.out, "cv": args.cv}
+        bench_heads_synthetic(args.classes, args.rows, reference=(args.data or [None])[0],
+                              repeats=args.repeats, log=print, **kw)  # fmt: skip
+        return print(f"wrote {args.out}") or 0
     if not args.cache and not args.data:
         raise PipelineError("give --data folders or --cache files to benchmark")
     if args.cache and args.data:
@@ -388,12 +403,7 @@ def _add_head(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
     )
-    p.add_argument(
-        "--grid",
-        default=None,
-        help='grids to search instead of the heads\' own, e.g. "svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2" '
-        "(GRID=; searched as given; a head's own grid moves past an edge whose score still rises)",
-    )
+    p.add_argument("--grid", help=f"grids searched as given (GRID=), e.g. {GRID_EXAMPLE}")
     p.add_argument(
         "--force", action="store_true", help="refit heads that would be reused (FORCE=1)"
     )
@@ -429,8 +439,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="CSV (default: <artifacts>/predictions/<dataset>/<model>/<images>.csv)",
+        help="CSV file, or a folder to write the default file name in (default: "
+        "<artifacts>/predictions/<dataset>/<model>/<images>-<hash>.csv); an existing file "
+        "that is not a predictions CSV is refused (make: OUT=)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--artifacts", default="artifacts", help="output root")
     p.set_defaults(func=cmd_predict)
@@ -447,16 +460,8 @@ def _add_bench_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repeats", type=int, default=3, help="sweeps per data set; the median one is reported"
     )
-    p.add_argument(
-        "--classes",
-        type=int,
-        default=None,
-        help="synthetic 1,280-wide features of this many classes instead of real data (CLASSES=); "
-        "--data then only times stage one per image for the ratio",
-    )
-    p.add_argument(
-        "--rows", default="3000,30000", help="with --classes: train rows, a comma list (ROWS=)"
-    )
+    p.add_argument("--classes", type=int, help="synthetic features of this many classes (CLASSES=)")
+    p.add_argument("--rows", default="3000,30000", help="with --classes: train rows (ROWS=)")
     p.set_defaults(func=cmd_bench_heads)
 
 
@@ -469,8 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for a user error)."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version, a usage error: argparse has printed it
+    except SystemExit as exc:  # --help, --version: argparse has printed it
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None) * 2
+    except UsageError as exc:  # one line naming the make variable or the option, not the usage
+        from_make = os.environ.get("PIPELINE_FROM_MAKE") == "1"
+        print(f"error: {usage_error(exc.message, exc.prog, from_make=from_make)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except PipelineError as exc:
@@ -479,6 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except (ModuleNotFoundError, ValueError) as exc:  # KERAS_BACKEND= a backend not installed
+        message = backend_missing(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

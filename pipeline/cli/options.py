@@ -17,6 +17,22 @@ from pipeline.features.config import FeatureConfig
 from pipeline.features.ray_session import RayConfig
 
 
+class UsageError(Exception):
+    """A command line argparse refused: ``message`` is argparse's, ``prog`` the (sub)command's."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.message, self.prog = message, prog
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are raised, not printed with the whole usage:
+    the CLI turns them into one line (:func:`pipeline.cli.hints.usage_error`)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message, self.prog)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with each option's default, except where there is none to show."""
 
@@ -103,7 +119,9 @@ def optional_int(value: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number (or empty for the default); got {value!r}"
+        ) from None
 
 
 WEIGHTS_HELP = "imagenet | none (random: a baseline only) | PATH to a .h5 weights file"
@@ -236,4 +254,4 @@ def flag(value: str) -> bool:
         return True
     if text in ("0", "no", "false", "off", ""):
         return False
-    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
+    raise argparse.ArgumentTypeError(f"must be 1 or 0; got {value!r}")

@@ -8,6 +8,7 @@ Data Science's ``config.py`` names its folders)::
     artifacts/
       data/<name>/                              demo data (make demo)
       features/<dataset>/<cache stem>.h5        stage one (pipeline.features.cache)
+      features/<dataset>/dataset.json           the folder that owns the name (claim_dataset)
       runtimes/<runtime>/<model stem>/          stage one's converted models (RUNTIME=openvino)
       heads/<dataset>/<cache stem>/<head>.*     stage two: manifest .json, model, predictions
       finetune/<dataset>/<name>.*               stage three: manifest .json, .keras, predictions,
@@ -29,7 +30,10 @@ hex digest). Version-1 manifests (heads with ``head``, fine-tuned runs with
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import write_json_atomic
+from pipeline.core.files import WriteError, write_json_atomic
 
 MANIFEST_VERSION = 2
 KINDS = ("head", "finetuned")
@@ -63,9 +67,24 @@ def safe_name(text: str) -> str:
     return name or "unnamed"
 
 
-def dataset_name(data: str | Path) -> str:
-    """The data set's name: the resolved folder's name, so ``DATA=.`` and ``DATA=$(pwd)`` agree."""
-    return safe_name(Path(data).expanduser().resolve().name)
+def dataset_name(data: str | Path, artifacts_dir: str | Path | None = None) -> str:
+    """The data set's name: the folder's name as typed (``DATA=.`` and ``DATA=$(pwd)`` agree;
+    a symbolic link keeps its own name), and ``<name>-<hash6>`` when ``artifacts_dir``
+    records that name as another folder's (:meth:`Artifacts.claim_dataset`)."""
+    name = safe_name(Path(os.path.abspath(Path(data).expanduser())).name)
+    if artifacts_dir is None:
+        return name
+    owner = Artifacts(artifacts_dir).dataset_owner(name)
+    return name if owner in (None, real_root(data)) else f"{name}-{_path_tag(data)}"
+
+
+def real_root(data: str | Path) -> str:
+    """The folder's resolved path: what caches record as ``data_root``, and names belong to."""
+    return str(Path(data).expanduser().resolve())
+
+
+def _path_tag(data: str | Path) -> str:
+    return hashlib.sha256(real_root(data).encode("utf-8", "surrogateescape")).hexdigest()[:6]
 
 
 def inside(folder: str | Path, name: str) -> Path:
@@ -183,6 +202,43 @@ class Artifacts:
 
     def bench_file(self, name: str) -> Path:
         return self.root / "bench" / f"{safe_name(name)}.json"
+
+    def dataset_record(self, name: str) -> Path:
+        """Which folder owns the data set name ``name`` (written by stage one)."""
+        return self.features_dir(name) / "dataset.json"
+
+    def dataset_owner(self, name: str) -> str | None:
+        """The resolved folder recorded as owning ``name``, or ``None``."""
+        try:
+            owner = json.loads(self.dataset_record(name).read_text(encoding="utf-8"))["data_root"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return owner if isinstance(owner, str) else None
+
+    def claim_dataset(self, data: str | Path, legacy_owner: str | None = None) -> tuple[str, str]:
+        """Stage one's name for ``data``, and a note when the plain name is another folder's
+        (``""`` otherwise). Nothing is written: :meth:`record_dataset` does, once the cache is.
+
+        ``legacy_owner``: the folder an existing cache of the name was made from, for
+        artifacts written before owners were recorded (the first folder keeps the name).
+        """
+        name, root = dataset_name(data), real_root(data)
+        owner = self.dataset_owner(name) or legacy_owner or root
+        if owner == root:
+            return name, ""
+        named = f"{name}-{_path_tag(data)}"
+        return named, (
+            f"data set name {name!r} belongs to {owner} ({self.dataset_record(name)}); "
+            f"this folder's artifacts are named {named!r}"
+        )
+
+    def record_dataset(self, data: str | Path, legacy_owner: str | None = None) -> None:
+        """Record who owns ``data``'s plain name, unless recorded: ``legacy_owner`` or ``data``."""
+        name = dataset_name(data)
+        if self.dataset_owner(name) is None:
+            owner = legacy_owner or real_root(data)
+            with contextlib.suppress(OSError, WriteError):  # a read-only artifacts folder
+                write_json_atomic(self.dataset_record(name), {"data_root": owner})
 
     def datasets_with_heads(self) -> list[str]:
         """Data sets that have a heads folder (for "did you mean" hints)."""

@@ -1,4 +1,10 @@
-"""What the terminal shows: TensorFlow's native start-up lines quieted at their source.
+"""What the terminal shows: progress bars that never glue onto other lines, and TensorFlow's
+native start-up lines quieted at their source.
+
+:func:`progress_bar` is the package's progress bar (tqdm, on stderr). While one is open,
+``sys.stdout`` and ``sys.stderr`` are wrapped (:class:`_LineGuard`): every complete line
+printed first clears the open bars, then the bars are drawn again below it, so a line
+(an epoch's row, a note, a warning) never lands glued to the end of a bar.
 
 Importing Keras loads TensorFlow's C++ libraries, and each of two of them logs
 through absl straight to file descriptor 2 before anything can configure it::
@@ -26,8 +32,9 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 # absl's line format: "I0000 00:00:1795473214.864178   11383 port.cc:153] ...".
 _ABSL_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] ")
@@ -114,3 +121,99 @@ class _QuietLoader:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         with quiet_native_logs():
             self.loader.exec_module(module)
+
+
+# --- progress bars
+
+
+_OPEN_BARS: list[Any] = []
+_GUARDS: list[tuple[TextIO, TextIO]] = []  # (real stdout, real stderr) while bars are open
+_BARS_LOCK = threading.RLock()
+
+
+def progress_bar(
+    total: int | None = None,
+    *,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    leave: bool = False,
+    initial: int = 0,
+) -> Any:
+    """A tqdm bar on stderr; use it as a context manager or call ``close()``.
+
+    ``enabled=False`` gives a bar that shows nothing (``--quiet``). While the bar is
+    open, lines printed through ``sys.stdout`` or ``sys.stderr`` end it first
+    (see the module's docstring); ``leave=False`` erases it when it closes.
+    """
+    from tqdm.auto import tqdm
+
+    class _Bar(tqdm):  # tqdm.auto picks the terminal's or the notebook's class
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                _release(self)
+
+    # The real stderr, not a guard of an open bar's (a bar's own line never ends).
+    stderr = _GUARDS[-1][1] if _GUARDS else sys.stderr
+    bar = _Bar(total=total, desc=desc, unit=unit, disable=not enabled, leave=leave,
+               initial=initial, dynamic_ncols=True, file=stderr)  # fmt: skip
+    if enabled:
+        with _BARS_LOCK:
+            if not _OPEN_BARS:
+                real = (sys.stdout, sys.stderr)
+                _GUARDS.append(real)
+                sys.stdout, sys.stderr = _LineGuard(real[0]), _LineGuard(real[1])
+            _OPEN_BARS.append(bar)
+    return bar
+
+
+def _release(bar: Any) -> None:
+    with _BARS_LOCK:
+        if bar in _OPEN_BARS:
+            _OPEN_BARS.remove(bar)
+            if not _OPEN_BARS and _GUARDS:
+                stdout, stderr = _GUARDS.pop()
+                for name, real in (("stdout", stdout), ("stderr", stderr)):
+                    current = getattr(sys, name)
+                    if isinstance(current, _LineGuard):
+                        current.flush_pending()
+                        setattr(sys, name, real)
+
+
+class _LineGuard:
+    """A text stream that writes whole lines, each after clearing the open bars, which it
+    then draws again; a partial line waits for its end (or for the bars to close)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream, self._pending = stream, ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if "\n" in self._pending:
+            lines, _, self._pending = self._pending.rpartition("\n")
+            self._write_between_bars(lines + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def flush_pending(self) -> None:
+        if self._pending:
+            self._stream.write(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def _write_between_bars(self, text: str) -> None:
+        with _BARS_LOCK:
+            bars = [bar for bar in _OPEN_BARS if not getattr(bar, "disable", True)]
+            for bar in bars:
+                bar.clear()
+            self._stream.write(text)
+            self._stream.flush()
+            for bar in bars:
+                bar.refresh()

@@ -3,9 +3,11 @@ finds every image (no decoding here: :mod:`pipeline.data.images`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,29 @@ from pipeline.core.errors import DataError
 from pipeline.core.options import check_options, option_label
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    | {".ppm", ".pgm", ".pbm"}
 )
+# Read only where the installed Pillow decodes it (checked at run time: image_extensions).
+AVIF = ".avif"
+
+
+@functools.cache
+def pillow_reads_avif() -> bool:
+    """Whether this Pillow decodes AVIF (built in from Pillow 11.2, or a plugin registered)."""
+    from PIL import Image, features
+
+    try:
+        if features.check_module("avif"):
+            return True
+    except ValueError:  # a Pillow that does not know the module
+        pass
+    return Image.registered_extensions().get(AVIF) == "AVIF"
+
+
+def image_extensions() -> frozenset[str]:
+    """The file extensions a scan takes: :data:`IMAGE_EXTENSIONS`, and ``.avif`` where readable."""
+    return IMAGE_EXTENSIONS | {AVIF} if pillow_reads_avif() else IMAGE_EXTENSIONS
 
 
 # Split folder names as users spell them -> the split name stored in caches.
@@ -66,11 +89,12 @@ class ImageFolder:
     split_source: str  # "folders" or "stratified"
     split: SplitConfig | None = None  # set when split_source == "stratified"
     warnings: tuple[str, ...] = field(default=())
+    dataset: str = ""  # the name stage one claimed (Artifacts.claim_dataset), when it did
 
     @property
     def name(self) -> str:
-        """The data set's name (the resolved folder name: ``.`` and its full path agree)."""
-        return dataset_name(self.root)
+        """The data set's name: the one claimed for it, else the folder's name as typed."""
+        return self.dataset or dataset_name(self.root)
 
     def counts(self) -> dict[str, int]:
         """Number of images per split."""
@@ -123,7 +147,20 @@ def _check_name(path: Path) -> None:
 
 
 def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in image_extensions()
+
+
+def _unreadable_folder(exc: OSError) -> DataError:
+    """A folder the scan cannot list: its images would silently be left out, so stop."""
+    where = shown(exc.filename or "a folder")
+    return DataError(
+        f"cannot read folder {where} ({exc.strerror or exc}); its images would be left out: "
+        f"fix its permissions (chmod -R u+rX {where}) or move it out of the data folder"
+    )
+
+
+def _raise(exc: OSError) -> None:
+    raise _unreadable_folder(exc)
 
 
 def images_under(folder: Path, notes: list[str] | None = None) -> list[Path]:
@@ -140,8 +177,9 @@ def images_under(folder: Path, notes: list[str] | None = None) -> list[Path]:
         A file or folder name that is not valid UTF-8 (the message names it).
     """
     found = []
+    avif = 0
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise, followlinks=True):
         try:
             stat = os.stat(dirpath)
         except OSError:
@@ -160,11 +198,22 @@ def images_under(folder: Path, notes: list[str] | None = None) -> list[Path]:
             if _is_image_name(name):
                 _check_name(Path(dirpath) / name)
                 found.append(Path(dirpath) / name)
+            elif name.lower().endswith(AVIF) and not name.startswith("."):
+                avif += 1
+    if avif and notes is not None:
+        notes.append(
+            f"skipped {avif} .avif file(s) under {shown(folder)}: this Pillow cannot read AVIF "
+            "(pip install -U 'pillow>=11.2', or convert them to JPEG or PNG)"
+        )
     return sorted(found)
 
 
 def _class_folders(folder: Path) -> list[Path]:
-    found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise _unreadable_folder(exc) from None
+    found = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
     for path in found:
         _check_name(path)
     return found
@@ -198,12 +247,60 @@ def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFold
     subfolders = _class_folders(root)
     split_folders = [p for p in subfolders if p.name.lower() in SPLIT_FOLDERS]
     if split_folders:
-        return _scan_split_folders(root, split_folders)
+        scanned = _scan_split_folders(root, split_folders)
+        others = [p for p in subfolders if p not in split_folders]
+        return replace(scanned, warnings=scanned.warnings + _ignored_beside(others, split_folders))
 
     notes: list[str] = []
     by_class = _scan_classes(root, subfolders, where=str(root), notes=notes)
     records = _stratified_split(by_class, split)
+    notes += _thin_splits(by_class, records, split)
     return ImageFolder(root, tuple(by_class), tuple(records), "stratified", split, tuple(notes))
+
+
+def _ignored_beside(others: list[Path], split_folders: list[Path]) -> tuple[str, ...]:
+    """A line per folder of images beside the split folders: the split layout leaves it out."""
+    splits = ", ".join(f"{p.name}/" for p in split_folders)
+    train = next(
+        (p.name for p in split_folders if SPLIT_FOLDERS[p.name.lower()] == "train"), "train"
+    )
+    notes = []
+    for folder in others:
+        n = len(images_under(folder))
+        if n:
+            notes.append(
+                f"ignored {shown(folder)} ({n} images) beside {splits}: with split folders, "
+                f"class folders go inside them; move it into {train}/ or out of the data folder"
+            )
+    return tuple(notes)
+
+
+def _thin_splits(
+    by_class: dict[str, list[str]], records: list[ImageRecord], split: SplitConfig
+) -> list[str]:
+    """A line per split the fractions ask for that some classes (or all) get no image of."""
+    notes = []
+    for name, fraction in (("val", split.val_fraction), ("test", split.test_fraction)):
+        if fraction <= 0:
+            continue
+        present = {r.label for r in records if r.split == name}
+        missing = len(by_class) - len(present)
+        if not missing:
+            continue
+        largest = max(len(paths) for paths in by_class.values())
+        option = f"{name.upper()}_FRACTION={fraction:g}"
+        if not present:
+            notes.append(
+                f"the {name} split is empty: {option} of at most {largest} images per class "
+                f"rounds to 0; add images per class, raise {option.split('=')[0]}, or make "
+                f"train/ and {name}/ folders"
+            )
+        else:
+            notes.append(
+                f"{missing} of {len(by_class)} classes have no {name} image ({option} of their "
+                f"images rounds to 0); {name} accuracy leaves them out"
+            )
+    return notes
 
 
 def _scan_classes(
@@ -223,7 +320,7 @@ def _scan_classes(
         if not images:
             raise DataError(
                 f"class folder {class_dir} holds no images "
-                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
+                f"({', '.join(sorted(image_extensions()))}); add images or remove the folder"
             )
         by_class[class_dir.name] = [p.relative_to(root).as_posix() for p in images]
     if len(by_class) < 2:
@@ -322,3 +419,55 @@ def describe_folder(folder: ImageFolder) -> str:
         f"found {len(folder.records)} images of {len(names)} classes ({shown}) in {folder.root}\n"
         f"  split: {counts} ({source})"
     )
+
+
+def cross_split_copies(folder: ImageFolder) -> str | None:
+    """One line about exact copies (the same bytes) that sit in different splits, or ``None``.
+
+    A copy in val or test of a train image is scored as held out though the head saw
+    it. Cheap: only files whose size a file of another split shares are read and hashed
+    (measured in ``docs/features.md``).
+    """
+    by_size: dict[int, list[ImageRecord]] = defaultdict(list)
+    for record in folder.records:
+        try:
+            by_size[os.stat(folder.root / record.path).st_size].append(record)
+        except OSError:  # unreadable: stage one skips it with the reason
+            continue
+    by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
+    for group in by_size.values():
+        if len({r.split for r in group}) > 1:
+            for record in group:
+                digest = _content_hash(folder.root / record.path)
+                if digest is not None:
+                    by_hash[digest].append(record)
+    crossings: dict[str, int] = defaultdict(int)
+    example = ""
+    for group in by_hash.values():
+        splits = sorted({r.split for r in group}, key=SPLITS.index)
+        if len(splits) < 2:
+            continue
+        anchor = next(r for r in group if r.split == splits[0])
+        for record in group:
+            if record.split != splits[0]:
+                crossings[f"{splits[0]}-{record.split}"] += 1
+                example = example or f"{shown(record.path)} = {shown(anchor.path)}"
+    if not crossings:
+        return None
+    n = sum(crossings.values())
+    pairs = ", ".join(f"{pair} {count}" for pair, count in sorted(crossings.items()))
+    return (
+        f"{n} image(s) are exact copies of images in another split ({pairs}; e.g. {example}): "
+        "their held-out accuracy is not held out; remove the copies and re-run `make features`"
+    )
+
+
+def _content_hash(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()

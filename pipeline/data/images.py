@@ -72,7 +72,11 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageError("not an image Pillow can read (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"too large to decode safely: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the system refused the read (permissions, I/O): not the bytes
+            raise ImageError(f"cannot read the file: {exc.strerror or exc}") from None
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+    except (ValueError, SyntaxError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 

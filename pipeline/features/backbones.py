@@ -447,7 +447,12 @@ def build_base(spec: BackboneSpec, *, weights: str, input_size: int) -> keras.Mo
                 )
                 return builder(weights="imagenet", **kwargs)
         except Exception as exc:  # Keras raises a bare Exception for a failed download
-            raise _download_error(spec, exc) from None
+            cached = _cached_weights(exc)
+            if cached is None:
+                raise _download_error(spec, exc) from None
+            base = builder(weights=None, **kwargs)  # a read-only ~/.keras that holds the file
+            base.load_weights(str(cached))  # (Keras itself looks only in a writable one)
+            return base
     if weights == "none":
         return builder(weights=None, **kwargs)
     path = _check_weights_path(weights)
@@ -460,6 +465,15 @@ def build_base(spec: BackboneSpec, *, weights: str, input_size: int) -> keras.Mo
             f"weights file {path} does not fit backbone {spec.name}: {reason}"
         ) from None
     return base
+
+
+def _cached_weights(exc: Exception) -> Path | None:
+    """The weights file a failed Keras download wanted, when it sits in :func:`keras_cache_dir`."""
+    url = re.search(r"https?://\S+?\.h5", " ".join(str(exc).split()))
+    if not url:
+        return None
+    path = keras_cache_dir() / url.group(0).rsplit("/", 1)[-1]
+    return path if path.is_file() and os.access(path, os.R_OK) else None
 
 
 def _download_error(spec: BackboneSpec, exc: Exception) -> WeightsError:

@@ -85,7 +85,7 @@ def load_features(path: str | Path) -> FeatureSet:
     with _open_for_reading(path) as f:
         attrs = _attrs_of(f)
         try:
-            return FeatureSet(
+            fs = FeatureSet(
                 path=Path(path),
                 features=f["features"][...],
                 labels=f["labels"][...].astype(np.int64),
@@ -96,6 +96,9 @@ def load_features(path: str | Path) -> FeatureSet:
             )
         except KeyError as exc:
             raise CacheError(f"{path} is not a complete feature cache (missing {exc})") from None
+    _check_rows(fs.path, fs.features.shape, fs.labels, fs.paths, fs.split, len(fs.class_names))
+    _check_finite(fs.path, fs.features, fs.paths, attrs)
+    return fs
 
 
 class FeatureRows:
@@ -119,13 +122,24 @@ class FeatureRows:
                 raise CacheError(
                     f"{path} is not a complete feature cache (missing {exc})"
                 ) from None
+        n_classes = len(self.attrs.get("class_names") or ())
+        _check_rows(self.path, self.shape, self.labels, self.paths, self.split, n_classes)
         self._file = h5py.File(self.path, "r")
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Features of ``rows`` (any order, repeats allowed) as float32."""
+        """Features of ``rows`` (any order, repeats allowed) as float32.
+
+        Raises
+        ------
+        CacheError
+            A row read holds a NaN or infinite value (the features are never loaded
+            whole, so each read is checked).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing rows
-        return np.asarray(self._file["features"][unique], dtype=np.float32)[inverse]
+        block = np.asarray(self._file["features"][unique], dtype=np.float32)
+        _check_finite(self.path, block, self.paths[unique], self.attrs)
+        return block[inverse]
 
     def close(self) -> None:
         if self._file.id.valid:
@@ -136,6 +150,76 @@ class FeatureRows:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_DAMAGED = "the cache was edited or damaged: delete it and re-run `make features`"
+
+
+def _check_rows(
+    path: Path,
+    shape: tuple[int, ...],
+    labels: np.ndarray,
+    paths: np.ndarray,
+    split: np.ndarray,
+    n_classes: int,
+) -> None:
+    """One line for a cache whose arrays cannot belong together (before any stage uses them)."""
+    lengths = {"features": shape[0] if shape else 0, "labels": len(labels)}
+    lengths.update(paths=len(paths), split=len(split))
+    if len(shape) != 2 or len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{name} {n}" for name, n in lengths.items())
+        raise CacheError(
+            f"{path}: its arrays do not line up (rows: {shown}; features of shape "
+            f"{tuple(shape)}); {_DAMAGED}"
+        )
+    # Caches of activations may record no class names: their labels are not checked here.
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes)) if n_classes else []
+    if len(bad):
+        first = int(bad[0])
+        raise CacheError(
+            f"{path}: {len(bad)} label(s) outside the {n_classes} classes (first: {labels[first]} "
+            f"of {paths[first]}); {_DAMAGED}"
+        )
+    unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
+    if unknown:
+        raise CacheError(
+            f"{path}: split value(s) {', '.join(map(repr, unknown))} are not train, val or test; "
+            f"{_DAMAGED}"
+        )
+
+
+def _check_finite(path: Path, features: np.ndarray, paths: np.ndarray, attrs: dict) -> None:
+    """One line for NaN or infinite features: no head can fit on them."""
+    finite = np.isfinite(features)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.all(axis=1))
+    reduced = attrs.get("precision", "fp32") not in ("fp32", "float32") or (
+        attrs.get("dtype") == "float16"
+    )
+    how = (
+        "re-run `make features PRECISION=float32 STORAGE=float32` (a reduced precision overflowed)"
+        if reduced
+        else "delete it and re-run `make features`"
+    )
+    raise CacheError(
+        f"{path}: {len(rows)} image(s) have NaN or infinite features (first: {paths[rows[0]]}); "
+        f"{how}"
+    )
+
+
+def read_paths(path: str | Path) -> dict[str, tuple[str, str]]:
+    """Every image a cache was made from, read or skipped: path -> (class name, split)."""
+    with _open_for_reading(path) as f:
+        names = _attrs_of(f).get("class_names") or []
+        out = {}
+        for group in (f, f["skipped"]) if "skipped" in f else (f,):
+            labels = group["labels"][...].tolist()
+            for p, label, split in zip(
+                group["paths"].asstr()[...], labels, group["split"].asstr()[...], strict=False
+            ):
+                out[p] = (names[label] if 0 <= label < len(names) else str(label), split)
+        return out
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str]]:
@@ -222,8 +306,17 @@ def _checked_attrs(attrs: dict[str, Any], path: str) -> dict[str, Any]:
     return attrs
 
 
-def cache_matches(path: str | Path, config_json: str, fingerprint: str) -> bool | None:
-    """Whether a finished cache was made with this configuration and these inputs.
+def cache_matches(
+    path: str | Path,
+    config_json: str,
+    fingerprint: str,
+    *,
+    data_root: str | None = None,
+    dataset: str | None = None,
+) -> bool | None:
+    """Whether a finished cache was made with this configuration and these inputs
+    (and, when given, from the folder ``data_root`` for the data set ``dataset``: a cache
+    copied from another folder of the same images is not this folder's).
 
     Returns ``None`` when there is no file, ``False`` when it differs (or cannot
     be read).
@@ -234,4 +327,12 @@ def cache_matches(path: str | Path, config_json: str, fingerprint: str) -> bool 
         attrs = read_attrs(path)
     except CacheError:
         return False
-    return attrs.get("config_json") == config_json and attrs.get("fingerprint") == fingerprint
+    where = all(
+        value is None or attrs.get(key) == value
+        for key, value in (("data_root", data_root), ("dataset", dataset))
+    )
+    return (
+        where
+        and attrs.get("config_json") == config_json
+        and attrs.get("fingerprint") == fingerprint
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.artifacts import real_root
 from pipeline.data.folders import ImageFolder, SplitConfig, describe_folder, scan_folder
 from pipeline.data.images import iter_batches
 from pipeline.features import backbones, cache, runtimes
@@ -22,7 +23,12 @@ from pipeline.features.config import (
     cache_path_for,
     resolve_features,
 )
-from pipeline.features.records import ExtractionSummary, cache_config_json, up_to_date_summary
+from pipeline.features.records import (
+    ExtractionSummary,
+    cache_config_json,
+    claim_dataset,
+    up_to_date_summary,
+)
 
 
 @dataclass
@@ -50,13 +56,18 @@ class PreparedExtraction:
     config_json: str
     fingerprint: str
     notes: list[str]
+    record_name: Callable[[], None] = lambda: None  # noqa: E731 (records the data set's name)
 
     def cache_state(self) -> bool | None:
         """:func:`pipeline.features.cache.cache_matches` for this cache and identity."""
-        return cache.cache_matches(self.path, self.config_json, self.fingerprint)
+        root, name = real_root(self.folder.root), self.folder.name
+        return cache.cache_matches(
+            self.path, self.config_json, self.fingerprint, data_root=root, dataset=name
+        )
 
     def up_to_date(self) -> ExtractionSummary:
         """The summary of a run that found the cache up to date."""
+        self.record_name()  # artifacts from before names were recorded get their record
         return up_to_date_summary(self.path, self.folder, self.notes)
 
     def finished_meanwhile(self) -> ExtractionSummary | None:
@@ -71,6 +82,7 @@ class PreparedExtraction:
 
     def summary(self, status: str, seconds: float) -> ExtractionSummary:
         """The summary of a run that wrote the cache (``status``: built or resumed)."""
+        self.record_name()  # only now: a refused run leaves nothing behind
         skipped = cache.read_skipped(self.path)
         n = len(self.folder.records)
         size = self.path.stat().st_size
@@ -100,9 +112,9 @@ def prepare_extraction(
         The settled options, the folder, the cache's path and identity, the first notes.
     """
     resolved = resolve_features(config or FeatureConfig(), artifacts_dir=artifacts_dir)
-    folder = scan_folder(data_dir, split)
+    folder, named, record_name = claim_dataset(scan_folder(data_dir, split), artifacts_dir)
     if log is not None:
-        log(describe_folder(folder))
+        log(describe_folder(folder) + (f"\n{named}" if named else ""))
     resolved = settle_runtime(resolved, folder)
     if log is not None:
         log(runtimes.describe(resolved.runtime))
@@ -114,6 +126,7 @@ def prepare_extraction(
         cache_config_json(folder, resolved),
         folder.fingerprint(),
         [f"warning: {w}" for w in folder.warnings] + list(resolved.runtime.notes),
+        record_name,
     )
 
 

@@ -10,16 +10,17 @@ finished cache is matched by, :func:`cache_config_json`), the same attributes
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pipeline.core.artifacts import Artifacts, dataset_name, real_root
+from pipeline.core.errors import CacheError
+from pipeline.data.folders import ImageFolder, SplitConfig, cross_split_copies, scan_folder
 from pipeline.features import cache, cache_writer, runtimes
-
-if TYPE_CHECKING:
-    from pipeline.data.folders import ImageFolder
-    from pipeline.features.config import ResolvedFeatures
+from pipeline.features.config import FeatureConfig, ResolvedFeatures, resolve_features
 
 
 @dataclass
@@ -146,3 +147,137 @@ def extraction_attrs(
         "n_skipped": n_skipped,
         "seconds": writer.seconds,
     }
+
+
+# --------------------------------------------------------------------------- checking a cache
+
+# config_json keys -> the variable a user sets (what a mismatch names).
+_OPTION_WORDS = {
+    "backbone": "BACKBONE",
+    "weights": "WEIGHTS",
+    "input_size": "INPUT_SIZE",
+    "pooling": "POOLING",
+    "layer": "LAYER",
+    "preprocessing": "BACKBONE (preprocessing)",
+    "dtype": "STORAGE",
+    "precision": "PRECISION",
+    "views": "VIEWS",
+}
+
+
+def legacy_owner(artifacts_dir: str | Path, name: str) -> str | None:
+    """The folder a finished cache of data set ``name`` was made from, for artifacts written
+    before stage one recorded names' owners (:meth:`Artifacts.claim_dataset`)."""
+    for path in sorted(Artifacts(artifacts_dir).features_dir(name).glob("*.h5")):
+        try:
+            attrs = cache.read_attrs(path)
+        except CacheError:  # a work file or a damaged cache says nothing about the owner
+            continue
+        if attrs.get("dataset") == name and isinstance(attrs.get("data_root"), str):
+            return attrs["data_root"]
+    return None
+
+
+def claim_dataset(
+    folder: ImageFolder, artifacts_dir: str | Path
+) -> tuple[ImageFolder, str, Callable[[], None]]:
+    """``folder`` with the data set name stage one gives it; a note when that name is
+    ``<name>-<hash6>`` because the plain one belongs to another folder (``""`` otherwise);
+    and what records the owner of the plain name (called once a cache is written)."""
+    layout = Artifacts(artifacts_dir)
+    plain = dataset_name(folder.root)
+    legacy = legacy_owner(artifacts_dir, plain) if layout.dataset_owner(plain) is None else None
+    name, note = layout.claim_dataset(folder.root, legacy)
+    return replace(folder, dataset=name), note, lambda: layout.record_dataset(folder.root, legacy)
+
+
+def check_cache_for(
+    path: str | Path,
+    data: str | Path,
+    config: FeatureConfig | None = None,
+    *,
+    artifacts_dir: str | Path = "artifacts",
+) -> list[str]:
+    """Check that the finished cache at ``path`` was made from the images in ``data`` as they
+    are now, and (given ``config``) with these options; return warnings for the user (exact
+    copies of images across splits: :func:`pipeline.data.folders.cross_split_copies`).
+
+    Cheap: a scan of the folder (names, sizes, modification times), no decoding; the
+    identity is stage one's own (:func:`cache_config_json` and the folder's fingerprint).
+
+    Raises
+    ------
+    CacheError
+        One line saying what differs and to re-run ``make features``.
+    """
+    attrs = cache.read_attrs(path)
+    try:
+        recorded = json.loads(attrs.get("config_json") or "")
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise CacheError(f"{path} records no configuration; delete it and re-run `make features`")
+    differ = []
+    if config is not None:
+        resolved = resolve_features(config, artifacts_dir=artifacts_dir, choose_runtime=False)
+        differ += _option_differences(recorded, resolved)
+    root, made_from = Path(real_root(data)), attrs.get("data_root")
+    folder = scan_folder(data, _recorded_split(attrs))
+    if made_from is not None and made_from != str(root):
+        differ.append(f"it was made from {made_from}, not {root}")
+    elif folder.fingerprint() != attrs.get("fingerprint"):
+        differ.append(_image_changes(path, folder))
+    if differ:
+        raise CacheError(
+            f"{path} does not match DATA={data} and the options: {'; '.join(differ)}; "
+            "re-run `make features`"
+        )
+    notes = [cross_split_copies(folder)]
+    if not {r.split for r in folder.records} & {"val", "test"}:
+        notes.append(
+            "no val or test images: heads are compared on cross-validation only and "
+            "`make report` has no held-out predictions to rank (see the split line of "
+            "`make features`)"
+        )
+    return [f"warning: {note}" for note in notes if note]
+
+
+def _option_differences(recorded: Mapping[str, Any], resolved: ResolvedFeatures) -> list[str]:
+    expected = extractor_identity(resolved)
+    allowed = runtimes.compute_precisions(resolved.config.precision)
+    if recorded.get("precision") in allowed:  # PRECISION=auto accepts what stage one chose
+        expected["precision"] = recorded["precision"]
+    return [
+        f"{_OPTION_WORDS.get(key, key)} is {_shown(recorded.get(key))} in the cache, "
+        f"{_shown(expected.get(key))} asked"
+        for key in sorted(set(expected) | (set(recorded) & set(_OPTION_WORDS)))
+        if recorded.get(key) != expected.get(key)
+    ]
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value in (None, "") else str(value)
+
+
+def _recorded_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
+    """The stratified split a cache was made with (``None`` for split folders)."""
+    if attrs.get("split_source") != "stratified":
+        return None
+    return SplitConfig(
+        seed=int(attrs["split_seed"]),
+        val_fraction=float(attrs["val_fraction"]),
+        test_fraction=float(attrs["test_fraction"]),
+    )
+
+
+def _image_changes(path: str | Path, folder: ImageFolder) -> str:
+    """What differs between the images a cache holds and those in the folder now."""
+    fs_paths = cache.read_paths(path)
+    now = {r.path: (folder.class_names[r.label], r.split) for r in folder.records}
+    added, removed = len(set(now) - set(fs_paths)), len(set(fs_paths) - set(now))
+    moved = sum(1 for p, where in fs_paths.items() if p in now and now[p] != where)
+    parts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed"),
+                                          (moved, "relabelled or moved to another split")) if n]  # fmt: skip
+    if not parts:
+        return "images were edited since it was made (sizes or modification times differ)"
+    return f"images changed since it was made ({', '.join(parts)})"

@@ -251,11 +251,11 @@ def write_views(
                 root, paths, size=size, batch_size=batch_size, start=writer.next_index // views,
                 preprocess=lambda batch: batch.astype(np.float32), workers=workers,
             )  # fmt: skip
-            from tqdm.auto import tqdm
+            from pipeline.core.console import progress_bar  # lines printed meanwhile end it
 
-            bar = tqdm(
-                total=len(rows), initial=writer.next_index, unit="view", disable=not progress,
-                desc=f"{views} augmented views", dynamic_ncols=True, leave=False,
+            bar = progress_bar(
+                len(rows), initial=writer.next_index, unit="view", enabled=progress,
+                desc=f"{views} augmented views",
             )  # fmt: skip
             with bar:
                 for batch in batches:

@@ -162,7 +162,7 @@ def _prepare(
     data_dir, config, given_cache = _config_from_cache(data, config, note)
     resolved = config.validate()
     folder = scan_folder(data_dir, config.split)
-    dataset = dataset_name(folder.root)
+    dataset = dataset_name(folder.root, artifacts_dir)  # stage one's name for it
     name = config.name or _default_name(resolved, config.unfreeze)
     artifacts = Artifacts(artifacts_dir)
     files = artifacts.finetune_files(dataset, name)

@@ -60,12 +60,11 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._tick = time.perf_counter()
         if self.progress:
-            from tqdm.auto import tqdm
+            from pipeline.core.console import progress_bar  # lines printed meanwhile end it
 
-            self._bar = tqdm(
-                total=self.params.get("steps"), desc=f"epoch {epoch + 1}/{self.epochs}",
-                unit="batch", leave=False, dynamic_ncols=True,
-            )  # fmt: skip
+            self._bar = progress_bar(
+                self.params.get("steps"), desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch"
+            )
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
         if self._bar is not None:

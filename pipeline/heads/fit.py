@@ -24,6 +24,8 @@ from pipeline.core import artifacts
 from pipeline.core.errors import HeadError
 from pipeline.core.options import check_options
 from pipeline.features.cache import load_features
+from pipeline.features.config import FeatureConfig
+from pipeline.features.records import check_cache_for
 from pipeline.heads import search as head_search
 from pipeline.heads.registry import (
     HEADS,
@@ -33,6 +35,7 @@ from pipeline.heads.registry import (
     planned_fits,
     resolve_heads,
 )
+from pipeline.heads.results import HeadResultAccess, HeadResultsAccess, chosen_head
 from pipeline.heads.reuse import library_versions, reusable_manifests, reuse_key
 from pipeline.heads.softmax import SoftmaxClassifier
 from pipeline.heads.store import head_outputs, save_head
@@ -41,8 +44,13 @@ from pipeline.heads.store import head_outputs, save_head
 
 
 @dataclass
-class HeadResult:
-    """One fitted and saved head (what :func:`fit_heads` returns per head)."""
+class HeadResult(HeadResultAccess):
+    """One fitted and saved head (what :func:`fit_heads` returns per head).
+
+    Scores and the fitted estimator are attributes (``val_accuracy``, ``test_accuracy``,
+    ``cv_score``, ``params``, ``cv_results_``, ``estimator_``:
+    :class:`pipeline.heads.results.HeadResultAccess`).
+    """
 
     head: str
     manifest_path: Path
@@ -68,8 +76,12 @@ def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-class HeadResults(list):
+class HeadResults(HeadResultsAccess, list):
     """What :func:`fit_heads` returns: a :class:`HeadResult` per head, in the order asked.
+
+    Heads are looked up by name too (``results["svm"]``); ``best_`` is the head the summary
+    marks and ``best_estimator_`` its fitted pipeline
+    (:class:`pipeline.heads.results.HeadResultsAccess`).
 
     ``fits_seconds`` sums the heads' ``fit_seconds`` (searches and final fits), of the
     heads fitted in this run (not those reused).
@@ -86,11 +98,17 @@ class HeadResults(list):
         """The searches of this run (reused heads' recorded times left out)."""
         return float(sum(r.manifest["fit_seconds"] for r in self if not r.reused))
 
+    def format(self) -> str:
+        """The heads side by side, the best marked (:func:`summary_table`)."""
+        return summary_table(self)
+
 
 def fit_heads(
     cache_path: str | Path,
     heads: str | Sequence[str] = ("all",),
     *,
+    data: str | Path | None = None,
+    features: FeatureConfig | None = None,
     artifacts_dir: str | Path = "artifacts",
     norm: str | None = None,
     pca: int | None = None,
@@ -115,6 +133,8 @@ def fit_heads(
         A stage-one feature cache (``artifacts/features/<dataset>/<config>.h5``).
     heads : str or sequence of str
         Head names (:data:`HEADS`), comma-separated names, or ``"all"``.
+    data, features : path and FeatureConfig, optional
+        The folder and options the cache must come from (checked, warnings to ``log``).
     artifacts_dir : path
         Output root.
     norm : {"l2", "standard", "none"}, optional
@@ -127,12 +147,8 @@ def fit_heads(
         Seed of the folds and of every random step.
     jobs : int
         Parallel fits of the search (Keras heads always use one).
-    grid : str or mapping, optional
-        ``GRID=``, searched as given (:func:`~pipeline.heads.registry.parse_grid`); a head's
-        own grid moves past an edge whose CV score still rises.
-    force : bool
-        Refit every head; otherwise a head saved from this cache with the same options,
-        grid and code is reused (:mod:`pipeline.heads.reuse`).
+    grid, force : str or mapping, bool
+        ``GRID=`` (:func:`~pipeline.heads.registry.parse_grid`); refit all (:mod:`.reuse`).
     log : callable, optional
         Called with each head's progress and result lines (e.g. ``print``).
 
@@ -147,11 +163,11 @@ def fit_heads(
         Unknown head, a bad ``GRID``, an option out of bounds (``NORM``, ``PCA``, ``CV``,
         ``SEED``, ``--jobs``), one class in train, a val/test class not in train: none writes.
     CacheError
-        A missing or unreadable cache.
+        A missing or unreadable cache, or one not made from ``data`` with ``features``.
     """
     check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
     grids = _grids_for(grid, names := resolve_heads(heads))
-    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir)
+    fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir, data, features, log)
     names = _scalable(names, named_heads(heads), len(y_train), log)
     keys = {n: reuse_key(fs, n, grids.get(n), norm=norm, pca=pca, cv=cv, seed=seed) for n in names}
     reused = {} if force else reusable_manifests(out_dir, keys)
@@ -230,9 +246,19 @@ def _log(log: Any, line: str) -> None:
 
 
 def _open_cache(
-    cache_path: str | Path, pca: int | None, artifacts_dir: str | Path
+    cache_path: str | Path,
+    pca: int | None,
+    artifacts_dir: str | Path,
+    data: str | Path | None = None,
+    features: FeatureConfig | None = None,
+    log: Any = None,
 ) -> tuple[Any, np.ndarray, np.ndarray, Path]:
-    """The cache, its checked train split and the heads' folder (made here)."""
+    """The cache (checked against ``data`` and ``features`` when ``data`` is given), its
+    checked train split and the heads' folder (made here)."""
+    if data is not None:  # before anything is fitted: heads of stale features mislead
+        for note in check_cache_for(cache_path, data, features, artifacts_dir=artifacts_dir):
+            if log is not None:
+                log(note)
 
     fs = load_features(cache_path)
     X_train, y_train = _check_cache(fs, pca)
@@ -290,13 +316,8 @@ def summary_table(results: Sequence[HeadResult]) -> str:
     """The heads side by side, the one to pick marked: best on val, else on CV (never test);
     ties go to the higher CV score, then the name (as the report ranks them)."""
 
-    def score(result: HeadResult) -> float:
-        m = result.manifest
-        val = m["metrics"].get("val", {}).get("accuracy")
-        return val if val is not None else (m["cv"]["score"] or 0.0)
-
     basis = "val" if all("val" in r.manifest["metrics"] for r in results) else "cv"
-    best = min(results, key=lambda r: (-score(r), -(r.manifest["cv"]["score"] or 0.0), r.head))
+    best = chosen_head(results)
     lines = [f"  {'head':<8} {'cv':>6} {'val':>6} {'test':>6} {'fit s':>7}"]
     for r in results:
         m = r.manifest

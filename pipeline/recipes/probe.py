@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.core.artifacts import Artifacts
-from pipeline.core.errors import BackboneError, did_you_mean
+from pipeline.core.artifacts import Artifacts, dataset_name
+from pipeline.core.errors import BackboneError, DataError, did_you_mean
 from pipeline.core.files import write_bytes_atomic, write_json_atomic
 from pipeline.data.folders import scan_folder
 from pipeline.data.images import default_workers, iter_batches
@@ -115,6 +115,36 @@ class ProbeResult:
         return "\n".join(lines)
 
 
+def probe_rows(
+    y: np.ndarray, folds: int, class_names: Sequence[str]
+) -> tuple[np.ndarray, int, list[str]]:
+    """Which train images the probe scores, with how many folds, and a note per class left out.
+
+    A class of one train image cannot be held out by any fold: it is left out (and
+    said so), and the folds are what the smallest remaining class allows, the number
+    reported being the number scored.
+
+    Raises
+    ------
+    DataError
+        Fewer than two classes have two train images.
+    """
+    counts = np.bincount(y, minlength=len(class_names))
+    thin = [c for c in range(len(counts)) if counts[c] == 1]
+    keep = ~np.isin(y, thin)
+    notes = [
+        f"class {class_names[c]!r} has 1 train image: left out of the probe (no fold can "
+        "hold it out)"
+        for c in thin
+    ]
+    kept = counts[counts >= 2]
+    if len(kept) < 2:
+        raise DataError(
+            "the probe needs two classes of at least 2 train images each; add train images"
+        )
+    return keep, int(min(folds, kept.min())), notes
+
+
 def cv_scores(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> np.ndarray:
     """Accuracy per fold of the ``svm`` head (L2, C=1) on ``x``: stratified, seeded."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -164,6 +194,7 @@ def run_probe(
     )
     spec, size, cfg = resolved.spec, resolved.input_size, resolved.config
     folder = scan_folder(data_dir, split)
+    folder = replace(folder, dataset=dataset_name(data_dir, artifacts_dir))  # stage one's name
     train = [r for r in folder.records if r.split == "train"]
     with backbones.dtype_policy(resolved.runtime.keras_policy):
         base = backbones.build_base(spec, weights=cfg.weights, input_size=size)
@@ -183,7 +214,9 @@ def run_probe(
         return _result(saved, json_path, png_path, ["(reused: same images, weights and layers)"])
     started = time.perf_counter()
     outputs, y = _layer_features(model, folder.root, train, resolved, len(chosen))
-    rows = _score_layers(base, chosen, outputs, y, folds=folds, seed=seed)
+    keep, folds_scored, notes = probe_rows(y, folds, folder.class_names)
+    outputs, y = [x[keep] for x in outputs], y[keep]
+    rows = _score_layers(base, chosen, outputs, y, folds=folds_scored, seed=seed)
     record = {
         "identity": identity,
         "dataset": folder.name,
@@ -192,11 +225,11 @@ def run_probe(
         "weights_source": cfg.weights,
         "head": "svm (L2 per image, LinearSVC C=1)",
         "n_train": int(len(y)),
-        "folds": int(min(folds, int(np.bincount(y)[np.bincount(y) > 0].min()))),
+        "folds": folds_scored,
         "seconds": time.perf_counter() - started,
         "layers": rows,
     }
-    result = _result(record, json_path, png_path, [])
+    result = _result(record, json_path, png_path, notes)
     write_bytes_atomic(png_path, _png(probe_figure(result)))
     write_json_atomic(json_path, record)
     if log is not None:

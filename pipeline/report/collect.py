@@ -115,7 +115,8 @@ from pipeline.core.options import check_options
 from pipeline.features.cache import read_attrs
 from pipeline.report import pages
 from pipeline.report.evaluation import Run, build_report_data
-from pipeline.report.plotting import report_figures
+from pipeline.report.figures import report_figures
+from pipeline.report.fonts import class_labels
 
 __all__ = ["ReportResult", "Run", "collect_runs", "write_report"]
 
@@ -307,8 +308,15 @@ def thumbnails(data: dict[str, Any], runs: list[Run]) -> tuple[dict[str, bytes],
 def _nothing_to_report(dataset: str, artifacts_dir: str | Path, notes: list[str]) -> ReportError:
     art = Artifacts(artifacts_dir)
     known = art.datasets_with_heads()
-    hint = did_you_mean(dataset, known) if known else ""
     extra = f" ({'; '.join(notes)})" if notes else ""
+    if dataset in known:  # heads exist, but the split gave them no val or test images to score
+        return ReportError(
+            f"nothing to report for {dataset!r}: its heads under {art.heads_root() / dataset} have "
+            "no val or test predictions (the split left val and test empty); give each class more "
+            "images, or ship val/ and test/ folders, then re-run `make features` and `make head`"
+            f"{extra}"
+        )
+    hint = did_you_mean(dataset, known) if known else ""
     return ReportError(
         f"nothing to report for {dataset!r}: no heads with predictions under "
         f"{art.heads_root() / dataset}{hint}; run `make head DATA=...` first{extra}"
@@ -385,7 +393,19 @@ def write_report(
     data = build_report_data(dataset, runs, notes, n_resamples=n_resamples, seed=seed)
     thumbs, thumb_notes = thumbnails(data, runs)
     data["notes"] += thumb_notes
+    if any(class_labels(r.class_names)[1] for r in runs):
+        data["notes"].append(
+            "class names drawn as numbers in the figures: no installed font has their glyphs "
+            "(install fonts-noto-cjk or fonts-nanum); the report has the key"
+        )
     figures = report_figures(data)
     out = Path(out_dir) if out_dir else Artifacts(artifacts_dir).reports_dir(dataset)
-    paths = _write_files(out, data, figures, thumbs)
+    try:
+        paths = _write_files(out, data, figures, thumbs)
+    except OSError as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ReportError(
+            f"cannot write the report into {out}: {why}; make the folder writable "
+            "(or remove it) or choose another with --out"
+        ) from None
     return ReportResult(*paths, pages.summary_lines(data))

@@ -23,11 +23,14 @@ import numpy as np
 
 from pipeline.core.artifacts import EVAL_SPLITS, SplitPredictions, now_iso
 from pipeline.report import stats
+from pipeline.report.mistakes import error_analysis, top_losses
+from pipeline.report.naming import cache_labels, display_labels
 
 ALPHA = 0.05  # McNemar p-value below which two runs are told apart
-TOP_LOSSES = 8  # thumbnails per split in the error analysis
-MOST_CONFUSED = 10  # rows of the most-confused table
-CURVE_POINTS = 101  # ROC curves are stored at this many false-positive rates
+CURVE_POINTS = 201  # ROC curves keep at most about this many of their corners
+
+
+__all__ = ["Run", "build_report_data", "error_analysis", "top_losses"]
 
 
 @dataclass
@@ -52,18 +55,38 @@ class Run:
 # --------------------------------------------------------------------------- one run
 
 
-def _curves(predictions: SplitPredictions) -> dict[str, Any]:
-    """ROC (thinned to :data:`CURVE_POINTS` false-positive rates) and reliability bins."""
-    fpr, tpr, auc = stats.one_vs_rest_roc(predictions.labels, predictions.scores)
-    grid = np.r_[0.0, np.logspace(-4, 0, CURVE_POINTS - 1)]  # drawn on a log axis
+def roc_points(fpr: np.ndarray, tpr: np.ndarray, negatives: int) -> tuple[list, list]:
+    """The ROC's own corners, thinned to about :data:`CURVE_POINTS` where there are more.
+
+    Only real false-positive rates are kept (multiples of ``1 / negatives``): a
+    curve drawn between them invents nothing below the smallest one.
+    """
     top = np.r_[np.flatnonzero(np.diff(fpr)), len(fpr) - 1]  # highest tpr at each fpr
-    thinned = np.interp(grid, fpr[top], tpr[top])
+    fpr, tpr = fpr[top], tpr[top]
+    if len(fpr) > CURVE_POINTS:  # evenly in log(fpr), keeping both ends
+        lowest = max(1.0 / max(negatives, 1), float(fpr[fpr > 0].min(initial=1.0)))
+        wanted = np.r_[0.0, np.geomspace(lowest, 1.0, CURVE_POINTS - 1)]
+        keep = np.unique(np.clip(np.searchsorted(fpr, wanted), 0, len(fpr) - 1))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return [float(f"{v:.4g}") for v in fpr], np.round(tpr, 4).tolist()
+
+
+def _curves(predictions: SplitPredictions) -> dict[str, Any]:
+    """ROC (its corners, see :func:`roc_points`) and reliability bins."""
+    fpr, tpr, auc = stats.one_vs_rest_roc(predictions.labels, predictions.scores)
+    k = predictions.scores.shape[1]
+    n = len(predictions.labels)
+    # Negatives of the binary decisions: images of class 0 (two classes), else every
+    # (image, wrong class) pair of the micro average.
+    negatives = int(np.sum(predictions.labels == 0)) if k == 2 else n * (k - 1)
+    fpr_kept, tpr_kept = roc_points(fpr, tpr, negatives)
     return {
         "roc": {
-            "fpr": [float(f"{v:.4g}") for v in grid],
-            "tpr": thinned.round(4).tolist(),
+            "fpr": fpr_kept,
+            "tpr": tpr_kept,
             "auc": auc,
-            "kind": "binary" if predictions.scores.shape[1] == 2 else "micro one-vs-rest",
+            "negatives": negatives,
+            "kind": "binary" if k == 2 else "micro one-vs-rest",
         },
         "calibration": stats.reliability(predictions.labels, predictions.scores),
     }
@@ -134,6 +157,7 @@ def run_config(run: Run) -> dict[str, Any]:
             params=m.get("params"),
             cv_folds=cv.get("folds"),
             cv_accuracy=cv.get("score"),
+            cv_scheme=cv.get("scheme"),
             seed=m.get("seed"),
             estimator=m.get("estimator"),
         )
@@ -146,6 +170,8 @@ def run_config(run: Run) -> dict[str, Any]:
             if options
             else m.get("params")
         )
+        config["unfreeze"] = m.get("unfreeze", (options or {}).get("unfreeze"))
+        config["phase_two_input"] = m.get("phase_two_input")
     return config
 
 
@@ -314,6 +340,7 @@ def leaderboard(
         entry: dict[str, Any] = {
             "rank": i + 1,
             "run": run.run_id,
+            "label": row["label"],
             "kind": run.kind,
             "group": run.group,
             "selection_score": selection_score(run, rule),
@@ -367,68 +394,6 @@ def selection(
     return {**out, "leaderboard": board}
 
 
-# --------------------------------------------------------------------------- error analysis
-
-
-def top_losses(
-    predictions: SplitPredictions, class_names: Sequence[str], top: int = TOP_LOSSES
-) -> list[dict[str, Any]]:
-    """The ``top`` images the run got most wrong.
-
-    With probabilities: highest loss, ``-log p(true class)``, first. With
-    scores only: wrong images by the margin of the predicted over the true
-    class. Without either: the wrong images in path order.
-    """
-    y, pred, scores = predictions.labels, predictions.pred, predictions.scores
-    idx = np.arange(len(y))
-    if scores is not None:
-        true_score = scores[idx, y]
-        if predictions.is_proba:
-            badness = -np.log(np.clip(true_score, 1e-15, 1.0))
-        else:
-            badness = np.where(pred != y, scores[idx, pred] - true_score, -np.inf)
-    else:
-        badness = np.where(pred != y, 0.0, -np.inf)
-    order = [int(i) for i in np.argsort(-badness, kind="stable")[:top] if badness[i] > -np.inf]
-    out = []
-    for i in order:
-        entry: dict[str, Any] = {
-            "path": str(predictions.paths[i]),
-            "label": class_names[int(y[i])],
-            "pred": class_names[int(pred[i])],
-        }
-        if predictions.is_proba and scores is not None:
-            entry.update(p_pred=float(scores[i, pred[i]]), p_true=float(scores[i, y[i]]))
-            entry["loss"] = float(badness[i])
-        elif scores is not None:
-            entry["margin"] = float(badness[i])
-        out.append(entry)
-    return out
-
-
-def error_analysis(run: Run, row: dict[str, Any]) -> dict[str, Any]:
-    """Most-confused class pairs and highest-loss images of ``run`` on each split."""
-    out: dict[str, Any] = {"run": run.run_id, "has_proba": False, "splits": {}}
-    for split, predictions in run.splits.items():
-        cm = np.array(row["splits"][split]["confusion"])
-        support = cm.sum(axis=1)
-        pairs = [
-            {
-                "true": run.class_names[i],
-                "pred": run.class_names[j],
-                "count": count,
-                "share": count / support[i] if support[i] else 0.0,
-            }
-            for i, j, count in stats.most_confused(cm, MOST_CONFUSED)
-        ]
-        out["splits"][split] = {
-            "most_confused": pairs,
-            "top_losses": top_losses(predictions, run.class_names),
-        }
-        out["has_proba"] = out["has_proba"] or predictions.is_proba
-    return out
-
-
 # --------------------------------------------------------------------------- everything
 
 
@@ -456,6 +421,11 @@ def build_report_data(
         Seed of the bootstrap.
     """
     rows = {r.run_id: _run_row(r, n_resamples=n_resamples, seed=seed) for r in runs}
+    for run, label in display_labels(list(rows.values())).items():
+        rows[run]["label"] = label
+    caches = cache_labels(list(rows.values()))
+    for row in rows.values():
+        row["cache_label"] = caches.get(row["group"])  # None: a fine-tuned run
     real = [r for r in runs if not is_baseline(r)]
     compared = real or list(runs)  # random-weight runs only compete among themselves
     rule, words = selection_rule(compared)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,7 +149,10 @@ def _html_block(
         return _html_table(value)
     if kind == "figures":
         images = "".join(f"<img alt='{esc(n)}' src='{_png(figures[n])}'>" for n in value)
-        return f"<div class='gallery'>{images}</div>"
+        # Confusion matrices keep their size (scrolling if wider than the page): shrunk,
+        # a hundred classes' labels would be unreadable.
+        wide = " wide" if any(n.startswith("confusion_") for n in value) else ""
+        return f"<div class='gallery{wide}'>{images}</div>"
     if kind == "thumbs":
         return _html_thumbs(data, value, thumbs)
     if kind == "row":
@@ -182,8 +186,8 @@ def html_page(
     return "\n".join(parts)
 
 
-def summary_lines(data: dict[str, Any]) -> list[str]:
-    """The few lines ``make report`` prints: the ranking, the verdict, notes."""
+def summary_lines(data: dict[str, Any], width: int = 100) -> list[str]:
+    """The lines ``make report`` prints: the ranking, then the verdict as the page words it."""
     chosen = data["selection"]
     lines = [f"{data['dataset']}: {len(data['runs'])} runs, ranked on {chosen['metric']}:"]
     for e in data["leaderboard"][:10]:
@@ -192,8 +196,9 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             if "accuracy" in e and chosen["rule"] == "val"
             else fmt(e["selection_score"])
         )
-        lines.append(f"  {e['rank']}. {e['run']:<48} {shown}")
-    lines += [f"  {sentence}" for sentence in verdict(data)[:2]]
+        lines.append(f"  {e['rank']:>2}. {e.get('label') or e['run']:<28} {shown}")
+    for sentence in verdict(data):
+        lines += textwrap.wrap(sentence, width, initial_indent="  ", subsequent_indent="    ")
     lines += [f"  note: {n}" for n in data["notes"]]
     return lines
 
@@ -208,9 +213,11 @@ nav{font-size:.9em;margin:.5em 0 1em}nav a{margin-right:1em}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;margin:.6em 0 1em;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;white-space:nowrap}
-th{background:#f2f2f2}
+th{background:#f2f2f2;white-space:normal;vertical-align:bottom}
 .gallery,.row{display:flex;flex-wrap:wrap;gap:1em 2em;align-items:flex-start}
 .gallery img{max-width:100%;height:auto}
+.gallery.wide{overflow-x:auto}.gallery.wide img{max-width:none}
+.row>div:first-child{flex:none}.row>div{min-width:0}
 .thumbs{display:flex;flex-wrap:wrap;gap:.8em}
 .thumb{margin:0;width:150px;font-size:12px}
 .thumb img{display:block;border:1px solid #ccc;image-rendering:pixelated;max-width:140px}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.files import write_atomic
+from pipeline.report.fonts import GLYPH_WARNING, class_labels, font_family, printable
 
 
 def _figure(**kwargs: Any) -> Any:
@@ -37,16 +39,30 @@ def literal_text(draw: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         import matplotlib
 
-        with matplotlib.rc_context({"text.parse_math": False}):
+        # Fonts are resolved when a Text is made: the CJK fallbacks join here too.
+        rc = {"text.parse_math": False, "font.family": list(font_family())}
+        with matplotlib.rc_context(rc), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", GLYPH_WARNING, UserWarning)
             return draw(*args, **kwargs)
 
     return wrapper
 
 
+def png_bytes(figure: Any, **kwargs: Any) -> bytes:
+    """``figure`` as PNG bytes, drawn without glyph warnings (labels were checked already)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", GLYPH_WARNING, UserWarning)
+        figure.savefig(buffer, format="png", **kwargs)
+    return buffer.getvalue()
+
+
 # --- stage three: training curves ------------------------------------------------------------
 
 
-def plot_curves(history: list[dict], path: str | Path, *, title: str = "") -> Path:
+def plot_curves(
+    history: list[dict], path: str | Path, *, title: str = "", phase_two: str = ""
+) -> Path:
     """Write the training curves of a fine-tuning run as a PNG.
 
     Parameters
@@ -58,35 +74,38 @@ def plot_curves(history: list[dict], path: str | Path, *, title: str = "") -> Pa
         The PNG file, written atomically.
     title : str, optional
         Title above both panels.
+    phase_two : str, optional
+        What phase two trained on (``"on cached activations ..."``), for the caption.
 
     Returns
     -------
     Path
         ``path``.
     """
-    figure = curves_figure(history, title=title)
-    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
+    figure = curves_figure(history, title=title, phase_two=phase_two)
+    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(png_bytes(figure)))
 
 
 def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
-def _phases_label(phase_one: int, phase_two: int) -> str:
+def _phases_label(phase_one: int, phase_two: int, input_words: str = "") -> str:
     parts = []
     if phase_one:
         parts.append(f"phase one: the head on cached features ({_epochs(phase_one)})")
     if phase_two:
-        parts.append(f"phase two: fine-tuning on images ({_epochs(phase_two)})")
+        on = f" {input_words}" if input_words else ""
+        parts.append(f"phase two ({_epochs(phase_two)}): fine-tuning{on}")
     return "; ".join(parts)
 
 
 @literal_text
-def curves_figure(history: list[dict], *, title: str = "") -> Any:
+def curves_figure(history: list[dict], *, title: str = "", phase_two: str = "") -> Any:
     """Loss and accuracy per epoch of both phases of stage three.
 
-    Phase one trains the head on cached features, phase two fine-tunes on
-    images; a vertical line marks where fine-tuning starts and the label under
+    Phase one trains the head on cached features, phase two fine-tunes (on what:
+    ``phase_two``, from the run's record); a vertical line marks where fine-tuning starts and the label under
     both panels says which epochs belong to which phase. Epochs are numbered
     across both phases and the x axis has integer ticks only.
     """
@@ -112,16 +131,35 @@ def curves_figure(history: list[dict], *, title: str = "") -> Any:
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.supxlabel(_phases_label(phase_one, len(history) - phase_one), fontsize=9)
+    caption = _phases_label(phase_one, len(history) - phase_one, phase_two)
+    figure.supxlabel(printable(caption), fontsize=9)
     if title:
-        figure.suptitle(title)
+        figure.suptitle(printable(title))
     figure.tight_layout()
     return figure
 
 
 # --- the report's figures --------------------------------------------------------------------
 
-_WINNER, _TIED, _OTHER = "#d62728", "#ff7f0e", "#1f77b4"
+# Each run keeps one colour on the whole page (forest, cost, ROC, calibration); its role
+# (chosen, tied) is a marker shape, never a colour.
+RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+               "#17becf", "#bcbd22")  # fmt: skip
+MORE_RUNS = "#7f7f7f"  # past the ninth run
+_ROLE_MARKERS = {"winner": "*", "tied": "o", "other": "o"}
+
+
+def run_colours(runs: list[str]) -> dict[str, str]:
+    """Run id -> its colour, in ranking order."""
+    return {r: RUN_COLOURS[i] if i < len(RUN_COLOURS) else MORE_RUNS for i, r in enumerate(runs)}
+
+
+def _cell_inches(k: int) -> float:
+    """Side of one confusion cell: 0.8 in up to four classes, 0.42 in up to 15, then down
+    to 0.15 in (100 classes: 15 in, 1,500 px, shown at full size and scrolled)."""
+    if k <= 15:
+        return max(0.42, min(0.8, 3.2 / k))
+    return max(0.15, 6.3 / k)
 
 
 @literal_text
@@ -129,28 +167,34 @@ def confusion_figure(cm: Any, class_names: list[str], *, title: str) -> Any:
     """One confusion matrix coloured by the share of each true class (rows sum to 1),
     with the count of images in each non-empty cell.
 
-    The figure grows with the number of classes so the counts stay 9 pt at
-    the report's width up to 15 classes (7 pt up to 30); past 30 the cells
-    are colour only.
+    Sized for its class count (cells of 0.9 in for two classes, 0.15 in for a hundred),
+    so two classes are not a thumbnail and a hundred keep readable labels; counts are
+    written up to 25 classes. Names no font can draw become class numbers
+    (:func:`pipeline.report.fonts.class_labels`; the report prints the key).
     """
     cm = np.asarray(cm, dtype=np.int64)
     k = len(class_names)
+    names, _ = class_labels(class_names)
+    names = [n if len(n) <= 24 else n[:23] + "…" for n in names]
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    cell = 0.42 if k <= 15 else max(0.22, 6.3 / k)
-    longest = min(max(len(c) for c in class_names), 20)
-    margin = 0.6 + longest * 0.07
-    figure = _figure(figsize=(k * cell + margin + 1.0, k * cell + margin + 0.5))
+    cell = _cell_inches(k)
+    margin = 0.8 + min(max(len(n) for n in names), 24) * 0.075
+    side = k * cell
+    figure = _figure(figsize=(side + margin + 1.2, side + margin + 1.0))
     ax = figure.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    colorbar = figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-    colorbar.set_label("share of the true class", fontsize=9)
-    tick_size = 9 if k <= 30 else 7
-    ax.set_xticks(range(k), class_names, rotation=90 if longest > 2 else 0, fontsize=tick_size)
-    ax.set_yticks(range(k), class_names, fontsize=tick_size)
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=min(1.0, 0.5 + 0.1 * k))
+    tick_size = 9 if k <= 15 else 8 if k <= 30 else 7
+    rotate = 90 if max(len(n) for n in names) > max(2, int(cell * 11)) else 0  # fits its cell
+    ax.set_xticks(range(k), names, rotation=rotate, fontsize=tick_size)
+    ax.set_yticks(range(k), names, fontsize=tick_size)
     ax.set_xlabel("predicted class", fontsize=10)
     ax.set_ylabel("true class", fontsize=10)
-    ax.set_title(title, fontsize=10)
-    if k <= 30:
+    # What colour and numbers mean goes under the title, never beside the colour bar
+    # (where its label ran over the title of a small matrix).
+    legend = "colour: share of the true class" + ("; numbers: images" if k <= 25 else "")
+    ax.set_title(f"{printable(title)}\n{legend}", fontsize=9)
+    if k <= 25:
         for (i, j), count in np.ndenumerate(cm):
             if count or i == j:  # empty cells stay blank so the errors stand out
                 colour = "white" if share[i, j] > 0.5 else "black"
@@ -164,30 +208,37 @@ def confusion_figure(cm: Any, class_names: list[str], *, title: str) -> Any:
 def forest_figure(entries: list[dict[str, Any]], *, split: str) -> Any:
     """Accuracy with its 95% interval, one line per run, best-ranked at the top.
 
-    ``entries``: ``label``, ``accuracy``, ``accuracy_ci`` and ``role`` (``winner``,
-    ``tied`` or ``other``). The winner's interval is shaded across the plot, so
-    an interval reaching into the band overlaps it.
+    ``entries``: ``label``, ``accuracy``, ``accuracy_ci``, ``role`` (``winner``,
+    ``tied`` or ``other``) and ``colour`` (the run's, as in every figure). The
+    role is the marker: a star for the chosen run, a filled dot for a run tied
+    with it, an open dot otherwise. The chosen run's interval is shaded grey.
     """
     n = len(entries)
     figure = _figure(figsize=(8.5, 0.34 * n + 1.3))
     ax = figure.subplots()
-    colours = {"winner": _WINNER, "tied": _TIED, "other": _OTHER}
     for i, e in enumerate(entries):
         y = n - 1 - i
         low, high = e["accuracy_ci"]
-        colour = colours[e["role"]]
+        colour = e.get("colour", RUN_COLOURS[0])
+        face = "white" if e["role"] == "other" else colour
         ax.errorbar(e["accuracy"], y, xerr=[[e["accuracy"] - low], [high - e["accuracy"]]],
-                    fmt="o", color=colour, capsize=3, markersize=5)  # fmt: skip
+                    fmt=_ROLE_MARKERS[e["role"]], color=colour, markerfacecolor=face,
+                    capsize=3, markersize=11 if e["role"] == "winner" else 6)  # fmt: skip
         if e["role"] == "winner":
-            ax.axvspan(low, high, color=colour, alpha=0.08)
-    ax.set_yticks(range(n), [e["label"] for e in reversed(entries)], fontsize=9)
+            ax.axvspan(low, high, color="grey", alpha=0.12)
+    ax.set_yticks(range(n), [printable(e["label"]) for e in reversed(entries)], fontsize=9)
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlabel(f"accuracy on {split} (95% bootstrap interval)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     handles = [
-        _legend_handle(color=c, marker="o", linestyle="", label=label)
-        for c, label in ((_WINNER, "chosen"), (_TIED, "tied with it (McNemar)"), (_OTHER, "other"))
-    ]
+        _legend_handle(color="black", marker=marker, markerfacecolor=face, linestyle="",
+                       markersize=size, label=label)
+        for marker, face, size, label in (
+            ("*", "black", 11, "chosen (its interval shaded)"),
+            ("o", "black", 6, "tied with it (McNemar p ≥ 0.05)"),
+            ("o", "white", 6, "behind it (McNemar p < 0.05)"),
+        )
+    ]  # fmt: skip
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"accuracy on {split}, in the order of the ranking", fontsize=10)
     figure.tight_layout()
@@ -258,31 +309,29 @@ def _renderer(figure: Any) -> Any:
 
 @literal_text
 def cost_figure(points: list[dict[str, Any]], *, split: str) -> Any:
-    """Accuracy against fit time and against time per image (log scales), side by side.
+    """Accuracy against fit time and against time per image from the images (log scales).
 
-    ``points``: ``label``, ``group``, ``accuracy``, ``fit_seconds``,
-    ``seconds_per_image`` (end to end: a head's includes stage one's time per
-    image), ``finetuned`` and, for heads, ``extraction_seconds`` (stage one,
-    drawn as a dotted line: paid once per backbone, shared by its heads).
-    Labels are placed where they hide no point; the legend sits outside.
+    ``points``: ``label``, ``colour`` (the run's), ``accuracy``, ``fit_seconds``,
+    ``seconds_per_image`` (end to end from the images: a head's includes stage
+    one's time per image; ``None`` leaves the point out of that panel, never a
+    head-only time among end-to-end ones), ``finetuned`` and, for heads,
+    ``extraction_seconds`` and ``cache`` (stage one, a grey dotted line per cache:
+    paid once, shared by its heads). Labels are placed where they hide no point.
     """
     figure = _figure(figsize=(11, 4.6))
     axes = figure.subplots(1, 2, sharey=True)
-    groups = sorted({p["group"] for p in points})
-    colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
-    panels = (("fit_seconds", "fit time (s)"), ("seconds_per_image", "time per image (ms)"))
+    panels = (
+        ("fit_seconds", "fit time (s)"),
+        ("seconds_per_image", "time per image from the images (ms; heads: stage one + head)"),
+    )
     for ax, (key, xlabel) in zip(axes, panels, strict=True):
         mine = [p for p in points if p.get(key)]
         scale = 1e3 if key == "seconds_per_image" else 1.0
         for p in mine:
-            ax.scatter(p[key] * scale, p["accuracy"], color=colours[p["group"]], s=36,
-                       marker="^" if p["finetuned"] else "o", zorder=3)  # fmt: skip
+            ax.scatter(p[key] * scale, p["accuracy"], color=p.get("colour", RUN_COLOURS[0]),
+                       s=40, marker="^" if p["finetuned"] else "o", zorder=3)  # fmt: skip
         if key == "fit_seconds":
-            for g in groups:
-                seconds = next((p.get("extraction_seconds") for p in points if p["group"] == g
-                                and p.get("extraction_seconds")), None)  # fmt: skip
-                if seconds:
-                    ax.axvline(seconds, color=colours[g], linestyle=":", linewidth=1)
+            _stage_one_lines(ax, points)
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis)
         ax.set_xlabel(xlabel, fontsize=10)
@@ -294,39 +343,69 @@ def cost_figure(points: list[dict[str, Any]], *, split: str) -> Any:
     accuracies = [p["accuracy"] for p in points]
     spread = max(accuracies) - min(accuracies)
     axes[0].set_ylim(min(accuracies) - 0.15 * spread - 0.01, max(accuracies) + 0.15 * spread + 0.01)
-    handles = [_legend_handle(color=colours[g], marker="o", linestyle="", label=g) for g in groups]
-    handles += [
-        _legend_handle(color="grey", marker="^", linestyle="", label="fine-tuned (backbone included)"),
-        _legend_handle(color="grey", linestyle=":", label="stage one, once per backbone"),
-    ]  # fmt: skip
-    figure.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+    handles = [_legend_handle(color="grey", marker="o", linestyle="", label="head")]
+    if any(p["finetuned"] for p in points):
+        handles.append(_legend_handle(color="grey", marker="^", linestyle="", label="fine-tuned"))
+    if any(p.get("extraction_seconds") for p in points):
+        handles.append(
+            _legend_handle(color="grey", linestyle=":", label="stage one, once per cache")
+        )
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
                   frameon=False)  # fmt: skip
-    figure.suptitle("accuracy against cost (heads' time per image includes stage one)", fontsize=10)
-    figure.tight_layout(rect=(0, 0.08 + 0.04 * (len(handles) > 4), 1, 1))
+    figure.suptitle("accuracy against cost", fontsize=10)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     for ax, (key, _) in zip(axes, panels, strict=True):
         mine = [p for p in points if p.get(key)]
         scale = 1e3 if key == "seconds_per_image" else 1.0
         place_labels(ax, [p[key] * scale for p in mine], [p["accuracy"] for p in mine],
-                     [p["label"] for p in mine])  # fmt: skip
+                     [printable(p["label"]) for p in mine])  # fmt: skip
     return figure
 
 
+def _stage_one_lines(ax: Any, points: list[dict[str, Any]]) -> None:
+    """A grey dotted line at each cache's stage-one time, named when there are several."""
+    seconds = {
+        p.get("cache"): p["extraction_seconds"] for p in points if p.get("extraction_seconds")
+    }
+    for cache, value in seconds.items():
+        ax.axvline(value, color="grey", linestyle=":", linewidth=1)
+        if len(seconds) > 1 and cache:
+            ax.text(value, 0.98, f" {printable(cache)}", rotation=90, va="top", fontsize=7,
+                    color="grey", transform=ax.get_xaxis_transform())  # fmt: skip
+
+
+LOG_ROC_NEGATIVES = 200  # below this many negatives the ROC's false-positive axis is linear
+
+
 @literal_text
-def roc_figure(curves: list[tuple[str, dict[str, Any]]], *, split: str) -> Any:
-    """ROC curves (``(label, roc)`` with ``fpr``, ``tpr``, ``auc``, ``kind``), one per run."""
+def roc_figure(curves: list[tuple[str, dict[str, Any], str]], *, split: str) -> Any:
+    """ROC curves (``(label, roc, colour)``; ``roc`` with ``fpr``, ``tpr``, ``auc``, ``kind``
+    and ``negatives``), one per run.
+
+    The false-positive axis is linear unless every curve has at least
+    :data:`LOG_ROC_NEGATIVES` negatives; then it is logarithmic down to
+    ``1 / negatives``, the smallest false-positive rate the data can show.
+    """
     figure = _figure(figsize=(5.6, 4.6 + 0.2 * len(curves)))
     ax = figure.subplots()
-    lowest = 1.0
-    for label, roc in curves:
+    negatives = min((c[1].get("negatives") or 0 for c in curves), default=0)
+    log = negatives >= LOG_ROC_NEGATIVES
+    for label, roc, colour in curves:
         fpr, tpr = np.asarray(roc["fpr"]), np.asarray(roc["tpr"])
-        keep = fpr > 0  # a log axis: the curve from its first false positive
-        lowest = min([lowest, *fpr[keep][:1]])
-        ax.plot(fpr[keep], tpr[keep], label=f"{label} (AUC {roc['auc']:.3f})", linewidth=1.4)
-    ax.plot([lowest, 1], [lowest, 1], color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlim(lowest, 1.0)
-    ax.xaxis.set_major_formatter(_plain_number())
-    ax.set_xlabel("false-positive rate (log scale)", fontsize=10)
+        keep = fpr > 0 if log else np.ones(len(fpr), bool)
+        ax.plot(fpr[keep], tpr[keep], color=colour, linewidth=1.4, drawstyle="steps-post",
+                label=f"{printable(label)} (AUC {roc['auc']:.3f})")  # fmt: skip
+    if log:
+        lowest = 1.0 / negatives
+        ax.plot([lowest, 1], [lowest, 1], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlim(lowest, 1.0)
+        ax.xaxis.set_major_formatter(_plain_number())
+        ax.set_xlabel(f"false-positive rate (log scale, from 1/{negatives} negatives)", fontsize=10)
+    else:
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"false-positive rate ({negatives} negatives)", fontsize=10)
     ax.set_ylabel("true-positive rate", fontsize=10)
     ax.grid(alpha=0.3)
     kind = curves[0][1]["kind"] if curves else ""
@@ -356,14 +435,15 @@ def _plain_number() -> Any:
 
 
 @literal_text
-def calibration_figure(curves: list[tuple[str, dict[str, Any]]], *, split: str) -> Any:
-    """Reliability diagram: accuracy against confidence per bin, with each run's ECE."""
+def calibration_figure(curves: list[tuple[str, dict[str, Any], str]], *, split: str) -> Any:
+    """Reliability diagram: accuracy against confidence per bin, with each run's ECE
+    (``curves``: ``(label, calibration, colour)``)."""
     figure = _figure(figsize=(5.6, 5.2 + 0.2 * len(curves)))
     ax = figure.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8, label="calibrated")
-    for label, cal in curves:
+    for label, cal, colour in curves:
         ax.plot(cal["confidence"], cal["accuracy"], marker="o", markersize=4, linewidth=1.2,
-                label=f"{label} (ECE {cal['ece']:.3f})")  # fmt: skip
+                color=colour, label=f"{printable(label)} (ECE {cal['ece']:.3f})")  # fmt: skip
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_aspect("equal")
@@ -375,12 +455,6 @@ def calibration_figure(curves: list[tuple[str, dict[str, Any]]], *, split: str) 
     return figure
 
 
-def _report_png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
 def safe_figure_name(name: str) -> str:
     """``name`` with every character but letters, digits, ``-``, ``_`` and ``.`` as ``_``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -389,83 +463,3 @@ def safe_figure_name(name: str) -> str:
 def confusion_name(run: str, split: str) -> str:
     """The file name of ``run``'s confusion matrix on ``split``."""
     return f"confusion_{safe_figure_name(run)}_{split}.png"
-
-
-def run_title(row: dict[str, Any]) -> str:
-    """``mobilenet_v2 224 px imagenet + svm``, or ``fine-tuned mobilenet_v2: name``."""
-    c = row["config"]
-    size = f" {c['input_size']} px" if c.get("input_size") else ""
-    backbone = f"{c.get('backbone', '?')}{size} {c.get('weights_source', '')}".strip()
-    if row["kind"] == "finetuned":
-        return f"fine-tuned {backbone}: {row['name']}"
-    return f"{backbone} + {row['name']}"
-
-
-OTHER_CONFUSIONS = 3  # confusion matrices of the runs ranked after the winner
-
-
-def report_figures(data: dict[str, Any]) -> dict[str, bytes]:
-    """PNG bytes of every figure of the report, by file name.
-
-    ``data`` is :func:`pipeline.report.evaluation.build_report_data`'s result.
-    ``forest.png`` and ``cost.png`` of the ranked runs; ``confusion_<run>_<split>.png``
-    of the winner on each split and of the next :data:`OTHER_CONFUSIONS` runs
-    on the comparison split; ``roc.png`` and ``calibration.png`` of the ranked
-    runs with probabilities (up to five); ``curves_<name>.png`` per fine-tuned
-    run with a history.
-    """
-    rows = {r["run"]: r for r in data["runs"]}
-    chosen = data["selection"]
-    split = chosen["compare_split"]
-    board = [e for e in data["leaderboard"] if "accuracy" in e]
-    one_group = len({e["group"] for e in board}) == 1
-    label = {e["run"]: rows[e["run"]]["name"] if one_group else e["run"] for e in board}
-    figures: dict[str, bytes] = {}
-    if board:
-        tied = set(chosen["tied"])
-        forest = [
-            {**e, "label": label[e["run"]],
-             "role": "winner" if e["rank"] == 1 else "tied" if e["run"] in tied else "other"}
-            for e in board
-        ]  # fmt: skip
-        figures["forest.png"] = _report_png(forest_figure(forest, split=split))
-        points = [_cost_point(rows[e["run"]], e["accuracy"]) for e in board]
-        if any(p["fit_seconds"] or p["seconds_per_image"] for p in points):
-            figures["cost.png"] = _report_png(cost_figure(points, split=split))
-    if chosen["winner"]:
-        winner = rows[chosen["winner"]]
-        for s, entry in winner["splits"].items():
-            title = f"{run_title(winner)}: {s}, {entry['n']} images"
-            figure = confusion_figure(entry["confusion"], winner["class_names"], title=title)
-            figures[confusion_name(winner["run"], s)] = _report_png(figure)
-    for e in board[1 : 1 + OTHER_CONFUSIONS]:
-        row, entry = rows[e["run"]], rows[e["run"]]["splits"][split]
-        title = f"{run_title(row)}: {split}, {entry['n']} images"
-        figure = confusion_figure(entry["confusion"], row["class_names"], title=title)
-        figures[confusion_name(row["run"], split)] = _report_png(figure)
-    with_proba = [(e["run"], rows[e["run"]]["splits"][split]) for e in board]
-    with_proba = [(run, s) for run, s in with_proba if "roc" in s][:5]
-    if with_proba:
-        roc = roc_figure([(label[run], s["roc"]) for run, s in with_proba], split=split)
-        figures["roc.png"] = _report_png(roc)
-        calibration = [(label[run], s["calibration"]) for run, s in with_proba]
-        cal = calibration_figure(calibration, split=split)
-        figures["calibration.png"] = _report_png(cal)
-    for row in data["runs"]:
-        if row["kind"] == "finetuned" and row["history"]:
-            curves = curves_figure(row["history"], title=f"training curves: {row['name']}")
-            figures[f"curves_{safe_figure_name(row['name'])}.png"] = _report_png(curves)
-    return figures
-
-
-def _cost_point(row: dict[str, Any], accuracy: float) -> dict[str, Any]:
-    return {
-        "label": row["name"],  # the colour says which backbone cache
-        "group": row["group"],
-        "accuracy": accuracy,
-        "fit_seconds": row.get("fit_seconds"),
-        "seconds_per_image": row.get("end_to_end_seconds_per_image")
-        or row.get("predict_seconds_per_image"),
-        "extraction_seconds": row.get("extraction_seconds"),
-        "finetuned": row["kind"] == "finetuned",
-    }

@@ -13,38 +13,27 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pipeline.core.artifacts import EVAL_SPLITS
-from pipeline.report.evaluation import ALPHA
+from pipeline.report.cells import ci, fmt, head_times, ms
+from pipeline.report.fonts import class_labels
+from pipeline.report.naming import phase_two_words, unfreeze_words
 from pipeline.report.plotting import confusion_name, safe_figure_name
+from pipeline.report.verdict import label, verdict
+
+__all__ = ["ci", "fmt", "intro", "report_sections", "title", "verdict"]
 
 Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
 Block = tuple[str, Any]  # ("p", text), ("table", Table), ("figures", [names]), ("thumbs", split),
 # ("row", [[blocks], [blocks]]: columns side by side), ("verdict", [sentences]), ("list", [text])
 Section = tuple[str, str, list[Block]]  # (id, title, blocks)
 
+NUMBERED_CLASSES = (
+    "No font installed here has the glyphs of these class names, so the figures number "
+    "the classes (key below). Install a font that has them (fonts-noto-cjk or fonts-nanum "
+    "for Korean) and run `make report` again to see the names."
+)
+
 
 # --------------------------------------------------------------------------- cells
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """A table cell: ``-`` for ``None``, floats to ``digits`` decimals."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def with_interval(value: float, interval: Sequence[float]) -> str:
-    """``0.912 [0.880, 0.940]``."""
-    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
-def ci(entry: dict[str, Any], metric: str) -> str:
-    return with_interval(entry[metric], entry[f"{metric}_ci"])
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
 
 
 def _short_identity(identity: Any) -> str:
@@ -52,11 +41,6 @@ def _short_identity(identity: Any) -> str:
     if isinstance(identity, str) and identity.startswith("sha256:"):
         return identity[: len("sha256:") + 12]
     return fmt(identity)
-
-
-def _listing(names: Sequence[str], most: int = 8) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _rows(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -78,78 +62,10 @@ def title(data: dict[str, Any]) -> str:
     return f"{data['dataset']}: {' and '.join(parts)} compared"
 
 
-def cost_words(row: dict[str, Any]) -> str:
-    """``fit 1.2 s, 0.5 ms per image on cached features (stage one: ...)``."""
-    words = (
-        f"fit {fmt(row['fit_seconds'], 2)} s, {_ms(row['predict_seconds_per_image'])} ms per image"
-    )
-    if row["includes_backbone"]:
-        return words + " from the images, backbone included"
-    words += " on cached features"
-    if row.get("extraction_seconds_per_image"):
-        words += (
-            f" (stage one adds {_ms(row['extraction_seconds_per_image'])} ms per image and took "
-            f"{fmt(row['extraction_seconds'], 1)} s once for its backbone cache)"
-        )
-    return words
-
-
-def _runner_up_words(chosen: dict[str, Any]) -> str:
-    runner, test = chosen["runner_up"], chosen["runner_up_mcnemar"]
-    if runner is None:
-        return "It is the only run ranked."
-    if test is None:
-        return f"The runner-up, {runner}, predicted other images, so McNemar's test does not apply."
-    verdict = "cannot be told apart from it" if test["p_value"] >= ALPHA else "is worse"
-    return (
-        f"The runner-up, {runner}, {verdict}: exact McNemar test on {test['split']}, "
-        f"{test['only_a']} images only the chosen run gets right against {test['only_b']} "
-        f"only the runner-up gets right, p = {test['p_value']:.3g}."
-    )
-
-
-def verdict(data: dict[str, Any]) -> list[str]:
-    """The verdict at the top of the report, as sentences (one paragraph each)."""
-    chosen = data["selection"]
-    if chosen["winner"] is None:
-        return ["No run could be ranked: " + chosen["words"]]
-    row = _rows(data)[chosen["winner"]]
-    board = data["leaderboard"][0]
-    score = f"{chosen['metric']} {board['selection_score']:.3f}"
-    if chosen["rule"] == "val" and "accuracy_ci" in board:
-        score = f"{chosen['metric']} {ci(board, 'accuracy')}"
-    lines = [f"Chosen run: {chosen['winner']} ({score}); {cost_words(row)}."]
-    final = chosen["final_test"]
-    if final:
-        lines.append(
-            f"Its accuracy on the untouched test split is {ci(final, 'accuracy')} "
-            f"({final['n']} images): the number to quote."
-        )
-    else:
-        lines.append("There is no test split: no untouched figure to quote.")
-    lines.append(_runner_up_words(chosen))
-    split = chosen["compare_split"]
-    if chosen["runner_up"]:
-        tied = chosen["tied"]
-        lines.append(
-            f"Statistically tied with it (McNemar p ≥ {ALPHA} on {split}): {_listing(tied)}."
-            if tied
-            else "No other run is statistically tied with it."
-        )
-        overlap = chosen["overlapping"]
-        if overlap:
-            lines.append(
-                f"95% intervals on {split} overlapping the chosen run's: {_listing(overlap)}."
-            )
-    if data["baselines"]:
-        lines.append(
-            f"{len(data['baselines'])} runs on random backbone weights are baselines, "
-            "listed apart and not ranked."
-        )
-    return lines
-
-
 # --------------------------------------------------------------------------- tables
+
+
+_TIMES = ["head ms/image (cached features)", "end-to-end ms/image (from images)"]
 
 
 def leaderboard_table(data: dict[str, Any]) -> Table:
@@ -161,48 +77,51 @@ def leaderboard_table(data: dict[str, Any]) -> Table:
         header = [*head, f"{split} accuracy [95% CI]"]
     else:
         header = [*head, "CV accuracy (train)", f"{split} accuracy [95% CI], not ranked on"]
-    header += ["p vs #1 (McNemar)", "tied with #1", "fit s", "ms/image"]
+    header += ["p vs #1 (McNemar)", "tied with #1", "fit s", *_TIMES]
+    rows_by_id = _rows(data)
     rows = []
     for e in data["leaderboard"]:
-        row = [str(e["rank"]), e["run"]]
+        row = [str(e["rank"]), label(data, e["run"])]
         if chosen["rule"] != "val":
             row.append(fmt(e["selection_score"]))
         row.append(ci(e, "accuracy") if "accuracy" in e else "-")
         test = e.get("mcnemar_vs_best")
         row.append(f"{test['p_value']:.3g}" if test else "-")
         row.append("chosen" if e["rank"] == 1 else "yes" if e.get("tied_with_best") else "")
-        row += [fmt(e["fit_seconds"], 2), _ms(e["predict_seconds_per_image"])]
-        rows.append(row)
+        rows.append([*row, fmt(e["fit_seconds"], 2), *head_times(rows_by_id[e["run"]])])
     return f"Leaderboard (ranked on {chosen['metric']})", header, rows
 
 
 def cost_table(data: dict[str, Any]) -> Table:
-    """What the chosen run and the runs tied with it cost, and what the times include."""
+    """What the chosen run and the runs tied with it cost; :func:`cost_note` says what
+    each time includes."""
     chosen = data["selection"]
     rows_by_id = _rows(data)
-    header = [
-        "run", "fit s", "predict ms/image", "stage one ms/image", "end-to-end ms/image",
-        "what the times include",
-    ]  # fmt: skip
+    header = ["run", "fit s", _TIMES[0], "stage one ms/image", _TIMES[1]]
     rows = []
     for run in [chosen["winner"], *chosen["tied"]]:
         r = rows_by_id[run]
-        what = (
-            "images in, backbone included"
-            if r["includes_backbone"]
-            else f"head on cached features; stage one {fmt(r['extraction_seconds'], 1)} s once"
-        )
-        rows.append(
-            [
-                run,
-                fmt(r["fit_seconds"], 2),
-                _ms(r["predict_seconds_per_image"]),
-                _ms(r["extraction_seconds_per_image"]),
-                _ms(r["end_to_end_seconds_per_image"]),
-                what,
-            ]
-        )
+        head, end_to_end = head_times(r)
+        stage_one = "-" if r["includes_backbone"] else ms(r["extraction_seconds_per_image"])
+        rows.append([label(data, run), fmt(r["fit_seconds"], 2), head, stage_one, end_to_end])
     return "Cost of the chosen run and of the runs tied with it", header, rows
+
+
+def cost_note(data: dict[str, Any]) -> str:
+    """What the time columns include, in words."""
+    seconds = {
+        r.get("cache_label") or r["group"]: r["extraction_seconds"]
+        for r in data["runs"]
+        if not r["includes_backbone"] and r.get("extraction_seconds")
+    }
+    once = ", ".join(f"{fmt(v, 1)} s for {k}" for k, v in seconds.items())
+    return (
+        "Head: the head alone on features already cached. Stage one: the backbone's time per "
+        "image, paid once per cache and shared by its heads"
+        + (f" ({once} in all)" if once else "")
+        + ". End to end: from the images, stage one and head together; a fine-tuned run has "
+        "only this figure."
+    )
 
 
 def final_table(data: dict[str, Any]) -> Table | None:
@@ -211,7 +130,7 @@ def final_table(data: dict[str, Any]) -> Table | None:
     if not final:
         return None
     header = ["run", "test images", "accuracy [95% CI]", "balanced accuracy", "macro F1"]
-    row = [data["selection"]["winner"], str(final["n"]), ci(final, "accuracy")]
+    row = [label(data, data["selection"]["winner"]), str(final["n"]), ci(final, "accuracy")]
     row += [ci(final, "balanced_accuracy"), ci(final, "macro_f1")]
     return "Final figures on the untouched test split", header, [row]
 
@@ -249,14 +168,14 @@ def metrics_table(data: dict[str, Any], split: str) -> Table | None:
     many = any("top5_accuracy" in r["splits"][split] for r in runs)
     header = ["run", "n", "accuracy [95% CI]", "balanced accuracy [95% CI]", "macro F1 [95% CI]"]
     header += ["top-5"] if many else []
-    header += ["log loss", "fit s", "predict ms/image"]
+    header += ["log loss", "fit s", *_TIMES]
     rows = []
     for r in runs:
         s = r["splits"][split]
-        row = [r["run"], str(s["n"]), ci(s, "accuracy"), ci(s, "balanced_accuracy")]
+        row = [label(data, r["run"]), str(s["n"]), ci(s, "accuracy"), ci(s, "balanced_accuracy")]
         row += [ci(s, "macro_f1")] + ([fmt(s.get("top5_accuracy"))] if many else [])
         row += [fmt(s.get("log_loss")), fmt(r["fit_seconds"], 2)]
-        rows.append(row + [_ms(r["predict_seconds_per_image"])])
+        rows.append(row + list(head_times(r)))
     return f"Metrics on {split}", header, rows
 
 
@@ -267,7 +186,8 @@ def baselines_table(data: dict[str, Any]) -> Table:
     for run in data["baselines"]:
         splits = rows_by_id[run]["splits"]
         rows.append(
-            [run] + [ci(splits[s], "accuracy") if s in splits else "-" for s in EVAL_SPLITS]
+            [label(data, run)]
+            + [ci(splits[s], "accuracy") if s in splits else "-" for s in EVAL_SPLITS]
         )
     return "Random-weight baselines", ["run"] + [f"{s} accuracy" for s in EVAL_SPLITS], rows
 
@@ -275,11 +195,16 @@ def baselines_table(data: dict[str, Any]) -> Table:
 def mcnemar_table(data: dict[str, Any]) -> Table:
     """Each McNemar comparison with its discordant counts and exact p-value."""
     header = [
-        "split", "a", "b", "n", "a right, b wrong", "b right, a wrong",
-        "both right", "both wrong", "p (exact)",
+        "split", "a", "b", "images", "only a right", "only b right", "both right", "both wrong",
+        "exact p",
     ]  # fmt: skip
-    keys = ("split", "a", "b", "n", "only_a", "only_b", "both", "neither")
-    rows = [[str(c[k]) for k in keys] + [f"{c['p_value']:.4g}"] for c in data["mcnemar"]]
+    keys = ("n", "only_a", "only_b", "both", "neither")
+    rows = [
+        [c["split"], label(data, c["a"]), label(data, c["b"])]
+        + [str(c[k]) for k in keys]
+        + [f"{c['p_value']:.3g}"]
+        for c in data["mcnemar"]
+    ]
     return "McNemar's exact test (same images)", header, rows
 
 
@@ -301,14 +226,14 @@ def configuration_table(data: dict[str, Any]) -> Table:
     ``weights identity`` what they were (a Keras version, a file's digest).
     """
     header = [
-        "run", "backbone", "weights", "weights identity", "input", "pooling", "layer",
-        "norm", "pca", "chosen", "CV acc.", "seed",
+        "run", "identity", "backbone", "weights", "weights identity", "input", "pooling",
+        "layer", "norm", "pca", "chosen", "CV acc.", "seed",
     ]  # fmt: skip
     rows = []
     for r in data["runs"]:
         c = r["config"]
         rows.append(
-            [r["run"], fmt(c.get("backbone")), fmt(c.get("weights_source"))]
+            [label(data, r["run"]), r["run"], fmt(c.get("backbone")), fmt(c.get("weights_source"))]
             + [_short_identity(c.get("weights"))]
             + [fmt(c.get(key)) for key in ("input_size", "pooling", "layer", "norm", "pca")]
             + [_chosen(c), fmt(c.get("cv_accuracy")), fmt(c.get("seed"))]
@@ -334,12 +259,43 @@ def _error_section(data: dict[str, Any], available: Collection[str]) -> Section 
     else:
         order = "no probabilities: the largest lead of the wrong class's score first"
     blocks: list[Block] = []
+    names = _rows(data)[winner]["class_names"]
+    if class_labels(names)[1]:
+        blocks.append(("p", NUMBERED_CLASSES))
+        blocks.append(("table", ("Class numbers in the figures", ["number", "class"],
+                                 [[str(i), n] for i, n in enumerate(names)])))  # fmt: skip
     for split in errors["splits"]:
         blocks.append(("h3", f"{split}: {_rows(data)[winner]['splits'][split]['n']} images"))
         side = [("table", per_class_table(data, split)), ("table", confused_table(data, split))]
-        blocks.append(("row", [_figures([confusion_name(winner, split)], available), side]))
+        matrix = _figures([confusion_name(winner, split)], available)
+        # Past 15 classes the matrix needs the page's width, not half of it.
+        blocks += [("row", [matrix, side])] if len(names) <= 15 else [*matrix, *side]
         blocks += [("p", f"The {split} images it gets most wrong, {order}:"), ("thumbs", split)]
-    return "errors", f"What the chosen run gets wrong ({winner})", blocks
+    return "errors", f"What the chosen run gets wrong ({label(data, winner)})", blocks
+
+
+def finetune_caption(row: dict[str, Any]) -> str:
+    """What a fine-tuned run did, from its record: which layers, trained on what."""
+    c = row["config"]
+    return (
+        f"{label_of(row)}: phase one trained the head on cached features; phase two "
+        f"fine-tuned the {unfreeze_words(c) or 'unfrozen layers'} of "
+        f"{c.get('backbone') or 'the backbone'} "
+        f"{phase_two_words(c)}."
+    )
+
+
+def label_of(row: dict[str, Any]) -> str:
+    return row.get("label") or row["run"]
+
+
+def _finetuned_blocks(data: dict[str, Any], available: Collection[str]) -> list[Block]:
+    blocks: list[Block] = []
+    for r in data["runs"]:
+        if r["kind"] == "finetuned":
+            blocks.append(("p", finetune_caption(r)))
+            blocks += _figures([f"curves_{safe_figure_name(r['name'])}.png"], available)
+    return blocks
 
 
 def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Section]:
@@ -348,7 +304,7 @@ def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Se
     verdict_blocks: list[Block] = [("verdict", verdict(data)), ("p", chosen["words"])]
     verdict_blocks += [("table", t) for t in (final_table(data),) if t]
     if chosen["winner"]:
-        verdict_blocks.append(("table", cost_table(data)))
+        verdict_blocks += [("table", cost_table(data)), ("p", cost_note(data))]
     sections: list[Section] = [("verdict", "Verdict", verdict_blocks)]
     if data["leaderboard"]:
         blocks = [("table", leaderboard_table(data))] + _figures(
@@ -358,20 +314,12 @@ def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Se
     if section := _error_section(data, available):
         sections.append(section)
     others = [confusion_name(e["run"], chosen["compare_split"]) for e in data["leaderboard"][1:]]
-    blocks = _figures([*others, "roc.png", "calibration.png"], available)
+    blocks = _figures(others, available) + _figures(["roc.png", "calibration.png"], available)
     blocks += [("table", mcnemar_table(data))] if data["mcnemar"] else []
     if blocks:
         sections.append(("comparisons", "Other runs compared", blocks))
-    curves = [
-        f"curves_{safe_figure_name(r['name'])}.png"
-        for r in data["runs"]
-        if r["kind"] == "finetuned"
-    ]
-    if curves:
-        note = "Phase one trains the head on cached features, phase two fine-tunes on images."
-        sections.append(
-            ("finetuned", "Fine-tuned runs", [("p", note)] + _figures(curves, available))
-        )
+    if tuned := _finetuned_blocks(data, available):
+        sections.append(("finetuned", "Fine-tuned runs", tuned))
     tables = [t for split in EVAL_SPLITS if (t := metrics_table(data, split))]
     note = "For reference: the ranking uses only " + chosen["metric"] + "."
     sections.append(("metrics", "Every metric", [("p", note)] + [("table", t) for t in tables]))
