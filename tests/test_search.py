@@ -177,3 +177,13 @@ def test_a_rise_smaller_than_an_image_does_not_move_the_grid(rise, moved):
         spec, values, scores, score, (3, 666, 0.5 / 1000), head_search.Progress()
     )
     assert bool(moves) is moved and len(grid_scored) == int(moved)
+
+
+def test_a_grid_that_stops_rising_at_its_new_edge_says_flat():
+    values = {"C": [0.1, 1.0, 10.0]}
+    scores = {'{"C": 0.1}': 0.86, '{"C": 1.0}': 0.93, '{"C": 10.0}': 0.957}
+    moves = head_search._extend(
+        HEADS["svm"], values, scores, lambda points: {'{"C": 100.0}': 0.957008},
+        (3, 666, 0.5 / 1000), head_search.Progress(),
+    )  # fmt: skip
+    assert moves["C"]["stopped"] == "flat" and moves["C"]["searched"][-1] == 100.0

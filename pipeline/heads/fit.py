@@ -301,6 +301,7 @@ def grid_move_lines(manifest: Mapping[str, Any]) -> list[str]:
         added = [v for v in move["searched"] if v not in move["from"]]
         where = {
             "inside": f"the best, {_short(manifest['params'].get(param))}, is now inside it",
+            "flat": "the score stopped rising there",
             "limit": "stopped after the most steps it may take; the best is still at its edge",
             "bound": "stopped at its bound; the best is still at its edge",
         }[move["stopped"]]

@@ -206,7 +206,9 @@ def _extend(
     rises there: one value at a time, by the head's factor, within its bounds, at most
     :data:`~pipeline.heads.registry.MAX_EXTENSIONS` values. ``sizes`` is ``(folds, images
     of a training fold, the least rise that counts)``. Updates ``values`` and ``scores`` in
-    place; returns ``{param: {"from", "searched", "direction", "stopped"}}``.
+    place; returns ``{param: {"from", "searched", "direction", "stopped"}}``, ``stopped``
+    one of ``inside`` (the best is inside the grid), ``flat`` (the best is the last value
+    added, by less than an image's worth), ``bound`` or ``limit``.
     """
     from pipeline.heads.registry import MAX_EXTENSIONS
 
@@ -228,7 +230,7 @@ def _extend(
         rise = scores[_key({key: best})] - scores[_key({key: inner})]
         rising = edge is not None and rise >= least
         if not rising or (direction is not None and edge != direction):
-            stopped = "inside"
+            stopped = "inside" if edge is None or edge != direction else "flat"
             break
         if len(grid) - len(start) >= MAX_EXTENSIONS:
             stopped = "limit"
