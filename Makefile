@@ -56,6 +56,8 @@ CONCURRENCY ?= 1
 PROBE_LAYERS ?=
 BENCH_DATA ?= $(ARG_ASSETS)/datasets/cats_and_dogs_filtered
 N ?=
+# make audit: a near-duplicate cosine (default: calibrated on copies of your images).
+THRESHOLD ?=
 # Stage three (fine-tuning). UNFREEZE: backbone layers to unfreeze, counted from the end:
 # n >= 0 | all | block (the backbone's last block). Not LAYER= (stage one's cut layer).
 UNFREEZE ?= block
@@ -79,7 +81,8 @@ raw = $(if $(filter command line environment%,$(origin $1)),$(value $1),$($1))
 OLD_VARS := FLOAT16 RUNTIME_PRECISION AUTO_CV LAYERS AUG_VIEWS
 USER_VARS := PYTHON VENV PY ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE POOLING LAYER VIEWS \
 	COMBINE FEATURES JOIN_NORM BATCH PRECISION STORAGE RUNTIME SEED VAL_FRACTION TEST_FRACTION HEAD \
-	NORM PCA CV JOBS GRID FORCE CLASSES ROWS REPEATS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY PROBE_LAYERS BENCH_DATA N \
+	NORM PCA CV JOBS GRID FORCE CLASSES ROWS REPEATS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY \
+	PROBE_LAYERS BENCH_DATA N THRESHOLD \
 	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES CLASS_WEIGHT RESTART NAME
 unexport $(USER_VARS) $(OLD_VARS)
 
@@ -133,6 +136,7 @@ FINETUNE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
 .PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs finetune bench-finetune
+.PHONY: audit export bench-audit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -146,7 +150,8 @@ $(VENV_DIR)/.installed: pyproject.toml
 install: $(VENV_DIR)/.installed ## create .venv and install the package with its dependencies
 
 # The extras, installed on first use by the targets that need them: dev (test, lint), ray
-# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen).
+# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen), export
+# (make export: pyarrow for Parquet).
 $(VENV_DIR)/.%-installed: $(VENV_DIR)/.installed pyproject.toml
 	"$$ARG_PY" -m pip install -q -e '.[$*]'
 	touch "$$ARG_VENV/.$*-installed"
@@ -193,6 +198,15 @@ check-unseen: install $(VENV_DIR)/.unseen-installed weights-from-assets ## make 
 	$(call pipeline,unseen-data --out "$$ARG_ARTIFACTS/data" --source "$$ARG_ASSETS/datasets/hymenoptera_data")
 	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/textures" $(FEATURE_ARGS) --cv "$$ARG_CV")
 	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/hymenoptera_data_small_blurred" $(FEATURE_ARGS) --cv "$$ARG_CV")
+
+audit: install weights-from-assets ## duplicates, leaks, likely label errors, outliers, balance, a map (DATA= CV= THRESHOLD=; stage one first if no cache) -> artifacts/audit/<dataset>/
+	$(call pipeline,audit --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) --cv "$$ARG_CV" $(call opt,THRESHOLD,--threshold))
+
+export: install $(VENV_DIR)/.export-installed ## features, labels, paths, splits (and the audit's out-of-fold probabilities) as .npz and Parquet -> artifacts/export/<dataset>/
+	$(call pipeline,export --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS))
+
+bench-audit: install weights-from-assets ## the audit's time / stage one's, both timed in the run (BENCH_DATA=) -> artifacts/bench/audit.json
+	$(call pipeline,bench-audit --data "$$ARG_BENCH_DATA" $(FEATURE_ARGS) --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/audit.json")
 
 bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json); CLASSES=100 ROWS=3000,30000: on synthetic many-class features
 ifdef CLASSES

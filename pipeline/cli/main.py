@@ -24,6 +24,7 @@ from pipeline.benchmarks import (
     bench_heads_on_folders,
     bench_heads_synthetic,
 )
+from pipeline.cli.audit import add_audit
 from pipeline.cli.beyond import add_beyond, add_stage_three
 from pipeline.cli.hints import (  # noqa: F401  (make_command: public)
     backend_missing,
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_two(sub)
     add_beyond(sub)  # probe, auto (pipeline.cli.beyond)
     add_stage_three(sub)  # finetune, bench-finetune (pipeline.cli.beyond)
+    add_audit(sub)  # audit, export, bench-audit (pipeline.cli.audit)
     return parser
 
 
@@ -404,9 +406,7 @@ def _add_head(sub: argparse._SubParsersAction) -> None:
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
     )
     p.add_argument("--grid", help=f"grids searched as given (GRID=), e.g. {GRID_EXAMPLE}")
-    p.add_argument(
-        "--force", action="store_true", help="refit heads that would be reused (FORCE=1)"
-    )
+    p.add_argument("--force", action="store_true", help="refit heads reused otherwise (FORCE=1)")
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)
 
