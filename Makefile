@@ -37,6 +37,14 @@ PCA ?=
 # CV: folds of every cross-validation (the heads' searches, make probe, make auto).
 CV ?= 3
 JOBS ?= 1
+# GRID="svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2": grids searched instead of the heads' own;
+# FORCE=1: refit heads that an earlier `make head` fitted on the same cache with the same options.
+GRID ?=
+FORCE ?=
+# make bench-heads CLASSES=100: synthetic features of that many classes, ROWS train rows each time
+CLASSES ?=
+ROWS ?= 3000,30000
+REPEATS ?= 3
 MODEL ?=
 IMAGES ?=
 OUT ?=
@@ -73,7 +81,8 @@ raw = $(if $(filter command line environment%,$(origin $1)),$(value $1),$($1))
 OLD_VARS := FLOAT16 RUNTIME_PRECISION AUTO_CV LAYERS AUG_VIEWS
 USER_VARS := PYTHON VENV PY ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE POOLING LAYER VIEWS \
 	COMBINE FEATURES JOIN_NORM BATCH PRECISION STORAGE RUNTIME SEED VAL_FRACTION TEST_FRACTION HEAD \
-	NORM PCA CV JOBS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY PROBE_LAYERS BENCH_DATA N THRESHOLD \
+	NORM PCA CV JOBS GRID FORCE CLASSES ROWS REPEATS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY \
+	PROBE_LAYERS BENCH_DATA N THRESHOLD \
 	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES CLASS_WEIGHT RESTART NAME
 unexport $(USER_VARS) $(OLD_VARS)
 
@@ -158,7 +167,7 @@ weights-from-assets: ## offline machines: copy ../shared/assets weights into the
 demo: install weights-from-assets ## install, then run the pipeline on the embedded digits data
 	$(call pipeline,demo-data --out "$$ARG_ARTIFACTS/data/digits")
 	$(call pipeline,features --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS))
-	$(call pipeline,head --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS) --head all)
+	$(call pipeline,head --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS) --head all $(if $(filter 1 yes true,$(ARG_FORCE)),--force))
 	$(call pipeline,report --data "$$ARG_ARTIFACTS/data/digits" --artifacts "$$ARG_ARTIFACTS")
 
 demo-data: install ## write scikit-learn's digits as PNG class folders under artifacts/data/digits
@@ -170,8 +179,8 @@ backbones: install ## print the backbone registry
 features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
 	$(call pipeline,features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY")
 
-head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= ENGINE=local|ray RAY_ADDRESS=)
-	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(RAY_ARGS))
+head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
+	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(call opt,GRID,--grid) $(if $(filter 1 yes true,$(ARG_FORCE)),--force) $(RAY_ARGS))
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(call pipeline,report --data "$$ARG_DATA" --artifacts "$$ARG_ARTIFACTS")
@@ -199,8 +208,12 @@ export: install $(VENV_DIR)/.export-installed ## features, labels, paths, splits
 bench-audit: install weights-from-assets ## the audit's time / stage one's, both timed in the run (BENCH_DATA=) -> artifacts/bench/audit.json
 	$(call pipeline,bench-audit --data "$$ARG_BENCH_DATA" $(FEATURE_ARGS) --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/audit.json")
 
-bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json)
+bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json); CLASSES=100 ROWS=3000,30000: on synthetic many-class features
+ifdef CLASSES
+	$(call pipeline,bench-heads --classes "$$ARG_CLASSES" --rows "$$ARG_ROWS" $(if $(wildcard $(ARG_ASSETS)/datasets/hymenoptera_data),--data "$$ARG_ASSETS/datasets/hymenoptera_data") $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --repeats "$$ARG_REPEATS" --out "$$ARG_ARTIFACTS/bench/heads-$$ARG_CLASSES-classes.json")
+else
 	$(call pipeline,bench-heads --data "$$ARG_ASSETS/datasets/hymenoptera_data" --data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/heads.json")
+endif
 
 test: install $(VENV_DIR)/.dev-installed ## the test suite without its slow tier (a few minutes on 2 cores)
 	"$$ARG_PY" -m pytest -q -m "not slow"

@@ -22,6 +22,7 @@ from pipeline.benchmarks import (
     bench_features_ray,
     bench_heads,
     bench_heads_on_folders,
+    bench_heads_synthetic,
 )
 from pipeline.cli.audit import add_audit
 from pipeline.cli.beyond import add_beyond, add_stage_three
@@ -57,6 +58,7 @@ from pipeline.features.extract import extract_features
 from pipeline.features.joins import join_caches, resolve_parts, split_features_arg
 from pipeline.features.ray_session import joblib_on_ray
 from pipeline.heads.fit import fit_heads
+from pipeline.heads.registry import GRID_EXAMPLE
 from pipeline.predict import predict_images
 from pipeline.report.collect import write_report
 
@@ -273,6 +275,8 @@ def cmd_head(args: argparse.Namespace) -> int:
             cv=args.cv,
             seed=args.seed,
             jobs=jobs,
+            grid=args.grid or None,
+            force=args.force,
             log=print,
         )
     return 0
@@ -334,6 +338,11 @@ def _predict_usage(args: argparse.Namespace) -> str:
 
 def cmd_bench_heads(args: argparse.Namespace) -> int:
 
+    if args.classes is not None:  # synthetic features; --data: stage one's per-image reference
+        kw = {"config": feature_config(args) if args.data else None, "out": args.out, "cv": args.cv}
+        bench_heads_synthetic(args.classes, args.rows, reference=(args.data or [None])[0],
+                              repeats=args.repeats, log=print, **kw)  # fmt: skip
+        return print(f"wrote {args.out}") or 0
     if not args.cache and not args.data:
         raise PipelineError("give --data folders or --cache files to benchmark")
     if args.cache and args.data:
@@ -396,6 +405,8 @@ def _add_head(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
     )
+    p.add_argument("--grid", help=f"grids searched as given (GRID=), e.g. {GRID_EXAMPLE}")
+    p.add_argument("--force", action="store_true", help="refit heads reused otherwise (FORCE=1)")
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)
 
@@ -449,6 +460,8 @@ def _add_bench_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repeats", type=int, default=3, help="sweeps per data set; the median one is reported"
     )
+    p.add_argument("--classes", type=int, help="synthetic features of this many classes (CLASSES=)")
+    p.add_argument("--rows", default="3000,30000", help="with --classes: train rows (ROWS=)")
     p.set_defaults(func=cmd_bench_heads)
 
 
