@@ -219,3 +219,15 @@ def test_the_audit_is_linked_and_its_leaks_said_after_the_verdict(tmp_path):
     (folder / "audit.json").write_text(json.dumps({"exact_duplicates": [same]}))  # malformed
     note = audit_note(tmp_path, "photos", tmp_path / "reports" / "photos")
     assert not note["found"] and "not a readable audit" in note["sentence"]
+
+
+def test_grids_that_moved_are_said_under_the_leaderboard():
+    moved = {"C": {"from": [0.1, 1.0], "searched": [0.1, 1.0, 10.0, 100.0], "direction": "up",
+                   "stopped": "inside"}}  # fmt: skip
+    svm = _run("svm", [0, 1], params={"C": 10.0}, grid_moves=moved)
+    svm.manifest["name"] = "svm"
+    broken = _run("logreg", [0], params={"C": 1.0}, grid_moves={"C": {}})
+    broken.manifest["name"] = "logreg"
+    page = markdown(_data([svm, broken, _run("softmax", [3])]), {}, {})
+    assert "Grids that moved past their edge: svm: C grid moved up past 1 to 10, 100" in page
+    assert "logreg: C grid" not in page  # a malformed record says nothing rather than failing
