@@ -76,51 +76,84 @@ def _follow_make() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def owned_processes(tag: str, *, exclude: int | None = None) -> list[int]:
-    """Pids of the live processes started with ``OWNER_VARIABLE=tag`` (this user's)."""
+def owned_processes(tag: str) -> dict[int, bytes]:
+    """The live processes started with ``OWNER_VARIABLE=tag`` (this user's): pid -> start time."""
     wanted = f"{OWNER_VARIABLE}={tag}".encode()
-    found = []
+    found = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (exclude, os.getpid()):
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as handle:
                 if wanted not in handle.read().split(b"\0"):
                     continue
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue  # already dead, its parent has yet to reap it
-        except (OSError, IndexError):  # gone, or another user's
+        except OSError:  # gone, or another user's
             continue
-        found.append(int(entry))
+        started = _start_time(int(entry))
+        if started is not None:
+            found[int(entry)] = started
     return found
 
 
-def end_owned(tag: str, *, grace: float = GRACE_SECONDS) -> list[int]:
-    """``SIGTERM`` every process of ``tag`` (once each, those started meanwhile too), then
-    ``SIGKILL`` those still alive ``grace`` seconds later. Returns the pids signalled."""
-    signalled: list[int] = []
-    deadline = time.monotonic() + grace
-    while alive := owned_processes(tag):
-        last = time.monotonic() >= deadline
+def _start_time(pid: int) -> bytes | None:
+    """When ``pid`` started (clock ticks since boot), or ``None`` once it has ended.
+
+    A process whose main thread has ended while others run reads as a zombie with an
+    empty environment: alive, found only by its start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        if fields[0] == b"Z" and len(os.listdir(f"/proc/{pid}/task")) <= 1:
+            return None  # ended, its parent has yet to reap it
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def end_owned(
+    tag: str, *, known: dict[int, bytes] | None = None, grace: float = GRACE_SECONDS
+) -> list[int]:
+    """``SIGTERM`` every process of ``tag`` and of ``known`` (pid -> start time) once, those
+    started meanwhile too, then ``SIGKILL`` those still alive ``grace`` seconds later.
+
+    Returns the pids signalled, once none has been seen for half a second (a stopping
+    Ray node can start a process after the others have gone).
+    """
+    known = dict(known or {})
+    signalled: set[int] = set()
+    deadline, quiet = time.monotonic() + grace, 0
+    while quiet < 5 and time.monotonic() < deadline + 10:  # 10 s: a stubborn respawner
+        known.update(owned_processes(tag))
+        alive = [pid for pid, started in known.items() if _start_time(pid) == started]
+        quiet = 0 if alive else quiet + 1
+        late = time.monotonic() >= deadline
         for pid in alive:
-            if last or pid not in signalled:
+            if late or pid not in signalled:
                 with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL if last else signal.SIGTERM)
-                    signalled.append(pid)
-        if last:
-            break
+                    os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+                    signalled.add(pid)
         time.sleep(0.1)
-    return sorted(set(signalled))
+    return sorted(signalled)
 
 
 def _watch(parent: int, tag: str) -> None:
-    """The watcher: wait for ``parent`` to end, then end what it left behind."""
+    """The watcher: wait for ``parent`` to end, then end what it left behind.
+
+    What the command runs is listed every second too, so a process whose environment
+    can no longer be read when the command ends is still found.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    known: dict[int, bytes] = {}
+    polls = 0
     while os.getppid() == parent:
         time.sleep(POLL_SECONDS)
-    end_owned(tag)
+        polls += 1
+        if polls % 4 == 0:
+            known = {pid: t for pid, t in known.items() if _start_time(pid) == t}
+            known.update(owned_processes(tag))
+    end_owned(tag, known=known)
 
 
 if __name__ == "__main__":  # python -I -S processes.py <parent pid> <tag>
