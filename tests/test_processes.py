@@ -226,3 +226,22 @@ def test_a_conversion_killed_midway_leaves_no_folder_after_the_next_run(tmp_path
     store.meta_path.write_text(json.dumps({"identity": store.identity, "converted": False}))
     assert convert(store, lambda: None)["converted"] is False
     assert list(store.directory.parent.glob(".converting-*")) == []
+
+
+@pytest.mark.slow  # a fit, a save and a load: about 1.4 s on two shared cores
+def test_a_head_replaced_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    """Another run renames its model into place between the checksum test and the read."""
+    from pipeline.core.errors import HeadError
+    from pipeline.heads import store
+
+    save_head(*_logreg("A", 0), tmp_path)
+    read = store._read_skops
+
+    def read_then_replaced(file, name):
+        estimator = read(file, name)
+        file.write_bytes(file.read_bytes() + b"another run")
+        return estimator
+
+    monkeypatch.setattr(store, "_read_skops", read_then_replaced)
+    with pytest.raises(HeadError, match="replaced while it was read"):
+        load_head(tmp_path / "logreg.json")

@@ -379,7 +379,18 @@ def load_head(path: str | Path) -> Head:
             last.model_ = keras.saving.load_model(files["keras"], compile=False)
         except Exception as exc:
             raise HeadError(f"Keras head {files['keras']} cannot be loaded: {exc}") from None
+    _check_unchanged(files, manifest, manifest_path)
     return Head(manifest, estimator, manifest_path)
+
+
+def _check_unchanged(files: Mapping[str, Path], manifest: Mapping[str, Any], path: Path) -> None:
+    """Refuse files another run replaced after they were checked and before they were read."""
+    for role, file in files.items():
+        if role != "joblib" and sha256_file(file) != manifest.get("sha256", {}).get(role):
+            raise HeadError(
+                f"head {path} was replaced while it was read (another `make head` saved it); "
+                "run the command again"
+            )
 
 
 def _read_skops(file: Path, name: Any) -> Any:
