@@ -10,8 +10,8 @@ command ownership of them:
 * every process started from then on inherits :data:`OWNER_VARIABLE`, a value unique
   to this command (a nested command sets its own for its children);
 * a small watcher process (this file run as a script, standard library only, about
-  10 MB) polls its parent four times a second; once the command has ended, however it
-  ended, it sends ``SIGTERM`` to every process carrying the value, and ``SIGKILL``
+  10 MB) polls its parent four times a second and lists the command's processes every
+  second; once the command has ended, however it ended, it sends ``SIGTERM`` to every process carrying the value, and ``SIGKILL``
   to those still alive :data:`GRACE_SECONDS` later;
 * under ``make``, the command asks the kernel for ``SIGTERM`` when make dies
   (``PR_SET_PDEATHSIG``), so ``kill -9`` of make ends Python too. Started from a
