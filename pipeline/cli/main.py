@@ -51,6 +51,7 @@ from pipeline.cli.options import (
 from pipeline.core.artifacts import Artifacts, dataset_name
 from pipeline.core.errors import PipelineError
 from pipeline.core.options import JOIN_NORMS, NORMS, check_options
+from pipeline.core.processes import own_processes
 from pipeline.data.demo import write_digits, write_small_blurred, write_textures
 from pipeline.features.backbones import list_backbones
 from pipeline.features.config import cache_path_for
@@ -467,6 +468,7 @@ def _add_bench_heads(sub: argparse._SubParsersAction) -> None:
 
 def run() -> None:
     """The ``pipeline`` script and ``python -m pipeline``: :func:`main`, its status the exit's."""
+    own_processes()  # killed or interrupted, the command takes the processes it started with it
     sys.exit(main())
 
 
