@@ -259,7 +259,7 @@ def _why_not_openvino(precision: str, meta: dict | None) -> str | None:
     return None
 
 
-NO_NNCF = "int8 needs the nncf package (pip install 'offshelf-pipeline[int8]')"
+NO_NNCF = "int8 needs the nncf package (pip install nncf)"
 
 
 def choose(
