@@ -188,7 +188,7 @@ def resolve_features(
         input_size=views.scales[0] if views else size,
         weights_id=backbones.weights_identity(config.weights),
         dtype=config.storage,
-        runtime=runtimes.RuntimeChoice(*runtimes.candidates("keras", config.precision)[0]),
+        runtime=runtimes.keras_choice(config.precision),
         views=views,
     )
     if not choose_runtime or config.runtime == "keras" or views is not None:

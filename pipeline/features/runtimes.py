@@ -249,6 +249,16 @@ def candidates(runtime: str, precision: str) -> list[tuple[str, str]]:
     return openvino + keras if runtime == "auto" else openvino
 
 
+def keras_choice(precision: str) -> RuntimeChoice:
+    """Keras at ``PRECISION=precision``; int8, which Keras cannot run, is float32 with a note
+    (fine-tuning's own Keras runs of an int8 configuration compute float32 so, on purpose)."""
+    choice = RuntimeChoice(*candidates("keras", precision)[0])
+    if precision == "int8":
+        note = "PRECISION=int8 runs on OpenVINO only (RUNTIME=auto); RUNTIME=keras computes float32"
+        choice = replace(choice, notes=(note,))
+    return choice
+
+
 def _why_not_openvino(precision: str, meta: dict | None) -> str | None:
     if not openvino_installed():
         return "the openvino package is not installed (pip install openvino)"
@@ -280,19 +290,19 @@ def choose(
     ------
     PipelineError
         ``RUNTIME=openvino`` where it cannot run (not installed, ``PRECISION=float16``,
-        a recorded conversion failure); ``PRECISION=int8`` anywhere but OpenVINO.
+        a recorded conversion failure); ``PRECISION=int8`` where OpenVINO or NNCF cannot run.
     """
     explicit = runtime != "auto"
     meta = store.meta() if store is not None else None
-    if precision == "int8":
-        why_not = "RUNTIME=keras" if runtime == "keras" else _why_not_openvino(precision, meta)
+    if precision == "int8" and runtime != "keras":
+        why_not = _why_not_openvino(precision, meta)
         why_not = why_not or (None if precisions.nncf_installed() else NO_NNCF)
         if why_not or random_weights:
             why_not = why_not or "WEIGHTS=none (random weights) is a baseline, not quantized"
             raise PipelineError(
                 f"PRECISION=int8 cannot run: {why_not}; int8 runs on OpenVINO (RUNTIME=auto)"
             )
-    keras = RuntimeChoice(*candidates("keras", precision)[0])
+    keras = keras_choice(precision)
     if runtime == "keras" or (random_weights and not explicit):
         # Random weights are a baseline, not worth a conversion; their features are
         # near zero, so the checks would say little.
