@@ -122,8 +122,8 @@ def test_failed_checks_and_conversions_are_remembered(tmp_path, monkeypatch):
 
 def test_the_agreement_rule_is_about_a_linear_heads_predictions():
     rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1], 100)
-    reference = rng.normal(size=(200, 16)) + labels[:, None] * 1.5
+    labels = np.repeat([0, 1], 50)
+    reference = rng.normal(size=(100, 6)) + labels[:, None] * 1.5
     close = reference + rng.normal(scale=0.01, size=reference.shape)  # a cosine ~0.9999
     assert precisions.head_agreement(reference, close, labels)["passed"]
     # Far from float32 per image, yet the same predictions: passes (the cosine gate refused).
@@ -131,10 +131,10 @@ def test_the_agreement_rule_is_about_a_linear_heads_predictions():
     result = precisions.head_agreement(reference, shifted, labels)
     assert result["passed"] and result["agreement"] >= 0.99
     broken = reference.copy()
-    broken[:, :8] = rng.normal(size=(200, 8))  # half the features lost
+    broken[:, :3] = rng.normal(size=(100, 3))  # half the features lost
     result = precisions.head_agreement(reference, broken, labels)
     assert not result["passed"] and result["agreement"] < 0.99
-    one_class = precisions.head_agreement(reference, close, np.zeros(200, int))
+    one_class = precisions.head_agreement(reference, close, np.zeros(100, int))
     assert not one_class["passed"] and "two classes" in one_class["reason"]
 
 
@@ -322,3 +322,35 @@ def test_int8_quantizes_on_the_users_images_into_its_own_cache(converted):
     alone = np.concatenate([model.predict_on_batch(x[i : i + 1]) for i in range(5)])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
     assert cache_path_for("shapes", int8, root / "art") == result.cache_path
+
+
+def test_settle_checks_the_conversion_then_each_reduced_precision_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
+    monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: True)
+    store = _store(tmp_path)
+    _record(store)  # converted, nothing checked yet
+    ran: list[str] = []
+
+    def fake_check(store, checked, keras_model, x, *, data, paths):
+        ran.append("fp32")
+        store.record_check(data, "fp32", {"cosine_min": 1.0, "passed": True, "images": 2})
+
+    def fake_reduced(store, choice, sample, data):
+        ran.append(choice.precision)  # int8 changes the predictions here, bf16 does not
+        result = {"rule": "agreement", "passed": choice.precision == "bf16", "images": 4,
+                  "agreement": 0.5, "correct_float32": 4, "correct_reduced": 2}  # fmt: skip
+        store.record_check(data, choice.precision, result)
+
+    monkeypatch.setattr(runtimes, "check", fake_check)
+    monkeypatch.setattr(precisions, "check_reduced", fake_reduced)
+    sample = precisions.Sample(np.zeros((4, 1)), np.array([0, 0, 1, 1]), [], np.zeros((4, 1)))
+    settle = dict(store=store, build_keras=lambda: None, sample=lambda: (np.zeros((2, 1)), []))
+    choice = runtimes.settle("auto", "auto", **settle, reduced_sample=lambda: sample, data="d")
+    assert (choice.runtime, choice.precision) == ("openvino", "bf16")
+    assert ran == ["fp32", "int8", "bf16"] and "int8 features change" in choice.notes[0]
+    again = runtimes.settle("auto", "auto", **settle, reduced_sample=lambda: sample, data="d")
+    assert again.precision == "bf16" and ran == ["fp32", "int8", "bf16"]  # recorded: not rerun
+    # No labelled sample (the Python API's images): auto stays at float32.
+    plain = runtimes.settle("auto", "auto", **settle, data="other")
+    assert plain.precision == "fp32" and ran[-1] == "fp32"
