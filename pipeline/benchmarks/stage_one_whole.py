@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -89,9 +90,23 @@ def _run_own_child(mode: str, args: dict) -> dict:
     return out
 
 
+def _cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(run: Any, *args: Any) -> dict:
+    """``run(*args)`` (one child process) with the CPU seconds it used: less sensitive than
+    wall time to other work on a shared machine."""
+    before = _cpu_of_children()
+    row = run(*args)
+    row["cpu_seconds"] = _cpu_of_children() - before
+    return row
+
+
 def _stage(folder: Path, artifacts: Path, runtime: str, precision: str, batch: int) -> dict:
     args = {"runtime": runtime, "precision": precision, "artifacts": str(artifacts)}
-    return _run_child("stage", folder, "mobilenet_v2", "imagenet", batch, args)
+    return _timed(_run_child, "stage", folder, "mobilenet_v2", "imagenet", batch, args)
 
 
 def bench_whole_stage(
@@ -110,22 +125,28 @@ def bench_whole_stage(
         row = {
             "default": _stage(folder, art, "auto", "auto", batch),
             "openvino_fp32": _stage(folder, art, "openvino", "float32", batch),
-            "tfdata": _run_own_child(
-                "tfdata", {"folder": str(folder), "out": str(tmp), "batch_size": batch}
+            "tfdata": _timed(
+                _run_own_child,
+                "tfdata",
+                {"folder": str(folder), "out": str(tmp), "batch_size": batch},
             ),
         }
         seconds = {k: v["process_seconds"] for k, v in row.items()}
+        cpu = {k: v["cpu_seconds"] for k, v in row.items()}
         row["ratios"] = {
             "default_over_openvino_fp32": seconds["default"] / seconds["openvino_fp32"],
             "default_over_tfdata": seconds["default"] / seconds["tfdata"],
             "openvino_fp32_over_tfdata": seconds["openvino_fp32"] / seconds["tfdata"],
+            "cpu_default_over_openvino_fp32": cpu["default"] / cpu["openvino_fp32"],
+            "cpu_default_over_tfdata": cpu["default"] / cpu["tfdata"],
         }
         say(
             f"  round {i + 1}: default ({row['default']['precision']}) "
             f"{seconds['default']:.1f} s, openvino fp32 {seconds['openvino_fp32']:.1f} s, "
             f"tf.data {seconds['tfdata']:.1f} s; default / fp32 "
             f"{row['ratios']['default_over_openvino_fp32']:.2f}, default / tf.data "
-            f"{row['ratios']['default_over_tfdata']:.2f}"
+            f"{row['ratios']['default_over_tfdata']:.2f}; CPU seconds {cpu['default']:.1f}, "
+            f"{cpu['openvino_fp32']:.1f}, {cpu['tfdata']:.1f}"
         )
         rounds.append(row)
     medians = {
