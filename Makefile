@@ -134,7 +134,7 @@ FINETUNE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt
 	--class-weight "$$ARG_CLASS_WEIGHT" --batch-size "$$ARG_BATCH" --precision "$$ARG_PRECISION" \
 	$(SPLIT_ARGS) --restart "$$ARG_RESTART" $(call opt,NAME,--name) --artifacts "$$ARG_ARTIFACTS"
 
-.PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
+.PHONY: help install demo demo-data features backbones test lint format bench-features bench-stage-one weights-from-assets clean
 .PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs finetune bench-finetune
 .PHONY: audit export bench-audit
 
@@ -235,6 +235,9 @@ docs: $(VENV_DIR)/.docs-installed ## build the documentation site (mkdocs, stric
 
 bench-features: install $(RAY_EXTRA) weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
 	$(call pipeline,bench-features --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-400}" --out "$$ARG_ARTIFACTS/bench/$(if $(filter ray,$(ARG_ENGINE)),features_ray,features).json" $(RAY_ARGS))
+
+bench-stage-one: install weights-from-assets ## whole stage one on N (2000) cats-and-dogs images: default vs OpenVINO fp32 vs the tf.data way, rounds interleaved; every head's val accuracy per precision (artifacts/bench/stage_one.json)
+	"$$ARG_PY" -m pipeline.benchmarks.stage_one_whole --data "$$ARG_BENCH_DATA/train" --images "$${ARG_N:-2000}" --heads-data "$$ARG_ASSETS/datasets/hymenoptera_data" --heads-data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" --out "$$ARG_ARTIFACTS/bench/stage_one.json"
 
 finetune: install weights-from-assets ## stage three: fine-tune the last UNFREEZE layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= UNFREEZE=n|block|all EPOCHS= LR= AUGMENT= AUG_COPIES= PATIENCE= NAME= RESTART=1)
 	$(call pipeline,finetune --data "$$ARG_DATA" $(FINETUNE_ARGS))

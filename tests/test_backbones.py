@@ -159,3 +159,16 @@ def test_failed_imagenet_download_names_the_file_and_the_alternative(monkeypatch
     message = str(info.value)
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(backbones.keras_cache_dir()) in message and "WEIGHTS=/path/to/" in message
+
+
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "none"])
+def test_the_batch_preprocessing_is_normalise_exactly_in_one_copy(mode):
+    """The decode threads' in-place path gives normalise's very numbers, in a new C array."""
+    from pipeline.features.preprocessing import normalise, normalise_batch
+
+    batch = np.random.default_rng(1).integers(0, 256, (3, 7, 6, 3), dtype=np.uint8)
+    original = batch.copy()
+    fast = normalise_batch(batch, mode)
+    np.testing.assert_array_equal(fast, normalise(batch.astype(np.float32), mode))
+    assert fast.dtype == np.float32 and fast.flags.c_contiguous
+    np.testing.assert_array_equal(batch, original)

@@ -11,7 +11,7 @@ from conftest import make_folder
 
 from pipeline.cli.main import main
 from pipeline.core.errors import PipelineError
-from pipeline.features import cache_writer, runtimes
+from pipeline.features import cache_writer, precisions, runtimes
 from pipeline.features.cache import load_features, read_attrs
 from pipeline.features.config import FeatureConfig, cache_path_for, resolve_features
 from pipeline.features.extract import extract_features
@@ -58,40 +58,98 @@ def test_runtime_missing_falls_back_to_keras_with_a_note(tmp_path, monkeypatch):
         runtimes.choose("openvino", "auto", store=_store(tmp_path))
 
 
-def test_auto_prefers_bf16_where_the_cpu_has_it(tmp_path, monkeypatch):
+def test_auto_stays_float32_and_reduced_precisions_are_asked_for(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
     monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
-    choice = runtimes.choose("auto", "auto", store=_store(tmp_path))
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: True)
+    store = _store(tmp_path)
+    assert runtimes.choose("auto", "auto", store=store).precision == "fp32"
+    assert runtimes.choose("auto", "int8", store=store).precision == "int8"
+    assert runtimes.choose("auto", "bfloat16", store=store).precision == "bf16"
+
+
+def test_auto_tries_its_precisions_fastest_first_where_the_cpu_and_packages_allow(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(runtimes, "AUTO_PRECISIONS", ("int8", "bf16", "fp32"))
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
+    monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: True)
+    store = _store(tmp_path)
+    choice = runtimes.choose("auto", "auto", store=store, data="photos")
+    assert (choice.runtime, choice.precision) == ("openvino", "int8")
+    assert choice.model_xml == str(store.directory / "int8" / "photos" / "model.xml")
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: False)
+    choice = runtimes.choose("auto", "auto", store=store)
     assert (choice.runtime, choice.precision) == ("openvino", "bf16")
+    assert choice.notes == ("runtime: int8 needs the nncf package (pip install nncf); not tried",)
     monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: False)
-    choice = runtimes.choose("auto", "auto", store=_store(tmp_path))
+    choice = runtimes.choose("auto", "auto", store=store)
     assert (choice.runtime, choice.precision) == ("openvino", "fp32")
-    explicit = runtimes.choose("openvino", "bfloat16", store=_store(tmp_path))
+    explicit = runtimes.choose("openvino", "bfloat16", store=store)
     assert explicit.precision == "fp32" and "no native bfloat16" in explicit.notes[0]
 
 
+def test_int8_is_refused_in_one_line_where_it_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: True)
+    keras = runtimes.choose("keras", "int8", store=_store(tmp_path))  # fine-tuning's Keras runs
+    assert keras.precision == "fp32" and "RUNTIME=keras computes float32" in keras.notes[0]
+    assert resolve_features(FeatureConfig(runtime="keras", precision="int8")).runtime == keras
+    with pytest.raises(PipelineError, match="random weights"):
+        runtimes.choose("auto", "int8", store=_store(tmp_path), random_weights=True)
+    assert FeatureConfig(precision="int8").validate().name == "mobilenet_v2"
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: False)
+    with pytest.raises(PipelineError, match=r"needs the nncf package \(pip install nncf\)"):
+        runtimes.choose("auto", "int8", store=_store(tmp_path))
+
+
 def test_failed_checks_and_conversions_are_remembered(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "AUTO_PRECISIONS", ("int8", "bf16", "fp32"))  # auto's order
     monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
     monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: False)
     store = _store(tmp_path)
-    failed = {"cosine_min": 0.99, "passed": False, "images": 16}
+    failed = {"rule": "agreement", "passed": False, "images": 200, "agreement": 0.95,
+              "correct_float32": 190, "correct_reduced": 185}  # fmt: skip
     _record(store, checks={"photos": {"bf16": failed}})
     choice = runtimes.choose("auto", "auto", store=store, data="photos")
-    assert (choice.runtime, choice.precision) == ("openvino", "fp32") and "0.9900" in choice.notes[
-        0
-    ]
+    assert (choice.runtime, choice.precision) == ("openvino", "fp32")
+    assert "95.0% of 200 images agree with float32" in choice.notes[-1]
     # Checks are per data set: another one is not judged by this one's images.
     assert runtimes.choose("auto", "auto", store=store, data="other").precision == "bf16"
     # Asked for explicitly: used, with a warning.
     choice = runtimes.choose("openvino", "bfloat16", store=store, data="photos")
     assert choice.precision == "bf16" and choice.notes[0].startswith("warning:")
-    _record(store, checks={"photos": {"bf16": failed, "fp32": failed}})
+    # A reduced precision's cosine check of an earlier version is run again, not obeyed.
+    _record(store, checks={"photos": {"bf16": {"cosine_min": 0.99, "passed": False}}})
+    assert runtimes.choose("auto", "auto", store=store, data="photos").precision == "bf16"
+    cosine_failed = {"cosine_min": 0.99, "passed": False, "images": 16}
+    _record(store, checks={"photos": {"bf16": failed, "fp32": cosine_failed}})
     assert runtimes.choose("auto", "auto", store=store, data="photos").runtime == "keras"
     _record(store, converted=False, error="NotImplementedError: op")
     choice = runtimes.choose("auto", "auto", store=store)
     assert choice.runtime == "keras" and "does not convert" in choice.notes[0]
     with pytest.raises(PipelineError, match="does not convert"):
         runtimes.choose("openvino", "float32", store=store)
+
+
+def test_the_agreement_rule_is_about_a_linear_heads_predictions():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 50)
+    reference = rng.normal(size=(100, 6)) + labels[:, None] * 1.5
+    close = reference + rng.normal(scale=0.01, size=reference.shape)  # a cosine ~0.9999
+    assert precisions.head_agreement(reference, close, labels)["passed"]
+    # Far from float32 per image, yet the same predictions: passes (the cosine gate refused).
+    shifted = reference * 1.0 + rng.normal(scale=0.05, size=reference.shape)
+    result = precisions.head_agreement(reference, shifted, labels)
+    assert result["passed"] and result["agreement"] >= 0.99
+    broken = reference.copy()
+    broken[:, :3] = rng.normal(size=(100, 3))  # half the features lost
+    result = precisions.head_agreement(reference, broken, labels)
+    assert not result["passed"] and result["agreement"] < 0.99
+    one_class = precisions.head_agreement(reference, close, np.zeros(100, int))
+    assert not one_class["passed"] and "two classes" in one_class["reason"]
 
 
 def test_float16_and_random_weights_stay_on_keras(tmp_path, monkeypatch):
@@ -111,6 +169,7 @@ def test_the_cache_name_says_the_precision_never_the_runtime():
     resolved = resolve_features(TINY, choose_runtime=False)
     assert resolved.stem_at("fp32") == resolved.cache_stem
     assert resolved.stem_at("bf16") == resolved.cache_stem + "_bf16"
+    assert resolved.stem_at("int8") == resolved.cache_stem + "_int8"
     stored = resolve_features(FeatureConfig(**{**TINY.__dict__, "storage": "float16"}))
     assert stored.cache_stem.endswith("_stored-f16")
 
@@ -254,3 +313,59 @@ def test_conversion_is_reused_and_rebuilt_on_change(converted, monkeypatch):
     again = make_folder(root / "again", per_class=2)
     extract_features(again, config, artifacts_dir=root / "art", progress=False)
     assert store.meta() is not None and store.model_xml.stat().st_mtime_ns != xml_mtime
+
+
+@needs_openvino
+@pytest.mark.slow
+@pytest.mark.skipif(not precisions.nncf_installed(), reason="the nncf package is not installed")
+def test_int8_quantizes_on_the_users_images_into_its_own_cache(converted):
+    root, folder, config, summary = converted
+    int8 = FeatureConfig(**{**config.__dict__, "precision": "int8"})
+    result = extract_features(folder, int8, artifacts_dir=root / "art", progress=False)
+    assert result.cache_path.name == summary.cache_path.name.replace(".h5", "_int8.h5")
+    attrs = read_attrs(result.cache_path)
+    assert (attrs["runtime"], attrs["precision"]) == ("openvino", "int8")
+    store = resolve_features(config, artifacts_dir=root / "art").store
+    check = store.meta()["checks"]["shapes"]["int8"]
+    assert check["rule"] == "agreement" and check["calibration_images"] > 0
+    quantized = precisions.quantized_xml(store.directory, "shapes")
+    model = runtimes.OpenVINOModel(quantized, "int8")
+    assert list(model.compiled.inputs[0].get_partial_shape().to_shape()) == [1, 32, 32, 3]
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+    together = model.predict_on_batch(x)  # five requests in flight, outputs in order
+    alone = np.concatenate([model.predict_on_batch(x[i : i + 1]) for i in range(5)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    assert cache_path_for("shapes", int8, root / "art") == result.cache_path
+
+
+def test_settle_checks_the_conversion_then_each_reduced_precision_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "AUTO_PRECISIONS", ("int8", "bf16", "fp32"))  # auto's order
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
+    monkeypatch.setattr(runtimes, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precisions, "nncf_installed", lambda: True)
+    store = _store(tmp_path)
+    _record(store)  # converted, nothing checked yet
+    ran: list[str] = []
+
+    def fake_check(store, checked, keras_model, x, *, data, paths):
+        ran.append("fp32")
+        store.record_check(data, "fp32", {"cosine_min": 1.0, "passed": True, "images": 2})
+
+    def fake_reduced(store, choice, sample, data):
+        ran.append(choice.precision)  # int8 changes the predictions here, bf16 does not
+        result = {"rule": "agreement", "passed": choice.precision == "bf16", "images": 4,
+                  "agreement": 0.5, "correct_float32": 4, "correct_reduced": 2}  # fmt: skip
+        store.record_check(data, choice.precision, result)
+
+    monkeypatch.setattr(runtimes, "check", fake_check)
+    monkeypatch.setattr(precisions, "check_reduced", fake_reduced)
+    sample = precisions.Sample(np.zeros((4, 1)), np.array([0, 0, 1, 1]), [], np.zeros((4, 1)))
+    settle = dict(store=store, build_keras=lambda: None, sample=lambda: (np.zeros((2, 1)), []))
+    choice = runtimes.settle("auto", "auto", **settle, reduced_sample=lambda: sample, data="d")
+    assert (choice.runtime, choice.precision) == ("openvino", "bf16")
+    assert ran == ["fp32", "int8", "bf16"] and "int8 features change" in choice.notes[0]
+    again = runtimes.settle("auto", "auto", **settle, reduced_sample=lambda: sample, data="d")
+    assert again.precision == "bf16" and ran == ["fp32", "int8", "bf16"]  # recorded: not rerun
+    # No labelled sample (the Python API's images): auto stays at float32.
+    plain = runtimes.settle("auto", "auto", **settle, data="other")
+    assert plain.precision == "fp32" and ran[-1] == "fp32"

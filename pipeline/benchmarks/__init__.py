@@ -3,6 +3,8 @@
 * :func:`bench_features` (``make bench-features``, :mod:`.stage_one`): runtimes,
   the streaming stage and start-up against the pure forward pass, on the same images;
 * :func:`bench_features_ray` (``make bench-features ENGINE=ray``, :mod:`.on_ray`);
+* ``make bench-stage-one`` (:mod:`.stage_one_whole`, run as a module): the whole of stage
+  one, default against OpenVINO float32 and the tf.data way, and the heads per precision;
 * :func:`bench_heads_on_folders` (``make bench-heads``, :mod:`.heads`): the head sweep
   against stage one's time, both timed in the run (:func:`bench_heads` on given caches
   takes their recorded extraction time); :func:`bench_heads_synthetic` (``make bench-heads

@@ -159,8 +159,9 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
         type=precision_value,
         default="auto",
         metavar=one_of(PRECISIONS),
-        help="the backbone's compute precision, whichever runtime runs it (auto: bfloat16 "
-        "where the CPU has it and the check passes, else float32; float16 is for GPUs)",
+        help="the backbone's compute precision, whichever runtime runs it (auto: the fastest "
+        "of int8, bfloat16 and float32 whose linear-head predictions agree with float32's on "
+        "a sample of the images; int8 needs nncf; float16 is for GPUs)",
     )
     p.add_argument(
         "--storage",

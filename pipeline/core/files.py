@@ -27,7 +27,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +205,38 @@ def _lock_owner(lock_path: Path) -> str:
     except OSError:
         text = ""
     return text if re.fullmatch(r"pid \d+", text) else "another process"
+
+
+# A work folder of another machine (a shared artifacts folder), or unnamed, is litter after this.
+STALE_WORK_SECONDS = 3600.0
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def make_work_folder(parent: str | Path, kind: str) -> Path:
+    """A new ``.<kind>-<pid>-<host>-*`` folder in ``parent``: named by its owner, so that a
+    later run can tell a killed run's leftovers (:func:`remove_stale_work_folders`)."""
+    return Path(tempfile.mkdtemp(prefix=f".{kind}-{os.getpid()}-{_HOST}-", dir=parent))
+
+
+def remove_stale_work_folders(parent: str | Path, kind: str) -> list[Path]:
+    """Remove the ``.<kind>-*`` work folders in ``parent`` whose process has ended.
+
+    A folder of this machine goes once its process is gone; one of another machine
+    or named without its owner, once it is older than :data:`STALE_WORK_SECONDS`.
+    Returns the folders removed.
+    """
+    owned = re.compile(rf"^\.{re.escape(kind)}-(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})-")
+    removed = []
+    for work in Path(parent).glob(f".{kind}-*"):
+        owner = owned.match(work.name)
+        if owner and owner["host"] == _HOST:
+            stale = not pid_alive(int(owner["pid"]))
+        else:
+            try:
+                stale = time.time() - work.stat().st_mtime > STALE_WORK_SECONDS
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+    return removed

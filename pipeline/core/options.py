@@ -109,8 +109,9 @@ class Option:
 
 
 # The backbone's compute precision, whichever runtime runs it (pipeline.features.runtimes):
-# auto takes the fastest one whose features pass the runtime's check, else float32.
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# auto takes the fastest one whose features pass the runtime's checks, else float32;
+# int8 is OpenVINO's (NNCF post-training quantization on the user's images).
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 STORAGES = ("float32", "float16")  # how stage one stores its features
 RUNTIMES = ("auto", "keras", "openvino")  # pipeline.features.runtimes: who runs the backbone
 COMBINES = ("mean", "concat")  # pipeline.features.views: how the scales of VIEWS= become one vector

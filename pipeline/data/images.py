@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import sys
 import threading
@@ -30,6 +31,9 @@ from pipeline.data.folders import shown
 # Pillow's default bomb limit, about 256 MiB of RGB. Larger images are skipped with a
 # reason. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``) applies as well when set lower.
 MAX_IMAGE_PIXELS = 89_478_485
+# Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) whose sides stay at least
+# JPEG_DRAFT times the target side (Pillow's draft mode); 0 turns it off (to measure it).
+JPEG_DRAFT = 1.0
 
 
 class ImageError(ValueError):
@@ -60,9 +64,10 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's palette/EXIF chatter
             with Image.open(path) as image:
-                if image.format == "JPEG":
-                    # Decode at a reduced DCT scale when the file is >= 2x the target.
-                    image.draft("RGB", (size, size))
+                if image.format == "JPEG" and JPEG_DRAFT:
+                    # Decode at a reduced DCT scale when the file is large enough.
+                    side = max(1, math.ceil(size * JPEG_DRAFT))
+                    image.draft("RGB", (side, side))
                 _check_pixels(image)
                 image.load()
                 return _to_rgb_array(_oriented(image), size)

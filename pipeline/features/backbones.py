@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.core.errors import BackboneError, WeightsError, did_you_mean
 from pipeline.core.files import sha256_file
 from pipeline.core.options import POOLINGS
-from pipeline.features.preprocessing import MODES, normalise
+from pipeline.features.preprocessing import MODES, normalise_batch
 
 if TYPE_CHECKING:
     import keras
@@ -95,8 +95,7 @@ def preprocess(batch: np.ndarray, mode: str) -> np.ndarray:
         raise BackboneError(
             f"unknown preprocessing mode {mode!r}; expected one of {', '.join(PREPROCESSING_MODES)}"
         )
-    x = normalise(batch.astype(np.float32), mode)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return normalise_batch(batch, mode)  # normalise's numbers, in place on one copy
 
 
 # Parameters and grids are those of the headless Keras models; the test suite

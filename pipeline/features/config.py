@@ -43,11 +43,13 @@ class FeatureConfig:
         Cut the backbone at this named layer.
     batch_size : int
         Images per forward pass.
-    precision : {"auto", "float32", "bfloat16", "float16"}
+    precision : {"auto", "float32", "bfloat16", "float16", "int8"}
         The backbone's compute precision, whichever runtime runs it: OpenVINO's
-        ``INFERENCE_PRECISION_HINT`` or a Keras mixed dtype policy. ``auto`` takes
-        ``bfloat16`` where the CPU has it and the runtime's check passes on the
-        user's images, else ``float32``; ``float16`` is for GPUs (Keras).
+        ``INFERENCE_PRECISION_HINT``, OpenVINO int8 (NNCF post-training quantization
+        on the user's images) or a Keras mixed dtype policy. ``auto`` takes the
+        fastest of ``int8``, ``bfloat16`` and ``float32`` the CPU and packages allow
+        whose linear-head predictions on a sample of the user's images agree with
+        float32's (:mod:`pipeline.features.precisions`); ``float16`` is for GPUs (Keras).
     storage : {"float32", "float16"}
         How the features are stored (``float16``: half the disk).
     workers : int, optional
@@ -136,12 +138,13 @@ class ResolvedFeatures:
     def cache_stem(self) -> str:
         """The cache's name: what the features are, never who computed them.
 
-        ``<backbone>_<size>_<pooling>[_<layer>][_<views>]_<weights>[_<bf16|fp16>][_stored-f16]``.
+        ``<backbone>_<size>_<pooling>[_<layer>][_<views>]_<weights>[_<bf16|fp16|int8>][_stored-f16]``.
         """
         return self.stem_at(self.runtime.precision)
 
     def stem_at(self, precision: str) -> str:
-        """:attr:`cache_stem` at the compute precision ``precision`` (``fp32``, ``bf16``, ``fp16``)."""
+        """:attr:`cache_stem` at the compute precision ``precision`` (``fp32``, ``bf16``, ``fp16``,
+        ``int8``)."""
         config = self.config
         parts = [self.spec.name, str(self.input_size), config.pooling]
         if config.layer:
@@ -185,7 +188,7 @@ def resolve_features(
         input_size=views.scales[0] if views else size,
         weights_id=backbones.weights_identity(config.weights),
         dtype=config.storage,
-        runtime=runtimes.RuntimeChoice(*runtimes.candidates("keras", config.precision)[0]),
+        runtime=runtimes.keras_choice(config.precision),
         views=views,
     )
     if not choose_runtime or config.runtime == "keras" or views is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.core.artifacts import real_root
 from pipeline.data.folders import ImageFolder, SplitConfig, describe_folder, scan_folder
 from pipeline.data.images import iter_batches
-from pipeline.features import backbones, cache, runtimes
+from pipeline.features import backbones, cache, precisions, runtimes
 from pipeline.features import views as views_module
 from pipeline.features.config import (
     FeatureConfig,
@@ -140,16 +140,36 @@ def settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedF
     if resolved.store is None or resolved.runtime.runtime == "keras":
         return resolved
 
-    @functools.cache
-    def sample() -> tuple[np.ndarray, list[str]]:  # a few images spread over the data set
-        records = folder.records
-        picks = np.linspace(0, len(records) - 1, min(runtimes.CHECK_IMAGES, len(records)))
-        paths = [records[int(i)].path for i in picks]
+    def decode(picks: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
+        records = [folder.records[int(i)] for i in picks]
+        paths = [r.path for r in records]
         spec, size = resolved.spec, resolved.input_size
-        batches = iter_batches(
-            folder.root, paths, size=size, batch_size=len(paths), preprocess=spec.preprocess
+        batches = list(
+            iter_batches(folder.root, paths, size=size, batch_size=32, preprocess=spec.preprocess)
         )
-        return np.concatenate([b.x for b in batches]), paths
+        ok = np.concatenate([b.ok for b in batches])  # unreadable images drop out
+        x = np.concatenate([b.x for b in batches])
+        labels = np.array([r.label for r in records])[ok]
+        return x, [p for p, good in zip(paths, ok, strict=True) if good], labels
+
+    def spread(n: int, shift: float = 0.0) -> np.ndarray:  # n images spread over the data set
+        count = len(folder.records)
+        n = min(n, count)
+        return np.unique(((np.arange(n) + shift) * count / max(n, 1)).astype(int) % count)
+
+    @functools.cache
+    def sample() -> tuple[np.ndarray, list[str]]:  # the conversion's check: a few images
+        x, paths, _ = decode(spread(runtimes.CHECK_IMAGES))
+        return x, paths
+
+    @functools.cache
+    def reduced_sample() -> precisions.Sample:
+        x, paths, labels = decode(spread(precisions.AGREEMENT_IMAGES))
+        calibration = None
+        if config.precision in ("auto", "int8") and precisions.nncf_installed():
+            # Other images than the check's, where the data set has them.
+            calibration, _, _ = decode(spread(precisions.CALIBRATION_IMAGES, shift=0.5))
+        return precisions.Sample(x, labels, paths, x if calibration is None else calibration)
 
     choice = runtimes.settle(
         config.runtime,
@@ -158,6 +178,7 @@ def settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedF
         random_weights=config.weights == "none",
         build_keras=lambda: build_extractor(replace(resolved, runtime=runtimes.RuntimeChoice())),
         sample=sample,
+        reduced_sample=reduced_sample,
         data=folder.name,
     )
     return replace(resolved, runtime=choice)

@@ -5,12 +5,16 @@
   (``model.export(path, format="openvino")``, Keras's own exporter, which goes
   through a traced ``tf.function`` on TensorFlow and JAX and through TorchScript
   on torch), compiled for the CPU with ``INFERENCE_PRECISION_HINT`` ``f32`` or
-  ``bf16``.
+  ``bf16``, or quantized to ``int8`` on the user's images
+  (:mod:`pipeline.features.precisions`, NNCF).
 
 ``RUNTIME=auto`` (the default) takes the first candidate of
-:func:`candidates` that is installed, converts the backbone and passes the
-check: the features of :data:`CHECK_IMAGES` images of the user's data keep a
-cosine of at least :data:`CHECK_COSINE` to Keras's float32 features. The
+:func:`candidates` (int8, bf16, fp32: fastest first) that is installed, converts
+the backbone and passes two checks: the conversion's, where float32 features of
+:data:`CHECK_IMAGES` images of the user's data keep a cosine of at least
+:data:`CHECK_COSINE` to Keras's; and, for a reduced precision, the agreement
+check (:func:`pipeline.features.precisions.head_agreement`): a linear head's
+predictions on a labelled sample agree with float32's. The
 converted model is stored once per backbone, weights, input size, pooling and
 layer under ``artifacts/runtimes/openvino/<key>/`` (``model.xml``, ``model.bin``,
 ``meta.json``); each data set's check is recorded there with the images it ran on,
@@ -31,10 +35,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shutil
-import socket
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,21 +47,17 @@ import numpy as np
 
 from pipeline.core.artifacts import Artifacts
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import pid_alive, write_json_atomic
+from pipeline.core.files import make_work_folder, remove_stale_work_folders, write_json_atomic
+from pipeline.features import precisions
+from pipeline.features.ov_model import OV_PRECISION, OpenVINOModel
 
 CHECK_COSINE = 0.998  # smallest cosine to Keras float32 features a runtime may have
 CHECK_IMAGES = 16  # images of the user's data the check runs on
 META_VERSION = 1
-# OpenVINO's names of our precisions (``INFERENCE_PRECISION_HINT``).
-_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-# A conversion's work folder of another machine, or unnamed, is litter after this long.
-STALE_CONVERSION_SECONDS = 3600.0
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_CONVERTING = re.compile(r"^\.converting-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-")
 
 
 # PRECISION= words -> the compute precisions the runtimes take (and cache names carry).
-COMPUTE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+COMPUTE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
 # Keras runs a compute precision as a dtype policy (float32 variables, reduced compute).
 KERAS_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
@@ -70,8 +67,9 @@ class RuntimeChoice:
     """The runtime and compute precision stage one runs with, and why (``notes``, printed)."""
 
     runtime: str = "keras"  # "keras" or "openvino"
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16": the backbone's compute precision
+    precision: str = "fp32"  # "fp32", "bf16", "fp16" or "int8": the backbone's compute precision
     notes: tuple[str, ...] = ()
+    model_xml: str = ""  # int8: the model quantized on this data set's images
 
     @property
     def keras_policy(self) -> str:
@@ -80,7 +78,7 @@ class RuntimeChoice:
 
 
 def precision_tag(precision: str) -> str:
-    """A cache name's precision part: empty for ``fp32``, else ``bf16`` or ``fp16``.
+    """A cache name's precision part: empty for ``fp32``, else ``bf16``, ``fp16`` or ``int8``.
 
     Every runtime's float32 features agree with Keras's within the check's tolerance
     (a cosine of :data:`CHECK_COSINE`), so they share one cache; reduced precisions
@@ -89,9 +87,15 @@ def precision_tag(precision: str) -> str:
     return "" if precision == "fp32" else precision
 
 
+# What PRECISION=auto tries. Reduced precisions are asked for by name: they pass the agreement
+# check, but their features move the heads' searched choices by up to 3 val images on the real
+# sets (docs/benchmarks.md), more than a default may change a user's numbers.
+AUTO_PRECISIONS = ("fp32",)
+
+
 def compute_precisions(precision: str) -> list[str]:
-    """The compute precisions ``PRECISION=`` allows, in the order ``auto`` tries them."""
-    return ["bf16", "fp32"] if precision == "auto" else [COMPUTE[precision]]
+    """The compute precisions ``PRECISION=`` allows, fastest first."""
+    return list(AUTO_PRECISIONS) if precision == "auto" else [COMPUTE[precision]]
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -200,14 +204,12 @@ def convert(store: ConversionStore, build_keras: Callable[[], Any]) -> dict:
     A failed conversion is recorded too (``"converted": false`` with the
     reason), so later runs fall back at once instead of converting again.
     """
-    remove_stale_conversions(store.directory.parent)
+    remove_stale_work_folders(store.directory.parent, "converting")
     meta = store.meta()
     if meta is not None:
         return meta
     store.directory.parent.mkdir(parents=True, exist_ok=True)
-    # Named by its owner (pid, machine), so the next run can tell a killed run's leftovers.
-    prefix = f".converting-{os.getpid()}-{_HOST}-"
-    work = Path(tempfile.mkdtemp(prefix=prefix, dir=store.directory.parent))
+    work = make_work_folder(store.directory.parent, "converting")
     started = time.perf_counter()
     try:
         model = build_keras()
@@ -236,44 +238,31 @@ def convert(store: ConversionStore, build_keras: Callable[[], Any]) -> dict:
     return store.meta() or meta
 
 
-def remove_stale_conversions(folder: str | Path) -> list[Path]:
-    """Remove the work folders of conversions whose process has ended (killed mid-export).
-
-    A folder of this machine goes once its process is gone; one of another machine
-    (a shared artifacts folder) or named before the owner was recorded, once it is
-    older than :data:`STALE_CONVERSION_SECONDS`. Returns the folders removed.
-    """
-    removed = []
-    for work in Path(folder).glob(".converting-*"):
-        owner = _CONVERTING.match(work.name)
-        if owner and owner["host"] == _HOST:
-            stale = not pid_alive(int(owner["pid"]))
-        else:
-            try:
-                stale = time.time() - work.stat().st_mtime > STALE_CONVERSION_SECONDS
-            except OSError:
-                continue
-        if stale:
-            shutil.rmtree(work, ignore_errors=True)
-            removed.append(work)
-    return removed
-
-
 # --------------------------------------------------------------------------- choosing
 
 
 def candidates(runtime: str, precision: str) -> list[tuple[str, str]]:
     """``(runtime, compute precision)`` pairs to try, fastest first.
 
-    OpenVINO runs ``fp32`` and ``bf16`` on the CPU; Keras runs what was asked for
-    (``auto`` is ``fp32`` there: a reduced precision on Keras pays off on GPUs only).
+    OpenVINO runs ``fp32``, ``bf16`` and ``int8`` on the CPU; Keras runs what was asked
+    for (``auto`` is ``fp32`` there: a reduced precision on Keras pays off on GPUs only).
     """
     wanted = compute_precisions(precision)
-    keras = [("keras", "fp32" if precision == "auto" else wanted[0])]
+    keras = [("keras", "fp32" if precision in ("auto", "int8") else wanted[0])]
     if runtime == "keras":
         return keras
-    openvino = [("openvino", p) for p in wanted if p in _OV_PRECISION]
+    openvino = [("openvino", p) for p in wanted if p in OV_PRECISION]
     return openvino + keras if runtime == "auto" else openvino
+
+
+def keras_choice(precision: str) -> RuntimeChoice:
+    """Keras at ``PRECISION=precision``; int8, which Keras cannot run, is float32 with a note
+    (fine-tuning's own Keras runs of an int8 configuration compute float32 so, on purpose)."""
+    choice = RuntimeChoice(*candidates("keras", precision)[0])
+    if precision == "int8":
+        note = "PRECISION=int8 runs on OpenVINO only (RUNTIME=auto); RUNTIME=keras computes float32"
+        choice = replace(choice, notes=(note,))
+    return choice
 
 
 def _why_not_openvino(precision: str, meta: dict | None) -> str | None:
@@ -286,6 +275,9 @@ def _why_not_openvino(precision: str, meta: dict | None) -> str | None:
     return None
 
 
+NO_NNCF = "int8 needs the nncf package (pip install nncf)"
+
+
 def choose(
     runtime: str,
     precision: str,
@@ -296,22 +288,30 @@ def choose(
 ) -> RuntimeChoice:
     """Pick the runtime from what is installed, the CPU and what ``store`` recorded.
 
-    Cheap (no conversion, no Keras): candidates whose conversion or check (on the
-    images of ``data``) has not run yet are taken optimistically; :func:`settle`
+    Cheap (no conversion, no Keras): candidates whose conversion or checks (on the
+    images of ``data``) have not run yet are taken optimistically; :func:`settle`
     runs them. ``auto`` with random weights (``WEIGHTS=none``, a baseline) stays on Keras.
 
     Raises
     ------
     PipelineError
         ``RUNTIME=openvino`` where it cannot run (not installed, ``PRECISION=float16``,
-        a recorded conversion failure).
+        a recorded conversion failure); ``PRECISION=int8`` where OpenVINO or NNCF cannot run.
     """
     explicit = runtime != "auto"
-    keras = RuntimeChoice(*candidates("keras", precision)[0])
     meta = store.meta() if store is not None else None
+    if precision == "int8" and runtime != "keras":
+        why_not = _why_not_openvino(precision, meta)
+        why_not = why_not or (None if precisions.nncf_installed() else NO_NNCF)
+        if why_not or random_weights:
+            why_not = why_not or "WEIGHTS=none (random weights) is a baseline, not quantized"
+            raise PipelineError(
+                f"PRECISION=int8 cannot run: {why_not}; int8 runs on OpenVINO (RUNTIME=auto)"
+            )
+    keras = keras_choice(precision)
     if runtime == "keras" or (random_weights and not explicit):
         # Random weights are a baseline, not worth a conversion; their features are
-        # near zero, so the cosine check would say little.
+        # near zero, so the checks would say little.
         return keras
     why_not = _why_not_openvino(precision, meta)
     if why_not:
@@ -319,6 +319,15 @@ def choose(
             raise PipelineError(f"RUNTIME=openvino cannot run: {why_not}; use RUNTIME=keras")
         return replace(keras, notes=(f"runtime: keras, because {why_not}",))
     notes: list[str] = []
+    conversion = _recorded_check(meta, data, "fp32")  # the conversion's own check
+    if conversion is not None and not conversion["passed"]:
+        failed = (
+            f"openvino features have a cosine of {conversion['cosine_min']:.4f} to Keras "
+            f"float32 on {conversion['images']} images of {data} (below {CHECK_COSINE})"
+        )
+        if not explicit:
+            return replace(keras, notes=(f"runtime: {failed}; not used",))
+        notes.append(f"warning: {failed}; used because RUNTIME={runtime} was asked for")
     for name, prec in candidates(runtime, precision):
         if name == "keras":
             return replace(keras, notes=tuple(notes))
@@ -327,30 +336,39 @@ def choose(
                 notes.append("PRECISION=bfloat16: this CPU has no native bfloat16; using float32")
                 return RuntimeChoice(name, "fp32", tuple(notes))
             continue
-        check = _recorded_check(meta, data, prec)
+        if prec == "int8" and not precisions.nncf_installed():
+            notes.append(f"runtime: {NO_NNCF}; not tried")  # auto only: int8 asked for raised
+            continue
+        check = _recorded_check(meta, data, prec) if prec != "fp32" else None
         if check is not None and not check["passed"]:
-            failed = (
-                f"openvino {prec} features have a cosine of {check['cosine_min']:.4f} to Keras "
-                f"float32 on {check['images']} images of {data} (below {CHECK_COSINE})"
-            )
+            failed = precisions.describe_failure(prec, check, data)
             if precision == "auto":
                 notes.append(f"runtime: {failed}; not used")
                 continue
             notes.append(f"warning: {failed}; used because PRECISION={precision} was asked for")
-        return RuntimeChoice(name, prec, tuple(notes))
+        model_xml = ""
+        if prec == "int8" and store is not None:
+            model_xml = str(precisions.quantized_xml(store.directory, data))
+        return RuntimeChoice(name, prec, tuple(notes), model_xml)
     return replace(keras, notes=tuple(notes))
 
 
 def _recorded_check(meta: dict | None, data: str, precision: str) -> dict | None:
-    """The check of ``precision`` on the images of ``data``, if one was recorded."""
-    return ((meta or {}).get("checks", {}).get(data) or {}).get(precision)
+    """The check of ``precision`` on the images of ``data``, if one was recorded (a reduced
+    precision's cosine check of an earlier version does not count: it runs again)."""
+    found = ((meta or {}).get("checks", {}).get(data) or {}).get(precision)
+    if found is not None and precision != "fp32" and found.get("rule") != "agreement":
+        return None
+    return found
 
 
 def describe(choice: RuntimeChoice) -> str:
     """One line for the output: ``runtime: openvino 2026.4.1, bf16 (native on this CPU)``."""
     if choice.runtime == "keras":
         return "runtime: keras" + ("" if choice.precision == "fp32" else f", {choice.keras_policy}")
-    if choice.precision == "bf16":
+    if choice.precision == "int8":
+        why = "int8, quantized on this data set's images"
+    elif choice.precision == "bf16":
         why = "bfloat16, native on this CPU"
     elif not cpu_supports_bf16():
         why = "float32: this CPU has no native bfloat16"
@@ -366,86 +384,34 @@ def openvino_version() -> str:
 # --------------------------------------------------------------------------- the model
 
 
-class OpenVINOModel:
-    """A compiled OpenVINO model with the two members stage one uses of a Keras model.
-
-    ``output_shape`` and ``predict_on_batch(x) -> ndarray``. Compiled with
-    ``PERFORMANCE_HINT=THROUGHPUT``: OpenVINO picks a number of streams for the
-    CPU (2 on 2 cores), and each batch is split into one slice per stream, run
-    in parallel. Measured on 2 cores (MobileNetV2, 224, fp32, interleaved rounds):
-    1.7 times the images/s of one synchronous request with ``LATENCY``.
-    """
-
-    def __init__(self, xml: str | Path, precision: str, *, cache_dir: str | Path | None = None):
-        import openvino as ov
-
-        core = ov.Core()
-        if cache_dir is not None:  # compiled blobs: a later run skips most of the compile
-            core.set_property({"CACHE_DIR": str(cache_dir)})
-        self.precision = precision
-        self.compiled = core.compile_model(
-            str(xml),
-            "CPU",
-            {
-                "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
-                "PERFORMANCE_HINT": "THROUGHPUT",
-            },
-        )
-        streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        self.requests = [self.compiled.create_infer_request() for _ in range(max(1, streams))]
-        width = self.compiled.outputs[0].get_partial_shape()[-1].get_length()
-        self.output_shape = (None, int(width))
-
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        slices = np.array_split(x, min(len(self.requests), max(1, len(x))))
-        running = list(zip(self.requests, slices, strict=False))  # fewer slices than requests
-        for request, part in running:
-            request.start_async({0: part})
-        for request, _ in running:
-            request.wait()
-        return np.concatenate([r.get_output_tensor(0).data.copy() for r, _ in running])
-
-
 def load(choice: RuntimeChoice, store: ConversionStore) -> OpenVINOModel:
-    """The compiled model of ``store`` at ``choice.precision``."""
-    return OpenVINOModel(store.model_xml, choice.precision, cache_dir=store.directory / "compiled")
+    """The compiled model of ``store`` at ``choice.precision`` (int8: the quantized one)."""
+    xml = choice.model_xml if choice.precision == "int8" else store.model_xml
+    return OpenVINOModel(xml, choice.precision, cache_dir=store.directory / "compiled")
 
 
-def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine between two feature matrices (1.0 for two zero rows)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    both_zero = (na == 0) & (nb == 0)
-    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
-    return float(np.where(both_zero, 1.0, cos).min()) if len(a) else 1.0
-
-
-def _cosine_median(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return float(np.median(cos)) if len(a) else 1.0
+cosine_min = precisions.cosine_min
 
 
 def check(
     store: ConversionStore,
-    precisions: Sequence[str],
+    checked: Sequence[str],
     keras_model: Any,
     x: np.ndarray,
     *,
     data: str = "",
     paths: Sequence[str] = (),
 ) -> dict[str, dict]:
-    """Compare the runtime's features with Keras float32's on ``x`` (the images ``paths`` of
-    the data set ``data``); record and return them."""
+    """The conversion's check: compare the runtime's features with Keras float32's on ``x``
+    (the images ``paths`` of the data set ``data``) by cosine; record and return them."""
     reference = np.asarray(keras_model.predict_on_batch(x), np.float32)
     results = {}
-    for precision in precisions:
+    for precision in checked:
         got = OpenVINOModel(store.model_xml, precision).predict_on_batch(x)
         cos = cosine_min(got, reference)
         results[precision] = {
             "cosine_min": round(cos, 6),
-            "cosine_median": round(_cosine_median(got, reference), 6),
+            "cosine_median": round(precisions.cosine_median(got, reference), 6),
             "passed": bool(cos >= CHECK_COSINE),
             "images": len(x),
             "data": data,
@@ -456,6 +422,17 @@ def check(
     return results
 
 
+def _checked(meta: dict, data: str, choice: RuntimeChoice) -> bool:
+    """Whether ``choice`` needs no more checking on ``data`` (int8: its model is there too)."""
+    if _recorded_check(meta, data, "fp32") is None:
+        return False  # the conversion's own check comes first, whatever the precision
+    if choice.precision == "fp32":
+        return True
+    if choice.precision == "int8" and not Path(choice.model_xml).is_file():
+        return False  # quantized model removed by hand: quantize and check again
+    return _recorded_check(meta, data, choice.precision) is not None
+
+
 def settle(
     runtime: str,
     precision: str,
@@ -464,15 +441,20 @@ def settle(
     random_weights: bool = False,
     build_keras: Callable[[], Any],
     sample: Callable[[], tuple[np.ndarray, list[str]]],
+    reduced_sample: Callable[[], precisions.Sample | None] | None = None,
     data: str = "",
 ) -> RuntimeChoice:
     """:func:`choose`, after converting and checking what the choice needs (once, recorded).
 
     ``build_keras`` builds the Keras float32 model (for the conversion and the
     reference features); ``sample`` returns a preprocessed batch of the user's
-    images and their paths, for the check, which runs once per data set ``data``.
-    Neither is called when ``store`` already holds both.
+    images and their paths, for the conversion's check; ``reduced_sample`` a labelled
+    :class:`~pipeline.features.precisions.Sample` for a reduced precision's agreement check (and int8's calibration).
+    The checks run once per data set ``data``; nothing is called when ``store`` already
+    holds them. Without ``reduced_sample`` (or a sample), ``auto`` stays at float32.
     """
+    if precision == "auto" and reduced_sample is None:
+        precision = "float32"
     # The choice reads what ``store`` holds: asked again after each conversion and check.
     choose_now = functools.partial(
         choose, runtime, precision, store=store, random_weights=random_weights, data=data
@@ -491,10 +473,28 @@ def settle(
         meta = convert(store, keras_once)
         if not meta.get("converted"):
             return choose_now()
-        if _recorded_check(meta, data, choice.precision) is not None:
+        if _checked(meta, data, choice):
             break
-        x, paths = sample()
-        check(store, [choice.precision], keras_once(), x, data=data, paths=paths)
+        if _recorded_check(meta, data, "fp32") is None:
+            x, paths = sample()
+            check(store, ["fp32"], keras_once(), x, data=data, paths=paths)
+        elif choice.precision != "fp32":
+            labelled = reduced_sample() if reduced_sample is not None else None
+            if labelled is None and precision == "auto":
+                notes.append("runtime: no labelled sample to check reduced precisions on")
+                precision = "float32"
+                choose_now = functools.partial(
+                    choose,
+                    runtime,
+                    precision,
+                    store=store,
+                    random_weights=random_weights,
+                    data=data,
+                )
+            elif labelled is None:
+                break  # asked for: used unchecked
+            else:
+                precisions.check_reduced(store, choice, labelled, data)
         choice = choose_now()
     notes += [n for n in choice.notes if n not in notes]
-    return RuntimeChoice(choice.runtime, choice.precision, tuple(notes))
+    return replace(choice, notes=tuple(notes))
