@@ -23,7 +23,7 @@ from pipeline.core.artifacts import (
 )
 from pipeline.core.files import sha256_file
 from pipeline.finetuning.freezing import backbone_layers
-from pipeline.finetuning.inputs import describe_input, image_feed
+from pipeline.finetuning.inputs import caption_words, describe_input, image_feed
 from pipeline.finetuning.model import save_model
 from pipeline.heads.softmax import two_columns
 from pipeline.report.plotting import plot_curves
@@ -87,7 +87,10 @@ def write_outputs(
     files.model.parent.mkdir(parents=True, exist_ok=True)
     seconds_per_image, accuracy = _write_predictions(run, model, sigmoid)
     write_history(files.history, files.history_csv, history)
-    plot_curves(history, files.curves, title=f"{run.dataset}: {run.name}")
+    plot_curves(
+        history, files.curves, title=f"{run.dataset}: {run.name}",
+        phase_two=caption_words(run.activations),
+    )  # fmt: skip
     save_model(model, files.model)
     seconds = run.elapsed()
     manifest = new_manifest(
