@@ -184,6 +184,7 @@ class FinetuneRun:
     progress: bool = True
     cut: Cut | None = None  # where phase two's input is cached; None: images, every epoch
     activations: dict[str, Any] = field(default_factory=dict)  # the caches, for the manifest
+    decoded: dict[str, np.ndarray] = field(default_factory=dict)  # images decoded once (on images)
 
     def note(self, line: str) -> None:
         self.notes.append(line)

@@ -136,7 +136,7 @@ def choose_path(estimate: PathEstimate) -> str:
 def describe_choice(estimate: PathEstimate, chosen: str, *, copies: int) -> str:
     """One line: what phase two trains on, and the estimate that chose it."""
     e = estimate
-    what = f"{copies} augmented copies per training image" if copies else "the cut cache"
+    what = f"the caches ({copies} augmented copies per image)" if copies else "the cut cache"
     pays = f"they pay from {e.break_even} epochs" if e.break_even else "they never pay"
     if chosen == "images":
         return (

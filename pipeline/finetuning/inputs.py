@@ -139,12 +139,9 @@ def choose_input(run: FinetuneRun, cut: Cut) -> tuple[str, str, str]:
         cut_cached=cut_cached, views_cached=views_cached,
     )  # fmt: skip
     mode = costs.choose_path(estimate)
-    why = (
-        f"about {estimate.images:.0f} s against {estimate.activations:.0f} s on cached "
-        f"activations for EPOCHS={config.epochs}"
-        if mode == "images"
-        else f"about {estimate.activations:.0f} s against {estimate.images:.0f} s on the images"
-    )
+    other = "cached activations" if mode == "images" else "the images"
+    low, high = sorted((estimate.images, estimate.activations))
+    why = f"faster for EPOCHS={config.epochs}: about {low:.0f} s against {high:.0f} s on {other}"
     return mode, why, costs.describe_choice(estimate, mode, copies=copies)
 
 
@@ -275,7 +272,18 @@ def image_feed(run: FinetuneRun, rows: np.ndarray, sigmoid: bool, *, shuffle: bo
         sample_weights=sample_weights(run, labels) if shuffle else None,
         shuffle_seed=run.config.split.seed if shuffle else None,
         workers=run.config.features.workers or default_workers(),
+        decoded=run.decoded if _fits_in_memory(run) else None,
     )  # fmt: skip
+
+
+# Decoded images kept in memory for the run's image feeds, at most this many bytes.
+DECODED_BYTES = 1 << 30
+
+
+def _fits_in_memory(run: FinetuneRun) -> bool:
+    """Whether every image, decoded (uint8), fits in :data:`DECODED_BYTES`."""
+    size = run.resolved.input_size
+    return len(run.features.paths) * size * size * 3 <= DECODED_BYTES
 
 
 def sample_weights(run: FinetuneRun, labels: np.ndarray) -> np.ndarray | None:
@@ -285,15 +293,6 @@ def sample_weights(run: FinetuneRun, labels: np.ndarray) -> np.ndarray | None:
         return None
     train_labels = run.features.labels[run.splits["train"]]
     return class_weights(train_labels, len(run.features.class_names))[labels]
-
-
-def caption_words(activations: dict[str, Any]) -> str:
-    """What phase two trained on, for the curves' caption (``"on the images"``, ...)."""
-    if activations.get("mode") != "cached activations":
-        return "on the images"
-    copies = activations.get("copies") or 0
-    what = f", {copies} augmented copies" if copies else ""
-    return f"on cached activations at {activations['cut_layer']}{what}"
 
 
 def describe_input(activations: dict[str, Any]) -> str:
