@@ -96,3 +96,16 @@ def test_phase_two_must_be_one_of_the_modes(value):
     with pytest.raises(FinetuneError, match="PHASE_TWO="):
         replace(FinetuneConfig(), phase_two=value).validate()
     assert costs.MODES == ("auto", "activations", "images")
+
+
+def test_bench_finetune_reports_the_factors_and_when_the_caches_pay():
+    from pipeline.benchmarks.finetune import _choice_figures, _Timings
+
+    # 100 images: stage one 4 s, a full epoch 8 s, 8 copies 44 s, an epoch on them 1 s
+    t = _Timings(4.0, 4.0, 8.0, 44.0, 0, [1.0, 1.0])
+    got = _choice_figures(100, 8, t)
+    assert got["factors"]["image_step"] == 2.0
+    assert got["factors"]["view"] == pytest.approx(44 / 800 / 0.04, abs=0.01)
+    assert got["factors"]["top_step"] == 0.25
+    assert got["factors"]["used"]["view"] == costs.VIEW
+    assert got["caches_pay_from_epochs"] == 7  # (4 + 44) s of caches / 7 s saved per epoch
