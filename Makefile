@@ -37,6 +37,14 @@ PCA ?=
 # CV: folds of every cross-validation (the heads' searches, make probe, make auto).
 CV ?= 3
 JOBS ?= 1
+# GRID="svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2": grids searched instead of the heads' own;
+# FORCE=1: refit heads that an earlier `make head` fitted on the same cache with the same options.
+GRID ?=
+FORCE ?=
+# make bench-heads CLASSES=100: synthetic features of that many classes, ROWS train rows each time
+CLASSES ?=
+ROWS ?= 3000,30000
+REPEATS ?= 3
 MODEL ?=
 IMAGES ?=
 OUT ?=
@@ -48,6 +56,8 @@ CONCURRENCY ?= 1
 PROBE_LAYERS ?=
 BENCH_DATA ?= $(ARG_ASSETS)/datasets/cats_and_dogs_filtered
 N ?=
+# make audit: a near-duplicate cosine (default: calibrated on copies of your images).
+THRESHOLD ?=
 # Stage three (fine-tuning). UNFREEZE: backbone layers to unfreeze, counted from the end:
 # n >= 0 | all | block (the backbone's last block). Not LAYER= (stage one's cut layer).
 UNFREEZE ?= block
@@ -73,7 +83,8 @@ raw = $(if $(filter command line environment%,$(origin $1)),$(value $1),$($1))
 OLD_VARS := FLOAT16 RUNTIME_PRECISION AUTO_CV LAYERS AUG_VIEWS
 USER_VARS := PYTHON VENV PY ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE POOLING LAYER VIEWS \
 	COMBINE FEATURES JOIN_NORM BATCH PRECISION STORAGE RUNTIME SEED VAL_FRACTION TEST_FRACTION HEAD \
-	NORM PCA CV JOBS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY PROBE_LAYERS BENCH_DATA N \
+	NORM PCA CV JOBS GRID FORCE CLASSES ROWS REPEATS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY \
+	PROBE_LAYERS BENCH_DATA N THRESHOLD \
 	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES PHASE_TWO CLASS_WEIGHT RESTART NAME
 unexport $(USER_VARS) $(OLD_VARS)
 
@@ -127,6 +138,7 @@ FINETUNE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features weights-from-assets clean
 .PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs finetune bench-finetune
+.PHONY: audit export bench-audit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -140,7 +152,8 @@ $(VENV_DIR)/.installed: pyproject.toml
 install: $(VENV_DIR)/.installed ## create .venv and install the package with its dependencies
 
 # The extras, installed on first use by the targets that need them: dev (test, lint), ray
-# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen).
+# (ENGINE=ray and the slow tier), docs (make docs), unseen (make check-unseen), export
+# (make export: pyarrow for Parquet).
 $(VENV_DIR)/.%-installed: $(VENV_DIR)/.installed pyproject.toml
 	"$$ARG_PY" -m pip install -q -e '.[$*]'
 	touch "$$ARG_VENV/.$*-installed"
@@ -156,7 +169,7 @@ weights-from-assets: ## offline machines: copy ../shared/assets weights into the
 demo: install weights-from-assets ## install, then run the pipeline on the embedded digits data
 	$(call pipeline,demo-data --out "$$ARG_ARTIFACTS/data/digits")
 	$(call pipeline,features --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS))
-	$(call pipeline,head --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS) --head all)
+	$(call pipeline,head --data "$$ARG_ARTIFACTS/data/digits" $(FEATURE_ARGS) --head all $(if $(filter 1 yes true,$(ARG_FORCE)),--force))
 	$(call pipeline,report --data "$$ARG_ARTIFACTS/data/digits" --artifacts "$$ARG_ARTIFACTS")
 
 demo-data: install ## write scikit-learn's digits as PNG class folders under artifacts/data/digits
@@ -168,8 +181,8 @@ backbones: install ## print the backbone registry
 features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
 	$(call pipeline,features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY")
 
-head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= ENGINE=local|ray RAY_ADDRESS=)
-	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(RAY_ARGS))
+head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
+	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(call opt,GRID,--grid) $(if $(filter 1 yes true,$(ARG_FORCE)),--force) $(RAY_ARGS))
 
 report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
 	$(call pipeline,report --data "$$ARG_DATA" --artifacts "$$ARG_ARTIFACTS")
@@ -188,8 +201,21 @@ check-unseen: install $(VENV_DIR)/.unseen-installed weights-from-assets ## make 
 	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/textures" $(FEATURE_ARGS) --cv "$$ARG_CV")
 	$(call pipeline,auto --data "$$ARG_ARTIFACTS/data/hymenoptera_data_small_blurred" $(FEATURE_ARGS) --cv "$$ARG_CV")
 
-bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json)
+audit: install weights-from-assets ## duplicates, leaks, likely label errors, outliers, balance, a map (DATA= CV= THRESHOLD=; stage one first if no cache) -> artifacts/audit/<dataset>/
+	$(call pipeline,audit --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) --cv "$$ARG_CV" $(call opt,THRESHOLD,--threshold))
+
+export: install $(VENV_DIR)/.export-installed ## features, labels, paths, splits (and the audit's out-of-fold probabilities) as .npz and Parquet -> artifacts/export/<dataset>/
+	$(call pipeline,export --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS))
+
+bench-audit: install weights-from-assets ## the audit's time / stage one's, both timed in the run (BENCH_DATA=) -> artifacts/bench/audit.json
+	$(call pipeline,bench-audit --data "$$ARG_BENCH_DATA" $(FEATURE_ARGS) --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/audit.json")
+
+bench-heads: install weights-from-assets ## fit time of the default heads / stage-one time (both timed in the run), both real data sets (artifacts/bench/heads.json); CLASSES=100 ROWS=3000,30000: on synthetic many-class features
+ifdef CLASSES
+	$(call pipeline,bench-heads --classes "$$ARG_CLASSES" --rows "$$ARG_ROWS" $(if $(wildcard $(ARG_ASSETS)/datasets/hymenoptera_data),--data "$$ARG_ASSETS/datasets/hymenoptera_data") $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --repeats "$$ARG_REPEATS" --out "$$ARG_ARTIFACTS/bench/heads-$$ARG_CLASSES-classes.json")
+else
 	$(call pipeline,bench-heads --data "$$ARG_ASSETS/datasets/hymenoptera_data" --data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" $(FEATURE_ARGS) --runtime keras --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/heads.json")
+endif
 
 test: install $(VENV_DIR)/.dev-installed ## the test suite without its slow tier (a few minutes on 2 cores)
 	"$$ARG_PY" -m pytest -q -m "not slow"

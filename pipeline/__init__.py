@@ -3,6 +3,8 @@
 Stage one caches frozen ImageNet backbone features to HDF5 (:func:`extract_features`);
 stage two fits heads on them (:func:`fit_heads`) and :func:`write_report` compares them;
 stage three fine-tunes (:func:`finetune`); :func:`predict_images` classifies new images.
+:func:`audit_folder` finds duplicates, leaks, likely label errors and outliers in the data;
+:func:`export_features` writes a cache as NumPy and Parquet files.
 :class:`ImageFeatures` is stage one as a scikit-learn transformer, for images in memory.
 Importing the package is cheap: each name loads its stage on first use, and Keras and
 TensorFlow load only when a model is built.
@@ -30,6 +32,8 @@ _PUBLIC = {
     "FinetuneConfig": "pipeline.finetuning",
     "finetune": "pipeline.finetuning",
     "predict_images": "pipeline.predict",
+    "audit_folder": "pipeline.audit",
+    "export_features": "pipeline.audit",
 }
 __all__ = sorted(_PUBLIC)
 

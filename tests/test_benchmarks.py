@@ -64,3 +64,43 @@ def test_bench_heads_on_folders_times_stage_one_in_the_same_run(
     assert row["extraction_seconds"] > 0
     assert row["ratio"] == pytest.approx(row["searches_seconds"] / row["extraction_seconds"])
     assert not (split_folder / "artifacts").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_synthetic_features_look_like_pooled_cnn_features_and_are_repeatable(tmp_path):
+    import numpy as np
+
+    from pipeline.benchmarks.synthetic import synthetic_features, write_synthetic_cache
+    from pipeline.features.cache import load_features
+
+    X, y = synthetic_features(400, 20, 64, seed=3)
+    assert X.dtype == np.float32 and X.min() == 0.0 and 0.15 < np.mean(X == 0) < 0.5
+    assert np.median(X) < 0.5 * X.mean()  # a long upper tail, as ReLU features have
+    assert np.bincount(y).tolist() == [20] * 20
+    assert np.array_equal(synthetic_features(400, 20, 64, seed=3)[0], X)
+    path = write_synthetic_cache(tmp_path / "s.h5", 100, 5, 8, seconds=12.0)
+    fs = load_features(path)
+    assert fs.select("train")[0].shape == (100, 8) and fs.select("val")[0].shape == (20, 8)
+    assert fs.attrs["seconds"] == 12.0 and len(fs.class_names) == 5
+
+
+def test_bench_heads_rows_and_classes_are_checked_in_one_line(capsys):
+    from pipeline.cli.main import main
+
+    assert main(["bench-heads", "--classes", "100", "--rows", "3000,lots"]) == 2
+    assert "ROWS='3000,lots' is not a comma list" in capsys.readouterr().err
+    assert main(["bench-heads", "--classes", "100", "--rows", "150"]) == 2
+    assert "at least twice as many rows as classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_heads_synthetic_times_the_default_sweep_per_row_count(tmp_path):
+    from pipeline.benchmarks.heads import bench_heads_synthetic
+
+    lines: list[str] = []
+    summary = bench_heads_synthetic(
+        4, [40, 80], width=16, repeats=1, out=tmp_path / "s.json", log=lines.append
+    )
+    assert [row["rows"] for row in summary["caches"]] == [40, 80]
+    assert all(set(row["fit_seconds"]) == set(DEFAULT_HEADS) for row in summary["caches"])
+    assert summary["caches"][0]["ratio"] is None  # no reference folder: no stage-one time
+    assert lines[0].startswith("4 classes x 40 rows: ") and summary["caches"][1]["max_rss_mb"] > 0

@@ -373,6 +373,15 @@ def test_no_heads_is_one_clear_error(tmp_path, artifacts):
         write_report("synthetic", artifacts_dir=artifacts, n_resamples=0)
 
 
+def test_heads_without_val_or_test_say_so_not_run_make_head(tmp_path):
+    # Heads fitted on a split that left val and test empty: "run make head first" would be wrong.
+    (tmp_path / "heads" / "tiny" / "svm").mkdir(parents=True)
+    with pytest.raises(ReportError, match="have no val or test predictions") as caught:
+        write_report("tiny", artifacts_dir=tmp_path)
+    assert "did you mean" not in str(caught.value)
+    assert "run `make head" not in str(caught.value)
+
+
 def _make(*args: str) -> subprocess.CompletedProcess:
     # -o: treat the venv as installed (the tests run inside it; no pip, no network).
     python = Path(sys.executable)
@@ -415,3 +424,21 @@ def test_markdown_escaping_keeps_user_names_literal():
     assert md_escape("a|b") == "a\\|b"
     assert md_escape("<img src=x onerror=alert(1)>") == "&lt;img src=x onerror=alert(1)&gt;"
     assert md_escape("*bold* _it_ $x$ [l](u)") == "\\*bold\\* \\_it\\_ \\$x\\$ \\[l\\](u)"
+
+
+def test_the_report_links_the_audit_and_says_its_leaks(artifacts, tmp_path):
+    folder = artifacts / "audit" / "synthetic"
+    folder.mkdir(parents=True)
+    leak = {"where": ["leak across splits"], "members": []}
+    (folder / "audit.json").write_text(
+        json.dumps({"exact_duplicates": [leak], "near_duplicates": {"groups": []}})
+    )
+    try:
+        result = write_report("synthetic", artifacts_dir=artifacts, out_dir=tmp_path / "r")
+    finally:
+        shutil.rmtree(artifacts / "audit")
+    html = result.html.read_text()
+    assert "1 group of copies across splits (a leak)" in html
+    assert "audit/synthetic/audit.html'>The audit</a>" in html
+    assert html.index("a leak") < html.index("Leaderboard (ranked")
+    assert any("a leak" in line for line in result.lines)

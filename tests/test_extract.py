@@ -99,6 +99,7 @@ def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path):
     assert "skipped red/empty.png: empty file" in summary.format()
 
 
+@pytest.mark.slow  # a whole stage run: the quick tier keeps its 5 minutes
 def test_interrupted_run_resumes_without_recomputing(image_folder, tmp_path, monkeypatch):
     reference = load_features(run(image_folder, tmp_path / "ref").cache_path)
     original = CacheWriter.write_batch
@@ -318,6 +319,7 @@ def test_cli_features_and_backbones(image_folder, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # a whole stage run: the quick tier keeps its 5 minutes
 def test_make_features_runs_for_real(image_folder, tmp_path):
     result = subprocess.run(
         [

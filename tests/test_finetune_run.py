@@ -222,6 +222,7 @@ def save_stage_two_head(artifacts: Path) -> list[np.ndarray]:
     ]
 
 
+@pytest.mark.slow  # a whole stage run: the quick tier keeps its 5 minutes
 def test_warm_start_from_the_stage_two_head_and_saved_model(colours, artifacts):
     from pipeline.core.artifacts import read_manifest
     from pipeline.finetuning.model import load_finetuned

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from heads_helpers import blobs
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from pipeline.heads import search as head_search
@@ -27,7 +28,8 @@ def test_a_search_reports_what_grid_search_chose_and_scored(name):
     manifest's form."""
     X, y = blobs(30, 3, 24, separation=0.8, seed=1)
     spec = HEADS[name]
-    fitted, params, info = head_search.search(spec, build_head(name), X, y, 3, 0, 1)
+    # The grid given, as GRID= gives it: searched as it is (a head's own grid may move).
+    fitted, params, info = head_search.search(spec, build_head(name), X, y, 3, 0, 1, grid=spec.grid)
     reference = _reference(name, X, y)
     ((key, values),) = spec.grid.items()
     expected = {
@@ -77,3 +79,111 @@ def test_the_final_fits_convergence_warning_reaches_the_caller_with_parallel_fol
         warnings.simplefilter("always")
         head_search.search(HEADS["svm"], pipe, X, y, 3, 0, 2)
     assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+class Peaked(ClassifierMixin, BaseEstimator):
+    """Right on a share of rows that peaks at C = ``peak`` (column 0 holds the label,
+    column 1 a uniform draw): a search whose best C is known, without a real model."""
+
+    def __init__(self, C=1.0, peak=100.0):
+        self.C, self.peak = C, peak
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict(self, X):
+        right = X[:, 1] < 1.0 - 0.1 * abs(np.log10(self.C) - np.log10(self.peak))
+        return np.where(right, X[:, 0], 1 - X[:, 0]).astype(int)
+
+
+def _peaked(peak, high=1e4):
+    from sklearn.pipeline import Pipeline
+
+    from pipeline.heads.registry import HeadSpec
+
+    spec = HeadSpec(
+        "peak", "test", lambda seed: Peaked(peak=peak), "none", {"C": (0.1, 1.0, 10.0)},
+        extend={"C": (1e-4, high, 10.0)},
+    )  # fmt: skip
+    pipe = Pipeline([("norm", "passthrough"), ("pca", "passthrough"), ("peak", spec.estimator(0))])
+    rng = np.random.default_rng(0)
+    y = np.arange(600) % 2
+    return spec, pipe, np.c_[y, rng.uniform(size=600)], y
+
+
+def test_a_grid_whose_best_sits_at_its_edge_moves_until_the_best_is_inside():
+    spec, pipe, X, y = _peaked(peak=100.0)
+    fitted, params, info = head_search.search(spec, pipe, X, y, 3, 0, 1)
+    assert params == {"peak__C": 100.0} and fitted.named_steps["peak"].C == 100.0
+    assert info["grid_moves"] == {
+        "C": {"from": [0.1, 1.0, 10.0], "searched": [0.1, 1.0, 10.0, 100.0, 1000.0],
+              "direction": "up", "stopped": "inside"}
+    }  # fmt: skip
+    assert info["grid"] == {"C": [0.1, 1.0, 10.0, 100.0, 1000.0]} and len(info["scores"]) == 5
+    assert info["score"] == max(info["scores"].values()) == info["scores"]['{"C": 100.0}']
+
+
+@pytest.mark.parametrize(
+    ("peak", "high", "stopped", "last"), [(1e8, 1e8, "limit", 1e4), (1e8, 1e3, "bound", 1e3)]
+)
+def test_a_grid_moves_at_most_three_steps_and_never_past_its_bound(peak, high, stopped, last):
+    spec, pipe, X, y = _peaked(peak, high)
+    _, params, info = head_search.search(spec, pipe, X, y, 3, 0, 1)
+    move = info["grid_moves"]["C"]
+    assert move["stopped"] == stopped and move["searched"][-1] == last == params["peak__C"]
+
+
+def test_a_given_grid_does_not_move_and_a_flat_edge_moves_nothing():
+    spec, pipe, X, y = _peaked(peak=100.0)
+    _, params, info = head_search.search(spec, pipe, X, y, 3, 0, 1, grid={"C": (0.1, 1.0)})
+    assert params == {"peak__C": 1.0} and info["grid_moves"] == {}
+    spec, pipe, X, y = _peaked(peak=1.0)  # best inside: nothing moves
+    _, params, info = head_search.search(spec, pipe, X, y, 3, 0, 1)
+    assert params == {"peak__C": 1.0} and info["grid_moves"] == {} and len(info["scores"]) == 3
+
+
+def test_a_search_counts_its_fits_as_they_finish_moved_grid_included():
+    spec, pipe, X, y = _peaked(peak=100.0)
+
+    class Count(head_search.Progress):
+        planned_more, done = 0, 0
+
+        def planned(self, fits):
+            self.planned_more += fits
+
+        def fitted(self):
+            self.done += 1
+
+    count = Count()
+    head_search.search(spec, pipe, X, y, 3, 0, 1, progress=count)
+    assert count.planned_more == 2 * 3 and count.done == 5 * 3 + 1  # 5 values, 3 folds, 1 refit
+
+
+@pytest.mark.parametrize(("rise", "moved"), [(8e-6, False), (2e-3, True)])
+def test_a_rise_smaller_than_an_image_does_not_move_the_grid(rise, moved):
+    """Digits' svm scored C=100 8e-6 above C=10: an image traded between folds of unequal
+    size, not a better C; a grid moves for a rise worth an image (1 / 1,000 rows here)."""
+    values = {"C": [0.1, 1.0, 10.0]}
+    scores = {'{"C": 0.1}': 0.86, '{"C": 1.0}': 0.93, '{"C": 10.0}': 0.93 + rise}
+    grid_scored = []
+
+    def score(points):
+        grid_scored.append(points)
+        return {'{"C": 100.0}': 0.5}
+
+    spec = HEADS["svm"]
+    moves = head_search._extend(
+        spec, values, scores, score, (3, 666, 0.5 / 1000), head_search.Progress()
+    )
+    assert bool(moves) is moved and len(grid_scored) == int(moved)
+
+
+def test_a_grid_that_stops_rising_at_its_new_edge_says_flat():
+    values = {"C": [0.1, 1.0, 10.0]}
+    scores = {'{"C": 0.1}': 0.86, '{"C": 1.0}': 0.93, '{"C": 10.0}': 0.957}
+    moves = head_search._extend(
+        HEADS["svm"], values, scores, lambda points: {'{"C": 100.0}': 0.957008},
+        (3, 666, 0.5 / 1000), head_search.Progress(),
+    )  # fmt: skip
+    assert moves["C"]["stopped"] == "flat" and moves["C"]["searched"][-1] == 100.0

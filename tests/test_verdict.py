@@ -5,6 +5,7 @@ Built from small synthetic predictions (no Keras, no files): each test is well u
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -198,3 +199,35 @@ def test_a_report_folder_that_cannot_be_written_is_one_clear_error(monkeypatch, 
             "demo", artifacts_dir=tmp_path, out_dir=blocked / "reports", n_resamples=50
         )
     assert "\n" not in str(caught.value)
+
+
+def test_the_audit_is_linked_and_its_leaks_said_after_the_verdict(tmp_path):
+    from pipeline.report.audit_note import audit_note
+
+    folder = tmp_path / "audit" / "photos"
+    folder.mkdir(parents=True)
+    assert audit_note(tmp_path, "photos", tmp_path / "reports" / "photos") is None
+    leak = {"where": ["leak across splits"], "members": []}
+    conflict = {"where": ["label conflict", "leak across splits"], "members": []}
+    same = {"where": ["same class, same split"], "members": []}
+    summary = {"exact_duplicates": [leak, same], "near_duplicates": {"groups": [conflict]}}
+    (folder / "audit.json").write_text(json.dumps(summary))
+    note = audit_note(tmp_path, "photos", tmp_path / "reports" / "photos")
+    assert note["found"] and note["href"] == "../../audit/photos/audit.html"
+    assert "2 groups of copies across splits (a leak)" in note["sentence"]
+    assert "1 group of copies filed under different classes" in note["sentence"]
+    (folder / "audit.json").write_text(json.dumps({"exact_duplicates": [same]}))  # malformed
+    note = audit_note(tmp_path, "photos", tmp_path / "reports" / "photos")
+    assert not note["found"] and "not a readable audit" in note["sentence"]
+
+
+def test_grids_that_moved_are_said_under_the_leaderboard():
+    moved = {"C": {"from": [0.1, 1.0], "searched": [0.1, 1.0, 10.0, 100.0], "direction": "up",
+                   "stopped": "inside"}}  # fmt: skip
+    svm = _run("svm", [0, 1], params={"C": 10.0}, grid_moves=moved)
+    svm.manifest["name"] = "svm"
+    broken = _run("logreg", [0], params={"C": 1.0}, grid_moves={"C": {}})
+    broken.manifest["name"] = "logreg"
+    page = markdown(_data([svm, broken, _run("softmax", [3])]), {}, {})
+    assert "Grids that moved past their edge: svm: C grid moved up past 1 to 10, 100" in page
+    assert "logreg: C grid" not in page  # a malformed record says nothing rather than failing

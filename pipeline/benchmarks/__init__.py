@@ -5,7 +5,8 @@
 * :func:`bench_features_ray` (``make bench-features ENGINE=ray``, :mod:`.on_ray`);
 * :func:`bench_heads_on_folders` (``make bench-heads``, :mod:`.heads`): the head sweep
   against stage one's time, both timed in the run (:func:`bench_heads` on given caches
-  takes their recorded extraction time);
+  takes their recorded extraction time); :func:`bench_heads_synthetic` (``make bench-heads
+  CLASSES=100 ROWS=3000,30000``) on synthetic many-class features (:mod:`.synthetic`);
 * :func:`bench_finetune` (``make bench-finetune``, :mod:`.finetune`): a phase-two
   epoch against a stage-one pass.
 
@@ -14,7 +15,7 @@ under ``artifacts/bench/``.
 """
 
 from pipeline.benchmarks.finetune import bench_finetune
-from pipeline.benchmarks.heads import bench_heads, bench_heads_on_folders
+from pipeline.benchmarks.heads import bench_heads, bench_heads_on_folders, bench_heads_synthetic
 from pipeline.benchmarks.on_ray import bench_features_ray
 from pipeline.benchmarks.stage_one import bench_features
 
@@ -24,4 +25,5 @@ __all__ = [
     "bench_finetune",
     "bench_heads",
     "bench_heads_on_folders",
+    "bench_heads_synthetic",
 ]

@@ -109,6 +109,7 @@ _OPTION_VARIABLES = {
     ("probe", "--layers"): "PROBE_LAYERS",
     ("bench-features", "--data"): "BENCH_DATA",
     ("bench-finetune", "--data"): "BENCH_DATA",
+    ("bench-audit", "--data"): "BENCH_DATA",
     ("bench-features", "--images"): "N",
     ("bench-finetune", "--images"): "N",
 }

@@ -167,8 +167,11 @@ def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 1) ->
 
 
 @contextlib.contextmanager
-def run_lock(lock_path: str | Path, busy: Callable[[str], PipelineError]) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` for a run; refuse when another run holds it.
+def run_lock(
+    lock_path: str | Path, busy: Callable[[str], PipelineError], *, timeout: float = 0
+) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` for a run; refuse when another run holds it
+    (after waiting ``timeout`` seconds for it).
 
     ``busy(owner)`` makes the error raised when the lock is taken (``owner`` is
     ``"pid 1234"`` when known). The OS releases the lock when the process dies,
@@ -178,7 +181,7 @@ def run_lock(lock_path: str | Path, busy: Callable[[str], PipelineError]) -> Ite
 
     lock_path = Path(lock_path)
     prepare_folder(lock_path.parent)
-    lock = FileLock(lock_path, timeout=0)
+    lock = FileLock(lock_path, timeout=timeout)
     try:
         with writing_into(lock_path.parent):
             lock.acquire()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         yield ray
         return
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    on_term = signal.getsignal(signal.SIGTERM)
     if address:
         try:
             ray.init(address=address, **quiet)
@@ -95,6 +98,11 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
             include_dashboard=False,
             **quiet,
         )
+    # Ray's driver turns SIGTERM into sys.exit, which waited on running fits for up to a
+    # minute; the default ends the command at once and its watcher ends the cluster
+    # (pipeline.core.processes).
+    if on_term is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     try:
         yield ray
     finally:

@@ -31,7 +31,9 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -44,13 +46,17 @@ import numpy as np
 
 from pipeline.core.artifacts import Artifacts
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import write_json_atomic
+from pipeline.core.files import pid_alive, write_json_atomic
 
 CHECK_COSINE = 0.998  # smallest cosine to Keras float32 features a runtime may have
 CHECK_IMAGES = 16  # images of the user's data the check runs on
 META_VERSION = 1
 # OpenVINO's names of our precisions (``INFERENCE_PRECISION_HINT``).
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# A conversion's work folder of another machine, or unnamed, is litter after this long.
+STALE_CONVERSION_SECONDS = 3600.0
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_CONVERTING = re.compile(r"^\.converting-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-")
 
 
 # PRECISION= words -> the compute precisions the runtimes take (and cache names carry).
@@ -194,11 +200,14 @@ def convert(store: ConversionStore, build_keras: Callable[[], Any]) -> dict:
     A failed conversion is recorded too (``"converted": false`` with the
     reason), so later runs fall back at once instead of converting again.
     """
+    remove_stale_conversions(store.directory.parent)
     meta = store.meta()
     if meta is not None:
         return meta
     store.directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".converting-", dir=store.directory.parent))
+    # Named by its owner (pid, machine), so the next run can tell a killed run's leftovers.
+    prefix = f".converting-{os.getpid()}-{_HOST}-"
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=store.directory.parent))
     started = time.perf_counter()
     try:
         model = build_keras()
@@ -225,6 +234,29 @@ def convert(store: ConversionStore, build_keras: Callable[[], Any]) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return store.meta() or meta
+
+
+def remove_stale_conversions(folder: str | Path) -> list[Path]:
+    """Remove the work folders of conversions whose process has ended (killed mid-export).
+
+    A folder of this machine goes once its process is gone; one of another machine
+    (a shared artifacts folder) or named before the owner was recorded, once it is
+    older than :data:`STALE_CONVERSION_SECONDS`. Returns the folders removed.
+    """
+    removed = []
+    for work in Path(folder).glob(".converting-*"):
+        owner = _CONVERTING.match(work.name)
+        if owner and owner["host"] == _HOST:
+            stale = not pid_alive(int(owner["pid"]))
+        else:
+            try:
+                stale = time.time() - work.stat().st_mtime > STALE_CONVERSION_SECONDS
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+    return removed
 
 
 # --------------------------------------------------------------------------- choosing

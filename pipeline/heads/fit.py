@@ -30,10 +30,13 @@ from pipeline.heads import search as head_search
 from pipeline.heads.registry import (
     HEADS,
     build_head,
+    named_heads,
+    parse_grid,
     planned_fits,
     resolve_heads,
 )
 from pipeline.heads.results import HeadResultAccess, HeadResultsAccess, chosen_head
+from pipeline.heads.reuse import library_versions, reusable_manifests, reuse_key
 from pipeline.heads.softmax import SoftmaxClassifier
 from pipeline.heads.store import head_outputs, save_head
 
@@ -52,6 +55,7 @@ class HeadResult(HeadResultAccess):
     head: str
     manifest_path: Path
     manifest: dict[str, Any] = field(repr=False)
+    reused: bool = False  # an earlier run's head: same cache, options and code (FORCE=1 refits)
 
     def format(self) -> str:
         """One line for the CLI: head, chosen values, CV and held-out accuracy, timing."""
@@ -61,9 +65,10 @@ class HeadResult(HeadResultAccess):
         scores += [f"{s} {v['accuracy']:.3f}" for s, v in m["metrics"].items()]
         startup = m.get("keras_import_seconds") or 0.0
         loaded = f" (after loading Keras, {startup:.1f} s)" if startup >= 0.05 else ""
+        reused = " (reused)" if self.reused else ""
         return (
             f"{self.head:<8} {params:<24} {'  '.join(scores):<32} "
-            f"fit {m['fit_seconds']:6.2f} s{loaded}  -> {self.manifest_path}"
+            f"fit {m['fit_seconds']:6.2f} s{loaded}{reused}  -> {self.manifest_path}"
         )
 
 
@@ -78,7 +83,8 @@ class HeadResults(HeadResultsAccess, list):
     marks and ``best_estimator_`` its fitted pipeline
     (:class:`pipeline.heads.results.HeadResultsAccess`).
 
-    ``fits_seconds`` sums the heads' ``fit_seconds`` (searches and final fits).
+    ``fits_seconds`` sums the heads' ``fit_seconds`` (searches and final fits), of the
+    heads fitted in this run (not those reused).
     ``keras_import_seconds`` is Keras's import when the sweep paid it: start-up, left
     out of every head's ``fit_seconds`` as stage one's time leaves it out.
     """
@@ -89,7 +95,8 @@ class HeadResults(HeadResultsAccess, list):
 
     @property
     def fits_seconds(self) -> float:
-        return float(sum(result.manifest["fit_seconds"] for result in self))
+        """The searches of this run (reused heads' recorded times left out)."""
+        return float(sum(r.manifest["fit_seconds"] for r in self if not r.reused))
 
     def format(self) -> str:
         """The heads side by side, the best marked (:func:`summary_table`)."""
@@ -108,6 +115,8 @@ def fit_heads(
     cv: int = 3,
     seed: int = 0,
     jobs: int = 1,
+    grid: str | Mapping[str, Mapping[str, Sequence]] | None = None,
+    force: bool = False,
     log: Any = None,
 ) -> HeadResults:
     """Fit heads on the train split of a feature cache, one after another, and save them.
@@ -138,6 +147,8 @@ def fit_heads(
         Seed of the folds and of every random step.
     jobs : int
         Parallel fits of the search (Keras heads always use one).
+    grid, force : str or mapping, bool
+        ``GRID=`` (:func:`~pipeline.heads.registry.parse_grid`); refit all (:mod:`.reuse`).
     log : callable, optional
         Called with each head's progress and result lines (e.g. ``print``).
 
@@ -149,33 +160,89 @@ def fit_heads(
     Raises
     ------
     HeadError
-        Unknown head, an option out of bounds (``NORM``, ``PCA``, ``CV``, ``SEED``,
-        ``--jobs``), a train split with one class, a val/test class absent from
-        train. Nothing is written in these cases.
+        Unknown head, a bad ``GRID``, an option out of bounds (``NORM``, ``PCA``, ``CV``,
+        ``SEED``, ``--jobs``), one class in train, a val/test class not in train: none writes.
     CacheError
         A missing or unreadable cache, or one not made from ``data`` with ``features``.
     """
     check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
-    names = resolve_heads(heads)
+    grids = _grids_for(grid, names := resolve_heads(heads))
     fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir, data, features, log)
-    plan = {name: planned_fits(HEADS[name], cv) for name in names}
-    results = HeadResults([])
+    names = _scalable(names, named_heads(heads), len(y_train), log)
+    keys = {n: reuse_key(fs, n, grids.get(n), norm=norm, pca=pca, cv=cv, seed=seed) for n in names}
+    reused = {} if force else reusable_manifests(out_dir, keys)
+    plan = {n: planned_fits(HEADS[n], cv, grids.get(n)) for n in names if n not in reused}
+    progress, results = _SweepProgress(plan, log), HeadResults([])
     for name in names:
-        if log is not None:
-            log(_progress_line(name, plan, done=sum(plan[r.head] for r in results)))
-        # Keras's import (about 4 s on 2 cores, once per process) is start-up, not this head's
-        # fit: paid before its clock starts and recorded apart, as stage one's time excludes it.
-        startup = _import_keras() if HEADS[name].keras else None
-        results.keras_import_seconds += startup or 0.0
-        pipe = build_head(name, norm=norm, pca=pca, seed=seed)
-        searched = head_search.timed_search(HEADS[name], pipe, X_train, y_train, cv, seed, jobs)
-        options = {"norm": norm, "pca": pca, "seed": seed, "keras_import_seconds": startup}
-        results.append(_record(fs, name, searched, y_train, out_dir, **options))
-        if log is not None:
-            log(results[-1].format())
-    if log is not None and len(results) > 1:
-        log(summary_table(results))
+        if name in reused:
+            results.append(HeadResult(name, *reused[name], reused=True))
+        else:
+            progress.start(name)
+            search = (X_train, y_train, cv, seed, jobs, grids.get(name), progress)
+            results.append(_fit_one(fs, name, search, out_dir, results, norm, pca, keys[name]))
+        _log(log, "\n".join([results[-1].format(), *grid_move_lines(results[-1].manifest)]))
+    _log_end(log, results, reused)
     return results
+
+
+def _fit_one(
+    fs: Any, name: str, search: tuple, out_dir: Path, results: HeadResults,
+    norm: str | None, pca: int | None, key: str,
+) -> HeadResult:  # fmt: skip
+    """Search, evaluate and save one head; ``search`` is ``(X, y, cv, seed, jobs, grid,
+    progress)``."""
+    X_train, y_train, cv, seed, jobs, grid, progress = search
+    # Keras's import (about 4 s on 2 cores, once per process) is start-up, not this head's
+    # fit: paid before its clock starts and recorded apart, as stage one's time excludes it.
+    startup = _import_keras() if HEADS[name].keras else None
+    results.keras_import_seconds += startup or 0.0
+    pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+    searched = head_search.timed_search(
+        HEADS[name], pipe, X_train, y_train, cv, seed, jobs, grid=grid, progress=progress
+    )
+    given = {"search_key": key, "grid_source": "head" if grid is None else "GRID"}
+    return _record(fs, name, searched, y_train, out_dir, norm=norm, pca=pca, seed=seed,
+                   keras_import_seconds=startup, extra=given)  # fmt: skip
+
+
+def _grids_for(grid: Any, names: Sequence[str]) -> dict[str, dict]:
+    """``GRID=`` parsed, each head it names among those fitted."""
+    grids = parse_grid(grid)
+    unfitted = sorted(set(grids) - set(names))
+    if unfitted:
+        raise HeadError(
+            f"GRID names {', '.join(unfitted)}, which HEAD={','.join(names)} does not fit; "
+            "add it to HEAD or leave it out of GRID"
+        )
+    return grids
+
+
+def _log_end(log: Any, results: HeadResults, reused: Mapping[str, HeadResult]) -> None:
+    """The line that says which heads were reused, and the table."""
+    if reused:
+        heads = f"{len(reused)} head{'s' if len(reused) > 1 else ''} ({', '.join(reused)})"
+        _log(log, f"reused {heads} fitted earlier on this cache with these options; "
+                  "FORCE=1 (--force) refits")  # fmt: skip
+    if len(results) > 1:
+        _log(log, summary_table(results))
+
+
+def _scalable(names: Sequence[str], named: set[str], rows: int, log: Any) -> tuple[str, ...]:
+    """``names`` less the heads ``all`` brought in whose cost outgrows this train split."""
+    kept = []
+    for name in names:
+        limit = HEADS[name].max_rows
+        if limit is not None and rows > limit and name not in named:
+            _log(log, f"{name} left out: {rows:,} train images is more than the {limit:,} it "
+                      f"searches in reasonable time; HEAD={name} fits it anyway")  # fmt: skip
+        else:
+            kept.append(name)
+    return tuple(kept)
+
+
+def _log(log: Any, line: str) -> None:
+    if log is not None:
+        log(line)
 
 
 def _open_cache(
@@ -201,10 +268,49 @@ def _open_cache(
     return fs, X_train, y_train, out_dir
 
 
-def _progress_line(name: str, plan: Mapping[str, int], *, done: int) -> str:
-    """``[fits 11/48] knn: 10 fits planned ...``: the fits before this head's, of the sweep's."""
-    fits = f"{plan[name]} fit{'' if plan[name] == 1 else 's'}"
-    return f"[fits {done}/{sum(plan.values())}] {name}: {fits} planned ..."
+PROGRESS_EVERY = 3.0  # seconds between a search's fit-count lines
+
+
+class _SweepProgress(head_search.Progress):
+    """The sweep's fit count: ``[fits 11/48] knn: 10 fits planned ...`` as each head starts,
+    then a line each few seconds while a search runs (a grid that moves adds its fits)."""
+
+    def __init__(self, plan: Mapping[str, int], log: Any) -> None:
+        self.plan, self.log, self.every = dict(plan), log, PROGRESS_EVERY
+        self.total, self.done, self.head, self.last = sum(plan.values()), 0, "", 0.0
+
+    def start(self, name: str) -> None:
+        self.head, self.last = name, time.monotonic()
+        fits = f"{self.plan[name]} fit{'' if self.plan[name] == 1 else 's'}"
+        _log(self.log, f"[fits {self.done}/{self.total}] {name}: {fits} planned ...")
+
+    def planned(self, fits: int) -> None:
+        self.total += fits
+
+    def fitted(self) -> None:
+        self.done += 1
+        if time.monotonic() - self.last >= self.every and self.done < self.total:
+            self.last = time.monotonic()
+            _log(self.log, f"[fits {self.done}/{self.total}] {self.head} ...")
+
+
+def grid_move_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """One line per grid that moved past its edge in a head's search (``grid_moves``)."""
+    lines = []
+    for param, move in (manifest.get("grid_moves") or {}).items():
+        added = [v for v in move["searched"] if v not in move["from"]]
+        where = {
+            "inside": f"the best, {_short(manifest['params'].get(param))}, is now inside it",
+            "flat": "the score stopped rising there",
+            "limit": "stopped after the most steps it may take; the best is still at its edge",
+            "bound": "stopped at its bound; the best is still at its edge",
+        }[move["stopped"]]
+        lines.append(
+            f"{manifest['name']}: {param} grid moved {move['direction']} past "
+            f"{_short(move['from'][-1] if move['direction'] == 'up' else move['from'][0])} to "
+            f"{', '.join(_short(v) for v in added)} ({where}); GRID= sets a grid"
+        )
+    return lines
 
 
 def summary_table(results: Sequence[HeadResult]) -> str:
@@ -276,6 +382,7 @@ def _record(
     pca: int | None,
     seed: int,
     keras_import_seconds: float | None,
+    extra: Mapping[str, Any] | None = None,
 ) -> HeadResult:
     """Evaluate a searched head on val and test, and save it with its manifest."""
     spec, fitted, cv_info = HEADS[name], searched.fitted, searched.cv_info
@@ -301,7 +408,8 @@ def _record(
         pca=pca,
         seed=seed,
         params=head_search.unprefixed(searched.params),
-        grid={key: list(values) for key, values in spec.grid.items()},
+        grid=cv_info.pop("grid", None) or {k: list(v) for k, v in spec.grid.items()},
+        grid_moves=cv_info.get("grid_moves", {}),  # {param: {from, searched, direction, stopped}}
         cv=cv_info,
         estimator=repr(last),
         has_proba=hasattr(last, "predict_proba"),
@@ -312,8 +420,9 @@ def _record(
         extraction_seconds=attrs.get("seconds"),
         metrics=metrics,
         warnings=searched.notes,
-        versions=_versions(),
+        versions=library_versions(),
         **_estimator_fields(last),
+        **(extra or {}),
     )
     manifest_path = save_head(fitted, manifest, out_dir, predictions=predictions)
     return HeadResult(name, manifest_path, json.loads(manifest_path.read_text()))
@@ -358,9 +467,3 @@ def _evaluate(
             is_proba=is_proba,
         )
     return predictions, metrics, seconds
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    return {pkg: importlib.metadata.version(pkg) for pkg in ("scikit-learn", "keras", "numpy")}

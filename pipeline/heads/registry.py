@@ -17,6 +17,11 @@ softmax   :class:`~pipeline.heads.softmax.           none            none: learn
 forest    ``RandomForestClassifier``           none            min_samples_leaf
 ========  ==================================  ==============  ===========================
 
+The grids are where each search starts: a grid whose best value sits at an edge
+with the CV score still rising there moves past it (``extend``: within bounds, at
+most :data:`MAX_EXTENSIONS` values; :mod:`pipeline.heads.search`), and ``GRID=``
+(:func:`parse_grid`) replaces them.
+
 The registry (:data:`HEADS`) is data: each :class:`HeadSpec` carries the
 factory of its classifier. ``HEAD=all`` fits the default heads (every one but
 ``forest``, which is slow on wide features and must be named). L2
@@ -28,8 +33,8 @@ probabilities and stage three can put it on top of the backbone as it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -69,6 +74,14 @@ class HeadSpec:
     fold_bounded : tuple of str
         Grid parameters that cannot exceed the images of a training fold
         (``n_neighbors``).
+    max_rows : int, optional
+        ``HEAD=all`` leaves this head out when train holds more images than this (its
+        cost grows faster than the images'); naming it fits it anyway.
+    extend : mapping
+        Grid parameter -> ``(low, high, factor)``: when the search's best value sits at
+        an edge of the grid with the score still rising there, the grid grows by
+        ``factor`` in that direction, within ``[low, high]``
+        (:data:`MAX_EXTENSIONS` steps at most).
     """
 
     name: str
@@ -79,6 +92,8 @@ class HeadSpec:
     default: bool = True
     keras: bool = False
     fold_bounded: tuple[str, ...] = ()
+    max_rows: int | None = None
+    extend: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def estimator(self, seed: int) -> BaseEstimator:
         """A fresh, unfitted classifier (the last step of the head's pipeline)."""
@@ -96,6 +111,9 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: LinearSVC(C=1.0, dual=True, max_iter=10_000, random_state=seed),
         norm="l2",
         grid={"C": (0.1, 1.0, 10.0)},
+        # At most 100: on L2-normalised features the dual's iterations grow with C (digits'
+        # C=1000 fits took minutes against seconds at C=10 for the same CV score).
+        extend={"C": (1e-4, 100.0, 10.0)},
     ),
     HeadSpec(
         name="rbf_svm",
@@ -103,6 +121,10 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: SVC(kernel="rbf", C=10.0, gamma="scale", random_state=seed),
         norm="l2",
         grid={"C": (1.0, 10.0)},
+        extend={"C": (1e-2, 1e4, 10.0)},
+        # Kernel SVMs cost time with the square of the images (and one-vs-one pairs with the
+        # square of the classes): about 3 minutes of search at 10,000 images of 100 classes.
+        max_rows=10_000,
     ),
     HeadSpec(
         name="logreg",
@@ -116,6 +138,9 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         # Raw features: cross-validation on both real data sets prefers them to l2 or standard.
         norm="none",
         grid={"C": (0.1, 1.0, 10.0)},
+        # At most 1000: nearly unregularised fits cost newton-cg many more iterations (100
+        # classes x 3,000 rows: the search went from 119 s to 238 s moving up to 1e4).
+        extend={"C": (1e-4, 1e3, 10.0)},
     ),
     HeadSpec(
         name="knn",
@@ -124,6 +149,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         norm="l2",
         grid={"n_neighbors": (1, 5, 15)},
         fold_bounded=("n_neighbors",),
+        extend={"n_neighbors": (1, 405, 3)},
     ),
     HeadSpec(
         name="ridge",
@@ -131,6 +157,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         factory=lambda seed: RidgeClassifier(alpha=100.0),
         norm="standard",
         grid={"alpha": (10.0, 100.0, 1000.0)},
+        extend={"alpha": (1e-2, 1e6, 10.0)},
     ),
     HeadSpec(
         name="softmax",
@@ -187,6 +214,14 @@ def resolve_heads(names: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def named_heads(names: str | Iterable[str]) -> set[str]:
+    """The heads named one by one in ``names`` (not through ``all``)."""
+    items = [names] if isinstance(names, str) else list(names)
+    words = [w for item in items for w in str(item).replace(",", " ").split()]
+    explicit = [w for w in words if w.lower() not in ("all", "default")]
+    return set(resolve_heads(explicit)) if explicit else set()
+
+
 def build_head(
     name: str, *, norm: str | None = None, pca: int | None = None, seed: int = 0
 ) -> Pipeline:
@@ -226,10 +261,80 @@ def build_head(
     return Pipeline([("norm", norm_step), ("pca", pca_step), (spec.name, spec.estimator(seed))])
 
 
-def planned_fits(spec: HeadSpec, cv: int) -> int:
-    """Fits a head's search makes: each grid point on each fold, then one (one in all for a
-    Keras head, which is not searched)."""
+def planned_fits(spec: HeadSpec, cv: int, grid: Mapping[str, Sequence] | None = None) -> int:
+    """Fits a head's search plans: each grid point on each fold, then one (one in all for a
+    Keras head, which is not searched). A grid that moves adds ``cv`` fits per new value."""
     if spec.keras:
         return 1
-    points = int(np.prod([len(values) for values in spec.grid.values()])) if spec.grid else 1
+    grid = spec.grid if grid is None else grid
+    points = int(np.prod([len(values) for values in grid.values()])) if grid else 1
     return points * cv + 1
+
+
+MAX_EXTENSIONS = 3  # steps a grid may move past an edge, per parameter and search
+
+GRID_EXAMPLE = 'GRID="svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2"'
+
+
+def parse_grid(text: str | Mapping[str, Mapping[str, Sequence]] | None) -> dict[str, dict]:
+    """``GRID=``: ``"head:param=v1,v2;head:param=v1"`` -> ``{head: {param: (v1, v2)}}``.
+
+    A mapping of the same shape is checked the same way. Each named head must be searched
+    (not ``softmax``) and each parameter one of its grid's; values are numbers (whole
+    numbers for ``n_neighbors`` and ``min_samples_leaf``), positive, sorted, without
+    repeats. A grid given here is searched as given: it does not move at its edges.
+
+    Raises
+    ------
+    HeadError
+        Anything else, in one line with an example.
+    """
+    if text is None or text == "":
+        return {}
+    if isinstance(text, Mapping):
+        entries = [(h, p, list(v)) for h, params in text.items() for p, v in params.items()]
+    else:
+        entries = [_grid_entry(part) for part in str(text).split(";") if part.strip()]
+    out: dict[str, dict] = {}
+    for head, param, values in entries:
+        spec = HEADS[resolve_heads(head)[0]]
+        if spec.keras:
+            raise HeadError(f"GRID: {spec.name} is not searched (one fit); leave it out of GRID")
+        param = {key.lower(): key for key in spec.grid}.get(param.lower(), param)
+        if param not in spec.grid:
+            raise HeadError(
+                f"GRID: {spec.name} has no grid parameter {param!r}{did_you_mean(param, spec.grid)}"
+                f" (its grid: {', '.join(spec.grid)})"
+            )
+        kind = int if isinstance(spec.grid[param][0], int) else float
+        out.setdefault(spec.name, {})[param] = _grid_values(spec.name, param, values, kind)
+    return out
+
+
+def _grid_entry(part: str) -> tuple[str, str, list[str]]:
+    head, colon, rest = part.strip().partition(":")
+    param, equals, values = rest.partition("=")
+    if not (colon and equals and head.strip() and param.strip() and values.strip()):
+        raise HeadError(
+            f"GRID entry {part.strip()!r} is not head:param=values; e.g. {GRID_EXAMPLE}"
+        )
+    return head.strip(), param.strip(), [v for v in values.split(",") if v.strip()]
+
+
+def _grid_values(head: str, param: str, values: Sequence, kind: type) -> tuple:
+    out = []
+    for value in values:
+        try:
+            number = float(str(value).strip()) if isinstance(value, str) else float(value)
+        except ValueError:
+            number = float("nan")
+        if not (np.isfinite(number) and number > 0) or (kind is int and number != int(number)):
+            what = "a whole number >= 1" if kind is int else "a positive number"
+            raise HeadError(
+                f"GRID: {head}:{param} value {str(value).strip()!r} is not {what}; "
+                f"e.g. {GRID_EXAMPLE}"
+            )
+        out.append(kind(number))
+    if not out:
+        raise HeadError(f"GRID: {head}:{param} has no values; e.g. {GRID_EXAMPLE}")
+    return tuple(sorted(set(out)))

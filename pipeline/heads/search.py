@@ -2,7 +2,10 @@
 
 A scikit-learn head's search is :class:`~sklearn.model_selection.GridSearchCV`:
 each grid point scored by stratified cross-validation (accuracy) on train, the best
-(the first among equals) refitted on all of train; val and test are never seen.
+(the first among equals) refitted on all of train; val and test are never seen. When
+the best value of a head's own grid sits at its edge with the score still rising
+there, the grid moves: GridSearchCV scores the next value out, on the same folds,
+until the best is inside (within the head's bounds, three values at most).
 A Keras head (softmax) is not searched (:func:`held_out_fit`): one fit with its
 grid's single values, scored on its own early-stopping hold-out of train. Both
 report the same way (``params``, ``scores``, ``score``).
@@ -13,11 +16,13 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 if TYPE_CHECKING:
@@ -35,8 +40,40 @@ class Searched:
     notes: list[str]  # its convergence warnings, first sentence each
 
 
+class Progress:
+    """What a search tells its caller as it goes: fits planned (a grid that moves plans
+    more) and fits done. The base class ignores both."""
+
+    def planned(self, fits: int) -> None:
+        """``fits`` more fits are planned."""
+
+    def fitted(self) -> None:
+        """One more fit is done (a fold's fit, counted when it is scored)."""
+
+
+class _CountedAccuracy:
+    """Accuracy, as GridSearchCV's ``scoring="accuracy"``, counting each scored fold."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def __call__(self, estimator: Any, X: np.ndarray, y: np.ndarray) -> float:
+        score = float(np.mean(estimator.predict(X) == y))
+        self.progress.fitted()
+        return score
+
+
 def timed_search(
-    spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, cv: int, seed: int, jobs: int
+    spec: HeadSpec,
+    pipe: Pipeline,
+    X: np.ndarray,
+    y: np.ndarray,
+    cv: int,
+    seed: int,
+    jobs: int,
+    *,
+    grid: Mapping[str, Sequence] | None = None,
+    progress: Progress | None = None,
 ) -> Searched:
     """:func:`search`, timed, its convergence warnings kept as notes (other warnings dropped)."""
     from sklearn.exceptions import ConvergenceWarning
@@ -44,7 +81,9 @@ def timed_search(
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        fitted, params, cv_info = search(spec, pipe, X, y, cv, seed, jobs)
+        fitted, params, cv_info = search(
+            spec, pipe, X, y, cv, seed, jobs, grid=grid, progress=progress
+        )
     seconds = time.perf_counter() - started
     notes = sorted(
         {str(w.message).split(".")[0] for w in caught if issubclass(w.category, ConvergenceWarning)}
@@ -53,48 +92,165 @@ def timed_search(
 
 
 def search(
-    spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, cv: int, seed: int, jobs: int
+    spec: HeadSpec,
+    pipe: Pipeline,
+    X: np.ndarray,
+    y: np.ndarray,
+    cv: int,
+    seed: int,
+    jobs: int,
+    *,
+    grid: Mapping[str, Sequence] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
     """Grid search on the train split; returns the refitted pipeline, the chosen params
-    (``{"<head>__<param>": value}``) and what the manifest records of the search."""
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    (``{"<head>__<param>": value}``) and what the manifest records of the search.
 
+    ``grid`` (``GRID=``) replaces the head's own grid and is searched as given; the head's
+    own grid moves past an edge whose score still rises (:func:`_extend`), and
+    ``cv_info["grid_moves"]`` records each parameter that moved.
+    """
+    progress = progress or Progress()
     counts = np.bincount(y)
     folds = min(cv, int(counts[counts > 0].min()))
     searchable = folds >= 2  # a class with one image: no fold can hold it out
     fold_size = len(y) * (folds - 1) // folds if searchable else len(y)
-    grid = {}
-    for key, values in spec.grid.items():
-        if key in spec.fold_bounded:  # k cannot exceed the images of a training fold
-            values = [v for v in values if v <= fold_size] or [1]
-        grid[f"{spec.name}__{key}"] = list(values)
+    given = grid is not None
+    values = {key: _fold_bounded(spec, key, v, fold_size) for key, v in (grid or spec.grid).items()}
+    prefixed = {f"{spec.name}__{key}": list(v) for key, v in values.items()}
     if not searchable:  # take the grid's middle
-        params = {key: values[len(values) // 2] for key, values in grid.items()}
+        params = {key: v[len(v) // 2] for key, v in prefixed.items()}
         pipe.set_params(**params)
         started = time.perf_counter()
         pipe.fit(X, y)
+        progress.fitted()
         scheme = "none (a class has one train image): middle of the grid"
-        info = {"folds": 0, "scheme": scheme, "score": None, "scores": {}}
+        info = {"folds": 0, "scheme": scheme, "score": None, "scores": {}, "grid_moves": {}}
         return pipe, params, {**info, "refit_seconds": time.perf_counter() - started}
     if spec.keras:
-        return held_out_fit(pipe, X, y, grid)
+        fitted, params, info = held_out_fit(pipe, X, y, prefixed)
+        progress.fitted()
+        return fitted, params, {**info, "grid_moves": {}}
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    info = {"folds": folds, "scheme": f"{folds}-fold"}
-    search = GridSearchCV(
-        pipe, grid, cv=splitter, scoring="accuracy", n_jobs=jobs, refit=True, error_score="raise"
+    scoring = _CountedAccuracy(progress) if jobs == 1 else "accuracy"
+
+    def score(points: Mapping[str, list]) -> dict[str, float]:
+        """Each grid point's mean accuracy over the folds (the same folds every call)."""
+        found = GridSearchCV(
+            pipe, dict(points), cv=splitter, scoring=scoring, n_jobs=jobs, refit=False,
+            error_score="raise",
+        ).fit(X, y)  # fmt: skip
+        results = found.cv_results_
+        return {
+            json.dumps(unprefixed(p), sort_keys=True): float(s)
+            for p, s in zip(results["params"], results["mean_test_score"], strict=True)
+        }
+
+    scores = score(prefixed)
+    # A rise must be worth an image (about 1 / rows of the mean fold accuracy): not one
+    # image traded between folds of unequal size, which moves the mean by a few millionths.
+    rise = 0.5 / len(y)
+    moves = (
+        {} if given else _extend(spec, values, scores, score, (folds, fold_size, rise), progress)
     )
-    search.fit(X, y)
-    results = search.cv_results_
-    scores = {
-        json.dumps(unprefixed(p), sort_keys=True): float(s)
-        for p, s in zip(results["params"], results["mean_test_score"], strict=True)
+    best = _best(values, scores)
+    params = {f"{spec.name}__{key}": value for key, value in best.items()}
+    started = time.perf_counter()
+    fitted = clone(pipe).set_params(**params).fit(X, y)
+    refit_seconds = time.perf_counter() - started
+    progress.fitted()
+    info = {
+        "folds": folds,
+        "scheme": f"{folds}-fold",
+        "grid": {k: list(v) for k, v in values.items()},
     }
-    info = {**info, "score": float(search.best_score_), "scores": scores}
-    return (
-        search.best_estimator_,
-        search.best_params_,
-        {**info, "refit_seconds": search.refit_time_},
-    )
+    info.update(score=scores[_key(best)], scores=scores, grid_moves=moves)
+    return fitted, params, {**info, "refit_seconds": refit_seconds}
+
+
+def _fold_bounded(spec: HeadSpec, key: str, values: Sequence, fold_size: int) -> list:
+    """The grid's values, less those a training fold cannot hold (k beyond its images)."""
+    values = sorted(values)
+    if key in spec.fold_bounded:
+        values = [v for v in values if v <= fold_size] or [1]
+    return values
+
+
+def _key(point: Mapping[str, Any]) -> str:
+    return json.dumps({k: _plain(v) for k, v in point.items()}, sort_keys=True)
+
+
+def _points(values: Mapping[str, list]) -> list[dict[str, Any]]:
+    """Every grid point, in GridSearchCV's order (the first parameter varies slowest)."""
+    from sklearn.model_selection import ParameterGrid
+
+    return list(ParameterGrid({k: list(v) for k, v in values.items()}))
+
+
+def _best(values: Mapping[str, list], scores: Mapping[str, float]) -> dict[str, Any]:
+    """The best grid point; among equals the first (the smallest values), as GridSearchCV."""
+    points = _points(values)
+    top = max(scores[_key(p)] for p in points)
+    return next(p for p in points if scores[_key(p)] == top)
+
+
+def _extend(
+    spec: HeadSpec,
+    values: dict[str, list],
+    scores: dict[str, float],
+    score: Callable[[Mapping[str, list]], dict[str, float]],
+    sizes: tuple[int, int, float],
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Move a one-parameter grid past the edge its best value sits at while the score still
+    rises there: one value at a time, by the head's factor, within its bounds, at most
+    :data:`~pipeline.heads.registry.MAX_EXTENSIONS` values. ``sizes`` is ``(folds, images
+    of a training fold, the least rise that counts)``. Updates ``values`` and ``scores`` in
+    place; returns ``{param: {"from", "searched", "direction", "stopped"}}``, ``stopped``
+    one of ``inside`` (the best is inside the grid), ``flat`` (the best is the last value
+    added, by less than an image's worth), ``bound`` or ``limit``.
+    """
+    from pipeline.heads.registry import MAX_EXTENSIONS
+
+    folds, fold_size, least = sizes
+    if len(values) != 1:
+        return {}
+    ((key, grid),) = values.items()
+    if key not in spec.extend or len(grid) < 2:
+        return {}
+    low, high, factor = spec.extend[key]
+    if key in spec.fold_bounded:
+        high = min(high, fold_size)
+    start, direction, stopped = list(grid), None, "inside"
+    for _ in range(MAX_EXTENSIONS + 1):
+        best = _best(values, scores)[key]
+        at = grid.index(best)
+        inner = grid[1] if at == 0 else grid[-2]
+        edge = "down" if at == 0 else "up" if at == len(grid) - 1 else None
+        rise = scores[_key({key: best})] - scores[_key({key: inner})]
+        rising = edge is not None and rise >= least
+        if not rising or (direction is not None and edge != direction):
+            stopped = "inside" if edge is None or edge != direction else "flat"
+            break
+        if len(grid) - len(start) >= MAX_EXTENSIONS:
+            stopped = "limit"
+            break
+        new = best * factor if edge == "up" else best / factor
+        new = type(best)(min(max(new, low), high))
+        if new == best or new in grid:
+            stopped = "bound"
+            break
+        direction = edge
+        progress.planned(folds)
+        scores.update(score({f"{spec.name}__{key}": [new]}))
+        grid.append(new)
+        grid.sort()
+    if direction is None:
+        return {}
+    return {
+        key: {"from": [_plain(v) for v in start], "searched": [_plain(v) for v in grid],
+              "direction": direction, "stopped": stopped}
+    }  # fmt: skip
 
 
 def held_out_fit(

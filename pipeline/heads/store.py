@@ -17,7 +17,10 @@ format name a ``.joblib`` file as ``model`` and have no ``joblib`` role; they
 are loaded as before.
 
 Every file is written under a temporary name and renamed into place, the
-manifest last. Loading reads the manifest through
+manifest last, all under the lock of the heads folder (``.lock`` in it), so two
+runs on the same cache never leave one head's manifest beside the other run's
+files: each checksum is of the bytes this run wrote, taken before the rename,
+and a run waits for another's write rather than interleave with it. Loading reads the manifest through
 :func:`pipeline.core.artifacts.read_manifest` (so it cannot name a file outside its
 folder) and checks the sha256 of each file against it before reading it, so a
 truncated, corrupt or swapped file is refused with one line.
@@ -36,7 +39,7 @@ nearest-neighbour index is rebuilt from the training features it indexes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +50,17 @@ from sklearn.pipeline import Pipeline
 
 from pipeline.core import artifacts
 from pipeline.core.errors import HeadError
-from pipeline.core.files import sha256_file, write_atomic
-from pipeline.heads.registry import HEADS
+from pipeline.core.files import run_lock, sha256_file, write_atomic
 from pipeline.heads.softmax import SoftmaxClassifier
+from pipeline.heads.trust import check_skops_head, one_line
 
 # Types a head's .skops file may hold beyond those skops trusts by default, as
 # skops.io.get_untrusted_types reports them for the registered heads. Listed by
 # name, never trusted=True: anything else in a file is refused unbuilt.
+# How long a run waits for another run's write in the same heads folder (a write takes
+# about a second; far longer means that run is stuck).
+LOCK_SECONDS = 120.0
+
 TRUSTED_TYPES: tuple[str, ...] = (
     # This project's Keras head; its state is its parameters, classes_ and history_
     # (the Keras model is not in it: it is softmax.keras, loaded by Keras).
@@ -129,25 +136,51 @@ def save_head(
     out_dir = Path(out_dir)
     names = _file_names(manifest["name"])
     files: dict[str, str] = {}
+    digests: dict[str, str] = {}
+
+    def write(role: str, dump: Callable[[Path], object]) -> None:
+        """Write one file; its checksum is of the bytes this run wrote, taken before the rename."""
+
+        def dump_and_hash(tmp: Path) -> None:
+            dump(tmp)
+            digests[role] = sha256_file(tmp)
+
+        write_atomic(out_dir / names[role], dump_and_hash)
+        files[role] = names[role]
+
     last = estimator.steps[-1][1]
-    if isinstance(last, SoftmaxClassifier):
-        write_atomic(out_dir / names["keras"], lambda tmp: last.model_.save(tmp))
-        files["keras"] = names["keras"]
-    with _without_keras_model(estimator):
-        write_atomic(out_dir / names["model"], lambda tmp: skops.io.dump(estimator, tmp))
-        files["model"] = names["model"]
-        if export_joblib:
-            write_atomic(out_dir / names["joblib"], lambda tmp: joblib.dump(estimator, tmp))
-            files["joblib"] = names["joblib"]
-    if predictions:
-        files["predictions"] = names["predictions"]
-        _write_predictions(out_dir / names["predictions"], manifest["class_names"], predictions)
-    complete = {
-        **manifest,
-        "files": files,
-        "sha256": {role: sha256_file(out_dir / file) for role, file in files.items()},
-    }
-    return artifacts.write_manifest(out_dir / f"{manifest['name']}.json", complete)
+    with heads_lock(out_dir):  # another run's files never mix with this one's
+        if isinstance(last, SoftmaxClassifier):
+            write("keras", lambda tmp: last.model_.save(tmp))
+        with _without_keras_model(estimator):
+            write("model", lambda tmp: skops.io.dump(estimator, tmp))
+            if export_joblib:
+                write("joblib", lambda tmp: joblib.dump(estimator, tmp))
+        if predictions:
+            path = _write_predictions(
+                out_dir / names["predictions"], manifest["class_names"], predictions
+            )
+            files["predictions"], digests["predictions"] = path.name, sha256_file(path)
+        complete = {**manifest, "files": files, "sha256": digests}
+        return artifacts.write_manifest(out_dir / f"{manifest['name']}.json", complete)
+
+
+@contextmanager
+def heads_lock(folder: str | Path, *, timeout: float = LOCK_SECONDS) -> Iterator[None]:
+    """Hold ``<folder>/.lock`` while one head's files are written; wait for another run's.
+
+    A head's write takes about a second, so runs on the same cache wait their turn
+    rather than fail, and each head's files and manifest come from one run.
+    """
+
+    def busy(owner: str) -> HeadError:
+        return HeadError(
+            f"heads folder {folder} has been locked by another run ({owner}) for {timeout:.0f} s;"
+            " wait for it to finish or stop it, then run again"
+        )
+
+    with run_lock(Path(folder) / ".lock", busy, timeout=timeout):
+        yield
 
 
 def _write_predictions(
@@ -335,7 +368,7 @@ def load_head(path: str | Path) -> Head:
     if not isinstance(estimator, Pipeline):
         raise HeadError(f"{model_file} holds a {type(estimator).__name__}, not a head pipeline")
     if model_file.suffix == ".skops":
-        _check_skops_head(estimator, model_file)
+        check_skops_head(estimator, model_file)
     last = estimator.steps[-1][1]
     if isinstance(last, SoftmaxClassifier):
         import keras
@@ -346,7 +379,18 @@ def load_head(path: str | Path) -> Head:
             last.model_ = keras.saving.load_model(files["keras"], compile=False)
         except Exception as exc:
             raise HeadError(f"Keras head {files['keras']} cannot be loaded: {exc}") from None
+    _check_unchanged(files, manifest, manifest_path)
     return Head(manifest, estimator, manifest_path)
+
+
+def _check_unchanged(files: Mapping[str, Path], manifest: Mapping[str, Any], path: Path) -> None:
+    """Refuse files another run replaced after they were checked and before they were read."""
+    for role, file in files.items():
+        if role != "joblib" and sha256_file(file) != manifest.get("sha256", {}).get(role):
+            raise HeadError(
+                f"head {path} was replaced while it was read (another `make head` saved it); "
+                "run the command again"
+            )
 
 
 def _read_skops(file: Path, name: Any) -> Any:
@@ -357,7 +401,7 @@ def _read_skops(file: Path, name: Any) -> Any:
         untrusted = sorted(set(skops.io.get_untrusted_types(file=file)) - set(TRUSTED_TYPES))
     except Exception as exc:  # not a zip, no schema, a malformed schema
         raise HeadError(
-            f"head file {file} is not a readable skops file ({_one_line(exc)})"
+            f"head file {file} is not a readable skops file ({one_line(exc)})"
         ) from None
     if untrusted:
         shown = ", ".join(repr(t) for t in untrusted[:3])
@@ -370,7 +414,7 @@ def _read_skops(file: Path, name: Any) -> Any:
     try:
         return skops.io.load(file, trusted=list(TRUSTED_TYPES))
     except Exception as exc:  # a trusted type with state it cannot take
-        raise HeadError(f"head file {file} cannot be loaded: {_one_line(exc)}") from None
+        raise HeadError(f"head file {file} cannot be loaded: {one_line(exc)}") from None
 
 
 def _read_joblib(file: Path) -> Any:
@@ -380,98 +424,6 @@ def _read_joblib(file: Path) -> Any:
         return joblib.load(file)
     except Exception as exc:  # unpickling raises anything
         raise HeadError(f"head file {file} cannot be loaded: {exc}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _check_skops_head(estimator: Pipeline, file: Path) -> None:
-    """Accept only the steps :func:`pipeline.heads.registry.build_head` makes, and make the trusted
-    native structures safe to use.
-
-    scikit-learn's Cython code indexes tree nodes and neighbour indexes without
-    bounds checks, so a crafted file could make it read outside its arrays:
-    forest trees are checked, a neighbour index is rebuilt.
-
-    Raises
-    ------
-    HeadError
-        A step of another type, or a forest tree whose nodes point outside it.
-    """
-    from sklearn.decomposition import PCA
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.preprocessing import Normalizer, StandardScaler
-    from sklearn.tree import DecisionTreeClassifier
-
-    classifiers = {type(spec.estimator(0)) for spec in HEADS.values()}
-    try:
-        *transforms, last = [step for _, step in estimator.steps]
-    except (TypeError, ValueError):
-        raise HeadError(f"head file {file} holds a pipeline without steps; refused") from None
-    odd = [
-        type(step).__name__
-        for step in transforms
-        if step not in (None, "passthrough") and type(step) not in (Normalizer, StandardScaler, PCA)
-    ]
-    if type(last) not in classifiers:
-        odd.append(type(last).__name__)
-    if odd:
-        raise HeadError(
-            f"head file {file} holds steps no registered head has ({', '.join(map(repr, odd))}); "
-            "refused"
-        )
-    if isinstance(last, RandomForestClassifier):
-        width = int(getattr(last, "n_features_in_", -1))
-        for tree in getattr(last, "estimators_", None) or [None]:
-            if type(tree) is not DecisionTreeClassifier or not _tree_in_bounds(
-                getattr(tree, "tree_", None), width
-            ):
-                raise HeadError(
-                    f"head file {file} holds a forest tree whose nodes point outside it; refused"
-                )
-    elif isinstance(last, KNeighborsClassifier) and getattr(last, "_tree", None) is not None:
-        _rebuild_index(last, file)
-
-
-def _tree_in_bounds(tree: Any, width: int) -> bool:
-    """Children after their parent and inside the tree, features inside ``[0, width)``."""
-    try:
-        left = np.asarray(tree.children_left)
-        right = np.asarray(tree.children_right)
-        feature = np.asarray(tree.feature)
-        n = int(tree.node_count)
-        if not (len(left) == len(right) == len(feature) == n >= 1) or tree.n_features != width:
-            return False
-    except (AttributeError, TypeError, ValueError):
-        return False
-    nodes = np.arange(n)
-    leaf = (left == -1) & (right == -1)
-    split = ~leaf
-    return bool(
-        np.all((left[split] > nodes[split]) & (left[split] < n))
-        and np.all((right[split] > nodes[split]) & (right[split] < n))
-        and np.all((feature[split] >= 0) & (feature[split] < width))
-    )
-
-
-def _rebuild_index(knn: Any, file: Path) -> None:
-    """Replace a loaded neighbour index by one built from the training features, as
-    ``KNeighborsClassifier.fit`` builds it (same class, leaf size and metric)."""
-    index_type = type(knn._tree)
-    try:
-        knn._tree = index_type(
-            knn._fit_X,
-            knn.leaf_size,
-            metric=knn.effective_metric_,
-            **(knn.effective_metric_params_ or {}),
-        )
-    except Exception as exc:
-        raise HeadError(
-            f"head file {file}: its neighbour index cannot be rebuilt ({_one_line(exc)})"
-        ) from None
 
 
 def head_outputs(

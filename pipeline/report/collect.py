@@ -114,6 +114,7 @@ from pipeline.core.files import write_bytes_atomic
 from pipeline.core.options import check_options
 from pipeline.features.cache import read_attrs
 from pipeline.report import pages
+from pipeline.report.audit_note import audit_note
 from pipeline.report.evaluation import Run, build_report_data
 from pipeline.report.figures import report_figures
 from pipeline.report.fonts import class_labels
@@ -308,8 +309,15 @@ def thumbnails(data: dict[str, Any], runs: list[Run]) -> tuple[dict[str, bytes],
 def _nothing_to_report(dataset: str, artifacts_dir: str | Path, notes: list[str]) -> ReportError:
     art = Artifacts(artifacts_dir)
     known = art.datasets_with_heads()
-    hint = did_you_mean(dataset, known) if known else ""
     extra = f" ({'; '.join(notes)})" if notes else ""
+    if dataset in known:  # heads exist, but the split gave them no val or test images to score
+        return ReportError(
+            f"nothing to report for {dataset!r}: its heads under {art.heads_root() / dataset} have "
+            "no val or test predictions (the split left val and test empty); give each class more "
+            "images, or ship val/ and test/ folders, then re-run `make features` and `make head`"
+            f"{extra}"
+        )
+    hint = did_you_mean(dataset, known) if known else ""
     return ReportError(
         f"nothing to report for {dataset!r}: no heads with predictions under "
         f"{art.heads_root() / dataset}{hint}; run `make head DATA=...` first{extra}"
@@ -393,6 +401,7 @@ def write_report(
         )
     figures = report_figures(data)
     out = Path(out_dir) if out_dir else Artifacts(artifacts_dir).reports_dir(dataset)
+    data["audit"] = audit_note(artifacts_dir, dataset, out)
     try:
         paths = _write_files(out, data, figures, thumbs)
     except OSError as exc:

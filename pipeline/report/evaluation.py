@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.artifacts import EVAL_SPLITS, SplitPredictions, now_iso
+from pipeline.heads.fit import grid_move_lines
 from pipeline.report import stats
 from pipeline.report.mistakes import error_analysis, top_losses
 from pipeline.report.naming import cache_labels, display_labels
@@ -160,6 +161,7 @@ def run_config(run: Run) -> dict[str, Any]:
             cv_scheme=cv.get("scheme"),
             seed=m.get("seed"),
             estimator=m.get("estimator"),
+            grid_moves=_grid_moves(m),
         )
         if "n_epochs" in m:
             config["n_epochs"] = m["n_epochs"]
@@ -173,6 +175,14 @@ def run_config(run: Run) -> dict[str, Any]:
         config["unfreeze"] = m.get("unfreeze", (options or {}).get("unfreeze"))
         config["phase_two_input"] = m.get("phase_two_input")
     return config
+
+
+def _grid_moves(manifest: dict[str, Any]) -> list[str]:
+    """The search's moved grids in words; a manifest that does not say them well says none."""
+    try:
+        return grid_move_lines(manifest)
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return []
 
 
 def _cv(run: Run) -> dict[str, Any]:

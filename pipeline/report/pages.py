@@ -68,6 +68,9 @@ def _markdown_block(
         ]
     if kind in ("p", "h3"):
         return [f"### {md_escape(value)}" if kind == "h3" else md_escape(value), ""]
+    if kind == "audit":
+        link = f" [The audit]({value['href']})." if value["href"] else ""
+        return [md_escape(value["sentence"]) + link, ""]
     if kind == "table":
         return _markdown_table(value)
     if kind == "figures":
@@ -143,6 +146,9 @@ def _html_block(
         )
     if kind == "p":
         return f"<p>{esc(value)}</p>"
+    if kind == "audit":
+        link = f" <a href='{esc(value['href'])}'>The audit</a>." if value["href"] else ""
+        return f"<p class='audit'>{esc(value['sentence'])}{link}</p>"
     if kind == "h3":
         return f"<h3>{esc(value)}</h3>"
     if kind == "table":
@@ -199,6 +205,10 @@ def summary_lines(data: dict[str, Any], width: int = 100) -> list[str]:
         lines.append(f"  {e['rank']:>2}. {e.get('label') or e['run']:<28} {shown}")
     for sentence in verdict(data):
         lines += textwrap.wrap(sentence, width, initial_indent="  ", subsequent_indent="    ")
+    if (note := data.get("audit")) and note["found"]:
+        lines += textwrap.wrap(
+            note["sentence"], width, initial_indent="  ", subsequent_indent="    "
+        )
     lines += [f"  note: {n}" for n in data["notes"]]
     return lines
 

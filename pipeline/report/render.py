@@ -301,7 +301,10 @@ def _finetuned_blocks(data: dict[str, Any], available: Collection[str]) -> list[
 def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Section]:
     """Every section of the report, in order; figures named only where ``available``."""
     chosen = data["selection"]
-    verdict_blocks: list[Block] = [("verdict", verdict(data)), ("p", chosen["words"])]
+    verdict_blocks: list[Block] = [("verdict", verdict(data))]
+    if data.get("audit"):  # right after the verdict: a leak makes its figures optimistic
+        verdict_blocks.append(("audit", data["audit"]))
+    verdict_blocks.append(("p", chosen["words"]))
     verdict_blocks += [("table", t) for t in (final_table(data),) if t]
     if chosen["winner"]:
         verdict_blocks += [("table", cost_table(data)), ("p", cost_note(data))]
@@ -310,6 +313,9 @@ def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Se
         blocks = [("table", leaderboard_table(data))] + _figures(
             ["forest.png", "cost.png"], available
         )
+        moved = [line for r in data["runs"] for line in r["config"].get("grid_moves") or []]
+        if moved:  # a best value at a grid's edge would have hidden a better one beyond it
+            blocks.append(("p", "Grids that moved past their edge: " + "; ".join(moved) + "."))
         sections.append(("leaderboard", "Leaderboard", blocks))
     if section := _error_section(data, available):
         sections.append(section)
