@@ -109,3 +109,12 @@ def test_bench_finetune_reports_the_factors_and_when_the_caches_pay():
     assert got["factors"]["top_step"] == 0.25
     assert got["factors"]["used"]["view"] == costs.VIEW
     assert got["caches_pay_from_epochs"] == 7  # (4 + 44) s of caches / 7 s saved per epoch
+
+
+def test_a_bad_phase_two_on_the_command_line_is_one_line_and_exit_2(tmp_path, capsys):
+    from pipeline.cli.main import main
+
+    assert main(["finetune", "--data", str(tmp_path), "--phase-two", "fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "--phase-two" in err and "auto, activations or images" in err
