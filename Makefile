@@ -68,6 +68,8 @@ PATIENCE ?= 3
 AUGMENT ?= 1
 # Augmented copies per training image cached at the cut, 0..64 (0: a full forward pass every epoch).
 AUG_COPIES ?= 8
+# What phase two trains on: auto (the faster for EPOCHS, estimated) | activations | images.
+PHASE_TWO ?= auto
 CLASS_WEIGHT ?= balanced
 RESTART ?= 0
 NAME ?=
@@ -83,7 +85,7 @@ USER_VARS := PYTHON VENV PY ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE PO
 	COMBINE FEATURES JOIN_NORM BATCH PRECISION STORAGE RUNTIME SEED VAL_FRACTION TEST_FRACTION HEAD \
 	NORM PCA CV JOBS GRID FORCE CLASSES ROWS REPEATS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY \
 	PROBE_LAYERS BENCH_DATA N THRESHOLD \
-	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES CLASS_WEIGHT RESTART NAME
+	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES PHASE_TWO CLASS_WEIGHT RESTART NAME
 unexport $(USER_VARS) $(OLD_VARS)
 
 # Old spellings, kept one release: they say what to write instead.
@@ -131,7 +133,7 @@ FEATURE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt,
 FINETUNE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt,INPUT_SIZE,--input-size) \
 	--unfreeze "$$ARG_UNFREEZE" --epochs "$$ARG_EPOCHS" --lr "$$ARG_LR" --head-epochs "$$ARG_HEAD_EPOCHS" \
 	--patience "$$ARG_PATIENCE" --augment "$$ARG_AUGMENT" --aug-copies "$$ARG_AUG_COPIES" \
-	--class-weight "$$ARG_CLASS_WEIGHT" --batch-size "$$ARG_BATCH" --precision "$$ARG_PRECISION" \
+	--phase-two "$$ARG_PHASE_TWO" --class-weight "$$ARG_CLASS_WEIGHT" --batch-size "$$ARG_BATCH" --precision "$$ARG_PRECISION" \
 	$(SPLIT_ARGS) --restart "$$ARG_RESTART" $(call opt,NAME,--name) --artifacts "$$ARG_ARTIFACTS"
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features bench-stage-one weights-from-assets clean
@@ -236,10 +238,10 @@ docs: $(VENV_DIR)/.docs-installed ## build the documentation site (mkdocs, stric
 bench-features: install $(RAY_EXTRA) weights-from-assets ## benchmark stage one: Keras and runtime forward passes, whole stage per runtime, start-up (BENCH_DATA=, N=; ENGINE=ray: local vs Ray with 1 and 2 actors)
 	$(call pipeline,bench-features --data "$$ARG_BENCH_DATA" --backbone "$$ARG_BACKBONE" --batch-size "$$ARG_BATCH" --images "$${ARG_N:-400}" --out "$$ARG_ARTIFACTS/bench/$(if $(filter ray,$(ARG_ENGINE)),features_ray,features).json" $(RAY_ARGS))
 
-bench-stage-one: install weights-from-assets ## whole stage one on N (2000) cats-and-dogs images: default vs OpenVINO fp32 vs the tf.data way, rounds interleaved; every head's val accuracy per precision (artifacts/bench/stage_one.json)
+bench-stage-one: install weights-from-assets ## whole stage one on N (2000) cats-and-dogs images: int8 vs OpenVINO fp32 vs the tf.data way, rounds interleaved; every head's val accuracy per precision (artifacts/bench/stage_one.json)
 	"$$ARG_PY" -m pipeline.benchmarks.stage_one_whole --data "$$ARG_BENCH_DATA/train" --images "$${ARG_N:-2000}" --heads-data "$$ARG_ASSETS/datasets/hymenoptera_data" --heads-data "$$ARG_ASSETS/datasets/cats_and_dogs_filtered" --out "$$ARG_ARTIFACTS/bench/stage_one.json"
 
-finetune: install weights-from-assets ## stage three: fine-tune the last UNFREEZE layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= UNFREEZE=n|block|all EPOCHS= LR= AUGMENT= AUG_COPIES= PATIENCE= NAME= RESTART=1)
+finetune: install weights-from-assets ## stage three: fine-tune the last UNFREEZE layers (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= UNFREEZE=n|block|all EPOCHS= LR= AUGMENT= AUG_COPIES= PHASE_TWO= PATIENCE= NAME= RESTART=1)
 	$(call pipeline,finetune --data "$$ARG_DATA" $(FINETUNE_ARGS))
 
 bench-finetune: install weights-from-assets ## one phase-two epoch (last block) / one stage-one pass (BENCH_DATA=, N=, AUG_COPIES=)

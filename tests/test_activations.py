@@ -24,7 +24,7 @@ from pipeline.finetuning import run as ft
 REPO = Path(__file__).resolve().parents[1]
 TINY = ft.FinetuneConfig(
     FeatureConfig(weights="none", input_size=32, batch_size=8),
-    head_epochs=2, epochs=2, unfreeze="block", aug_copies=3,
+    head_epochs=2, epochs=2, unfreeze="block", aug_copies=3, phase_two="activations",
 )  # fmt: skip
 
 
@@ -272,6 +272,55 @@ def test_a_killed_cached_run_resumes_to_the_uninterrupted_result(colours, tmp_pa
             colours, replace(config, aug_copies=0), artifacts_dir=tmp_path / "c",
             progress=False, echo=lambda _: None,
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_auto_trains_a_short_run_on_the_images_and_a_long_one_on_the_caches(colours, tmp_path):
+    import keras
+
+    auto = replace(TINY, phase_two="auto", patience=1)
+    lines: list[str] = []
+    short = ft.finetune(
+        colours, replace(auto, epochs=1), artifacts_dir=tmp_path / "a", progress=False,
+        echo=lines.append,
+    )  # fmt: skip
+    manifest = json.loads(short.manifest_path.read_text())
+    assert manifest["phase_two_input"]["mode"] == "images"
+    assert manifest["phase_two_input"]["reason"].startswith("faster for EPOCHS=1")
+    (line,) = [x for x in lines if x.startswith("phase 2: on the images")]
+    assert "PHASE_TWO=activations" in line
+    assert not list((tmp_path / "a").rglob("*flatten*"))  # no cache was built for it
+    long = ft.finetune(
+        colours, replace(auto, epochs=20), artifacts_dir=tmp_path / "b", progress=False,
+        echo=lines.append,
+    )  # fmt: skip
+    assert json.loads(long.manifest_path.read_text())["phase_two_input"]["mode"] == (
+        "cached activations"
+    )
+    assert any(x.startswith("phase 2: on cached activations: about") for x in lines)
+    assert "on cached activations" in long.format()
+
+    # An interrupted run continues on the input it started on, whatever EPOCHS says now.
+    class Kill(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(
+            colours, replace(auto, epochs=2), artifacts_dir=tmp_path / "c", progress=False,
+            echo=lambda _: None, callbacks=[Kill()],
+        )  # fmt: skip
+    with pytest.raises(ft.FinetuneError, match="PHASE_TWO=images"):
+        ft.finetune(
+            colours, replace(auto, epochs=20, phase_two="activations"),
+            artifacts_dir=tmp_path / "c", progress=False, echo=lambda _: None,
+        )  # fmt: skip
+    resumed = ft.finetune(
+        colours, replace(auto, epochs=20), artifacts_dir=tmp_path / "c", progress=False,
+        echo=lambda _: None,
+    )  # fmt: skip
+    assert resumed.resumed_from == 1
+    assert json.loads(resumed.manifest_path.read_text())["phase_two_input"]["mode"] == "images"
 
 
 def test_aug_copies_zero_runs_the_images_and_says_so(colours, tmp_path):

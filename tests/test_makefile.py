@@ -37,7 +37,7 @@ TARGETS: dict[str, dict[str, str]] = {
     "finetune": {
         "DATA": "--data", "UNFREEZE": "--unfreeze", "EPOCHS": "--epochs", "LR": "--lr",
         "HEAD_EPOCHS": "--head-epochs", "PATIENCE": "--patience", "AUGMENT": "--augment",
-        "AUG_COPIES": "--aug-copies", "CLASS_WEIGHT": "--class-weight", "RESTART": "--restart",
+        "AUG_COPIES": "--aug-copies", "PHASE_TWO": "--phase-two", "CLASS_WEIGHT": "--class-weight", "RESTART": "--restart",
         "NAME": "--name", "WEIGHTS": "--weights", "INPUT_SIZE": "--input-size",
     },
 }  # fmt: skip

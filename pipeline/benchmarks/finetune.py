@@ -19,7 +19,7 @@ from pipeline.data.images import default_workers, iter_batches
 from pipeline.features import backbones
 from pipeline.features.cache import FeatureRows
 from pipeline.features.config import FeatureConfig, resolve_features
-from pipeline.finetuning import activations
+from pipeline.finetuning import activations, costs
 from pipeline.finetuning.config import FinetuneConfig
 from pipeline.finetuning.freezing import backbone_layers, last_block_size, set_trainable
 from pipeline.finetuning.image_feed import image_sequence
@@ -236,8 +236,40 @@ def _record(
         "activation_cache_bytes": t.activation_cache_bytes,
         "full_forward_epoch_seconds": round(t.full_forward_epoch, 2),
         "full_forward_ratio": round(t.full_forward_epoch / t.stage_one, 2),
+        **_choice_figures(images, aug_copies, t),
         "keras_backend": keras.backend.backend(),
         "cpu_count": os.cpu_count(),
+    }
+
+
+def _choice_figures(images: int, aug_copies: int, t: _Timings) -> dict:
+    """The per-image factors ``make finetune`` chooses its phase-two input with
+    (:mod:`pipeline.finetuning.costs`), as measured here, and when the caches pay.
+
+    In stage-one seconds per image; the benchmark has training images only, so the
+    break-even counts no validation pass.
+    """
+    s1 = t.stage_one / images
+    measured = costs.PathCosts(
+        image_step=t.full_forward_epoch / images, image_eval=s1,
+        view=t.activation_cache / (images * max(1, aug_copies)), cut=s1,
+        top_step=t.finetune_epoch / images, top_eval=0.0,
+    )  # fmt: skip
+    estimate = costs.estimate_paths(
+        measured, n_train=images, n_val=0, n_images=images, epochs=1, copies=aug_copies
+    )
+    return {
+        "factors": {
+            "image_step": round(measured.image_step / s1, 2),
+            "view": round(measured.view / s1, 2),
+            "top_step": round(measured.top_step / s1, 2),
+            "used": {
+                "image_step": costs.IMAGE_STEP,
+                "view": costs.VIEW,
+                "top_step": costs.TOP_STEP,
+            },
+        },
+        "caches_pay_from_epochs": estimate.break_even,
     }
 
 
@@ -255,5 +287,9 @@ def _summary_text(
         f"({result['activation_cache_ratio']} stage-one passes, "
         f"{t.activation_cache_bytes / 1e6:.0f} MB); "
         f"full forward pass per epoch (AUG_COPIES=0): {t.full_forward_epoch:.1f} s, "
-        f"ratio {result['full_forward_ratio']}"
+        f"ratio {result['full_forward_ratio']}\n"
+        f"  per image, in stage-one passes: a step on images {result['factors']['image_step']}, "
+        f"a copy {result['factors']['view']}, a step on the copies "
+        f"{result['factors']['top_step']} (make finetune uses {costs.IMAGE_STEP}, {costs.VIEW}, "
+        f"{costs.TOP_STEP}); the caches pay from {result['caches_pay_from_epochs']} epochs"
     )

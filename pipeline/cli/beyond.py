@@ -30,6 +30,7 @@ from pipeline.cli.options import (
 from pipeline.core.options import CLASS_WEIGHTS, FLIPS, PRECISIONS
 from pipeline.features.config import FeatureConfig
 from pipeline.finetuning.config import FinetuneConfig
+from pipeline.finetuning.costs import MODES
 from pipeline.finetuning.run import finetune
 from pipeline.recipes.auto import run_auto
 from pipeline.recipes.probe import run_probe
@@ -138,6 +139,12 @@ def add_stage_three(sub: argparse._SubParsersAction) -> None:
     )
     add_renamed(p, "--aug-views", new="aug_copies", values={})
     p.add_argument(
+        "--phase-two",
+        default=defaults.phase_two,
+        metavar=one_of(MODES),
+        help="what phase two trains on (auto: the faster for --epochs, estimated)",
+    )
+    p.add_argument(
         "--class-weight",
         default=defaults.class_weight,
         metavar=one_of(CLASS_WEIGHTS),
@@ -183,7 +190,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         learning_rate=args.lr, head_epochs=args.head_epochs, head_learning_rate=args.head_lr,
         patience=args.patience, augment=args.augment, flip=args.flip, rotation=args.rotation,
         zoom=args.zoom, class_weight=args.class_weight, aug_copies=args.aug_copies,
-        name=args.name or None, restart=args.restart,
+        phase_two=args.phase_two, name=args.name or None, restart=args.restart,
     )  # fmt: skip
     config.validate()  # bad options fail before Keras is imported
     warn_random_weights(args)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,9 @@ import numpy as np
 from pipeline.core.errors import FinetuneError
 from pipeline.core.files import run_lock, write_atomic, write_json_atomic
 
-CHECKPOINT_VERSION = 2  # 2: the configuration is recorded as FinetuneConfig.identity()
+# 2: the configuration is recorded as FinetuneConfig.identity(); 3: weights as .npz arrays
+# (Keras's .weights.h5 took a second or more per save of a whole backbone, once per epoch).
+CHECKPOINT_VERSION = 3
 
 
 class Checkpoint:
@@ -148,7 +149,7 @@ class Checkpoint:
 
     def restore(self, model, state: dict) -> None:
         """Load the last epoch's weights, random state and (after phase two started) optimizer."""
-        load_weights(model, self.folder / state["last"])
+        self._assign(model.weights, state["last"], "weights")
         if state.get("random"):
             self._assign(_random_state(model), state["random"], "random state")
         if state.get("optimizer"):
@@ -173,22 +174,22 @@ class Checkpoint:
 
     def best_weights(self, model, state: dict) -> list[np.ndarray]:
         """The best weights so far as arrays (``model`` is left as it was)."""
-        current = model.get_weights()
-        load_weights(model, self.folder / state["best"])
-        best = model.get_weights()
-        model.set_weights(current)
+        with np.load(self.folder / state["best"]) as saved:
+            best = [saved[f"v{i}"] for i in range(len(saved.files))]
+        if [tuple(w.shape) for w in model.weights] != [w.shape for w in best]:
+            raise FinetuneError(
+                f"the weights in {self.folder} do not fit this model; pass RESTART=1 to start over"
+            )
         return best
 
     def load_best(self, model, state: dict) -> None:
-        load_weights(model, self.folder / state["best"])
+        self._assign(model.weights, state["best"], "weights")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _save_weights(self, model, stem: str) -> str:
-        name = f"{stem}.weights.h5"
-        write_atomic(self.folder / name, lambda tmp: model.save_weights(str(tmp)))
-        return name
+        return self._save_arrays(f"{stem}.weights.npz", model.weights)
 
     def _save_arrays(self, name: str, variables: list) -> str:
         from keras import ops
@@ -257,11 +258,3 @@ def _random_state(model) -> list:
     """The seed-generator states of the model's layers: its variables that are not weights."""
     weights = {id(v) for v in model.weights}
     return [v for v in model.variables if id(v) not in weights]
-
-
-def load_weights(model, path: Path) -> None:
-    """``model.load_weights`` without the warning about the optimizer stored beside them."""
-    with warnings.catch_warnings():
-        # Keras also stores the optimizer of the moment; ours is restored on its own.
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(str(path))

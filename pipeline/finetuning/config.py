@@ -20,6 +20,7 @@ from pipeline.features.cache import FeatureSet
 from pipeline.features.config import FeatureConfig, ResolvedFeatures, resolve_features
 from pipeline.finetuning.activations import Cut
 from pipeline.finetuning.checkpoints import Checkpoint
+from pipeline.finetuning.costs import MODES
 from pipeline.finetuning.freezing import parse_layers
 
 _OWN_OPTIONS = (
@@ -68,8 +69,13 @@ class FinetuneConfig:
         Their settings: flip mode, and rotation and zoom as fractions.
     class_weight : {"balanced", "none"}
         Weight each class by ``n / (k * n_class)`` on the training split.
+    phase_two : {"auto", "activations", "images"}
+        What phase two trains on: ``"auto"`` estimates both from stage one's
+        seconds per image (:mod:`pipeline.finetuning.costs`) and takes the
+        cheaper for ``epochs`` epochs; ``"activations"`` builds the caches below
+        whatever the run's length; ``"images"`` runs the whole network every epoch.
     aug_copies : int
-        Phase two trains the top of the network on cached activations of the
+        On cached activations, phase two trains the top of the network on cached activations of the
         frozen part (:mod:`pipeline.finetuning.activations`): this many augmented copies
         of each training image are cached once, one drawn per image per epoch
         (with ``augment=False``, the unaugmented activations). ``0``: every
@@ -101,6 +107,7 @@ class FinetuneConfig:
     zoom: float = 0.1
     class_weight: str = "balanced"
     aug_copies: int = 8
+    phase_two: str = "auto"
     name: str | None = None
     restart: bool = False
 
@@ -124,6 +131,11 @@ class FinetuneConfig:
             raise FinetuneError(
                 "AUG_COPIES= (--aug-copies) must be a whole number in 0..64 (0: a full forward "
                 f"pass every epoch); got {copies!r}"
+            )
+        if self.phase_two not in MODES:
+            raise FinetuneError(
+                "PHASE_TWO= (--phase-two) must be auto, activations or images (auto: whichever "
+                f"the estimate says is faster for EPOCHS); got {self.phase_two!r}"
             )
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise FinetuneError(
@@ -172,6 +184,7 @@ class FinetuneRun:
     progress: bool = True
     cut: Cut | None = None  # where phase two's input is cached; None: images, every epoch
     activations: dict[str, Any] = field(default_factory=dict)  # the caches, for the manifest
+    decoded: dict[str, np.ndarray] = field(default_factory=dict)  # images decoded once (on images)
 
     def note(self, line: str) -> None:
         self.notes.append(line)

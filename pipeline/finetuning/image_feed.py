@@ -28,12 +28,16 @@ def image_sequence(
     sample_weights: np.ndarray | None = None,
     shuffle_seed: int | None = None,
     workers: int = 1,
+    decoded: dict[str, np.ndarray] | None = None,
 ):
     """A ``keras.utils.PyDataset`` of NumPy batches decoded by :mod:`pipeline.data.images`.
 
     Yields ``(x, y)`` or ``(x, y, sample_weight)``; ``x`` is float32 RGB 0..255
     (preprocessing happens inside the model). ``set_epoch(e)`` shuffles, the
     same way for the same epoch, so a resumed run sees the order it would have.
+    ``decoded`` (path -> uint8 image), when given, keeps every image decoded
+    once: later epochs and feeds sharing it skip the decoding (augmentation is
+    inside the model, so the decoded image is the same every epoch).
     """
     import keras
 
@@ -54,16 +58,25 @@ def image_sequence(
             rows = self.order[index * batch_size : (index + 1) * batch_size]
             images = []
             for row in rows:
-                try:
-                    images.append(load_image(root / paths[row], size))
-                except ImageError as exc:  # readable when stage one ran: it changed since
-                    raise FinetuneError(
-                        f"{paths[row]} can no longer be read ({exc}); re-run `make features`"
-                    ) from None
+                image = None if decoded is None else decoded.get(paths[row])
+                if image is None:
+                    image = _decode(root, paths[row], size)
+                    if decoded is not None:
+                        decoded[paths[row]] = image
+                images.append(image)
             x = np.stack(images).astype(np.float32)
             return training_batch(x, labels, rows, sigmoid=sigmoid, sample_weights=sample_weights)
 
     return _Sequence()
+
+
+def _decode(root: Path, path: str, size: int) -> np.ndarray:
+    try:
+        return load_image(root / path, size)
+    except ImageError as exc:  # readable when stage one ran: it changed since
+        raise FinetuneError(
+            f"{path} can no longer be read ({exc}); re-run `make features`"
+        ) from None
 
 
 def training_batch(

@@ -16,6 +16,7 @@ network, on images); :func:`describe_input` the one line the summary prints.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from pipeline.data.images import default_workers
 from pipeline.features import cache
 from pipeline.features.cache import FeatureRows
 from pipeline.features.extract import extract_features
-from pipeline.finetuning import activations
+from pipeline.features.extractor import prepare_extraction
+from pipeline.finetuning import activations, costs
 from pipeline.finetuning.activations import activation_sequence
 from pipeline.finetuning.image_feed import class_weights, image_sequence
 from pipeline.finetuning.model import build_augmentation
@@ -47,16 +49,27 @@ def cache_activations(run: FinetuneRun) -> None:
     """Cache phase two's input at the cut (stage one's cut cache; the augmented copies).
 
     Sets ``run.cut`` (``None`` when phase two runs on images: ``AUG_COPIES=0``,
-    or no layer is frozen) and ``run.activations`` (what the manifest records
-    as ``phase_two_input``: the mode, the cut, the caches and their seconds).
+    ``PHASE_TWO=images``, no layer frozen, or the images cost less for this many
+    epochs: :func:`choose_input`) and ``run.activations`` (what the manifest
+    records as ``phase_two_input``: the mode, the cut, the caches and their seconds).
     """
 
     config = run.config
-    cut = activations.find_cut(run.base, run.layers) if config.aug_copies > 0 else None
+    cut, reason = None, "AUG_COPIES=0"
+    if config.aug_copies > 0:
+        cut = activations.find_cut(run.base, run.layers)
+        reason = "no backbone layer is frozen"
+    if cut is not None:
+        mode, reason, line = choose_input(run, cut)
+        run.identity["phase_two_mode"] = mode  # a resumed run continues on the same input
+        if line:
+            run.note(line)
+        if mode == "images":
+            cut = None
     if cut is None:
-        reason = "AUG_COPIES=0" if config.aug_copies == 0 else "no backbone layer is frozen"
         run.activations = {"mode": "images", "reason": reason}
-        run.note(f"phase 2: a full forward pass over the images every epoch ({reason})")
+        if reason in ("AUG_COPIES=0", "no backbone layer is frozen"):
+            run.note(f"phase 2: a full forward pass over the images every epoch ({reason})")
         return
     frozen = activations.frozen_part(run.base, cut)
     cut_cache, cut_seconds, cut_attrs = _cut_cache(run, cut, frozen)
@@ -64,17 +77,13 @@ def cache_activations(run: FinetuneRun) -> None:
     run.activations = {
         "mode": "cached activations", "cut_layer": cut.layer, "cut_shape": list(cut.shape),
         "cut_cache": str(cut_cache), "cut_cache_seconds": round(cut_seconds, 1),
-        "copies": 0, "copies_cache": None, "copies_cache_seconds": 0.0,
+        "copies": 0, "copies_cache": None, "copies_cache_seconds": 0.0, "chosen": reason,
     }  # fmt: skip
     augmentation = build_augmentation(config)
     if augmentation is None:
         run.note(f"phase 2: trains the top on the activations at {cut.layer} (no augmentation)")
         return
-    spec = activations.ViewsSpec(
-        stage_one=str(cut_attrs["config_json"]), views=config.aug_copies, seed=config.split.seed,
-        augmentation={"flip": config.flip, "rotation": config.rotation, "zoom": config.zoom},
-    )  # fmt: skip
-    path = cut_cache.with_name(f"{cut_cache.stem}_{spec.tag()}.h5")
+    spec, path = _views_cache(run, cut_cache, cut_attrs)
     train, resolved = run.splits["train"], run.resolved
     tick = time.perf_counter()
     status, seconds = activations.write_views(
@@ -92,6 +101,88 @@ def cache_activations(run: FinetuneRun) -> None:
         )
     run.activations.update(copies=config.aug_copies, copies_cache=str(path))
     run.activations["copies_cache_seconds"] = round(seconds, 1)
+
+
+def choose_input(run: FinetuneRun, cut: Cut) -> tuple[str, str, str]:
+    """``("activations" | "images", why, the line to print)`` for phase two with ``cut``.
+
+    A resumed run keeps the input it started on; ``PHASE_TWO=activations`` or
+    ``images`` is taken as given; ``auto`` estimates both
+    (:func:`pipeline.finetuning.costs.estimate_paths`) from stage one's seconds per
+    image and the caches already on disk, and takes the cheaper.
+    """
+    config = run.config
+    wanted = config.phase_two
+    if run.state is not None:
+        # Checkpoints from before the choice trained on the activations whenever they could.
+        saved = str(run.state["identity"].get("phase_two_mode", "activations"))
+        if wanted not in ("auto", saved):
+            raise FinetuneError(
+                f"the unfinished run in {run.files.checkpoint} trains on {saved}; finish it "
+                f"with PHASE_TWO={saved} (or auto), or pass RESTART=1 to start over on {wanted}"
+            )
+        return saved, "as the interrupted run", ""
+    if wanted != "auto":
+        line = (
+            f"phase 2: trains the top on the activations at {cut.layer} (PHASE_TWO=activations)"
+            if wanted == "activations"
+            else "phase 2: a full forward pass over the images every epoch (PHASE_TWO=images)"
+        )
+        return wanted, f"PHASE_TWO={wanted}", line
+    copies = config.aug_copies if build_augmentation(config) is not None else 0
+    cut_cached, views_cached = _caches_on_disk(run, cut)
+    splits = run.splits
+    estimate = costs.estimate_paths(
+        costs.PathCosts.from_stage_one(_stage_one_seconds_per_image(run.features.attrs)),
+        n_train=int(splits["train"].sum()), n_val=int(splits["val"].sum()),
+        n_images=len(run.features.paths), epochs=config.epochs, copies=copies,
+        cut_cached=cut_cached, views_cached=views_cached,
+    )  # fmt: skip
+    mode = costs.choose_path(estimate)
+    other = "cached activations" if mode == "images" else "the images"
+    low, high = sorted((estimate.images, estimate.activations))
+    why = f"faster for EPOCHS={config.epochs}: about {low:.0f} s against {high:.0f} s on {other}"
+    return mode, why, costs.describe_choice(estimate, mode, copies=copies)
+
+
+def _stage_one_seconds_per_image(attrs: dict[str, Any]) -> float:
+    """Stage one's seconds per image, as its cache records them (0.03 s when it does not)."""
+    try:
+        seconds = float(attrs.get("seconds", 0.0))
+        images = int(attrs.get("n_images", 0)) - int(attrs.get("n_skipped", 0))
+    except (TypeError, ValueError):
+        seconds, images = 0.0, 0
+    return seconds / images if seconds > 0 and images > 0 else 0.03
+
+
+def _caches_on_disk(run: FinetuneRun, cut: Cut) -> tuple[bool, bool]:
+    """Whether the cut cache and the augmented copies are already up to date on disk."""
+    config = run.config
+    prepared = prepare_extraction(
+        run.data_dir, activations.cut_config(config.features, cut), split=config.split,
+        artifacts_dir=run.artifacts_dir, cache_path=None, log=None,
+    )  # fmt: skip
+    if not prepared.cache_state():
+        return False, False
+    if build_augmentation(config) is None:
+        return True, True
+    attrs = cache.read_attrs(prepared.path)
+    spec, path = _views_cache(run, prepared.path, attrs)
+    paths = list(run.features.paths[run.splits["train"]])
+    views = cache.cache_matches(path, spec.config_json(paths), str(attrs["fingerprint"]))
+    return True, bool(views)
+
+
+def _views_cache(
+    run: FinetuneRun, cut_cache: Path, cut_attrs: dict[str, Any]
+) -> tuple[activations.ViewsSpec, Path]:
+    """What the augmented copies hold, and their file beside the cut cache."""
+    config = run.config
+    spec = activations.ViewsSpec(
+        stage_one=str(cut_attrs["config_json"]), views=config.aug_copies, seed=config.split.seed,
+        augmentation={"flip": config.flip, "rotation": config.rotation, "zoom": config.zoom},
+    )  # fmt: skip
+    return spec, cut_cache.with_name(f"{cut_cache.stem}_{spec.tag()}.h5")
 
 
 def _cut_cache(
@@ -181,7 +272,18 @@ def image_feed(run: FinetuneRun, rows: np.ndarray, sigmoid: bool, *, shuffle: bo
         sample_weights=sample_weights(run, labels) if shuffle else None,
         shuffle_seed=run.config.split.seed if shuffle else None,
         workers=run.config.features.workers or default_workers(),
+        decoded=run.decoded if _fits_in_memory(run) else None,
     )  # fmt: skip
+
+
+# Decoded images kept in memory for the run's image feeds, at most this many bytes.
+DECODED_BYTES = 1 << 30
+
+
+def _fits_in_memory(run: FinetuneRun) -> bool:
+    """Whether every image, decoded (uint8), fits in :data:`DECODED_BYTES`."""
+    size = run.resolved.input_size
+    return len(run.features.paths) * size * size * 3 <= DECODED_BYTES
 
 
 def sample_weights(run: FinetuneRun, labels: np.ndarray) -> np.ndarray | None:

@@ -26,6 +26,7 @@ from pipeline.finetuning.freezing import backbone_layers
 from pipeline.finetuning.inputs import describe_input, image_feed
 from pipeline.finetuning.model import save_model
 from pipeline.heads.softmax import two_columns
+from pipeline.report.naming import phase_two_words
 from pipeline.report.plotting import plot_curves
 
 if TYPE_CHECKING:
@@ -87,7 +88,10 @@ def write_outputs(
     files.model.parent.mkdir(parents=True, exist_ok=True)
     seconds_per_image, accuracy = _write_predictions(run, model, sigmoid)
     write_history(files.history, files.history_csv, history)
-    plot_curves(history, files.curves, title=f"{run.dataset}: {run.name}")
+    plot_curves(
+        history, files.curves, title=f"{run.dataset}: {run.name}",
+        phase_two=_caption_words(run.activations),
+    )  # fmt: skip
     save_model(model, files.model)
     seconds = run.elapsed()
     manifest = new_manifest(
@@ -120,6 +124,12 @@ def write_outputs(
         seconds=seconds, resumed_from=resumed_from, notes=run.notes, model=model,
         phase_two_input=describe_input(run.activations),
     )  # fmt: skip
+
+
+def _caption_words(activations: dict[str, Any]) -> str:
+    """What phase two trained on, for the curves' caption (the report's words, no reason)."""
+    given = {key: value for key, value in activations.items() if key != "reason"}
+    return phase_two_words({"phase_two_input": given})
 
 
 def _write_predictions(run: FinetuneRun, model, sigmoid: bool) -> tuple[float, dict[str, float]]:
