@@ -192,7 +192,9 @@ def test_report_files_and_figures(artifacts):
     assert f"confusion_{winner.replace('/', '_')}_test.png" in figures
     page = result.html.read_text()
     n_thumbs = len(list((out / "thumbnails").glob("*.png")))
-    assert page.count("data:image/png;base64,") == len(figures) + n_thumbs
+    embedded = set(re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", page))
+    assert len(embedded) == len(figures) + n_thumbs  # a train image beside two worst: once
+    assert "nearest train" in page  # the nearest training images beside the worst (issue 21)
     md = result.markdown.read_text()
     assert "## Leaderboard" in md and "figures/cost.png" in md and "thumbnails/" in md
     terminal = " ".join(line.strip() for line in result.lines)

@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.core.artifacts import dataset_name
 from pipeline.core.errors import DataError
 from pipeline.core.options import check_options, option_label
+from pipeline.data.copies import content_hash, copy_groups
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -90,6 +91,9 @@ class ImageFolder:
     split: SplitConfig | None = None  # set when split_source == "stratified"
     warnings: tuple[str, ...] = field(default=())
     dataset: str = ""  # the name stage one claimed (Artifacts.claim_dataset), when it did
+    # "exact-copies" when the stratified split kept each group of copies in one split
+    split_groups: str = ""
+    copy_groups: int = 0  # how many such groups the folder holds
 
     @property
     def name(self) -> str:
@@ -219,7 +223,9 @@ def _class_folders(folder: Path) -> list[Path]:
     return found
 
 
-def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFolder:
+def scan_folder(
+    root: str | Path, split: SplitConfig | None = None, *, group_copies: bool = True
+) -> ImageFolder:
     """Scan a folder of class subfolders into an :class:`ImageFolder`.
 
     Two layouts are understood::
@@ -228,6 +234,9 @@ def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFold
         root/train/<class>/<image>           splits from the folders
         root/val|validation/<class>/<image>  (optional)
         root/test/<class>/<image>            (optional)
+
+    The stratified split keeps exact copies (the same bytes) in one split, so it never
+    makes a leak; ``group_copies=False`` gives the per-image split of caches made before.
 
     Raises
     ------
@@ -253,9 +262,13 @@ def scan_folder(root: str | Path, split: SplitConfig | None = None) -> ImageFold
 
     notes: list[str] = []
     by_class = _scan_classes(root, subfolders, where=str(root), notes=notes)
-    records = _stratified_split(by_class, split)
+    groups = copy_groups(root, [p for ps in by_class.values() for p in ps]) if group_copies else []
+    records = _stratified_split(by_class, split, groups)
     notes += _thin_splits(by_class, records, split)
-    return ImageFolder(root, tuple(by_class), tuple(records), "stratified", split, tuple(notes))
+    return ImageFolder(
+        root, tuple(by_class), tuple(records), "stratified", split, tuple(notes),
+        split_groups="exact-copies" if group_copies else "", copy_groups=len(groups),
+    )  # fmt: skip
 
 
 def _ignored_beside(others: list[Path], split_folders: list[Path]) -> tuple[str, ...]:
@@ -381,16 +394,38 @@ def _scan_optional_split(root: Path, folder: Path, notes: list[str]) -> dict[str
     return by_class
 
 
-def _stratified_split(by_class: dict[str, list[str]], split: SplitConfig) -> list[ImageRecord]:
+def _stratified_split(
+    by_class: dict[str, list[str]], split: SplitConfig, groups: list[list[str]]
+) -> list[ImageRecord]:
+    """Per class, a seeded permutation of units filled into test, then val, then train.
+
+    A unit is one image, or a class's members of a group of copies: it goes whole into
+    one split, and a group spread over classes takes the split its first class gave it.
+    Without copies every unit is one image: the split of caches made before groups.
+    """
     rng = np.random.default_rng(split.seed)
+    group_of = {path: tuple(group) for group in groups for path in group}
+    placed: dict[tuple[str, ...], str] = {}
     records = []
-    for label, (_, paths) in enumerate(by_class.items()):
-        order = rng.permutation(len(paths))
+    for label, paths in enumerate(by_class.values()):
+        units: dict[object, list[str]] = {}
+        for path in paths:
+            units.setdefault(group_of.get(path, path), []).append(path)
+        keys = list(units)
         n_test = int(round(len(paths) * split.test_fraction))
         n_val = int(round(len(paths) * split.val_fraction))
-        for rank, i in enumerate(order):
-            name = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-            records.append(ImageRecord(paths[i], label, name))
+        taken = {"test": 0, "val": 0, "train": 0}
+        for i in rng.permutation(len(keys)):
+            key = keys[i]
+            name = placed.get(key) if isinstance(key, tuple) else None
+            if name is None:
+                name = (
+                    "test" if taken["test"] < n_test else "val" if taken["val"] < n_val else "train"
+                )
+                if isinstance(key, tuple):
+                    placed[key] = name
+            taken[name] += len(units[key])
+            records += [ImageRecord(path, label, name) for path in units[key]]
     records.sort(key=lambda r: r.path)
     return records
 
@@ -415,6 +450,8 @@ def describe_folder(folder: ImageFolder) -> str:
             f"stratified by class, SEED={s.seed}, VAL_FRACTION={s.val_fraction:g}, "
             f"TEST_FRACTION={s.test_fraction:g}"
         )
+        if folder.split_groups and folder.copy_groups:
+            source += f"; {folder.copy_groups} group(s) of exact copies each kept in one split"
     return (
         f"found {len(folder.records)} images of {len(names)} classes ({shown}) in {folder.root}\n"
         f"  split: {counts} ({source})"
@@ -438,7 +475,7 @@ def cross_split_copies(folder: ImageFolder) -> str | None:
     for group in by_size.values():
         if len({r.split for r in group}) > 1:
             for record in group:
-                digest = _content_hash(folder.root / record.path)
+                digest = content_hash(folder.root / record.path)
                 if digest is not None:
                     by_hash[digest].append(record)
     crossings: dict[str, int] = defaultdict(int)
@@ -460,14 +497,3 @@ def cross_split_copies(folder: ImageFolder) -> str | None:
         f"{n} image(s) are exact copies of images in another split ({pairs}; e.g. {example}): "
         "their held-out accuracy is not held out; remove the copies and re-run `make features`"
     )
-
-
-def _content_hash(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()

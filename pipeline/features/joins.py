@@ -281,6 +281,8 @@ def _attrs(attrs: list[dict[str, Any]], paths: list[Path], norm: str, features, 
             "split_seed",
             "val_fraction",
             "test_fraction",
+            "split_groups",
+            "split_copy_groups",
             "keras_version",
             "keras_backend",
         )

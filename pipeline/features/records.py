@@ -135,6 +135,9 @@ def extraction_attrs(
         "split_seed": folder.split.seed if folder.split else -1,
         "val_fraction": folder.split.val_fraction if folder.split else -1.0,
         "test_fraction": folder.split.test_fraction if folder.split else -1.0,
+        # copies kept in one split; the check rescans old caches (no attribute) without groups
+        "split_groups": folder.split_groups,
+        "split_copy_groups": folder.copy_groups,
         "keras_version": importlib.metadata.version("keras"),
         "keras_backend": keras_backend,
         "runtime": resolved.runtime.runtime,
@@ -222,7 +225,8 @@ def check_cache_for(
         resolved = resolve_features(config, artifacts_dir=artifacts_dir, choose_runtime=False)
         differ += _option_differences(recorded, resolved)
     root, made_from = Path(real_root(data)), attrs.get("data_root")
-    folder = scan_folder(data, _recorded_split(attrs))
+    grouped = attrs.get("split_groups") == "exact-copies"
+    folder = scan_folder(data, _recorded_split(attrs), group_copies=grouped)
     if made_from is not None and made_from != str(root):
         differ.append(f"it was made from {made_from}, not {root}")
     elif folder.fingerprint() != attrs.get("fingerprint"):

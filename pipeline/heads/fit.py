@@ -27,6 +27,7 @@ from pipeline.features.cache import load_features
 from pipeline.features.config import FeatureConfig
 from pipeline.features.records import check_cache_for
 from pipeline.heads import search as head_search
+from pipeline.heads.leaks import audit_leak_note
 from pipeline.heads.registry import (
     HEADS,
     build_head,
@@ -262,6 +263,9 @@ def _open_cache(
 
     fs = load_features(cache_path)
     X_train, y_train = _check_cache(fs, pca)
+    leak = audit_leak_note(artifacts_dir, fs.attrs)  # beside the exact copies' warning
+    if leak and log is not None:
+        log(f"warning: {leak}")
     dataset = str(fs.attrs.get("dataset") or "unknown")
     out_dir = artifacts.Artifacts(artifacts_dir).heads_dir(dataset, Path(fs.path).stem)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -275,7 +275,8 @@ def thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
 
 
 def thumbnails(data: dict[str, Any], runs: list[Run]) -> tuple[dict[str, bytes], list[str]]:
-    """PNG thumbnails of the error analysis's images, by image path, and notes.
+    """PNG thumbnails of the error analysis's images (the worst, and the nearest training
+    images beside them), by image path, and notes.
 
     Images are opened only inside the winner's data root (from its cache's
     attributes or its manifest); an image that is gone or unreadable is left
@@ -285,12 +286,14 @@ def thumbnails(data: dict[str, Any], runs: list[Run]) -> tuple[dict[str, bytes],
     if not errors:
         return {}, []
     run = next(r for r in runs if r.run_id == errors["run"])
-    wanted = [e["path"] for s in errors["splits"].values() for e in s["top_losses"]]
+    worst = [e for s in errors["splits"].values() for e in s["top_losses"]]
+    wanted = [p for e in worst for p in [e["path"], *(n["path"] for n in e.get("nearest", []))]]
+    first = [errors["nearest_note"]] if errors.get("nearest_note") else []
     if not wanted:
-        return {}, []
+        return {}, first
     if not run.data_root or not Path(run.data_root).is_dir():
         where = run.data_root or "not recorded (its cache is gone?)"
-        return {}, [f"no thumbnails of the worst images: data root {where} is not a folder"]
+        return {}, [*first, f"no thumbnails of the worst images: data root {where} is not a folder"]
     out, missing = {}, []
     for relative in dict.fromkeys(wanted):
         try:
@@ -300,7 +303,7 @@ def thumbnails(data: dict[str, Any], runs: list[Run]) -> tuple[dict[str, bytes],
     notes = (
         [f"thumbnails left out, image gone or unreadable: {', '.join(missing)}"] if missing else []
     )
-    return out, notes
+    return out, first + notes
 
 
 # --------------------------------------------------------------------------- write

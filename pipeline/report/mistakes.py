@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.core.artifacts import SplitPredictions
+from pipeline.core.errors import CacheError
+from pipeline.features.cache import FeatureRows
 from pipeline.report import stats
 
 if TYPE_CHECKING:
@@ -15,6 +18,8 @@ if TYPE_CHECKING:
 
 TOP_LOSSES = 8  # thumbnails per split in the error analysis
 MOST_CONFUSED = 10  # rows of the most-confused table
+NEAREST = 3  # training images shown beside each top-loss image
+_BLOCK = 4096  # train rows read at a time: the cache is never loaded whole
 
 
 def top_losses(
@@ -73,4 +78,54 @@ def error_analysis(run: Run, row: dict[str, Any]) -> dict[str, Any]:
             "top_losses": top_losses(predictions, run.class_names),
         }
         out["has_proba"] = out["has_proba"] or predictions.is_proba
+    cache = run.manifest.get("cache")
+    # A fine-tuned model has no cached features of its own to search.
+    if run.kind == "head" and isinstance(cache, str) and Path(cache).is_file():
+        worst = [e for s in out["splits"].values() for e in s["top_losses"]]
+        try:
+            found = nearest_train(cache, [e["path"] for e in worst])
+        except (CacheError, OSError) as exc:
+            out["nearest_note"] = f"no nearest training images of the worst images: {exc}"
+        else:
+            for entry in worst:
+                entry["nearest"] = found.get(entry["path"], [])
     return out
+
+
+def nearest_train(
+    cache: str | Path, queries: Sequence[str], top: int = NEAREST
+) -> dict[str, list[dict[str, Any]]]:
+    """For each image path of ``queries`` that ``cache`` holds, its ``top`` most similar train
+    images by cosine of the cached features: ``{"path", "label", "similarity"}``, closest first.
+
+    Beside a wrong prediction they show whether the model or the label is wrong: neighbours
+    of the predicted class suggest a mislabelled image, of the true class a model mistake.
+    """
+    with FeatureRows(cache) as rows:
+        where = {str(p): i for i, p in enumerate(rows.paths)}
+        asked = [q for q in dict.fromkeys(queries) if q in where]
+        train = np.flatnonzero(rows.split == "train")
+        if not asked or not len(train):
+            return {}
+        wanted = _unit(rows.read(np.array([where[q] for q in asked])))
+        sims = np.empty((len(asked), 0), np.float32)
+        index = np.empty((len(asked), 0), np.int64)
+        for start in range(0, len(train), _BLOCK):
+            block = train[start : start + _BLOCK]
+            sims = np.concatenate([sims, wanted @ _unit(rows.read(block)).T], axis=1)
+            index = np.concatenate([index, np.broadcast_to(block, (len(asked), len(block)))], 1)
+            keep = np.argsort(-sims, axis=1, kind="stable")[:, :top]
+            sims, index = np.take_along_axis(sims, keep, 1), np.take_along_axis(index, keep, 1)
+        names = list(rows.attrs.get("class_names") or ())
+        return {
+            query: [
+                {"path": str(rows.paths[j]), "label": names[int(rows.labels[j])],
+                 "similarity": round(float(s), 4)}
+                for s, j in zip(sims[k], index[k], strict=True)
+            ]
+            for k, query in enumerate(asked)
+        }  # fmt: skip
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

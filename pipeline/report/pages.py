@@ -80,6 +80,13 @@ def _markdown_block(
         for e in data["errors"]["splits"][value]["top_losses"]:
             image = f"![](thumbnails/{thumbs[e['path']]}) " if e["path"] in thumbs else ""
             lines.append(f"- {image}{md_escape(e['path'])}: {md_escape(_thumb_caption(e))}")
+            if e.get("nearest"):
+                near = [
+                    (f"![](thumbnails/{thumbs[n['path']]}) " if n["path"] in thumbs else "")
+                    + f"{md_escape(n['label'])} ({md_escape(n['path'])}, cos {n['similarity']:.2f})"
+                    for n in e["nearest"]
+                ]
+                lines.append("  - nearest training images: " + "; ".join(near))
         return lines + [""]
     return [f"- {md_escape(n)}" for n in value] + [""]
 
@@ -122,10 +129,29 @@ def _html_thumbs(data: dict[str, Any], split: str, thumbs: Mapping[str, bytes]) 
             else "<p class='muted'>(image not found)</p>"
         )
         caption = f"{esc(_thumb_caption(e))}<br><span class='muted'>{esc(e['path'])}</span>"
-        items.append(f"<figure class='thumb'>{image}<figcaption>{caption}</figcaption></figure>")
+        item = f"<figure class='thumb'>{image}<figcaption>{caption}</figcaption></figure>"
+        items.append(f"<div class='loss'>{item}{_html_nearest(e, thumbs)}</div>")
     if not items:
         return "<p class='muted'>No wrong prediction on this split.</p>"
     return "<div class='thumbs'>" + "".join(items) + "</div>"
+
+
+def _html_nearest(entry: dict[str, Any], thumbs: Mapping[str, bytes]) -> str:
+    """The nearest training images beside a worst image: thumbnail, class, cosine."""
+    if not entry.get("nearest"):
+        return ""
+    esc, out = html.escape, []
+    for n in entry["nearest"]:
+        image = (
+            f"<img alt='{esc(n['path'])}' src='{_png(thumbs[n['path']])}'>"
+            if n["path"] in thumbs
+            else ""
+        )
+        words = f"{esc(n['label'])}<br><span class='muted'>cos {n['similarity']:.2f}</span>"
+        out.append(
+            f"<figure class='nb' title='{esc(n['path'])}'>{image}<figcaption>{words}</figcaption></figure>"
+        )
+    return "<div class='nearest'><span class='muted'>nearest train</span>" + "".join(out) + "</div>"
 
 
 def _html_block(
@@ -232,5 +258,8 @@ th{background:#f2f2f2;white-space:normal;vertical-align:bottom}
 .thumb{margin:0;width:150px;font-size:12px}
 .thumb img{display:block;border:1px solid #ccc;image-rendering:pixelated;max-width:140px}
 .thumb figcaption{margin-top:.2em;overflow-wrap:anywhere}
+.loss{display:flex;gap:.3em;align-items:flex-start}
+.nearest{width:64px;font-size:11px}.nb{margin:0 0 .3em}
+.nb img{display:block;border:1px solid #ccc;image-rendering:pixelated;max-width:60px}
 .muted{color:#666;font-size:.9em}
 """
