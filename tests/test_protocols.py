@@ -167,3 +167,36 @@ def test_run_protocol_refuses_bad_requests_in_one_line(tmp_path: Path) -> None:
     ):
         with pytest.raises(HeadError, match=message):
             protocol_run.run_protocol(fs, heads="svm", artifacts_dir=None, **kwargs)
+
+
+def test_parse_shots_orders_values_and_refuses_bad_ones() -> None:
+    from pipeline.recipes.curve import parse_shots
+
+    assert parse_shots("10,all,1,2") == [1, 2, 10, "all"]
+    for bad in ("0", "five", ""):
+        with pytest.raises(HeadError, match="SHOTS="):
+            parse_shots(bad)
+
+
+def test_run_curve_writes_table_json_and_plot(tmp_path: Path) -> None:
+    from pipeline.recipes.curve import run_curve
+
+    fs = _feature_set(tmp_path)
+    fs.split[::3] = "test"
+    result = run_curve(fs, "1,2,all", seeds=[0, 1], heads="ridge", artifacts_dir=tmp_path)
+    points = result.record["points"]
+    assert [p["shots"] for p in points] == [1, 2, "all"]
+    assert (
+        points[0]["heads"]["ridge"]["n_train"] == 3 and points[2]["heads"]["ridge"]["n_train"] == 24
+    )
+    assert [p.name for p in result.paths] == ["curve.json", "curve.md", "curve.png"]
+    assert result.paths[2].read_bytes()[:4] == b"\x89PNG"
+    assert "| all | " in result.paths[1].read_text()
+
+
+def test_protocol_command_names_the_make_variable_in_one_line(capsys) -> None:
+    from pipeline.cli.main import main
+
+    assert main(["protocol", "--cache", "x.h5", "--seeds", "a,b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--seeds" in err and "0,1,2,3,4" in err and "\n" not in err
