@@ -200,3 +200,16 @@ def test_protocol_command_names_the_make_variable_in_one_line(capsys) -> None:
     assert main(["protocol", "--cache", "x.h5", "--seeds", "a,b"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--seeds" in err and "0,1,2,3,4" in err and "\n" not in err
+
+
+def test_the_docs_mit67_snippet_writes_a_csv_split_file_reads(tmp_path, monkeypatch) -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs/protocols.md").read_text()
+    (snippet,) = [b.split("```")[0] for b in page.split("```python\n")[1:]]
+    (tmp_path / "TrainImages.txt").write_text("bar/a.jpg\nbar/b.jpg\n")
+    (tmp_path / "TestImages.txt").write_text("bar/c.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "protocols.md", "exec"), {})
+    paths = ["bar/a.jpg", "bar/b.jpg", "bar/c.jpg", "bar/d.jpg"]
+    assert list(split_file(tmp_path / "mit67.csv", paths, tmp_path)) == [
+        "train", "train", "test", "",
+    ]  # fmt: skip
