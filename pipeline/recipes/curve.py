@@ -176,7 +176,8 @@ def curve_figure(record: dict[str, Any]) -> Any:
         ax.set_xscale("log")
         ax.set_xticks([p["shots"] for p in numbers], [str(p["shots"]) for p in numbers])
         ax.minorticks_off()  # the log axis's minor labels are mathtext, printed raw here
-    ax.set_xlabel("training images per class (dashed: the cache's own split)")
+    shipped = any(p["shots"] == "all" for p in record["points"])
+    ax.set_xlabel("training images per class" + (" (dashed: the cache's own split)" * shipped))
     ax.set_ylabel(f"{record['metric']} (band: +- std)")
     ax.set_title(f"{record['dataset']}: {len(record['seeds'])} seeds")
     ax.legend()
