@@ -110,16 +110,7 @@ def run_protocol(
     if metric == "top5" and len(fs.class_names) <= TOP5_ABOVE:
         raise HeadError(f"METRIC=top5 needs more than {TOP5_ABOVE} classes; this cache has "
                         f"{len(fs.class_names)}")  # fmt: skip
-    if split_list is not None:
-        root = data_root if data_root is not None else fs.attrs.get("data_root")
-        if not root:
-            raise HeadError("a split list needs DATA= (the image folder its paths are relative to)")
-        fixed = split_file(
-            split_list, list(fs.paths), root, labels=fs.labels, class_names=fs.class_names
-        )
-        name = f"split-{Path(str(split_list).split('=')[-1]).stem}"
-    else:
-        fixed, name = None, f"{train_per_class}-per-class"
+    fixed, name = _listed_split(fs, train_per_class, split_list, data_root)
     started, per_seed = time.perf_counter(), []
     for seed in seeds:
         if fixed is not None:
@@ -143,6 +134,21 @@ def run_protocol(
         result.json_path = _write(out / f"{name}.json", json.dumps(record, indent=2))
         result.md_path = _write(out / f"{name}.md", markdown_table(record) + "\n")
     return result
+
+
+def _listed_split(
+    fs: FeatureSet, n: int | None, split_list: Any, data_root: Any
+) -> tuple[np.ndarray | None, str]:
+    """The split list's split (None for N per class) and the protocol's name."""
+    if split_list is None:
+        return None, f"{n}-per-class"
+    root = data_root if data_root is not None else fs.attrs.get("data_root")
+    if not root:
+        raise HeadError("a split list needs DATA= (the image folder its paths are relative to)")
+    fixed = split_file(
+        split_list, list(fs.paths), root, labels=fs.labels, class_names=fs.class_names
+    )
+    return fixed, f"split-{Path(str(split_list).split('=')[-1]).stem}"
 
 
 def protocols_dir(artifacts_dir: str | Path, fs: FeatureSet) -> Path:
