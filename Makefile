@@ -73,6 +73,13 @@ PHASE_TWO ?= auto
 CLASS_WEIGHT ?= balanced
 RESTART ?= 0
 NAME ?=
+# make protocol / make curve (research protocols on one cache): TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv,
+# SEEDS=0,1,2,3,4 (default 5 seeds for protocol, 3 for curve), SHOTS=1,2,5,10,all, METRIC=.
+TRAIN_PER_CLASS ?=
+SPLIT_FILE ?=
+SEEDS ?=
+SHOTS ?= 1,2,5,10,all
+METRIC ?= balanced_accuracy
 
 # A user's value reaches the CLI as one argument, whatever it holds (; & $(...) quotes spaces):
 # raw gives a variable's text as typed on the command line or in the environment, unexpanded by
@@ -85,7 +92,8 @@ USER_VARS := PYTHON VENV PY ARTIFACTS ASSETS DATA BACKBONE WEIGHTS INPUT_SIZE PO
 	COMBINE FEATURES JOIN_NORM BATCH PRECISION STORAGE RUNTIME SEED VAL_FRACTION TEST_FRACTION HEAD \
 	NORM PCA CV JOBS GRID FORCE CLASSES ROWS REPEATS MODEL IMAGES OUT ENGINE RAY_ADDRESS CONCURRENCY \
 	PROBE_LAYERS BENCH_DATA N THRESHOLD \
-	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES PHASE_TWO CLASS_WEIGHT RESTART NAME
+	UNFREEZE EPOCHS LR HEAD_EPOCHS PATIENCE AUGMENT AUG_COPIES PHASE_TWO CLASS_WEIGHT RESTART NAME \
+	TRAIN_PER_CLASS SPLIT_FILE SEEDS SHOTS METRIC
 unexport $(USER_VARS) $(OLD_VARS)
 
 # Old spellings, kept one release: they say what to write instead.
@@ -138,7 +146,7 @@ FINETUNE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features bench-stage-one weights-from-assets clean
 .PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs finetune bench-finetune
-.PHONY: audit export bench-audit
+.PHONY: audit export bench-audit protocol curve
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -206,6 +214,16 @@ audit: install weights-from-assets ## duplicates, leaks, likely label errors, ou
 
 export: install $(VENV_DIR)/.export-installed ## features, labels, paths, splits (and the audit's out-of-fold probabilities) as .npz and Parquet -> artifacts/export/<dataset>/
 	$(call pipeline,export --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS))
+
+# HEAD= only when given: the protocols' default heads are svm,logreg (not all).
+PROTOCOL_ARGS = --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(filter command line environment%,$(origin HEAD)),--head "$$ARG_HEAD") \
+	$(call opt,SEEDS,--seeds) --metric "$$ARG_METRIC" --cv "$$ARG_CV"
+
+protocol: install ## N per class to train, the rest to test, over seeds: mean +- std per head (DATA= TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv SEEDS=0,1,2,3,4 HEAD=svm,logreg METRIC=balanced_accuracy) -> artifacts/protocols/
+	$(call pipeline,protocol $(PROTOCOL_ARGS) $(call opt,TRAIN_PER_CLASS,--train-per-class) $(call opt,SPLIT_FILE,--split-file))
+
+curve: install ## few-shot curve on the cache: the protocol per N (DATA= SHOTS=1,2,5,10,all SEEDS=0,1,2 HEAD= METRIC=) -> artifacts/protocols/<dataset>/<cache>/curve.{json,md,png}
+	$(call pipeline,curve $(PROTOCOL_ARGS) --shots "$$ARG_SHOTS")
 
 bench-audit: install weights-from-assets ## the audit's time / stage one's, both timed in the run (BENCH_DATA=) -> artifacts/bench/audit.json
 	$(call pipeline,bench-audit --data "$$ARG_BENCH_DATA" $(FEATURE_ARGS) --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/audit.json")

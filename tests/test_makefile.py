@@ -40,6 +40,11 @@ TARGETS: dict[str, dict[str, str]] = {
         "AUG_COPIES": "--aug-copies", "PHASE_TWO": "--phase-two", "CLASS_WEIGHT": "--class-weight", "RESTART": "--restart",
         "NAME": "--name", "WEIGHTS": "--weights", "INPUT_SIZE": "--input-size",
     },
+    "protocol": {
+        "DATA": "--data", "TRAIN_PER_CLASS": "--train-per-class", "SPLIT_FILE": "--split-file",
+        "SEEDS": "--seeds", "HEAD": "--head", "METRIC": "--metric", "CV": "--cv",
+    },
+    "curve": {"DATA": "--data", "SHOTS": "--shots", "SEEDS": "--seeds", "METRIC": "--metric"},
 }  # fmt: skip
 
 
@@ -111,6 +116,13 @@ def test_unset_optional_variables_pass_no_option(tmp_path):
     (call,) = run_make(tmp_path, "predict")
     assert call["argv"] == ["-m", "pipeline", "predict", "--batch-size", "32",
                             "--artifacts", "artifacts"]  # fmt: skip
+
+
+def test_protocol_passes_head_and_seeds_only_when_given(tmp_path):
+    # make's HEAD default (all) is make head's; the protocols default to svm,logreg.
+    (call,) = run_make(tmp_path, "protocol", "TRAIN_PER_CLASS=30")
+    assert "--head" not in call["argv"] and "--seeds" not in call["argv"]
+    assert option_values(call["argv"])["--train-per-class"] == ["30"]
 
 
 def test_make_shows_the_command_with_its_values_ready_to_paste(tmp_path):

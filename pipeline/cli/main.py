@@ -44,6 +44,7 @@ from pipeline.cli.options import (
     split_config,
     warn_random_weights,
 )
+from pipeline.cli.protocols import add_protocols
 from pipeline.cli.stage_two import add_stage_two
 from pipeline.core.errors import PipelineError
 from pipeline.core.processes import own_processes
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_beyond(sub)  # probe, auto (pipeline.cli.beyond)
     add_stage_three(sub)  # finetune, bench-finetune (pipeline.cli.beyond)
     add_audit(sub)  # audit, export, bench-audit (pipeline.cli.audit)
+    add_protocols(sub)  # protocol, curve (pipeline.cli.protocols)
     return parser
 
 
