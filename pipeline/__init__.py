@@ -5,6 +5,8 @@ stage two fits heads on them (:func:`fit_heads`) and :func:`write_report` compar
 stage three fine-tunes (:func:`finetune`); :func:`predict_images` classifies new images.
 :func:`audit_folder` finds duplicates, leaks, likely label errors and outliers in the data;
 :func:`export_features` writes a cache as NumPy and Parquet files.
+:func:`run_protocol` and :func:`run_curve` run research protocols (N images per class
+over seeds, split lists) on one cache.
 :class:`ImageFeatures` is stage one as a scikit-learn transformer, for images in memory.
 Importing the package is cheap: each name loads its stage on first use, and Keras and
 TensorFlow load only when a model is built.
@@ -34,6 +36,8 @@ _PUBLIC = {
     "predict_images": "pipeline.predict",
     "audit_folder": "pipeline.audit",
     "export_features": "pipeline.audit",
+    "run_protocol": "pipeline.heads.protocol_run",
+    "run_curve": "pipeline.recipes.curve",
 }
 __all__ = sorted(_PUBLIC)
 

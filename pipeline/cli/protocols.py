@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_command, add_feature_options, one_of, optional_int
-from pipeline.cli.stage_two import _cache_for
+from pipeline.cli.stage_two import checked_cache_for
 from pipeline.heads.protocol_run import DEFAULT_HEADS, METRICS, run_protocol
 from pipeline.recipes.curve import run_curve
 
@@ -29,9 +29,8 @@ def seeds_value(value: str) -> list[int]:
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
-
     result = run_protocol(
-        _cache_for(args),
+        checked_cache_for(args),
         args.train_per_class,
         args.seeds,
         args.head,
@@ -49,7 +48,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 def cmd_curve(args: argparse.Namespace) -> int:
 
     result = run_curve(
-        _cache_for(args),
+        checked_cache_for(args),
         args.shots,
         args.seeds,
         args.head,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipeline.benchmarks import bench_heads, bench_heads_on_folders, bench_heads_synthetic
 from pipeline.cli.hints import make_command
@@ -29,6 +30,7 @@ from pipeline.core.options import JOIN_NORMS, NORMS, check_options
 from pipeline.features.config import cache_path_for
 from pipeline.features.joins import join_caches, resolve_parts, split_features_arg
 from pipeline.features.ray_session import joblib_on_ray
+from pipeline.features.records import check_cache_for
 from pipeline.heads.fit import fit_heads
 from pipeline.heads.registry import GRID_EXAMPLE
 from pipeline.predict import predict_images
@@ -37,8 +39,6 @@ from pipeline.report.collect import write_report
 
 def _cache_for(args: argparse.Namespace):
     """The cache named by --cache, or the one stage one wrote for --data and the feature options."""
-    from pathlib import Path
-
     if args.cache:
         return Path(args.cache)
     if getattr(
@@ -61,6 +61,18 @@ def _cache_for(args: argparse.Namespace):
     return cache_path_for(
         dataset_name(args.data, args.artifacts), feature_config(args), args.artifacts
     )
+
+
+def checked_cache_for(args: argparse.Namespace) -> Path:
+    """:func:`_cache_for`, checked against --data and the options when found from them
+    (``make head`` checks inside :func:`fit_heads`; the protocols and the curve here)."""
+    path = _cache_for(args)
+    if not args.cache and not getattr(args, "features", None) and Path(path).is_file():
+        for warning in check_cache_for(
+            path, args.data, feature_config(args), artifacts_dir=args.artifacts
+        ):
+            print(f"warning: {warning}")
+    return path
 
 
 def cmd_head(args: argparse.Namespace) -> int:
