@@ -130,7 +130,8 @@ def test_make_shows_the_command_with_its_values_ready_to_paste(tmp_path):
 
     venv = fake_venv(tmp_path)
     done = subprocess.run(
-        ["make", "-f", str(REPO / "Makefile"), "-o", f"{venv}/.installed", f"VENV={venv}",
+        ["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "-o",
+         f"{venv}/.installed", f"VENV={venv}",  # no "Entering directory" under `make test`
          "predict", "MODEL=my model.json", "IMAGES=new;photos", "OUT=$(shell id)"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
