@@ -156,6 +156,9 @@ def test_a_killed_head_run_takes_its_processes_with_it(long_cache, tmp_path, who
     root = subprocess.Popen(
         command, cwd=REPO, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # A test run under nohup ignores SIGHUP, and children inherit that: as a terminal's
+        # command, the run under test starts with SIGHUP's default.
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )  # fmt: skip
     try:
         deadline, seen = time.monotonic() + 120, {}
