@@ -313,9 +313,14 @@ def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Se
         blocks = [("table", leaderboard_table(data))] + _figures(
             ["forest.png", "cost.png"], available
         )
-        moved = [line for r in data["runs"] for line in r["config"].get("grid_moves") or []]
+        moved = [
+            line.removesuffix("; GRID= sets a grid")
+            for r in data["runs"]
+            for line in r["config"].get("grid_moves") or []
+        ]
         if moved:  # a best value at a grid's edge would have hidden a better one beyond it
-            blocks.append(("p", "Grids that moved past their edge: " + "; ".join(moved) + "."))
+            text = "Grids that moved past their edge: " + "; ".join(moved) + ". GRID= sets a grid."
+            blocks.append(("p", text))
         sections.append(("leaderboard", "Leaderboard", blocks))
     if section := _error_section(data, available):
         sections.append(section)
