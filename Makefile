@@ -146,7 +146,7 @@ FINETUNE_ARGS = --backbone "$$ARG_BACKBONE" --weights "$$ARG_WEIGHTS" $(call opt
 
 .PHONY: help install demo demo-data features backbones test lint format bench-features bench-stage-one weights-from-assets clean
 .PHONY: head report predict bench-heads test-slow test-all probe auto check-unseen docs finetune bench-finetune
-.PHONY: audit export bench-audit protocol curve
+.PHONY: audit export bench-audit protocol curve bench-protocol
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -219,11 +219,14 @@ export: install $(VENV_DIR)/.export-installed ## features, labels, paths, splits
 PROTOCOL_ARGS = --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(filter command line environment%,$(origin HEAD)),--head "$$ARG_HEAD") \
 	$(call opt,SEEDS,--seeds) --metric "$$ARG_METRIC" --cv "$$ARG_CV"
 
-protocol: install ## N per class to train, the rest to test, over seeds: mean +- std per head (DATA= TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv SEEDS=0,1,2,3,4 HEAD=svm,logreg METRIC=balanced_accuracy) -> artifacts/protocols/
+protocol: install ## N per class to train, the rest to test, over seeds: mean +- std per head (DATA= TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv SEEDS=0,1,2,3,4 HEAD=svm,logreg or linear_eval METRIC=balanced_accuracy) -> artifacts/protocols/
 	$(call pipeline,protocol $(PROTOCOL_ARGS) $(call opt,TRAIN_PER_CLASS,--train-per-class) $(call opt,SPLIT_FILE,--split-file))
 
 curve: install ## few-shot curve on the cache: the protocol per N (DATA= SHOTS=1,2,5,10,all SEEDS=0,1,2 HEAD= METRIC=) -> artifacts/protocols/<dataset>/<cache>/curve.{json,md,png}
 	$(call pipeline,curve $(PROTOCOL_ARGS) --shots "$$ARG_SHOTS")
+
+bench-protocol: install ## head fits of a 5-seed, 30-per-class protocol on 100 synthetic classes (width 1,280; svm,logreg then linear_eval) / one stage-one pass of the same images -> artifacts/bench/protocol.json
+	"$$ARG_PY" -m pipeline.benchmarks.protocol --out "$$ARG_ARTIFACTS/bench/protocol.json"
 
 bench-audit: install weights-from-assets ## the audit's time / stage one's, both timed in the run (BENCH_DATA=) -> artifacts/bench/audit.json
 	$(call pipeline,bench-audit --data "$$ARG_BENCH_DATA" $(FEATURE_ARGS) --cv "$$ARG_CV" --out "$$ARG_ARTIFACTS/bench/audit.json")

@@ -213,3 +213,48 @@ def test_the_docs_mit67_snippet_writes_a_csv_split_file_reads(tmp_path, monkeypa
     assert list(split_file(tmp_path / "mit67.csv", paths, tmp_path)) == [
         "train", "train", "test", "",
     ]  # fmt: skip
+
+
+def test_linear_eval_chooses_c_on_held_out_train_rows_and_refits_on_all(
+    tmp_path, monkeypatch
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.heads import linear_eval
+
+    assert len(linear_eval.C_GRID) == 12
+    assert (min(linear_eval.C_GRID), max(linear_eval.C_GRID)) == pytest.approx((1e-6, 1e5))
+    fs = _feature_set(tmp_path, per_class=12)
+    seen: list[np.ndarray] = []
+    real = LogisticRegression.fit
+
+    def spy(self, X, y=None, **params):  # every sweep fit and the refit
+        assert self.solver == "lbfgs"
+        seen.append(np.asarray(X)[:, -1])
+        return real(self, X, y, **params)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    split = per_class_split(fs.labels, 10, seed=1)
+    test_ids = set(np.round(fs.features[split == "test", -1], 6).tolist())
+    run = protocol_run.evaluate_split(fs, split, ["linear_eval"], seed=1)["linear_eval"]
+    assert len(seen) == len(linear_eval.C_GRID) + 1
+    assert all(not (set(np.round(s, 6).tolist()) & test_ids) for s in seen)
+    assert all(len(s) == 8 * len(CLASSES) for s in seen[:-1])  # 2 of each class's 10 held out
+    assert len(seen[-1]) == 10 * len(CLASSES)  # the refit: every training row
+    assert run["params"]["C"] in linear_eval.C_GRID and len(run["params"]["held_out"]) == 12
+    assert "held-out 20%" in run["scheme"]
+
+
+def test_linear_eval_is_a_protocol_head_named_among_others_and_recorded_per_seed(
+    tmp_path,
+) -> None:
+    assert protocol_run.resolve_protocol_heads("svm,linear-eval") == ("svm", "linear_eval")
+    with pytest.raises(HeadError, match="protocols also take linear_eval"):
+        protocol_run.resolve_protocol_heads("linear_evil")
+    fs = _feature_set(tmp_path)
+    result = protocol_run.run_protocol(
+        fs, train_per_class=1, seeds=[0, 1], heads="linear_eval", artifacts_dir=None
+    )
+    runs = result.record["heads"]["linear_eval"]["seeds"]
+    assert [r["params"]["C"] for r in runs] == [1.0, 1.0]  # one image: nothing to hold out
+    assert runs[0]["scheme"].startswith("fixed C=1")

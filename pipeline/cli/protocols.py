@@ -68,7 +68,9 @@ def _common(p: argparse.ArgumentParser, seeds: str) -> None:
     p.add_argument(
         "--seeds", type=seeds_value, default=seeds_value(seeds), help="one split per seed"
     )
-    p.add_argument("--head", default=DEFAULT_HEADS, help="heads, a comma list (as make head)")
+    p.add_argument(
+        "--head", default=DEFAULT_HEADS, help="heads, a comma list (as make head, or linear_eval)"
+    )
     p.add_argument(
         "--metric",
         default="balanced_accuracy",

@@ -25,6 +25,8 @@ from pipeline.core.errors import HeadError
 from pipeline.core.files import write_atomic
 from pipeline.features.cache import FeatureSet, load_features
 from pipeline.heads import search as head_search
+from pipeline.heads.linear_eval import NAME as LINEAR_EVAL
+from pipeline.heads.linear_eval import fit_linear_eval
 from pipeline.heads.protocols import TEST, TRAIN, per_class_split, split_file
 from pipeline.heads.registry import HEADS, build_head, resolve_heads
 from pipeline.heads.store import head_outputs
@@ -88,7 +90,8 @@ def run_protocol(
         One draw (and one set of fits) per seed. With ``split_list`` the split is the
         same each time; the seeds vary the folds and the heads' own randomness.
     heads, metric : str
-        Head names (comma-separated or a list); the headline metric, one of :data:`METRICS`.
+        Head names (comma-separated or a list; registered heads, or ``linear_eval``:
+        :mod:`pipeline.heads.linear_eval`); the headline metric, one of :data:`METRICS`.
     split_list, data_root : path
         A CSV ``path,split[,label]`` or ``train=a.txt,test=b.txt`` (:func:`split_file`), and
         the image folder its paths are relative to.
@@ -168,7 +171,33 @@ def _check_request(
         raise HeadError("SEEDS= is empty; give one or more seeds, e.g. SEEDS=0,1,2,3,4")
     if (n is None) == (split_list is None):
         raise HeadError("give one of TRAIN_PER_CLASS= (N per class) and SPLIT_FILE= (a split list)")
-    return resolve_heads(heads), metric
+    return resolve_protocol_heads(heads), metric
+
+
+def resolve_protocol_heads(heads: str | Sequence[str]) -> tuple[str, ...]:
+    """Registered head names (as ``make head`` takes them) plus ``linear_eval``, the
+    protocols' own head (:mod:`pipeline.heads.linear_eval`), in the order given.
+
+    Raises
+    ------
+    HeadError
+        An unknown head name.
+    """
+    items = [heads] if isinstance(heads, str) else list(heads)
+    words = [w for item in items for w in str(item).replace(",", " ").split()]
+    if not words:
+        return resolve_heads(words)  # refuses: no head given
+    out: list[str] = []
+    for word in words:
+        named = word.strip().lower().replace("-", "_")
+        try:
+            chosen = (LINEAR_EVAL,) if named == LINEAR_EVAL else resolve_heads(word)
+        except HeadError as exc:
+            raise HeadError(f"{exc}; protocols also take {LINEAR_EVAL}") from None
+        for head in chosen:
+            if head not in out:
+                out.append(head)
+    return tuple(out)
 
 
 def evaluate_split(
@@ -200,7 +229,10 @@ def evaluate_split(
 def _fit(
     name: str, X: np.ndarray, y: np.ndarray, seed: int, cv: int, searchable: bool
 ) -> tuple[Any, dict[str, Any], str]:
-    """The head chosen by ``make head``'s search on ``(X, y)``, or its fixed defaults."""
+    """The head chosen by ``make head``'s search on ``(X, y)``, or its fixed defaults;
+    ``linear_eval`` chooses its C on a hold-out of ``(X, y)`` whatever the count."""
+    if name == LINEAR_EVAL:
+        return fit_linear_eval(X, y, seed)
     pipe = build_head(name, seed=seed)
     if searchable:
         searched = head_search.timed_search(HEADS[name], pipe, X, y, cv, seed, 1)

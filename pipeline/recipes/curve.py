@@ -25,9 +25,9 @@ from pipeline.heads.protocol_run import (
     DEFAULT_HEADS,
     evaluate_split,
     protocols_dir,
+    resolve_protocol_heads,
     run_protocol,
 )
-from pipeline.heads.registry import resolve_heads
 from pipeline.report.plotting import _figure, literal_text, png_bytes
 
 
@@ -85,7 +85,7 @@ def run_curve(
         Bad ``SHOTS``, or any refusal of :func:`run_protocol` (a class smaller than N + 1).
     """
     fs = cache if isinstance(cache, FeatureSet) else load_features(cache)
-    shots, names = parse_shots(shots), resolve_heads(heads)
+    shots, names = parse_shots(shots), resolve_protocol_heads(heads)
     started, points = time.perf_counter(), []
     for n in shots:
         if n == "all":

@@ -29,6 +29,9 @@ from pipeline.report.naming import cache_labels, display_labels
 
 ALPHA = 0.05  # McNemar p-value below which two runs are told apart
 CURVE_POINTS = 201  # ROC curves keep at most about this many of their corners
+# Top-5 accuracy only above this many classes (as the protocols' tables): with 6 to 10
+# classes, 5 guesses cover half or more of them and the figure says little.
+TOP5_ABOVE = 10
 
 
 __all__ = ["Run", "build_report_data", "error_analysis", "top_losses"]
@@ -101,8 +104,8 @@ def evaluate_run(run: Run, *, n_resamples: int = 2000, seed: int = 0) -> dict[st
     dict
         split -> ``n``, each metric of :data:`pipeline.report.stats.METRICS` with its
         ``<metric>_ci`` (95% percentile bootstrap), ``top5_accuracy`` (more than
-        five classes and scores), ``log_loss``, ``roc`` and ``calibration``
-        (probabilities), ``confusion``, ``per_class`` (precision, recall, F1,
+        :data:`TOP5_ABOVE` classes, with scores or probabilities), ``log_loss``, ``roc`` and
+        ``calibration`` (probabilities), ``confusion``, ``per_class`` (precision, recall, F1,
         support) and ``per_class_f1``.
     """
     k = len(run.class_names)
@@ -116,7 +119,7 @@ def evaluate_run(run: Run, *, n_resamples: int = 2000, seed: int = 0) -> dict[st
         for m in stats.METRICS:
             entry[m] = point[m]
             entry[f"{m}_ci"] = list(ci[m])
-        if k > 5 and scores is not None:
+        if k > TOP5_ABOVE and scores is not None:
             entry["top5_accuracy"] = stats.top_k_accuracy(y, scores, 5)
         if predictions.is_proba and scores is not None:
             entry["log_loss"] = stats.log_loss(y, scores)

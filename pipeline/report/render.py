@@ -167,7 +167,7 @@ def metrics_table(data: dict[str, Any], split: str) -> Table | None:
         return None
     many = any("top5_accuracy" in r["splits"][split] for r in runs)
     header = ["run", "n", "accuracy [95% CI]", "balanced accuracy [95% CI]", "macro F1 [95% CI]"]
-    header += ["top-5"] if many else []
+    header += ["top-5 accuracy"] if many else []
     header += ["log loss", "fit s", *_TIMES]
     rows = []
     for r in runs:
