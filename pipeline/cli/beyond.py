@@ -127,23 +127,7 @@ def add_stage_three(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=int, default=defaults.features.batch_size, help="images per step"
     )
-    p.add_argument("--augment", type=flag, default=True, help="1 | 0")
-    p.add_argument("--flip", default=defaults.flip, metavar=one_of(FLIPS), help="random flips")
-    p.add_argument("--rotation", type=float, default=defaults.rotation, help="random rotation")
-    p.add_argument("--zoom", type=float, default=defaults.zoom, help="random zoom")
-    p.add_argument(
-        "--aug-copies",
-        type=int,
-        default=defaults.aug_copies,
-        help="augmented copies per training image cached at the cut, 0..64 (0: full forward pass)",
-    )
-    add_renamed(p, "--aug-views", new="aug_copies", values={})
-    p.add_argument(
-        "--phase-two",
-        default=defaults.phase_two,
-        metavar=one_of(MODES),
-        help="what phase two trains on (auto: the faster for --epochs, estimated)",
-    )
+    _add_augmentation(p, defaults)
     p.add_argument(
         "--class-weight",
         default=defaults.class_weight,
@@ -178,6 +162,27 @@ def add_stage_three(sub: argparse._SubParsersAction) -> None:
     )
     add_renamed(p, "--aug-views", new="aug_copies", values={})
     p.set_defaults(func=cmd_bench_finetune)
+
+
+def _add_augmentation(p: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
+    """Stage three's augmentation and what phase two trains on."""
+    p.add_argument("--augment", type=flag, default=True, help="1 | 0")
+    p.add_argument("--flip", default=defaults.flip, metavar=one_of(FLIPS), help="random flips")
+    p.add_argument("--rotation", type=float, default=defaults.rotation, help="random rotation")
+    p.add_argument("--zoom", type=float, default=defaults.zoom, help="random zoom")
+    p.add_argument(
+        "--aug-copies",
+        type=int,
+        default=defaults.aug_copies,
+        help="augmented copies per training image cached at the cut, 0..64 (0: full forward pass)",
+    )
+    add_renamed(p, "--aug-views", new="aug_copies", values={})
+    p.add_argument(
+        "--phase-two",
+        default=defaults.phase_two,
+        metavar=one_of(MODES),
+        help="what phase two trains on (auto: the faster for --epochs, estimated)",
+    )
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
