@@ -200,6 +200,7 @@ def test_the_feed_draws_one_view_per_image_per_epoch_the_same_way_again(tmp_path
 # --- the run ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole fine-tune and export: the quick tier keeps its 5 minutes
 def test_finetune_on_cached_views_exports_the_whole_network(colours, tmp_path):
     from pipeline.finetuning.model import load_finetuned
 

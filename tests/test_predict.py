@@ -221,6 +221,7 @@ def test_predict_refusals(heads, tmp_path):
     assert main(["predict", "--model", str(lonely), "--images", str(data), "--out", str(out)]) == 2
 
 
+@pytest.mark.slow  # two multi-view extractions and joins: the quick tier keeps its 5 minutes
 @pytest.mark.parametrize("join_norm", ["l2", "standard"])
 def test_a_head_on_joined_multi_view_features_predicts_what_its_cache_holds(
     heads, join_norm, tmp_path
