@@ -115,9 +115,10 @@ from pipeline.core.options import check_options
 from pipeline.features.cache import read_attrs
 from pipeline.report import pages
 from pipeline.report.audit_note import audit_note
-from pipeline.report.evaluation import Run, build_report_data
+from pipeline.report.evaluation import build_report_data
 from pipeline.report.figures import report_figures
 from pipeline.report.fonts import class_labels
+from pipeline.report.runs import Run
 
 __all__ = ["ReportResult", "Run", "collect_runs", "write_report"]
 

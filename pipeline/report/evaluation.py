@@ -16,7 +16,6 @@ baselines: listed, but not ranked against real runs unless they are all there is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from pipeline.heads.fit import grid_move_lines
 from pipeline.report import stats
 from pipeline.report.mistakes import error_analysis, top_losses
 from pipeline.report.naming import cache_labels, display_labels
+from pipeline.report.runs import Run
 
 ALPHA = 0.05  # McNemar p-value below which two runs are told apart
 CURVE_POINTS = 201  # ROC curves keep at most about this many of their corners
@@ -35,25 +35,6 @@ TOP5_ABOVE = 10
 
 
 __all__ = ["Run", "build_report_data", "error_analysis", "top_losses"]
-
-
-@dataclass
-class Run:
-    """One head or fine-tuned model with its predictions on the evaluated splits."""
-
-    name: str  # row label, e.g. "svm" or the fine-tuned model's name
-    kind: str  # "head" | "finetuned"
-    group: str  # cache stem for heads, "finetuned" for stage three
-    manifest: dict[str, Any]
-    class_names: tuple[str, ...]
-    splits: dict[str, SplitPredictions] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)  # fine-tuned: per-epoch log
-    data_root: str | None = None  # where the predictions' image paths are relative to
-    cache_images: int | None = None  # images stage one read for this run's cache
-
-    @property
-    def run_id(self) -> str:
-        return f"{self.group}/{self.name}"
 
 
 # --------------------------------------------------------------------------- one run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -12,9 +12,7 @@ from pipeline.core.artifacts import SplitPredictions
 from pipeline.core.errors import CacheError
 from pipeline.features.cache import FeatureRows
 from pipeline.report import stats
-
-if TYPE_CHECKING:
-    from pipeline.report.evaluation import Run
+from pipeline.report.runs import Run
 
 TOP_LOSSES = 8  # thumbnails per split in the error analysis
 MOST_CONFUSED = 10  # rows of the most-confused table
