@@ -194,7 +194,7 @@ features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEI
 head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= METRIC=accuracy|balanced_accuracy|macro_f1 FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
 	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(call opt,GRID,--grid) $(call opt,METRIC,--metric) $(if $(filter 1 yes true,$(ARG_FORCE)),--force) $(RAY_ARGS))
 
-report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
+report: install ## stage two: Markdown/HTML/JSON report of every head of DATA, ranked on the metric the heads were chosen by (METRIC= of make head) (artifacts/reports/<dataset>/)
 	$(call pipeline,report --data "$$ARG_DATA" --artifacts "$$ARG_ARTIFACTS")
 
 predict: install ## classify new images: MODEL=<head .json/.skops/.joblib/softmax.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv or folder] (class folders: accuracy)
