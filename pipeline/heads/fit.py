@@ -140,22 +140,15 @@ def fit_heads(
         The folder and options the cache must come from (checked, warnings to ``log``).
     artifacts_dir : path
         Output root.
-    norm : {"l2", "standard", "none"}, optional
-        Override every head's normalisation step.
-    pca : int, optional
-        Keep this many principal components.
-    cv : int
-        Folds of the search (fewer when a class is smaller).
-    seed : int
-        Seed of the folds and of every random step.
-    jobs : int
-        Parallel fits of the search (Keras heads always use one).
+    norm, pca : {"l2", "standard", "none"} and int, optional
+        Override every head's normalisation step; keep this many principal components.
+    cv, seed, jobs : int
+        Folds of the search (fewer when a class is smaller); the seed of the folds and of
+        every random step; parallel fits of the search (Keras heads always use one).
     grid, force : str or mapping, bool
         ``GRID=`` (:func:`~pipeline.heads.registry.parse_grid`); refit all (:mod:`.reuse`).
     metric : {"accuracy", "balanced_accuracy", "macro_f1"}
-        ``METRIC=``: what the searches score and the heads are ranked by on val
-        (:mod:`pipeline.heads.scoring`); recorded in each manifest (``metric``). A head
-        chosen by another metric is fitted again, not reused.
+        ``METRIC=``: what the searches score and the heads rank by (:mod:`.scoring`).
     log : callable, optional
         Called with each head's progress and result lines (e.g. ``print``).
 
@@ -168,19 +161,17 @@ def fit_heads(
     ------
     HeadError
         Unknown head, a bad ``GRID``, an option out of bounds (``NORM``, ``PCA``, ``CV``,
-        ``SEED``, ``--jobs``, ``METRIC``), one class in train, a val/test class not in train: none writes.
+        ``SEED``, ``--jobs``, ``METRIC``), one class in train, a val/test class not in
+        train: none writes.
     CacheError
         A missing or unreadable cache, or one not made from ``data`` with ``features``.
     """
-    options = {"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs, "metric": metric}
-    check_options(options, error=HeadError)
+    options = {"norm": norm, "pca": pca, "cv": cv, "seed": seed, "metric": metric}
+    check_options({**options, "jobs": jobs}, error=HeadError)
     grids = _grids_for(grid, names := resolve_heads(heads))
     fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir, data, features, log)
     names = _scalable(names, named_heads(heads), len(y_train), log)
-    keys = {
-        n: reuse_key(fs, n, grids.get(n), norm=norm, pca=pca, cv=cv, seed=seed, metric=metric)
-        for n in names
-    }
+    keys = {n: reuse_key(fs, n, grids.get(n), **options) for n in names}
     reused = {} if force else reusable_manifests(out_dir, keys, metric)
     plan = {n: planned_fits(HEADS[n], cv, grids.get(n)) for n in names if n not in reused}
     progress, results = _SweepProgress(plan, log), HeadResults([])
