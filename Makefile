@@ -74,12 +74,14 @@ CLASS_WEIGHT ?= balanced
 RESTART ?= 0
 NAME ?=
 # make protocol / make curve (research protocols on one cache): TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv,
-# SEEDS=0,1,2,3,4 (default 5 seeds for protocol, 3 for curve), SHOTS=1,2,5,10,all, METRIC=.
+# SEEDS=0,1,2,3,4 (default 5 seeds for protocol, 3 for curve), SHOTS=1,2,5,10,all.
 TRAIN_PER_CLASS ?=
 SPLIT_FILE ?=
 SEEDS ?=
 SHOTS ?= 1,2,5,10,all
-METRIC ?= balanced_accuracy
+# METRIC=accuracy|balanced_accuracy|macro_f1: what make head's searches score and its heads are
+# ranked by (default accuracy); the protocols' headline (default balanced_accuracy, or top5).
+METRIC ?=
 
 # A user's value reaches the CLI as one argument, whatever it holds (; & $(...) quotes spaces):
 # raw gives a variable's text as typed on the command line or in the environment, unexpanded by
@@ -189,10 +191,10 @@ backbones: install ## print the backbone registry
 features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
 	$(call pipeline,features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY")
 
-head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
-	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(call opt,GRID,--grid) $(if $(filter 1 yes true,$(ARG_FORCE)),--force) $(RAY_ARGS))
+head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= METRIC=accuracy|balanced_accuracy|macro_f1 FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
+	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(call opt,GRID,--grid) $(call opt,METRIC,--metric) $(if $(filter 1 yes true,$(ARG_FORCE)),--force) $(RAY_ARGS))
 
-report: install ## stage two: Markdown/HTML/JSON report of every head of DATA (artifacts/reports/<dataset>/)
+report: install ## stage two: Markdown/HTML/JSON report of every head of DATA, ranked on the metric the heads were chosen by (METRIC= of make head) (artifacts/reports/<dataset>/)
 	$(call pipeline,report --data "$$ARG_DATA" --artifacts "$$ARG_ARTIFACTS")
 
 predict: install ## classify new images: MODEL=<head .json/.skops/.joblib/softmax.keras or fine-tuned .keras> IMAGES=<dir or file> [OUT=csv or folder] (class folders: accuracy)
@@ -215,9 +217,10 @@ audit: install weights-from-assets ## duplicates, leaks, likely label errors, ou
 export: install $(VENV_DIR)/.export-installed ## features, labels, paths, splits (and the audit's out-of-fold probabilities) as .npz and Parquet -> artifacts/export/<dataset>/
 	$(call pipeline,export --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS))
 
-# HEAD= only when given: the protocols' default heads are svm,logreg (not all).
+# HEAD= only when given: the protocols' default heads are svm,logreg (not all); METRIC= only when
+# given: theirs is balanced_accuracy, make head's accuracy.
 PROTOCOL_ARGS = --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(filter command line environment%,$(origin HEAD)),--head "$$ARG_HEAD") \
-	$(call opt,SEEDS,--seeds) --metric "$$ARG_METRIC" --cv "$$ARG_CV"
+	$(call opt,SEEDS,--seeds) $(call opt,METRIC,--metric) --cv "$$ARG_CV"
 
 protocol: install ## N per class to train, the rest to test, over seeds: mean +- std per head (DATA= TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv SEEDS=0,1,2,3,4 HEAD=svm,logreg or linear_eval METRIC=balanced_accuracy) -> artifacts/protocols/
 	$(call pipeline,protocol $(PROTOCOL_ARGS) $(call opt,TRAIN_PER_CLASS,--train-per-class) $(call opt,SPLIT_FILE,--split-file))

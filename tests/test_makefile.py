@@ -26,7 +26,7 @@ TARGETS: dict[str, dict[str, str]] = {
     },
     "head": {
         "DATA": "--data", "FEATURES": "--features", "JOIN_NORM": "--join-norm", "HEAD": "--head",
-        "NORM": "--norm", "PCA": "--pca", "CV": "--cv", "JOBS": "--jobs",
+        "NORM": "--norm", "PCA": "--pca", "CV": "--cv", "JOBS": "--jobs", "METRIC": "--metric",
     },
     "report": {"DATA": "--data", "ARTIFACTS": "--artifacts"},
     "predict": {"MODEL": "--model", "IMAGES": "--images", "OUT": "--out", "BATCH": "--batch-size"},
@@ -123,6 +123,15 @@ def test_protocol_passes_head_and_seeds_only_when_given(tmp_path):
     (call,) = run_make(tmp_path, "protocol", "TRAIN_PER_CLASS=30")
     assert "--head" not in call["argv"] and "--seeds" not in call["argv"]
     assert option_values(call["argv"])["--train-per-class"] == ["30"]
+
+
+def test_metric_is_passed_only_when_given_each_command_keeping_its_own_default(tmp_path):
+    # make head's default is accuracy, the protocols' balanced_accuracy: the CLI holds both.
+    for target in ("head", "protocol", "curve"):
+        (call,) = run_make(tmp_path, target)
+        assert "--metric" not in call["argv"], target
+    (call,) = run_make(tmp_path, "head", "METRIC=macro_f1")
+    assert option_values(call["argv"])["--metric"] == ["macro_f1"]
 
 
 def test_make_shows_the_command_with_its_values_ready_to_paste(tmp_path):

@@ -159,7 +159,7 @@ def test_test_rows_reach_neither_the_search_nor_the_refit(tmp_path, monkeypatch,
 def test_run_protocol_refuses_bad_requests_in_one_line(tmp_path: Path) -> None:
     fs = _feature_set(tmp_path)
     for kwargs, message in (
-        ({"train_per_class": 2, "metric": "auc"}, "METRIC='auc' is not one of"),
+        ({"train_per_class": 2, "metric": "auc"}, r"METRIC= \(--metric\) must be one of"),
         ({"train_per_class": 2, "seeds": []}, "SEEDS= is empty"),
         ({}, "give one of TRAIN_PER_CLASS="),
         ({"train_per_class": 2, "metric": "top5"}, "top5 needs more than 10 classes"),

@@ -26,7 +26,7 @@ from pipeline.cli.options import (
 )
 from pipeline.core.artifacts import Artifacts, dataset_name
 from pipeline.core.errors import PipelineError
-from pipeline.core.options import JOIN_NORMS, NORMS, check_options
+from pipeline.core.options import JOIN_NORMS, METRICS, NORMS, check_options
 from pipeline.features.config import cache_path_for
 from pipeline.features.joins import join_caches, resolve_parts, split_features_arg
 from pipeline.features.ray_session import joblib_on_ray
@@ -101,6 +101,7 @@ def cmd_head(args: argparse.Namespace) -> int:
             jobs=jobs,
             grid=args.grid or None,
             force=args.force,
+            metric=args.metric,
             log=print,
         )
     return 0
@@ -231,6 +232,13 @@ def _add_head(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--grid", help=f"grids searched as given (GRID=), e.g. {GRID_EXAMPLE}")
     p.add_argument("--force", action="store_true", help="refit heads reused otherwise (FORCE=1)")
+    p.add_argument(
+        "--metric",
+        default="accuracy",
+        metavar=one_of(METRICS),
+        help="what the search scores and the heads are ranked by on val (METRIC=; "
+        "balanced_accuracy: mean per-class accuracy)",
+    )
     add_engine_options(p, actors=False)
     p.set_defaults(func=cmd_head)
 

@@ -121,6 +121,10 @@ POOLINGS = ("avg", "max", "flatten")
 NORMS = ("l2", "standard", "none")
 LAYER_WORDS = ("all", "block")
 CLASS_WEIGHTS = ("balanced", "none")
+# METRIC=: what a head is chosen by (make head: CV scorer, ranking, headline); the protocols
+# report top-5 accuracy too, above ten classes (pipeline.heads.protocol_run).
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+PROTOCOL_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "top5")
 FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 MAX_INPUT_SIZE = 1024  # a 1024 px square is ~13x the pixels of 299: beyond, memory runs out first
 
@@ -153,6 +157,8 @@ OPTIONS: dict[str, Option] = {
     "cv": Option("CV", "--cv", (Interval(Integral, 2, 20),)),
     "jobs": Option("JOBS", "--jobs", (Interval(Integral, 1, 256), Interval(Integral, -1, -1))),
     "n_resamples": Option(None, "--resamples", (Interval(Integral, 1, 1_000_000),)),
+    "metric": Option("METRIC", "--metric", (OneOf(METRICS),)),
+    "protocol_metric": Option("METRIC", "--metric", (OneOf(PROTOCOL_METRICS),)),
     # stage three
     "epochs": Option("EPOCHS", "--epochs", (Interval(Integral, 0, 10_000),)),
     "head_epochs": Option("HEAD_EPOCHS", "--head-epochs", (Interval(Integral, 0, 10_000),)),

@@ -26,6 +26,7 @@ from pipeline.core.options import check_options
 from pipeline.features.cache import load_features
 from pipeline.features.config import FeatureConfig
 from pipeline.features.records import check_cache_for
+from pipeline.heads import scoring
 from pipeline.heads import search as head_search
 from pipeline.heads.leaks import audit_leak_note
 from pipeline.heads.registry import (
@@ -36,10 +37,11 @@ from pipeline.heads.registry import (
     planned_fits,
     resolve_heads,
 )
-from pipeline.heads.results import HeadResultAccess, HeadResultsAccess, chosen_head
+from pipeline.heads.results import HeadResultAccess, HeadResultsAccess
 from pipeline.heads.reuse import library_versions, reusable_manifests, reuse_key
 from pipeline.heads.softmax import SoftmaxClassifier
 from pipeline.heads.store import head_outputs, save_head
+from pipeline.heads.summary import grid_move_lines, short, summary_table
 
 # --------------------------------------------------------------------------- fitting
 
@@ -59,11 +61,14 @@ class HeadResult(HeadResultAccess):
     reused: bool = False  # an earlier run's head: same cache, options and code (FORCE=1 refits)
 
     def format(self) -> str:
-        """One line for the CLI: head, chosen values, CV and held-out accuracy, timing."""
-        m = self.manifest
-        params = ", ".join(f"{k}={_short(v)}" for k, v in m["params"].items())
+        """One line for the CLI: head, chosen values, CV and held-out scores in the metric
+        it was chosen by (named unless accuracy), timing."""
+        m, metric = self.manifest, self.metric
+        params = ", ".join(f"{k}={short(v)}" for k, v in m["params"].items())
         scores = [f"cv {m['cv']['score']:.3f}" if m["cv"]["score"] is not None else "cv -"]
-        scores += [f"{s} {v['accuracy']:.3f}" for s, v in m["metrics"].items()]
+        scores += [f"{s} {v[metric]:.3f}" for s, v in m["metrics"].items() if metric in v]
+        if metric != scoring.DEFAULT_METRIC:
+            scores.append(f"({scoring.words(metric)})")
         startup = m.get("keras_import_seconds") or 0.0
         loaded = f" (after loading Keras, {startup:.1f} s)" if startup >= 0.05 else ""
         reused = " (reused)" if self.reused else ""
@@ -71,10 +76,6 @@ class HeadResult(HeadResultAccess):
             f"{self.head:<8} {params:<24} {'  '.join(scores):<32} "
             f"fit {m['fit_seconds']:6.2f} s{loaded}{reused}  -> {self.manifest_path}"
         )
-
-
-def _short(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class HeadResults(HeadResultsAccess, list):
@@ -118,13 +119,14 @@ def fit_heads(
     jobs: int = 1,
     grid: str | Mapping[str, Mapping[str, Sequence]] | None = None,
     force: bool = False,
+    metric: str = scoring.DEFAULT_METRIC,
     log: Any = None,
 ) -> HeadResults:
     """Fit heads on the train split of a feature cache, one after another, and save them.
 
     Each head's hyper-parameters are chosen by stratified ``cv``-fold cross-validation
-    (accuracy) on the train split (the softmax head has none to choose: it is fitted
-    once and scored on its 15% early-stopping hold-out of train); the head is refitted
+    (scored by ``metric``) on the train split (the softmax head has none to choose: it is
+    fitted once and scored on its 15% early-stopping hold-out of train); the head is refitted
     on the whole train split, evaluated on ``val`` and ``test`` when the cache has them
     and saved with its manifest in :meth:`pipeline.core.artifacts.Artifacts.heads_dir`.
 
@@ -138,18 +140,15 @@ def fit_heads(
         The folder and options the cache must come from (checked, warnings to ``log``).
     artifacts_dir : path
         Output root.
-    norm : {"l2", "standard", "none"}, optional
-        Override every head's normalisation step.
-    pca : int, optional
-        Keep this many principal components.
-    cv : int
-        Folds of the search (fewer when a class is smaller).
-    seed : int
-        Seed of the folds and of every random step.
-    jobs : int
-        Parallel fits of the search (Keras heads always use one).
+    norm, pca : {"l2", "standard", "none"} and int, optional
+        Override every head's normalisation step; keep this many principal components.
+    cv, seed, jobs : int
+        Folds of the search (fewer when a class is smaller); the seed of the folds and of
+        every random step; parallel fits of the search (Keras heads always use one).
     grid, force : str or mapping, bool
         ``GRID=`` (:func:`~pipeline.heads.registry.parse_grid`); refit all (:mod:`.reuse`).
+    metric : {"accuracy", "balanced_accuracy", "macro_f1"}
+        ``METRIC=``: what the searches score and the heads rank by (:mod:`.scoring`).
     log : callable, optional
         Called with each head's progress and result lines (e.g. ``print``).
 
@@ -162,16 +161,18 @@ def fit_heads(
     ------
     HeadError
         Unknown head, a bad ``GRID``, an option out of bounds (``NORM``, ``PCA``, ``CV``,
-        ``SEED``, ``--jobs``), one class in train, a val/test class not in train: none writes.
+        ``SEED``, ``--jobs``, ``METRIC``), one class in train, a val/test class not in
+        train: none writes.
     CacheError
         A missing or unreadable cache, or one not made from ``data`` with ``features``.
     """
-    check_options({"norm": norm, "pca": pca, "cv": cv, "seed": seed, "jobs": jobs}, error=HeadError)
+    options = {"norm": norm, "pca": pca, "cv": cv, "seed": seed, "metric": metric}
+    check_options({**options, "jobs": jobs}, error=HeadError)
     grids = _grids_for(grid, names := resolve_heads(heads))
     fs, X_train, y_train, out_dir = _open_cache(cache_path, pca, artifacts_dir, data, features, log)
     names = _scalable(names, named_heads(heads), len(y_train), log)
-    keys = {n: reuse_key(fs, n, grids.get(n), norm=norm, pca=pca, cv=cv, seed=seed) for n in names}
-    reused = {} if force else reusable_manifests(out_dir, keys)
+    keys = {n: reuse_key(fs, n, grids.get(n), **options) for n in names}
+    reused = {} if force else reusable_manifests(out_dir, keys, metric)
     plan = {n: planned_fits(HEADS[n], cv, grids.get(n)) for n in names if n not in reused}
     progress, results = _SweepProgress(plan, log), HeadResults([])
     for name in names:
@@ -179,7 +180,7 @@ def fit_heads(
             results.append(HeadResult(name, *reused[name], reused=True))
         else:
             progress.start(name)
-            search = (X_train, y_train, cv, seed, jobs, grids.get(name), progress)
+            search = (X_train, y_train, cv, seed, jobs, grids.get(name), progress, metric)
             results.append(_fit_one(fs, name, search, out_dir, results, norm, pca, keys[name]))
         _log(log, "\n".join([results[-1].format(), *grid_move_lines(results[-1].manifest)]))
     _log_end(log, results, reused)
@@ -191,17 +192,18 @@ def _fit_one(
     norm: str | None, pca: int | None, key: str,
 ) -> HeadResult:  # fmt: skip
     """Search, evaluate and save one head; ``search`` is ``(X, y, cv, seed, jobs, grid,
-    progress)``."""
-    X_train, y_train, cv, seed, jobs, grid, progress = search
+    progress, metric)``."""
+    X_train, y_train, cv, seed, jobs, grid, progress, metric = search
     # Keras's import (about 4 s on 2 cores, once per process) is start-up, not this head's
     # fit: paid before its clock starts and recorded apart, as stage one's time excludes it.
     startup = _import_keras() if HEADS[name].keras else None
     results.keras_import_seconds += startup or 0.0
     pipe = build_head(name, norm=norm, pca=pca, seed=seed)
     searched = head_search.timed_search(
-        HEADS[name], pipe, X_train, y_train, cv, seed, jobs, grid=grid, progress=progress
-    )
-    given = {"search_key": key, "grid_source": "head" if grid is None else "GRID"}
+        HEADS[name], pipe, X_train, y_train, cv, seed, jobs, grid=grid, progress=progress,
+        metric=metric,
+    )  # fmt: skip
+    given = {"search_key": key, "grid_source": "head" if grid is None else "GRID", "metric": metric}
     return _record(fs, name, searched, y_train, out_dir, norm=norm, pca=pca, seed=seed,
                    keras_import_seconds=startup, extra=given)  # fmt: skip
 
@@ -296,53 +298,6 @@ class _SweepProgress(head_search.Progress):
         if time.monotonic() - self.last >= self.every and self.done < self.total:
             self.last = time.monotonic()
             _log(self.log, f"[fits {self.done}/{self.total}] {self.head} ...")
-
-
-def grid_move_lines(manifest: Mapping[str, Any]) -> list[str]:
-    """One line per grid that moved past its edge in a head's search (``grid_moves``)."""
-    lines = []
-    for param, move in (manifest.get("grid_moves") or {}).items():
-        added = [v for v in move["searched"] if v not in move["from"]]
-        where = {
-            "inside": f"the best, {_short(manifest['params'].get(param))}, is now inside it",
-            "flat": "the score stopped rising there",
-            "limit": "stopped after the most steps it may take; the best is still at its edge",
-            "bound": "stopped at its bound; the best is still at its edge",
-        }[move["stopped"]]
-        lines.append(
-            f"{manifest['name']}: {param} grid moved {move['direction']} past "
-            f"{_short(move['from'][-1] if move['direction'] == 'up' else move['from'][0])} to "
-            f"{', '.join(_short(v) for v in added)} ({where}); GRID= sets a grid"
-        )
-    return lines
-
-
-def summary_table(results: Sequence[HeadResult]) -> str:
-    """The heads side by side, the one to pick marked: best on val, else on CV (never test);
-    ties go to the higher CV score, then the name (as the report ranks them)."""
-
-    basis = "val" if all("val" in r.manifest["metrics"] for r in results) else "cv"
-    best = chosen_head(results)
-    lines = [f"  {'head':<8} {'cv':>6} {'val':>6} {'test':>6} {'fit s':>7}"]
-    for r in results:
-        m = r.manifest
-        cells = [
-            m["cv"]["score"],
-            *(m["metrics"].get(s, {}).get("accuracy") for s in ("val", "test")),
-        ]
-        shown = " ".join(f"{c:6.3f}" if c is not None else f"{'-':>6}" for c in cells)
-        mark = f"  <- best on {basis}" if r is best else ""
-        lines.append(f"  {r.head:<8} {shown} {m['fit_seconds']:7.2f}{mark}")
-    if isinstance(results, HeadResults):
-        lines.append(_searches_line(results))
-    return "\n".join(lines)
-
-
-def _searches_line(results: HeadResults) -> str:
-    """The sweep's searches' time, under the table."""
-    startup = results.keras_import_seconds
-    loaded = f" (after loading Keras, {startup:.1f} s)" if startup >= 0.05 else ""
-    return f"  searches {results.fits_seconds:.2f} s in all{loaded}"
 
 
 def _check_cache(fs: Any, pca: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -452,7 +407,8 @@ def _estimator_fields(estimator: Any) -> dict[str, Any]:
 def _evaluate(
     fitted: Pipeline, fs: Any
 ) -> tuple[dict[str, artifacts.SplitPredictions], dict[str, Any], float]:
-    """Predictions and accuracy on ``val`` and ``test``, and the seconds predicting took."""
+    """Predictions and every metric (:func:`pipeline.heads.scoring.scores`) on ``val`` and
+    ``test``, and the seconds predicting took."""
     predictions, metrics, seconds = {}, {}, 0.0
     for split in artifacts.EVAL_SPLITS:
         if split not in fs.splits:
@@ -462,7 +418,7 @@ def _evaluate(
         started = time.perf_counter()
         pred, scores, is_proba = head_outputs(fitted, X, len(fs.class_names))
         seconds += time.perf_counter() - started
-        metrics[split] = {"accuracy": float(np.mean(pred == y)), "n": int(len(y))}
+        metrics[split] = {**scoring.scores(y, pred), "n": int(len(y))}
         predictions[split] = artifacts.SplitPredictions(
             paths=np.asarray(fs.paths[mask], dtype=object),
             labels=np.asarray(y, dtype=np.int64),

@@ -23,6 +23,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_sc
 
 from pipeline.core.errors import HeadError
 from pipeline.core.files import write_atomic
+from pipeline.core.options import PROTOCOL_METRICS, check_options
 from pipeline.features.cache import FeatureSet, load_features
 from pipeline.heads import search as head_search
 from pipeline.heads.linear_eval import NAME as LINEAR_EVAL
@@ -31,7 +32,7 @@ from pipeline.heads.protocols import TEST, TRAIN, per_class_split, split_file
 from pipeline.heads.registry import HEADS, build_head, resolve_heads
 from pipeline.heads.store import head_outputs
 
-METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "top5")
+METRICS = PROTOCOL_METRICS  # make head's three (METRIC=), and top5
 DEFAULT_HEADS = "svm,logreg"  # linear heads, as DeCAF and Razavian et al. report
 MIN_PER_CLASS_FOR_CV = 5  # fewer training images in a class: no search, fixed defaults
 TOP5_ABOVE = 10  # classes; top-5 accuracy is reported above this many
@@ -165,8 +166,7 @@ def protocols_dir(artifacts_dir: str | Path, fs: FeatureSet) -> Path:
 def _check_request(
     heads: Any, metric: str, seeds: Sequence[int], n: int | None, split_list: Any
 ) -> tuple[tuple[str, ...], str]:
-    if metric not in METRICS:
-        raise HeadError(f"METRIC={metric!r} is not one of {', '.join(METRICS)}")
+    check_options({"protocol_metric": metric}, error=HeadError)
     if not list(seeds):
         raise HeadError("SEEDS= is empty; give one or more seeds, e.g. SEEDS=0,1,2,3,4")
     if (n is None) == (split_list is None):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import HeadError
+from pipeline.heads import scoring
 from pipeline.heads.store import Head, load_head
 
 
@@ -39,9 +40,21 @@ class HeadResultAccess:
         return dict(self.manifest["params"])
 
     @property
+    def metric(self) -> str:
+        """The metric the head was chosen by (``METRIC=``; accuracy in manifests before it)."""
+        return scoring.manifest_metric(self.manifest)
+
+    @property
     def cv_score(self) -> float | None:
-        """The chosen values' mean CV accuracy on train (the softmax head: its hold-out's)."""
+        """The chosen values' mean CV score on train in :attr:`metric` (the softmax head:
+        its hold-out's)."""
         return self.manifest["cv"]["score"]
+
+    @property
+    def val_score(self) -> float | None:
+        """:attr:`metric` on the val split (what the heads are ranked on); ``None`` without val."""
+        metrics = self.manifest["metrics"].get("val")
+        return None if metrics is None or self.metric not in metrics else metrics[self.metric]
 
     @property
     def val_accuracy(self) -> float | None:
@@ -121,12 +134,14 @@ class HeadResultsAccess:
 
 
 def chosen_head(results: Sequence[Any]) -> Any:
-    """The head to pick: best on val, else on CV (never test); ties go to the higher CV
-    score, then the name (as the report ranks them)."""
+    """The head to pick: best on val, else on CV (never test), in the metric the heads were
+    chosen by (accuracy where they disagree); ties go to the higher CV score, then the name
+    (as the report ranks them)."""
+    metric, _ = scoring.common_metric(r.manifest for r in results)
 
     def score(result: Any) -> float:
         m = result.manifest
-        val = m["metrics"].get("val", {}).get("accuracy")
+        val = m["metrics"].get("val", {}).get(metric)
         return val if val is not None else (m["cv"]["score"] or 0.0)
 
     return min(results, key=lambda r: (-score(r), -(r.manifest["cv"]["score"] or 0.0), r.head))

@@ -16,15 +16,17 @@ from typing import Any
 from pipeline.core import artifacts
 from pipeline.core.files import sha256_file
 from pipeline.heads.registry import HEADS, build_head
+from pipeline.heads.scoring import manifest_metric
 
 
 def reuse_key(
     fs: Any, name: str, grid: Mapping | None, *, norm: str | None, pca: int | None, cv: int,
-    seed: int,
+    seed: int, metric: str = "accuracy",
 ) -> str:  # fmt: skip
     """A digest of what a head's fit depends on: the cache file (path, size, time, identity),
-    the unfitted head's parameters, its grid and bounds, the folds, seed and library versions.
-    Two runs with the same digest fit the same head, so the second reuses the first's."""
+    the unfitted head's parameters, its grid and bounds, the folds, seed, the metric the
+    search scores (``METRIC=``) and library versions. Two runs with the same digest fit the
+    same head, so the second reuses the first's."""
     stat = Path(fs.path).stat()
     pipe = build_head(name, norm=norm, pca=pca, seed=seed)
     spec = HEADS[name]
@@ -38,13 +40,16 @@ def reuse_key(
         "cv": [cv, seed],
         "versions": library_versions(),
     }
+    if metric != "accuracy":  # so the keys of heads fitted before METRIC= existed still hold
+        parts["metric"] = metric
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def reusable_manifests(
-    out_dir: Path, keys: Mapping[str, str]
+    out_dir: Path, keys: Mapping[str, str], metric: str = "accuracy"
 ) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """The heads already saved in ``out_dir`` under the same key, their files intact."""
+    """The heads already saved in ``out_dir`` under the same key, their files intact, chosen
+    by ``metric``."""
     found = {}
     for name, key in keys.items():
         path = out_dir / f"{name}.json"
@@ -56,7 +61,8 @@ def reusable_manifests(
             )
         except (artifacts.ArtifactError, OSError, KeyError, TypeError, AttributeError):
             continue  # no head yet, or one that cannot be trusted: fit it
-        if intact and manifest.get("search_key") == key:
+        # The key holds the metric; a manifest that says another one is not reused either.
+        if intact and manifest.get("search_key") == key and manifest_metric(manifest) == metric:
             found[name] = (path, manifest)
     return found
 

@@ -1,7 +1,8 @@
 """Choosing a head's hyper-parameters on the train split: the searches behind ``make head``.
 
 A scikit-learn head's search is :class:`~sklearn.model_selection.GridSearchCV`:
-each grid point scored by stratified cross-validation (accuracy) on train, the best
+each grid point scored by stratified cross-validation on train (``metric``: accuracy
+unless ``METRIC=`` says otherwise, :mod:`pipeline.heads.scoring`), the best
 (the first among equals) refitted on all of train; val and test are never seen. When
 the best value of a head's own grid sits at its edge with the score still rising
 there, the grid moves: GridSearchCV scores the next value out, on the same folds,
@@ -24,6 +25,8 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
+
+from pipeline.heads import scoring
 
 if TYPE_CHECKING:
     from pipeline.heads.registry import HeadSpec
@@ -51,14 +54,16 @@ class Progress:
         """One more fit is done (a fold's fit, counted when it is scored)."""
 
 
-class _CountedAccuracy:
-    """Accuracy, as GridSearchCV's ``scoring="accuracy"``, counting each scored fold."""
+class _CountedScore:
+    """The search's metric of a fold's predictions (:func:`pipeline.heads.scoring.score`,
+    as GridSearchCV's ``scoring="accuracy"``, ``"balanced_accuracy"``, ``"f1_macro"``),
+    counting each scored fold."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
+    def __init__(self, metric: str, progress: Progress) -> None:
+        self.metric, self.progress = metric, progress
 
     def __call__(self, estimator: Any, X: np.ndarray, y: np.ndarray) -> float:
-        score = float(np.mean(estimator.predict(X) == y))
+        score = scoring.score(self.metric, y, estimator.predict(X))
         self.progress.fitted()
         return score
 
@@ -74,6 +79,7 @@ def timed_search(
     *,
     grid: Mapping[str, Sequence] | None = None,
     progress: Progress | None = None,
+    metric: str = scoring.DEFAULT_METRIC,
 ) -> Searched:
     """:func:`search`, timed, its convergence warnings kept as notes (other warnings dropped)."""
     from sklearn.exceptions import ConvergenceWarning
@@ -82,7 +88,7 @@ def timed_search(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         fitted, params, cv_info = search(
-            spec, pipe, X, y, cv, seed, jobs, grid=grid, progress=progress
+            spec, pipe, X, y, cv, seed, jobs, grid=grid, progress=progress, metric=metric
         )
     seconds = time.perf_counter() - started
     notes = sorted(
@@ -102,13 +108,15 @@ def search(
     *,
     grid: Mapping[str, Sequence] | None = None,
     progress: Progress | None = None,
+    metric: str = scoring.DEFAULT_METRIC,
 ) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
     """Grid search on the train split; returns the refitted pipeline, the chosen params
     (``{"<head>__<param>": value}``) and what the manifest records of the search.
 
     ``grid`` (``GRID=``) replaces the head's own grid and is searched as given; the head's
     own grid moves past an edge whose score still rises (:func:`_extend`), and
-    ``cv_info["grid_moves"]`` records each parameter that moved.
+    ``cv_info["grid_moves"]`` records each parameter that moved; ``metric`` scores the
+    folds (and the softmax head's hold-out) and ``cv_info["metric"]`` records it.
     """
     progress = progress or Progress()
     counts = np.bincount(y)
@@ -125,19 +133,21 @@ def search(
         pipe.fit(X, y)
         progress.fitted()
         scheme = "none (a class has one train image): middle of the grid"
-        info = {"folds": 0, "scheme": scheme, "score": None, "scores": {}, "grid_moves": {}}
+        info = {"folds": 0, "scheme": scheme, "score": None, "scores": {}, "grid_moves": {},
+                "metric": metric}  # fmt: skip
         return pipe, params, {**info, "refit_seconds": time.perf_counter() - started}
     if spec.keras:
-        fitted, params, info = held_out_fit(pipe, X, y, prefixed)
+        fitted, params, info = held_out_fit(pipe, X, y, prefixed, metric)
         progress.fitted()
-        return fitted, params, {**info, "grid_moves": {}}
+        return fitted, params, {**info, "grid_moves": {}, "metric": metric}
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    scoring = _CountedAccuracy(progress) if jobs == 1 else "accuracy"
+    # Other processes cannot count into this one's progress: they get a scorer that counts nowhere.
+    scorer = _CountedScore(metric, progress if jobs == 1 else Progress())
 
     def score(points: Mapping[str, list]) -> dict[str, float]:
-        """Each grid point's mean accuracy over the folds (the same folds every call)."""
+        """Each grid point's mean score over the folds (the same folds every call)."""
         found = GridSearchCV(
-            pipe, dict(points), cv=splitter, scoring=scoring, n_jobs=jobs, refit=False,
+            pipe, dict(points), cv=splitter, scoring=scorer, n_jobs=jobs, refit=False,
             error_score="raise",
         ).fit(X, y)  # fmt: skip
         results = found.cv_results_
@@ -164,7 +174,7 @@ def search(
         "scheme": f"{folds}-fold",
         "grid": {k: list(v) for k, v in values.items()},
     }
-    info.update(score=scores[_key(best)], scores=scores, grid_moves=moves)
+    info.update(score=scores[_key(best)], scores=scores, grid_moves=moves, metric=metric)
     return fitted, params, {**info, "refit_seconds": refit_seconds}
 
 
@@ -254,12 +264,16 @@ def _extend(
 
 
 def held_out_fit(
-    pipe: Pipeline, X: np.ndarray, y: np.ndarray, grid: Mapping[str, list]
+    pipe: Pipeline,
+    X: np.ndarray,
+    y: np.ndarray,
+    grid: Mapping[str, list],
+    metric: str = scoring.DEFAULT_METRIC,
 ) -> tuple[Pipeline, dict[str, Any], dict[str, Any]]:
     """One fit on all of train with the grid's first values, reported as a search.
 
-    The score is the classifier's accuracy on its own early-stopping hold-out of
-    train (``held_out_score_``); val and test are never seen.
+    The score is the classifier's ``metric`` on its own early-stopping hold-out of
+    train (``held_out_y_``, ``held_out_pred_``); val and test are never seen.
     """
     params = {key: values[0] for key, values in grid.items()}
     started = time.perf_counter()
@@ -267,6 +281,8 @@ def held_out_fit(
     seconds = time.perf_counter() - started
     classifier = pipe.steps[-1][1]
     score, n_held = classifier.held_out_score_, classifier.n_held_out_
+    if score is not None and metric != "accuracy":  # held_out_score_ is accuracy
+        score = scoring.score(metric, classifier.held_out_y_, classifier.held_out_pred_)
     if score is None:
         scheme, scores = "no search: one fit; no hold-out (too few images)", {}
     else:

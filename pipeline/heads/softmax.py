@@ -99,6 +99,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         Training images held out for early stopping (0: none).
     held_out_score_ : float or None
         Accuracy of the kept weights on those images (``None`` without them).
+    held_out_y_, held_out_pred_ : ndarray or None
+        Those images' labels and the kept weights' predictions (scored by ``METRIC=``).
     history_ : dict
         ``{"loss": [...], "val_loss": [...]}`` per epoch.
 
@@ -222,10 +224,13 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         self.history_ = {"loss": losses, "val_loss": held_losses}
         self.n_epochs_ = stop.best_epoch + 1 if X_held is not None else int(self.max_epochs)
         self.n_held_out_ = 0 if X_held is None else len(X_held)
+        # The hold-out's labels and predictions: the search scores them by METRIC=.
+        self.held_out_y_ = None if X_held is None else np.asarray(y_held)
+        self.held_out_pred_ = (
+            None if X_held is None else np.argmax(self._proba(model, X_held), axis=1)
+        )
         self.held_out_score_ = (
-            None
-            if X_held is None
-            else float(np.mean(np.argmax(self._proba(model, X_held), axis=1) == y_held))
+            None if X_held is None else float(np.mean(self.held_out_pred_ == y_held))
         )
         self.model_ = model
         return self

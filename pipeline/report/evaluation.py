@@ -6,11 +6,12 @@ runs :func:`pipeline.report.collect.collect_runs` read and returns plain JSON-re
 themselves (bootstrap intervals, the exact McNemar test, ROC and reliability
 curves) live in :mod:`pipeline.report.stats`.
 
-Selection is honest: runs are ranked on val accuracy (on the head's
-cross-validation score on train when there is no val split), never on test;
-the chosen run's test figures are reported apart, as the final number nobody
-chose on. Runs on random backbone weights (``weights_source == "none"``) are
-baselines: listed, but not ranked against real runs unless they are all there is.
+Selection is honest (:mod:`pipeline.report.ranking`): runs are ranked on val, in the
+metric the heads were chosen by (``make head METRIC=``; accuracy unless given), or on the
+head's cross-validation score on train when there is no val split, never on test; the
+chosen run's test figures are reported apart, as the final number nobody chose on. Runs on
+random backbone weights (``weights_source == "none"``) are baselines: listed, but not
+ranked against real runs unless they are all there is.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.artifacts import EVAL_SPLITS, SplitPredictions, now_iso
+from pipeline.heads import scoring
 from pipeline.heads.fit import grid_move_lines
 from pipeline.report import stats
 from pipeline.report.mistakes import error_analysis, top_losses
 from pipeline.report.naming import cache_labels, display_labels
+from pipeline.report.ranking import (
+    chosen_metric,
+    cv_record,
+    mcnemar,
+    rank_runs,
+    selection,
+    selection_rule,
+)
 from pipeline.report.runs import Run
 
-ALPHA = 0.05  # McNemar p-value below which two runs are told apart
 CURVE_POINTS = 201  # ROC curves keep at most about this many of their corners
 # Top-5 accuracy only above this many classes (as the protocols' tables): with 6 to 10
 # classes, 5 guesses cover half or more of them and the figure says little.
@@ -135,13 +144,14 @@ def run_config(run: Run) -> dict[str, Any]:
     if source not in (None, ""):
         config["weights_source"] = source
     if run.kind == "head":
-        cv = _cv(run)
+        cv = cv_record(run)
         config.update(
             norm=m.get("norm"),
             pca=m.get("pca"),
             params=m.get("params"),
             cv_folds=cv.get("folds"),
-            cv_accuracy=cv.get("score"),
+            cv_accuracy=cv.get("score"),  # in cv_metric, the metric the head was chosen by
+            cv_metric=scoring.manifest_metric(m),
             cv_scheme=cv.get("scheme"),
             seed=m.get("seed"),
             estimator=m.get("estimator"),
@@ -167,11 +177,6 @@ def _grid_moves(manifest: dict[str, Any]) -> list[str]:
         return grid_move_lines(manifest)
     except (KeyError, TypeError, AttributeError, IndexError):
         return []
-
-
-def _cv(run: Run) -> dict[str, Any]:
-    cv = run.manifest.get("cv")
-    return cv if isinstance(cv, dict) else {}
 
 
 def _costs(run: Run) -> dict[str, Any]:
@@ -222,34 +227,6 @@ def _run_row(run: Run, *, n_resamples: int, seed: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- comparisons
 
 
-def mcnemar(a: Run, b: Run, split: str) -> dict[str, Any] | None:
-    """McNemar's exact test of two runs on one split, or ``None``.
-
-    ``None`` unless both predicted exactly the same images with the same labels.
-    """
-    if split not in a.splits or split not in b.splits:
-        return None
-    first, second = a.splits[split], b.splits[split]
-    if (
-        len(first.paths) != len(second.paths)
-        or not np.array_equal(first.paths, second.paths)
-        or not np.array_equal(first.labels, second.labels)
-    ):
-        return None
-    result = stats.mcnemar_exact(first.pred == first.labels, second.pred == second.labels)
-    return {
-        "split": split,
-        "a": a.run_id,
-        "b": b.run_id,
-        "n": result.n,
-        "only_a": result.only_a,
-        "only_b": result.only_b,
-        "both": result.both,
-        "neither": result.neither,
-        "p_value": result.p_value,
-    }
-
-
 def comparisons(runs: Sequence[Run], ranked: Sequence[str]) -> list[dict[str, Any]]:
     """McNemar tests: ``svm`` against ``softmax`` of each cache, then each fine-tuned run
     against the best-ranked head of each cache (ranked without the test images)."""
@@ -270,122 +247,6 @@ def comparisons(runs: Sequence[Run], ranked: Sequence[str]) -> list[dict[str, An
                 if best and (c := mcnemar(run, best, split)):
                     out.append(c)
     return out
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def selection_rule(runs: Sequence[Run]) -> tuple[str, str]:
-    """``("val", words)`` when every run has val predictions, else ``("cv", words)``."""
-    if runs and all("val" in r.splits for r in runs):
-        words = (
-            "Runs are ranked on val accuracy (ties: the higher cross-validation score on train, "
-            "then the name); the test images "
-            "played no part in choosing."
-        )
-        if any(r.kind == "finetuned" for r in runs):
-            words += (
-                " Fine-tuned runs chose their best epoch on val, so their val figures lean "
-                "optimistic against the heads'."
-            )
-        return "val", words
-    return "cv", (
-        "There is no val split, so runs are ranked on the accuracy of the head's "
-        "cross-validation on the train split (runs without one are not ranked); the test "
-        "images played no part in choosing."
-    )
-
-
-def selection_score(run: Run, rule: str) -> float | None:
-    """The number a run is ranked on: val accuracy, or cross-validation accuracy on train."""
-    if rule == "val":
-        p = run.splits["val"]
-        return float(np.mean(p.pred == p.labels)) if len(p.labels) else None
-    score = _cv(run).get("score")
-    return None if score is None else float(score)
-
-
-def rank_runs(runs: Sequence[Run], rule: str) -> list[Run]:
-    """Runs with a selection score, best first (ties: the higher cross-validation score on
-    train, then the name; never the fit time, which changes from run to run)."""
-    scored = [(selection_score(r, rule), r) for r in runs]
-    scored = [(s, r) for s, r in scored if s is not None]
-
-    def key(item: tuple[float, Run]) -> tuple:
-        cv = _cv(item[1]).get("score")
-        return -item[0], -cv if isinstance(cv, int | float) else np.inf, item[1].run_id
-
-    return [r for _, r in sorted(scored, key=key)]
-
-
-def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
-def leaderboard(
-    ranked: Sequence[Run], rows: dict[str, dict[str, Any]], rule: str, split: str | None
-) -> list[dict[str, Any]]:
-    """The ranked runs with their selection score, their ``split`` accuracy and interval,
-    and how they compare with the best (exact McNemar on ``split``, overlapping intervals)."""
-    entries = []
-    best = ranked[0] if ranked else None
-    for i, run in enumerate(ranked):
-        row = rows[run.run_id]
-        entry: dict[str, Any] = {
-            "rank": i + 1,
-            "run": run.run_id,
-            "label": row["label"],
-            "kind": run.kind,
-            "group": run.group,
-            "selection_score": selection_score(run, rule),
-            "split": split,
-            "fit_seconds": row["fit_seconds"],
-            "predict_seconds_per_image": row["predict_seconds_per_image"],
-        }
-        if split and split in row["splits"]:
-            s = row["splits"][split]
-            entry.update(accuracy=s["accuracy"], accuracy_ci=s["accuracy_ci"])
-            entry.update(balanced_accuracy=s["balanced_accuracy"], macro_f1=s["macro_f1"])
-        if best is not None and run is not best and split:
-            test = mcnemar(best, run, split)
-            entry["mcnemar_vs_best"] = test
-            best_ci = rows[best.run_id]["splits"].get(split, {}).get("accuracy_ci")
-            if best_ci and "accuracy_ci" in entry:
-                entry["overlaps_best"] = _overlap(best_ci, entry["accuracy_ci"])
-            entry["tied_with_best"] = (
-                test["p_value"] >= ALPHA if test else bool(entry.get("overlaps_best"))
-            )
-        entries.append(entry)
-    return entries
-
-
-def _final(row: dict[str, Any]) -> dict[str, Any] | None:
-    test = row["splits"].get("test")
-    if test is None:
-        return None
-    keys = ("n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci")
-    return {key: test[key] for key in (*keys, "macro_f1", "macro_f1_ci")}
-
-
-def selection(
-    ranked: Sequence[Run], rows: dict[str, dict[str, Any]], rule: str, words: str
-) -> dict[str, Any]:
-    """How the winner was chosen, the winner, its untouched test figures, its ties."""
-    split = "val" if rule == "val" else ("test" if ranked and "test" in ranked[0].splits else None)
-    board = leaderboard(ranked, rows, rule, split)
-    out: dict[str, Any] = {
-        "rule": rule,
-        "metric": "val accuracy" if rule == "val" else "cross-validation accuracy (train)",
-        "words": words,
-        "compare_split": split,
-        "winner": board[0]["run"] if board else None,
-        "final_test": _final(rows[board[0]["run"]]) if board else None,
-        "runner_up": board[1]["run"] if len(board) > 1 else None,
-        "runner_up_mcnemar": board[1].get("mcnemar_vs_best") if len(board) > 1 else None,
-        "tied": [e["run"] for e in board[1:] if e.get("tied_with_best")],
-        "overlapping": [e["run"] for e in board[1:] if e.get("overlaps_best")],
-    }
-    return {**out, "leaderboard": board}
 
 
 # --------------------------------------------------------------------------- everything
@@ -422,15 +283,16 @@ def build_report_data(
         row["cache_label"] = caches.get(row["group"])  # None: a fine-tuned run
     real = [r for r in runs if not is_baseline(r)]
     compared = real or list(runs)  # random-weight runs only compete among themselves
-    rule, words = selection_rule(compared)
-    ranked = rank_runs(compared, rule)
-    notes = list(notes)
+    metric, note = chosen_metric(compared)
+    notes = list(notes) + ([note] if note else [])
+    rule, words = selection_rule(compared, metric)
+    ranked = rank_runs(compared, rule, metric)
     ranked_ids = {r.run_id for r in ranked}
     compared_ids = {r.run_id for r in compared}
     unranked = [r.run_id for r in compared if r.run_id not in ranked_ids]
     if unranked:
         notes.append(f"not ranked (no {rule} score): {', '.join(unranked)}")
-    chosen = selection(ranked, rows, rule, words)
+    chosen = selection(ranked, rows, rule, words, metric)
     winner = next((r for r in ranked if r.run_id == chosen["winner"]), None)
     return {
         "dataset": dataset,

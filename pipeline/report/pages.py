@@ -221,11 +221,12 @@ def html_page(
 def summary_lines(data: dict[str, Any], width: int = 100) -> list[str]:
     """The lines ``make report`` prints: the ranking, then the verdict as the page words it."""
     chosen = data["selection"]
+    metric = chosen.get("chosen_by") or "accuracy"
     lines = [f"{data['dataset']}: {len(data['runs'])} runs, ranked on {chosen['metric']}:"]
     for e in data["leaderboard"][:10]:
         shown = (
-            ci(e, "accuracy")
-            if "accuracy" in e and chosen["rule"] == "val"
+            ci(e, metric)
+            if f"{metric}_ci" in e and chosen["rule"] == "val"
             else fmt(e["selection_score"])
         )
         lines.append(f"  {e['rank']:>2}. {e.get('label') or e['run']:<28} {shown}")

@@ -13,11 +13,12 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pipeline.core.artifacts import EVAL_SPLITS
+from pipeline.heads.scoring import words
 from pipeline.report.cells import ci, fmt, head_times, ms
 from pipeline.report.fonts import class_labels
 from pipeline.report.naming import phase_two_words, unfreeze_words
 from pipeline.report.plotting import confusion_name, safe_figure_name
-from pipeline.report.verdict import label, verdict
+from pipeline.report.verdict import label, ranked_on, verdict
 
 __all__ = ["ci", "fmt", "intro", "report_sections", "title", "verdict"]
 
@@ -72,11 +73,12 @@ def leaderboard_table(data: dict[str, Any]) -> Table:
     """The ranked runs: selection score, interval, McNemar against the best, cost."""
     chosen = data["selection"]
     split = chosen["compare_split"]
+    metric, said = ranked_on(data)
     head = "rank", "run"
     if chosen["rule"] == "val":
-        header = [*head, f"{split} accuracy [95% CI]"]
+        header = [*head, f"{split} {said} [95% CI]"]
     else:
-        header = [*head, "CV accuracy (train)", f"{split} accuracy [95% CI], not ranked on"]
+        header = [*head, f"CV {said} (train)", f"{split} {said} [95% CI], not ranked on"]
     header += ["p vs #1 (McNemar)", "tied with #1", "fit s", *_TIMES]
     rows_by_id = _rows(data)
     rows = []
@@ -84,7 +86,7 @@ def leaderboard_table(data: dict[str, Any]) -> Table:
         row = [str(e["rank"]), label(data, e["run"])]
         if chosen["rule"] != "val":
             row.append(fmt(e["selection_score"]))
-        row.append(ci(e, "accuracy") if "accuracy" in e else "-")
+        row.append(ci(e, metric) if metric in e else "-")
         test = e.get("mcnemar_vs_best")
         row.append(f"{test['p_value']:.3g}" if test else "-")
         row.append("chosen" if e["rank"] == 1 else "yes" if e.get("tied_with_best") else "")
@@ -227,7 +229,7 @@ def configuration_table(data: dict[str, Any]) -> Table:
     """
     header = [
         "run", "identity", "backbone", "weights", "weights identity", "input", "pooling",
-        "layer", "norm", "pca", "chosen", "CV acc.", "seed",
+        "layer", "norm", "pca", "chosen", "CV score", "seed",
     ]  # fmt: skip
     rows = []
     for r in data["runs"]:
@@ -236,9 +238,16 @@ def configuration_table(data: dict[str, Any]) -> Table:
             [label(data, r["run"]), r["run"], fmt(c.get("backbone")), fmt(c.get("weights_source"))]
             + [_short_identity(c.get("weights"))]
             + [fmt(c.get(key)) for key in ("input_size", "pooling", "layer", "norm", "pca")]
-            + [_chosen(c), fmt(c.get("cv_accuracy")), fmt(c.get("seed"))]
+            + [_chosen(c), _cv_score(c), fmt(c.get("seed"))]
         )
     return "Configuration of each run", header, rows
+
+
+def _cv_score(config: Mapping[str, Any]) -> str:
+    """The head's CV score, its metric named unless accuracy (``METRIC=`` of make head)."""
+    metric = config.get("cv_metric") or "accuracy"
+    shown = fmt(config.get("cv_accuracy"))
+    return shown if metric == "accuracy" or shown == "-" else f"{shown} ({words(metric)})"
 
 
 # --------------------------------------------------------------------------- sections

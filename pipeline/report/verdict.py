@@ -1,7 +1,8 @@
 """The verdict: the report's question answered in words, first, for the data set at hand.
 
-Linear SVM or softmax head: their figures on the split that chooses and the exact
-McNemar p-value between them, then the run chosen overall and its untouched test
+Linear SVM or softmax head: their figures on the split that chooses, in the metric the
+runs are ranked on (``make head METRIC=``), and the exact McNemar p-value between them
+(on each image's right or wrong, whatever the metric), then the run chosen overall and its untouched test
 figure, then every significant difference the page shows, one sentence each. The
 HTML page, ``report.md`` and the lines ``make report`` prints all use these sentences.
 """
@@ -10,13 +11,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.heads.scoring import words
 from pipeline.report.cells import ci, fmt, listing, ms, p_value
-from pipeline.report.evaluation import ALPHA
 from pipeline.report.naming import HEAD_WORDS, SOFTMAX, SVM
+from pipeline.report.ranking import ALPHA
 
 
 def _rows(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["run"]: r for r in data["runs"]}
+
+
+def ranked_on(data: dict[str, Any]) -> tuple[str, str]:
+    """The metric the runs are ranked on and its words (``"balanced_accuracy"``,
+    ``"balanced accuracy"``); accuracy in reports written before it was recorded."""
+    metric = data["selection"].get("chosen_by") or "accuracy"
+    return metric, words(metric)
 
 
 def label(data: dict[str, Any], run: str) -> str:
@@ -37,10 +46,12 @@ def _paired(data: dict[str, Any], a: str, b: str, split: str, test: dict) -> tup
     rows = _rows(data)
     first, second = label(data, a), label(data, b)
     sa, sb = rows[a]["splits"][split], rows[b]["splits"][split]
+    metric, said = ranked_on(data)
+    paired = "" if metric == "accuracy" else " (on each image's right or wrong)"
     details = (
-        f"{first} {ci(sa, 'accuracy')}, {second} {ci(sb, 'accuracy')} accuracy; "
+        f"{first} {ci(sa, metric)}, {second} {ci(sb, metric)} {said}; "
         f"{test['only_a']} images only {first} gets right, {test['only_b']} only {second}, "
-        f"exact McNemar {p_value(test['p_value'])}"
+        f"exact McNemar{paired} {p_value(test['p_value'])}"
     )
     if test["p_value"] >= ALPHA:
         return "no detectable difference", details
@@ -109,15 +120,17 @@ def _chosen(data: dict[str, Any]) -> list[str]:
     row = _rows(data)[chosen["winner"]]
     board = data["leaderboard"][0]
     name = label(data, chosen["winner"])
-    if chosen["rule"] == "val" and "accuracy_ci" in board:
-        score = f"the best val accuracy, {ci(board, 'accuracy')}"
+    metric, said = ranked_on(data)
+    if chosen["rule"] == "val" and f"{metric}_ci" in board:
+        score = f"the best val {said}, {ci(board, metric)}"
     else:
         score = f"the best {chosen['metric']}, {board['selection_score']:.3f}"
     final = chosen["final_test"]
     if final:
+        also = "" if metric == "accuracy" else f" ({ci(final, 'accuracy')} accuracy)"
         then = (
             f"on the untouched test split ({final['n']} images) it scores "
-            f"{ci(final, 'accuracy')} accuracy: the number to quote"
+            f"{ci(final, metric)} {said}{also}: the number to quote"
         )
     else:
         then = (
