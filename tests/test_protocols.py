@@ -258,3 +258,23 @@ def test_linear_eval_is_a_protocol_head_named_among_others_and_recorded_per_seed
     runs = result.record["heads"]["linear_eval"]["seeds"]
     assert [r["params"]["C"] for r in runs] == [1.0, 1.0]  # one image: nothing to hold out
     assert runs[0]["scheme"].startswith("fixed C=1")
+
+
+@pytest.mark.parametrize(("metric", "chooses"), [("macro_f1", "macro_f1"), ("top5", "accuracy")])
+def test_the_searches_choose_by_the_protocols_metric(
+    tmp_path, monkeypatch, metric, chooses
+) -> None:
+    from pipeline.heads import search as head_search
+
+    fs = _feature_set(tmp_path)
+    used: list[str] = []
+    real = head_search.timed_search
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["metric"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(head_search, "timed_search", spy)
+    split = protocol_run.per_class_split(fs.labels, 5, seed=0)
+    protocol_run.evaluate_split(fs, split, ["svm", "logreg"], seed=0, metric=metric)
+    assert used == [chooses, chooses]

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
+
+from pipeline.heads import scoring
 
 NAME = "linear_eval"
 # 12 values, one a decade, over the range Kornblith et al. searched (1e-6 to 1e5; they
@@ -51,14 +52,14 @@ def held_out_rows(y: np.ndarray, seed: int, fraction: float = HOLD_OUT) -> np.nd
 
 
 def fit_linear_eval(
-    X: np.ndarray, y: np.ndarray, seed: int
+    X: np.ndarray, y: np.ndarray, seed: int, *, metric: str = "balanced_accuracy"
 ) -> tuple[LogisticRegression, dict[str, Any], str]:
     """``(refitted model, {"C": chosen, "held_out": {C: score}}, scheme)`` on ``(X, y)``,
     the training rows only.
 
     Each C of :data:`C_GRID`, smallest first, is fitted on 80% of each class's rows
     (warm-started from the previous C: the same optimum, far fewer iterations) and scored
-    on the other 20% by balanced accuracy; the best (the smaller C on a tie) is refitted
+    on the other 20% by ``metric`` (balanced accuracy by default); the best (the smaller C on a tie) is refitted
     on all of ``(X, y)``. A class with one training row leaves nothing to hold out:
     C = :data:`FIXED_C`, fitted on all rows.
     """
@@ -71,7 +72,7 @@ def fit_linear_eval(
     for c in C_GRID:
         sweep.set_params(C=c)
         _fit(sweep, X[~held], y[~held])
-        scores[c] = float(balanced_accuracy_score(y[held], sweep.predict(X[held])))
+        scores[c] = scoring.score(metric, y[held], sweep.predict(X[held]))
         solutions[c] = (sweep.coef_.copy(), sweep.intercept_.copy())
     best = max(C_GRID, key=lambda c: (scores[c], -c))
     # The refit starts from the sweep's solution at the chosen C: the same optimum (the

@@ -25,6 +25,7 @@ from pipeline.core.errors import HeadError
 from pipeline.core.files import write_atomic
 from pipeline.core.options import PROTOCOL_METRICS, check_options
 from pipeline.features.cache import FeatureSet, load_features
+from pipeline.heads import scoring
 from pipeline.heads import search as head_search
 from pipeline.heads.linear_eval import NAME as LINEAR_EVAL
 from pipeline.heads.linear_eval import fit_linear_eval
@@ -121,7 +122,7 @@ def run_protocol(
             split = fixed
         else:
             split = per_class_split(fs.labels, int(train_per_class), seed, fs.class_names)
-        per_seed.append(evaluate_split(fs, split, names, seed, cv))
+        per_seed.append(evaluate_split(fs, split, names, seed, cv, metric))
         _log(log, f"{name} seed {seed}: " + ", ".join(
             f"{h} {per_seed[-1][h][metric]:.3f}" for h in names))  # fmt: skip
     record = _summarise(fs, name, metric, names, list(seeds), per_seed)
@@ -201,11 +202,18 @@ def resolve_protocol_heads(heads: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def evaluate_split(
-    fs: FeatureSet, split: np.ndarray, heads: Sequence[str], seed: int, cv: int = 3
+    fs: FeatureSet,
+    split: np.ndarray,
+    heads: Sequence[str],
+    seed: int,
+    cv: int = 3,
+    metric: str = "balanced_accuracy",
 ) -> dict[str, dict[str, Any]]:
     """Each head fitted on the rows ``split`` marks train and scored on those it marks test.
 
-    The test rows reach neither the search nor the refit: both see only ``X[train]``.
+    The test rows reach neither the search nor the refit: both see only ``X[train]``. The
+    searches score their folds by ``metric`` (by accuracy for ``top5``, which ranks scores
+    that not every head has).
     """
     train, test = split == TRAIN, split == TEST
     X, y = fs.features[train], fs.labels[train]
@@ -217,7 +225,7 @@ def evaluate_split(
     out = {}
     for name in heads:
         started = time.perf_counter()
-        fitted, params, scheme = _fit(name, X, y, seed, cv, searchable)
+        fitted, params, scheme = _fit(name, X, y, seed, cv, searchable, _choosing(metric))
         scores = _score(fitted, fs.features[test], fs.labels[test], len(fs.class_names))
         out[name] = {
             **scores, "params": params, "scheme": scheme, "n_train": int(train.sum()),
@@ -226,16 +234,21 @@ def evaluate_split(
     return out
 
 
+def _choosing(metric: str) -> str:
+    """The metric the searches choose by: the protocol's, or accuracy for ``top5``."""
+    return metric if metric in scoring.WORDS and metric != "top5" else scoring.DEFAULT_METRIC
+
+
 def _fit(
-    name: str, X: np.ndarray, y: np.ndarray, seed: int, cv: int, searchable: bool
+    name: str, X: np.ndarray, y: np.ndarray, seed: int, cv: int, searchable: bool, metric: str
 ) -> tuple[Any, dict[str, Any], str]:
     """The head chosen by ``make head``'s search on ``(X, y)``, or its fixed defaults;
     ``linear_eval`` chooses its C on a hold-out of ``(X, y)`` whatever the count."""
     if name == LINEAR_EVAL:
-        return fit_linear_eval(X, y, seed)
+        return fit_linear_eval(X, y, seed, metric=metric)
     pipe = build_head(name, seed=seed)
     if searchable:
-        searched = head_search.timed_search(HEADS[name], pipe, X, y, cv, seed, 1)
+        searched = head_search.timed_search(HEADS[name], pipe, X, y, cv, seed, 1, metric=metric)
         return searched.fitted, head_search.unprefixed(searched.params), searched.cv_info["scheme"]
     spec = HEADS[name]
     bounded = {

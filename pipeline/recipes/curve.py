@@ -129,7 +129,7 @@ def _all_point(
     if scored == "test":
         split[fs.split == "val"] = "train"
     started = time.perf_counter()
-    runs = [evaluate_split(fs, split, names, seed, cv) for seed in seeds]
+    runs = [evaluate_split(fs, split, names, seed, cv, metric) for seed in seeds]
     return {"shots": "all", "seconds": time.perf_counter() - started, "scored": scored,
             "heads": {h: {"mean": float(np.mean([r[h][metric] for r in runs])),
                           "std": float(np.std([r[h][metric] for r in runs])),
