@@ -204,3 +204,28 @@ def test_the_ray_engine_resplits_too(photos, tmp_path, monkeypatch):
         progress=False, engine="ray",
     )  # fmt: skip
     assert summary.status == "re-split"
+
+
+def test_heads_refit_after_a_resplit_and_the_report_leaves_out_the_old_split(
+    photos, tmp_path, monkeypatch
+):
+    from pipeline.heads.fit import fit_heads
+    from pipeline.report.collect import collect_runs
+
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    first = fit_heads(path, "knn,ridge", data=photos, artifacts_dir=art, cv=2)
+    assert [r.manifest["split"]["seed"] for r in first] == [0, 0]
+    assert all(r.reused for r in fit_heads(path, "knn,ridge", artifacts_dir=art, cv=2))
+    features(photos, art, 1, monkeypatch)
+    again = fit_heads(path, "knn", data=photos, artifacts_dir=art, cv=2)
+    assert not again[0].reused and again[0].manifest["split"]["seed"] == 1  # refit, not reused
+    runs, notes = collect_runs(read_attrs(path)["dataset"], art)
+    assert [r.name for r in runs] == ["knn"]  # ridge was fit on SEED=0: left out, in one line
+    (line,) = [n for n in notes if "another split" in n]
+    assert "left out 1 head(s)" in line and "(SEED=0," in line and "now (SEED=1," in line
+    assert "ridge" in line and "re-run `make head`" in line
+    from pipeline.report.evaluation import run_config
+
+    split = run_config(runs[0])["split"]  # the report's configuration table shows it
+    assert split == "SEED=1, VAL_FRACTION=0.2, TEST_FRACTION=0.2"

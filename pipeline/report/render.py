@@ -227,7 +227,7 @@ def configuration_table(data: dict[str, Any]) -> Table:
     """
     header = [
         "run", "identity", "backbone", "weights", "weights identity", "input", "pooling",
-        "layer", "norm", "pca", "chosen", "CV acc.", "seed",
+        "layer", "norm", "pca", "chosen", "CV acc.", "seed", "split",
     ]  # fmt: skip
     rows = []
     for r in data["runs"]:
@@ -236,7 +236,7 @@ def configuration_table(data: dict[str, Any]) -> Table:
             [label(data, r["run"]), r["run"], fmt(c.get("backbone")), fmt(c.get("weights_source"))]
             + [_short_identity(c.get("weights"))]
             + [fmt(c.get(key)) for key in ("input_size", "pooling", "layer", "norm", "pca")]
-            + [_chosen(c), fmt(c.get("cv_accuracy")), fmt(c.get("seed"))]
+            + [_chosen(c), fmt(c.get("cv_accuracy")), fmt(c.get("seed")), fmt(c.get("split"))]
         )
     return "Configuration of each run", header, rows
 
