@@ -13,6 +13,7 @@ import pytest
 from conftest import make_folder
 
 from pipeline.core.artifacts import real_root
+from pipeline.core.errors import CacheError
 from pipeline.data.folders import SplitConfig, scan_folder
 from pipeline.features import cache_writer, extract
 from pipeline.features.cache import load_features, read_attrs
@@ -229,3 +230,26 @@ def test_heads_refit_after_a_resplit_and_the_report_leaves_out_the_old_split(
 
     split = run_config(runs[0])["split"]  # the report's configuration table shows it
     assert split == "SEED=1, VAL_FRACTION=0.2, TEST_FRACTION=0.2"
+
+
+def test_skipped_images_take_the_new_split_too(tmp_path):
+    from pipeline.features.cache import read_paths
+
+    path = tmp_path / "c.h5"
+    writer, _ = CacheWriter.open(
+        path, config_json="{}", fingerprint="f", paths=["a/1.png", "a/2.png", "b/3.png"],
+        labels=[0, 0, 1], splits=["train", "val", "test"], width=2, dtype="float32",
+    )  # fmt: skip
+    writer.write_batch(0, np.ones((2, 2), np.float32), np.array([1, 0, 1], bool), {1: "bad"}, 0.1)
+    writer.finalize({"class_names": ["a", "b"], "n_images": 2})
+    moved = cache_writer.rewrite_split(
+        path, {"a/1.png": "train", "a/2.png": "test", "b/3.png": "val"}, {"split_seed": 5}
+    )
+    assert moved == 2
+    assert read_paths(path) == {"a/1.png": ("a", "train"), "a/2.png": ("a", "test"),
+                                "b/3.png": ("b", "val")}  # fmt: skip
+    attrs = read_attrs(path)
+    assert attrs["split_seed"] == 5 and attrs["class_names"] == ["a", "b"]
+    with pytest.raises(CacheError, match="no longer has"):
+        cache_writer.rewrite_split(path, {"a/1.png": "train"}, {})
+    assert read_paths(path)["b/3.png"] == ("b", "val") and not list(tmp_path.glob("*.tmp"))
