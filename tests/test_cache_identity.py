@@ -38,7 +38,7 @@ def stage_one(data: Path, art: Path, config: FeatureConfig = CONFIG) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     records = folder.records
     writer, _ = CacheWriter.open(
-        path, config_json=cache_config_json(folder, resolved), fingerprint=folder.fingerprint(),
+        path, config_json=cache_config_json(resolved), fingerprint=folder.fingerprint(),
         paths=[r.path for r in records], labels=[r.label for r in records],
         splits=[r.split for r in records], width=4, dtype="float32",
     )  # fmt: skip

@@ -1,5 +1,5 @@
-"""Image folders: class folders, split folders, the stratified split, and the scan that
-finds every image (no decoding here: :mod:`pipeline.data.images`)."""
+"""Image folders: class folders, split folders, and the scan that finds every image (no
+decoding here: :mod:`pipeline.data.images`; the stratified split: :mod:`pipeline.data.splits`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import functools
 import hashlib
 import os
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import numpy as np
 
 from pipeline.core.artifacts import dataset_name
 from pipeline.core.errors import DataError
-from pipeline.core.options import check_options, option_label
 from pipeline.data.copies import content_hash, copy_groups
+from pipeline.data.splits import SPLITS, ImageRecord, SplitConfig, stratified_split, thin_splits
+
+__all__ = ["SPLITS", "ImageFolder", "ImageRecord", "SplitConfig", "scan_folder"]
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -47,39 +47,6 @@ def image_extensions() -> frozenset[str]:
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """How to split a folder that has no ``train/``, ``val/``, ``test/`` folders.
-
-    The split is stratified by class and fixed by ``seed``; both are recorded in
-    the cache, so later stages see exactly the same images in each split.
-    """
-
-    seed: int = 0
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-
-    def __post_init__(self) -> None:
-        check_options(asdict(self), error=DataError)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise DataError(
-                f"{option_label('val_fraction')} + {option_label('test_fraction')} must leave images for "
-                f"training; got {self.val_fraction} + {self.test_fraction}"
-            )
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image: its path relative to the data root, class index and split."""
-
-    path: str
-    label: int
-    split: str
-
-
 @dataclass(frozen=True)
 class ImageFolder:
     """A scanned data folder: classes, images and the split of each image."""
@@ -107,17 +74,18 @@ class ImageFolder:
             out[record.split] += 1
         return {s: n for s, n in out.items() if n}
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, *, splits: bool = True) -> str:
         """sha256 of every image's path, size, modification time, class and split.
 
-        Any added, removed, edited or relabelled image changes it.
+        Any added, removed, edited or relabelled image changes it; so does another split,
+        unless ``splits=False`` (the images alone: what a cache's features depend on).
         """
         digest = hashlib.sha256()
         digest.update("\x1f".join(self.class_names).encode())
         for record in self.records:
             stat = _stat_line(self.root / record.path)
-            line = f"{record.path}\x1f{stat}\x1f{record.label}\x1f{record.split}\n"
-            digest.update(line.encode())
+            split = f"\x1f{record.split}" if splits else ""
+            digest.update(f"{record.path}\x1f{stat}\x1f{record.label}{split}\n".encode())
         return digest.hexdigest()
 
 
@@ -263,8 +231,8 @@ def scan_folder(
     notes: list[str] = []
     by_class = _scan_classes(root, subfolders, where=str(root), notes=notes)
     groups = copy_groups(root, [p for ps in by_class.values() for p in ps]) if group_copies else []
-    records = _stratified_split(by_class, split, groups)
-    notes += _thin_splits(by_class, records, split)
+    records = stratified_split(by_class, split, groups)
+    notes += thin_splits(by_class, records, split)
     return ImageFolder(
         root, tuple(by_class), tuple(records), "stratified", split, tuple(notes),
         split_groups="exact-copies" if group_copies else "", copy_groups=len(groups),
@@ -286,34 +254,6 @@ def _ignored_beside(others: list[Path], split_folders: list[Path]) -> tuple[str,
                 f"class folders go inside them; move it into {train}/ or out of the data folder"
             )
     return tuple(notes)
-
-
-def _thin_splits(
-    by_class: dict[str, list[str]], records: list[ImageRecord], split: SplitConfig
-) -> list[str]:
-    """A line per split the fractions ask for that some classes (or all) get no image of."""
-    notes = []
-    for name, fraction in (("val", split.val_fraction), ("test", split.test_fraction)):
-        if fraction <= 0:
-            continue
-        present = {r.label for r in records if r.split == name}
-        missing = len(by_class) - len(present)
-        if not missing:
-            continue
-        largest = max(len(paths) for paths in by_class.values())
-        option = f"{name.upper()}_FRACTION={fraction:g}"
-        if not present:
-            notes.append(
-                f"the {name} split is empty: {option} of at most {largest} images per class "
-                f"rounds to 0; add images per class, raise {option.split('=')[0]}, or make "
-                f"train/ and {name}/ folders"
-            )
-        else:
-            notes.append(
-                f"{missing} of {len(by_class)} classes have no {name} image ({option} of their "
-                f"images rounds to 0); {name} accuracy leaves them out"
-            )
-    return notes
 
 
 def _scan_classes(
@@ -394,42 +334,6 @@ def _scan_optional_split(root: Path, folder: Path, notes: list[str]) -> dict[str
     return by_class
 
 
-def _stratified_split(
-    by_class: dict[str, list[str]], split: SplitConfig, groups: list[list[str]]
-) -> list[ImageRecord]:
-    """Per class, a seeded permutation of units filled into test, then val, then train.
-
-    A unit is one image, or a class's members of a group of copies: it goes whole into
-    one split, and a group spread over classes takes the split its first class gave it.
-    Without copies every unit is one image: the split of caches made before groups.
-    """
-    rng = np.random.default_rng(split.seed)
-    group_of = {path: tuple(group) for group in groups for path in group}
-    placed: dict[tuple[str, ...], str] = {}
-    records = []
-    for label, paths in enumerate(by_class.values()):
-        units: dict[object, list[str]] = {}
-        for path in paths:
-            units.setdefault(group_of.get(path, path), []).append(path)
-        keys = list(units)
-        n_test = int(round(len(paths) * split.test_fraction))
-        n_val = int(round(len(paths) * split.val_fraction))
-        taken = {"test": 0, "val": 0, "train": 0}
-        for i in rng.permutation(len(keys)):
-            key = keys[i]
-            name = placed.get(key) if isinstance(key, tuple) else None
-            if name is None:
-                name = (
-                    "test" if taken["test"] < n_test else "val" if taken["val"] < n_val else "train"
-                )
-                if isinstance(key, tuple):
-                    placed[key] = name
-            taken[name] += len(units[key])
-            records += [ImageRecord(path, label, name) for path in units[key]]
-    records.sort(key=lambda r: r.path)
-    return records
-
-
 def describe_folder(folder: ImageFolder) -> str:
     """What a scan found: classes, images per split and where the split came from.
 
@@ -445,11 +349,7 @@ def describe_folder(folder: ImageFolder) -> str:
     if folder.split_source == "folders":
         source = "from the split folders " + ", ".join(f"{s}/" for s in folder.counts())
     else:
-        s = folder.split
-        source = (
-            f"stratified by class, SEED={s.seed}, VAL_FRACTION={s.val_fraction:g}, "
-            f"TEST_FRACTION={s.test_fraction:g}"
-        )
+        source = f"stratified by class, {folder.split.words()}"
         if folder.split_groups and folder.copy_groups:
             source += f"; {folder.copy_groups} group(s) of exact copies each kept in one split"
     return (

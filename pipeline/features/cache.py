@@ -18,6 +18,7 @@ are the only modules that import h5py.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,6 +334,30 @@ def cache_matches(
     )
     return (
         where
-        and attrs.get("config_json") == config_json
+        and same_features(attrs.get("config_json"), config_json)
         and attrs.get("fingerprint") == fingerprint
     )
+
+
+# Caches written before the split left the identity recorded it in ``config_json``; the
+# split is not what makes the features (:mod:`pipeline.features.resplit`), so it is dropped.
+LEGACY_SPLIT_KEYS = ("split_source", "split")
+
+
+def same_features(recorded: Any, config_json: str) -> bool:
+    """Whether a cache's ``config_json`` (``recorded``) names the features ``config_json``
+    names, a split recorded in it by earlier versions left out."""
+    if recorded == config_json:
+        return True
+    identities = [_features_identity(text) for text in (recorded, config_json)]
+    return identities[0] is not None and identities[0] == identities[1]
+
+
+def _features_identity(text: Any) -> dict[str, Any] | None:
+    try:
+        identity = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    if not isinstance(identity, dict):
+        return None
+    return {k: v for k, v in identity.items() if k not in LEGACY_SPLIT_KEYS}

@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,60 @@ class CacheWriter:
     def close(self) -> None:
         if self._file.id.valid:
             self._file.close()
+
+
+def rewrite_split(path: str | Path, split_of: Mapping[str, str], attrs: Mapping[str, Any]) -> int:
+    """Give a finished cache another split: its ``split`` columns (rows and skipped images)
+    from ``split_of`` (path -> split) and ``attrs`` over its attributes; every other dataset
+    (the features above all) is copied as it is. Take :func:`cache_lock` first.
+
+    The new file is written under a temporary name and renamed over the cache, as a finished
+    cache always is: a crash at any moment leaves the old cache whole (and a ``.tmp`` file
+    the next run removes). Returns how many images changed split.
+
+    Raises
+    ------
+    CacheError
+        An image of the cache has no split in ``split_of`` (the images changed).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    moved = 0
+    with _writing(path, tmp), _removed_unless_done(tmp):
+        with h5py.File(path, "r") as src, h5py.File(tmp, "w") as out:
+            for group in (src, src["skipped"]) if "skipped" in src else (src,):
+                target = out if group is src else out.create_group("skipped")
+                for name in group:
+                    if name not in ("split", "skipped"):
+                        group.copy(group[name], target, name=name)  # raw chunks, never decoded
+                old = group["split"].asstr()[...].tolist()
+                paths = group["paths"].asstr()[...].tolist()
+                missing = [p for p in paths if p not in split_of]
+                if missing:
+                    raise CacheError(
+                        f"{path} holds {missing[0]}, which the folder no longer has; "
+                        "re-run `make features`"
+                    )
+                new = [split_of[p] for p in paths]
+                moved += sum(a != b for a, b in zip(old, new, strict=True))
+                target.create_dataset("split", data=_string_array(new))
+            for key in src.attrs:  # as stored: types and string lists kept
+                out.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+            for key, value in attrs.items():
+                out.attrs[key] = _string_array(value) if isinstance(value, list | tuple) else value
+        os.replace(tmp, path)
+    return moved
+
+
+@contextlib.contextmanager
+def _removed_unless_done(tmp: Path) -> Iterator[None]:
+    """Remove ``tmp`` when the block fails in any way (an interrupt too), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def work_path_of(path: Path) -> Path:

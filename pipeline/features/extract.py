@@ -104,6 +104,9 @@ def extract_features(
     # weights file is refused before any lock or work file exists.
     if run.cache_state():
         return run.up_to_date()
+    resplit = run.resplit()  # the same features under another split: nothing to extract
+    if resplit is not None:
+        return resplit
     model = build_extractor(run.resolved)
     with cache_writer.cache_lock(run.path):
         done = run.finished_meanwhile()

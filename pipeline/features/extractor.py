@@ -5,6 +5,7 @@ and what both engines do before extracting (:func:`prepare_extraction`)."""
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 from pipeline.core.artifacts import real_root
 from pipeline.data.folders import ImageFolder, SplitConfig, describe_folder, scan_folder
 from pipeline.data.images import iter_batches
-from pipeline.features import backbones, cache, precisions, runtimes
+from pipeline.features import backbones, cache, cache_writer, precisions, resplit, runtimes
 from pipeline.features import views as views_module
 from pipeline.features.config import (
     FeatureConfig,
@@ -80,6 +81,32 @@ class PreparedExtraction:
             self.notes.append(f"{self.path} was made from other images or options; rebuilding it")
         return None
 
+    def resplit(self) -> ExtractionSummary | None:
+        """Give the finished cache this folder's split when only the split differs (nothing
+        extracted; under the cache's lock), or ``None`` when it holds other features or images.
+        """
+        root, name = real_root(self.folder.root), self.folder.name
+        if not resplit.can_resplit(
+            self.path, self.folder, self.config_json, data_root=root, dataset=name
+        ):
+            return None
+        started = time.perf_counter()
+        with cache_writer.cache_lock(self.path):
+            if self.cache_state():  # another run re-split it meanwhile
+                return self.up_to_date()
+            if not resplit.can_resplit(
+                self.path, self.folder, self.config_json, data_root=root, dataset=name
+            ):
+                return None
+            moved = resplit.resplit_cache(
+                self.path, self.folder, self.config_json, self.fingerprint
+            )
+        self.record_name()
+        summary = self.summary("re-split", time.perf_counter() - started)
+        summary.extracted, summary.moved = 0, moved
+        summary.split = self.folder.split.words() if self.folder.split else ""
+        return summary
+
     def summary(self, status: str, seconds: float) -> ExtractionSummary:
         """The summary of a run that wrote the cache (``status``: built or resumed)."""
         self.record_name()  # only now: a refused run leaves nothing behind
@@ -123,7 +150,7 @@ def prepare_extraction(
         resolved,
         folder,
         path,
-        cache_config_json(folder, resolved),
+        cache_config_json(resolved),
         folder.fingerprint(),
         [f"warning: {w}" for w in folder.warnings] + list(resolved.runtime.notes),
         record_name,

@@ -168,6 +168,9 @@ def extract_features_ray(
     )
     if run.cache_state():
         return run.up_to_date()
+    resplit = run.resplit()  # the same features under another split: nothing to extract
+    if resplit is not None:
+        return resplit
     width, keras_weights = _driver_model(run.resolved)
     with cache_writer.cache_lock(run.path):
         done = run.finished_meanwhile()

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.artifacts import Artifacts, dataset_name, real_root
 from pipeline.core.errors import CacheError
-from pipeline.data.folders import ImageFolder, SplitConfig, cross_split_copies, scan_folder
+from pipeline.data.folders import ImageFolder, cross_split_copies, scan_folder
 from pipeline.features import cache, cache_writer, runtimes
 from pipeline.features.config import FeatureConfig, ResolvedFeatures, resolve_features
+from pipeline.features.resplit import recorded_split, split_attrs
 
 
 @dataclass
@@ -28,13 +29,15 @@ class ExtractionSummary:
     """What a stage-one run did (printed by the CLI)."""
 
     cache_path: Path
-    status: str  # "built", "resumed", "up to date"
+    status: str  # "built", "resumed", "up to date", "re-split"
     images: int
     extracted: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     file_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    split: str = ""  # re-split: the new split in words
+    moved: int = 0  # re-split: images whose split changed
 
     @property
     def images_per_second(self) -> float:
@@ -45,6 +48,11 @@ class ExtractionSummary:
         if self.status == "up to date":
             lines.append(
                 f"{self.cache_path} is up to date ({self.extracted} images); nothing to do"
+            )
+        elif self.status == "re-split":
+            lines.append(
+                f"re-split {self.images} images with {self.split}: 0 extracted, {self.moved} "
+                f"moved to another split, {self.seconds:.2f} s ({self.cache_path})"
             )
         else:
             lines.append(
@@ -91,14 +99,13 @@ def extractor_identity(resolved: ResolvedFeatures) -> dict[str, Any]:
     return identity
 
 
-def cache_config_json(folder: ImageFolder, resolved: ResolvedFeatures) -> str:
-    """Everything that changes the features, as one comparable string (a cache's ``config_json``)."""
-    identity = {
-        "format_version": cache.FORMAT_VERSION,
-        **extractor_identity(resolved),
-        "split_source": folder.split_source,
-        "split": asdict(folder.split) if folder.split else None,
-    }
+def cache_config_json(resolved: ResolvedFeatures) -> str:
+    """Everything that changes the features, as one comparable string (a cache's ``config_json``).
+
+    The split is not in it: another split re-splits a cache's rows
+    (:mod:`pipeline.features.resplit`); the images are its fingerprints.
+    """
+    identity = {"format_version": cache.FORMAT_VERSION, **extractor_identity(resolved)}
     return json.dumps(identity, sort_keys=True)
 
 
@@ -131,13 +138,7 @@ def extraction_attrs(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data_root": str(folder.root.resolve()),
         "dataset": folder.name,
-        "split_source": folder.split_source,
-        "split_seed": folder.split.seed if folder.split else -1,
-        "val_fraction": folder.split.val_fraction if folder.split else -1.0,
-        "test_fraction": folder.split.test_fraction if folder.split else -1.0,
-        # copies kept in one split; the check rescans old caches (no attribute) without groups
-        "split_groups": folder.split_groups,
-        "split_copy_groups": folder.copy_groups,
+        **split_attrs(folder),
         "keras_version": importlib.metadata.version("keras"),
         "keras_backend": keras_backend,
         "runtime": resolved.runtime.runtime,
@@ -226,7 +227,7 @@ def check_cache_for(
         differ += _option_differences(recorded, resolved)
     root, made_from = Path(real_root(data)), attrs.get("data_root")
     grouped = attrs.get("split_groups") == "exact-copies"
-    folder = scan_folder(data, _recorded_split(attrs), group_copies=grouped)
+    folder = scan_folder(data, recorded_split(attrs), group_copies=grouped)
     if made_from is not None and made_from != str(root):
         differ.append(f"it was made from {made_from}, not {root}")
     elif folder.fingerprint() != attrs.get("fingerprint"):
@@ -261,17 +262,6 @@ def _option_differences(recorded: Mapping[str, Any], resolved: ResolvedFeatures)
 
 def _shown(value: Any) -> str:
     return "unset" if value in (None, "") else str(value)
-
-
-def _recorded_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
-    """The stratified split a cache was made with (``None`` for split folders)."""
-    if attrs.get("split_source") != "stratified":
-        return None
-    return SplitConfig(
-        seed=int(attrs["split_seed"]),
-        val_fraction=float(attrs["val_fraction"]),
-        test_fraction=float(attrs["test_fraction"]),
-    )
 
 
 def _image_changes(path: str | Path, folder: ImageFolder) -> str:

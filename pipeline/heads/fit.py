@@ -26,6 +26,7 @@ from pipeline.core.options import check_options
 from pipeline.features.cache import load_features
 from pipeline.features.config import FeatureConfig
 from pipeline.features.records import check_cache_for
+from pipeline.features.resplit import split_record
 from pipeline.heads import scoring
 from pipeline.heads import search as head_search
 from pipeline.heads.leaks import audit_leak_note
@@ -356,6 +357,7 @@ def _record(
         class_names=fs.class_names,
         features=artifacts.feature_identity(attrs),
         fingerprint=attrs.get("fingerprint"),
+        split=split_record(attrs),  # what it was fit and scored on (a re-split makes another)
         head=name,  # the version-1 key, for readers that still look for it
         description=spec.description,
         cache=str(Path(fs.path).resolve()),

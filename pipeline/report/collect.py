@@ -113,6 +113,7 @@ from pipeline.core.errors import CacheError, ReportError, did_you_mean
 from pipeline.core.files import write_bytes_atomic
 from pipeline.core.options import check_options
 from pipeline.features.cache import read_attrs
+from pipeline.features.resplit import split_record, split_words
 from pipeline.report import pages
 from pipeline.report.audit_note import audit_note
 from pipeline.report.evaluation import build_report_data
@@ -213,8 +214,30 @@ def collect_runs(
             runs.append(read_run(path, attrs_of))
         except ReportError as exc:
             notes.append(str(exc))
-    notes += _stale_notes(runs, attrs_of)
+    runs, dropped = _other_splits(runs, attrs_of)
+    notes += dropped + _stale_notes(runs, attrs_of)
     return runs, notes
+
+
+def _other_splits(runs: list[Run], attrs_of: Any) -> tuple[list[Run], list[str]]:
+    """``runs`` less the heads fit on another split than their cache holds now (it was
+    re-split since: their test images are not the others'), and one line per cache saying so."""
+    kept: list[Run] = []
+    left: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        attrs = attrs_of(run.manifest.get("cache")) if run.kind == "head" else None
+        fit_on = run.manifest.get("split")
+        if attrs and isinstance(fit_on, dict) and fit_on != split_record(attrs):
+            left.setdefault((run.manifest["cache"], split_words(fit_on)), []).append(run)
+        else:
+            kept.append(run)
+    notes = [
+        f"left out {len(group)} head(s) fit on another split of {cache} ({words}) than it "
+        f"holds now ({split_words(split_record(attrs_of(cache)))}): "
+        f"{', '.join(r.run_id for r in group)}; re-run `make head`"
+        for (cache, words), group in left.items()
+    ]
+    return kept, notes
 
 
 def _stale_notes(runs: list[Run], attrs_of: Any) -> list[str]:
@@ -226,7 +249,9 @@ def _stale_notes(runs: list[Run], attrs_of: Any) -> list[str]:
             continue
         fingerprint = (attrs_of(cache) or {}).get("fingerprint")
         if fingerprint is not None and fingerprint != run.manifest.get("fingerprint"):
-            notes.append(f"{run.run_id} was fit before {cache} was rebuilt; re-run `make head`")
+            notes.append(
+                f"{run.run_id} was fit before {cache} was rebuilt or re-split; re-run `make head`"
+            )
     return notes
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.artifacts import EVAL_SPLITS, SplitPredictions, now_iso
+from pipeline.features.resplit import split_words
 from pipeline.heads import scoring
 from pipeline.heads.fit import grid_move_lines
 from pipeline.report import stats
@@ -154,6 +155,7 @@ def run_config(run: Run) -> dict[str, Any]:
             cv_metric=scoring.manifest_metric(m),
             cv_scheme=cv.get("scheme"),
             seed=m.get("seed"),
+            split=split_words(m.get("split")),  # the cache's split it was fit and scored on
             estimator=m.get("estimator"),
             grid_moves=_grid_moves(m),
         )

@@ -229,7 +229,7 @@ def configuration_table(data: dict[str, Any]) -> Table:
     """
     header = [
         "run", "identity", "backbone", "weights", "weights identity", "input", "pooling",
-        "layer", "norm", "pca", "chosen", "CV score", "seed",
+        "layer", "norm", "pca", "chosen", "CV score", "seed", "split",
     ]  # fmt: skip
     rows = []
     for r in data["runs"]:
@@ -238,7 +238,7 @@ def configuration_table(data: dict[str, Any]) -> Table:
             [label(data, r["run"]), r["run"], fmt(c.get("backbone")), fmt(c.get("weights_source"))]
             + [_short_identity(c.get("weights"))]
             + [fmt(c.get(key)) for key in ("input_size", "pooling", "layer", "norm", "pca")]
-            + [_chosen(c), _cv_score(c), fmt(c.get("seed"))]
+            + [_chosen(c), _cv_score(c), fmt(c.get("seed")), fmt(c.get("split"))]
         )
     return "Configuration of each run", header, rows
 

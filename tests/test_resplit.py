@@ -1,0 +1,255 @@
+"""Another split re-splits a cache's rows, nothing extracted (pipeline.features.resplit).
+Caches here are written as stage one writes them (its identity, its attributes, the real
+writer) with made-up features: no Keras; the backbone is never built (it raises)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_folder
+
+from pipeline.core.artifacts import real_root
+from pipeline.core.errors import CacheError
+from pipeline.data.folders import SplitConfig, scan_folder
+from pipeline.features import cache_writer, extract
+from pipeline.features.cache import load_features, read_attrs
+from pipeline.features.cache_writer import CacheWriter
+from pipeline.features.config import FeatureConfig, cache_path_for, resolve_features
+from pipeline.features.records import cache_config_json, check_cache_for, claim_dataset
+from pipeline.features.resplit import can_resplit, split_attrs, split_record, split_words
+
+CONFIG = FeatureConfig(backbone="mobilenet_v2", weights="none", input_size=32, runtime="keras")
+
+
+def stage_one(data: Path, art: Path, split: SplitConfig | None = None, *, legacy=False) -> Path:
+    """The cache stage one writes for ``data`` (random features); ``legacy``: as versions
+    before the split left the identity wrote it (split in ``config_json``, no
+    ``images_fingerprint``)."""
+    folder, _, record_name = claim_dataset(scan_folder(data, split), art)
+    record_name()
+    resolved = resolve_features(CONFIG, artifacts_dir=art, choose_runtime=False)
+    path = cache_path_for(folder.name, resolved, art)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config_json = cache_config_json(resolved)
+    attrs = split_attrs(folder)
+    if legacy:
+        identity = json.loads(config_json)
+        identity.update(split_source="stratified", split=vars(folder.split))
+        config_json = json.dumps(identity, sort_keys=True)
+        del attrs["images_fingerprint"]
+    records = folder.records
+    writer, _ = CacheWriter.open(
+        path, config_json=config_json, fingerprint=folder.fingerprint(),
+        paths=[r.path for r in records], labels=[r.label for r in records],
+        splits=[r.split for r in records], width=4, dtype="float32",
+    )  # fmt: skip
+    features = np.random.default_rng(0).normal(size=(len(records), 4)).astype(np.float32)
+    writer.write_batch(0, features, np.ones(len(records), bool), {}, 0.1)
+    writer.finalize({
+        "backbone": resolved.spec.name, "weights": resolved.weights_id,
+        "weights_source": CONFIG.weights, "input_size": resolved.input_size,
+        "pooling": CONFIG.pooling, "layer": "", "preprocessing": resolved.spec.preprocessing,
+        "precision": "fp32", "dtype": "float32", "class_names": list(folder.class_names),
+        "data_root": str(folder.root.resolve()), "dataset": folder.name, **attrs,
+        "n_images": len(records), "n_skipped": 0, "seconds": 0.1,
+    })  # fmt: skip
+    return path
+
+
+def features(data: Path, art: Path, seed: int, monkeypatch):
+    """``make features SEED=seed`` with a backbone that must not be built."""
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built: features were extracted again")
+
+    monkeypatch.setattr(extract, "build_extractor", no_backbone)
+    return extract.extract_features(
+        data, CONFIG, split=SplitConfig(seed=seed), artifacts_dir=art, progress=False
+    )
+
+
+def splits_of(data: Path, seed: int) -> dict[str, str]:
+    return {r.path: r.split for r in scan_folder(data, SplitConfig(seed=seed)).records}
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "photos", per_class=10)
+
+
+def test_another_seed_resplits_without_extracting(photos, tmp_path, monkeypatch):
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    before = load_features(path)
+    summary = features(photos, art, 1, monkeypatch)
+    assert summary.status == "re-split" and summary.cache_path == path
+    line = summary.format()
+    assert line.startswith("re-split 20 images with SEED=1, VAL_FRACTION=0.2, TEST_FRACTION=0.2")
+    assert "0 extracted" in line and f"{summary.moved} moved" in line
+    after = load_features(path)
+    assert np.array_equal(after.features, before.features)  # the same rows, untouched
+    assert list(after.paths) == list(before.paths) and np.array_equal(after.labels, before.labels)
+    assert dict(zip(after.paths, after.split, strict=True)) == splits_of(photos, 1)
+    assert summary.moved == int(np.sum(after.split != before.split)) > 0
+    attrs = after.attrs
+    assert attrs["split_seed"] == 1
+    assert attrs["fingerprint"] == scan_folder(photos, SplitConfig(seed=1)).fingerprint()
+    assert attrs["images_fingerprint"] == before.attrs["images_fingerprint"]
+    assert check_cache_for(path, photos, CONFIG, artifacts_dir=art) == []  # make head reads it
+    assert features(photos, art, 1, monkeypatch).status == "up to date"
+    assert features(photos, art, 0, monkeypatch).status == "re-split"
+    assert np.array_equal(load_features(path).split, before.split)  # SEED=0 again: the first
+
+
+def test_a_cache_of_before_the_change_is_read_then_resplit(photos, tmp_path, monkeypatch):
+    art = tmp_path / "art"
+    path = stage_one(photos, art, legacy=True)
+    assert "split" in json.loads(read_attrs(path)["config_json"])
+    assert features(photos, art, 0, monkeypatch).status == "up to date"  # no rebuild
+    assert check_cache_for(path, photos, CONFIG, artifacts_dir=art) == []
+    assert features(photos, art, 2, monkeypatch).status == "re-split"
+    attrs = read_attrs(path)
+    assert "split" not in json.loads(attrs["config_json"]) and "images_fingerprint" in attrs
+    assert dict(zip(*[load_features(path).paths, load_features(path).split], strict=True)) == (
+        splits_of(photos, 2)
+    )
+
+
+def test_an_interrupted_resplit_leaves_the_cache_whole(photos, tmp_path, monkeypatch):
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    before = path.read_bytes()
+    real = cache_writer._string_array
+
+    def interrupted(values):  # the new split column is being written when the run stops
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_writer, "_string_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        features(photos, art, 1, monkeypatch)
+    assert path.read_bytes() == before and not list(path.parent.glob("*.tmp"))
+    assert load_features(path).attrs["split_seed"] == 0  # the old cache, valid
+    monkeypatch.setattr(cache_writer, "_string_array", real)
+    assert features(photos, art, 1, monkeypatch).status == "re-split"
+
+
+def test_changed_images_or_split_folders_are_not_resplit(photos, tmp_path, split_folder):
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    config_json = read_attrs(path)["config_json"]
+    root, name = str(real_root(photos)), read_attrs(path)["dataset"]
+
+    def resplittable(data: Path, seed: int = 1) -> bool:
+        folder = scan_folder(data, SplitConfig(seed=seed))
+        return can_resplit(path, folder, config_json, data_root=root, dataset=name)
+
+    assert resplittable(photos)
+    image = photos / "red" / "img00.png"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert not resplittable(photos)  # an edited image: extract again
+    folders = stage_one(split_folder, art)
+    folder = scan_folder(split_folder)
+    attrs = read_attrs(folders)
+    assert not can_resplit(
+        folders,
+        folder,
+        attrs["config_json"],
+        data_root=attrs["data_root"],
+        dataset=attrs["dataset"],
+    )
+    assert split_record(attrs) == {"source": "folders"} and split_words(split_record(attrs)) == (
+        "split folders"
+    )
+
+
+def test_exact_copies_stay_in_one_split_after_a_resplit(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "copies", per_class=10)
+    for i in (1, 2):  # two copies of one red image
+        (data / "red" / f"copy{i}.png").write_bytes((data / "red" / "img00.png").read_bytes())
+    art = tmp_path / "art"
+    path = stage_one(data, art)
+    for seed in (1, 2, 3, 4):
+        assert features(data, art, seed, monkeypatch).status == "re-split"
+        fs = load_features(path)
+        split = dict(zip(fs.paths, fs.split, strict=True))
+        assert len({split[f"red/{p}.png"] for p in ("img00", "copy1", "copy2")}) == 1
+        assert split == splits_of(data, seed)
+
+
+def test_the_split_in_words():
+    attrs = {"split_source": "stratified", "split_seed": 3, "val_fraction": 0.1,
+             "test_fraction": 0.3, "split_groups": "exact-copies"}  # fmt: skip
+    record = split_record(attrs)
+    assert record == {"source": "stratified", "seed": 3, "val_fraction": 0.1,
+                      "test_fraction": 0.3, "groups": "exact-copies"}  # fmt: skip
+    assert split_words(record) == "SEED=3, VAL_FRACTION=0.1, TEST_FRACTION=0.3"
+    assert (
+        split_words(None) == split_words({"source": "stratified", "seed": "x"}) == ("not recorded")
+    )
+
+
+def test_the_ray_engine_resplits_too(photos, tmp_path, monkeypatch):
+    from pipeline.features import ray_engine
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built: features were extracted again")
+
+    monkeypatch.setattr(ray_engine, "_driver_model", no_backbone)
+    stage_one(photos, tmp_path / "art")
+    summary = extract.extract_features(
+        photos, CONFIG, split=SplitConfig(seed=1), artifacts_dir=tmp_path / "art",
+        progress=False, engine="ray",
+    )  # fmt: skip
+    assert summary.status == "re-split"
+
+
+def test_heads_refit_after_a_resplit_and_the_report_leaves_out_the_old_split(
+    photos, tmp_path, monkeypatch
+):
+    from pipeline.heads.fit import fit_heads
+    from pipeline.report.collect import collect_runs
+
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    first = fit_heads(path, "knn,ridge", data=photos, artifacts_dir=art, cv=2)
+    assert [r.manifest["split"]["seed"] for r in first] == [0, 0]
+    assert all(r.reused for r in fit_heads(path, "knn,ridge", artifacts_dir=art, cv=2))
+    features(photos, art, 1, monkeypatch)
+    again = fit_heads(path, "knn", data=photos, artifacts_dir=art, cv=2)
+    assert not again[0].reused and again[0].manifest["split"]["seed"] == 1  # refit, not reused
+    runs, notes = collect_runs(read_attrs(path)["dataset"], art)
+    assert [r.name for r in runs] == ["knn"]  # ridge was fit on SEED=0: left out, in one line
+    (line,) = [n for n in notes if "another split" in n]
+    assert "left out 1 head(s)" in line and "(SEED=0," in line and "now (SEED=1," in line
+    assert "ridge" in line and "re-run `make head`" in line
+    from pipeline.report.evaluation import run_config
+
+    split = run_config(runs[0])["split"]  # the report's configuration table shows it
+    assert split == "SEED=1, VAL_FRACTION=0.2, TEST_FRACTION=0.2"
+
+
+def test_skipped_images_take_the_new_split_too(tmp_path):
+    from pipeline.features.cache import read_paths
+
+    path = tmp_path / "c.h5"
+    writer, _ = CacheWriter.open(
+        path, config_json="{}", fingerprint="f", paths=["a/1.png", "a/2.png", "b/3.png"],
+        labels=[0, 0, 1], splits=["train", "val", "test"], width=2, dtype="float32",
+    )  # fmt: skip
+    writer.write_batch(0, np.ones((2, 2), np.float32), np.array([1, 0, 1], bool), {1: "bad"}, 0.1)
+    writer.finalize({"class_names": ["a", "b"], "n_images": 2})
+    moved = cache_writer.rewrite_split(
+        path, {"a/1.png": "train", "a/2.png": "test", "b/3.png": "val"}, {"split_seed": 5}
+    )
+    assert moved == 2
+    assert read_paths(path) == {"a/1.png": ("a", "train"), "a/2.png": ("a", "test"),
+                                "b/3.png": ("b", "val")}  # fmt: skip
+    attrs = read_attrs(path)
+    assert attrs["split_seed"] == 5 and attrs["class_names"] == ["a", "b"]
+    with pytest.raises(CacheError, match="no longer has"):
+        cache_writer.rewrite_split(path, {"a/1.png": "train"}, {})
+    assert read_paths(path)["b/3.png"] == ("b", "val") and not list(tmp_path.glob("*.tmp"))
