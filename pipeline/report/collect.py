@@ -118,6 +118,7 @@ from pipeline.report.audit_note import audit_note
 from pipeline.report.evaluation import build_report_data
 from pipeline.report.figures import report_figures
 from pipeline.report.fonts import class_labels
+from pipeline.report.protocols import protocols_link
 from pipeline.report.runs import Run
 
 __all__ = ["ReportResult", "Run", "collect_runs", "write_report"]
@@ -406,6 +407,8 @@ def write_report(
     figures = report_figures(data)
     out = Path(out_dir) if out_dir else Artifacts(artifacts_dir).reports_dir(dataset)
     data["audit"] = audit_note(artifacts_dir, dataset, out)
+    data["protocols"], protocol_notes = protocols_link(artifacts_dir, dataset, out)
+    data["notes"] += protocol_notes
     try:
         paths = _write_files(out, data, figures, thumbs)
     except OSError as exc:
