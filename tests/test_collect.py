@@ -472,5 +472,6 @@ def test_the_report_writes_and_links_the_protocols_page(artifacts, tmp_path):
         == (artifacts / "protocols" / "synthetic" / "index.html").resolve()
     )
     assert html.count("Research protocols on") == 1
+    assert result.lines[-1].endswith("protocols/synthetic/index.html")
     notes = json.loads(result.json.read_text())["notes"]
     assert any(n.startswith("skipped ") and "2-per-class.json: not JSON" in n for n in notes)

@@ -258,3 +258,20 @@ def test_linear_eval_is_a_protocol_head_named_among_others_and_recorded_per_seed
     runs = result.record["heads"]["linear_eval"]["seeds"]
     assert [r["params"]["C"] for r in runs] == [1.0, 1.0]  # one image: nothing to hold out
     assert runs[0]["scheme"].startswith("fixed C=1")
+
+
+def test_protocol_and_curve_commands_write_the_protocols_page(tmp_path, capsys) -> None:
+    from heads_helpers import synthetic_cache
+
+    from pipeline.cli.main import main
+
+    cache = synthetic_cache(tmp_path, width=6, per_class=10, dataset="bugs")
+    common = ["--cache", str(cache), "--seeds", "0,1", "--head", "ridge"]
+    common += ["--artifacts", str(tmp_path / "art")]
+    assert main(["protocol", *common, "--train-per-class", "3"]) == 0
+    page = tmp_path / "art/protocols/bugs/index.html"
+    assert f"wrote {page} and {page.with_suffix('.md')}" in capsys.readouterr().out
+    assert main(["curve", *common, "--shots", "1,2"]) == 0
+    text = page.with_suffix(".md").read_text()
+    assert "## 3 per class" in text and "## Few-shot curve" in text
+    assert "| 1 | ridge |" in text  # each seed of the curve's N=1, in the curve's section

@@ -176,6 +176,7 @@ def test_the_reports_link_is_one_line_relative_to_the_report(tmp_path: Path) -> 
         "sentence": "Research protocols on these images (30 per class over 3 seeds) are on",
         "href": "../../protocols/bugs/index.html",
         "text": "their own page",
+        "path": str(tmp_path / "protocols/bugs/index.html"),
     }
     assert notes == []
 

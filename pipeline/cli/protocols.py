@@ -2,7 +2,9 @@
 
 Thin calls of :func:`pipeline.heads.protocol_run.run_protocol` and
 :func:`pipeline.recipes.curve.run_curve` on the cache stage one wrote for ``--data``
-(or ``--cache``); :mod:`pipeline.cli.main` adds them (:func:`add_protocols`).
+(or ``--cache``), each followed by the data set's protocols page
+(:func:`pipeline.report.protocols.write_protocol_page`); :mod:`pipeline.cli.main` adds them
+(:func:`add_protocols`).
 """
 
 from __future__ import annotations

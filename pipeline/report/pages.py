@@ -282,6 +282,8 @@ def summary_lines(data: dict[str, Any], width: int = 100) -> list[str]:
             note["sentence"], width, initial_indent="  ", subsequent_indent="    "
         )
     lines += [f"  note: {n}" for n in data["notes"]]
+    if link := data.get("protocols"):
+        lines.append(f"  protocol results: {link['path']}")
     return lines
 
 

@@ -143,5 +143,6 @@ def protocols_link(
         "sentence": f"Research protocols on these images{shown} are on",
         "href": os.path.relpath(page.html, report_dir),
         "text": "their own page",
+        "path": str(page.html),  # for the lines `make report` prints
     }
     return link, page.notes
