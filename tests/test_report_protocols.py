@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report import protocols
+from pipeline.report import protocol_sections, protocols
 from pipeline.report.protocol_sections import headline
 
 STEM = "mobilenet_v2_224_avg_imagenet"
@@ -86,6 +86,8 @@ def test_a_lead_counts_only_on_every_seed_and_past_the_spread(tmp_path: Path) ->
         words(knn, tmp_path)
     )
     one = words({"svm": [0.9], "logreg": [0.8]}, tmp_path)
+    single = read_protocol(_write(tmp_path, "x.json", _record({"svm": [0.9]})))
+    assert protocol_sections.seeds_table(single)[2] == [["svm", "0.900", "0.900", "0.25"]]
     assert one.startswith("30 per class on one seed: svm 0.900 balanced accuracy, logreg 0.800;")
     assert "one seed gives no spread" in one
 
@@ -146,7 +148,11 @@ def test_a_curve_shows_its_plot_table_time_and_each_seed_at_each_n(tmp_path: Pat
     assert f"![few-shot curve]({STEM}/curve.png)" in curve
     assert "| all | 80 | 0.620 +- 0.020 | 0.630 +- 0.020 | 0.5 |" in curve
     assert "| 5 | logreg | 0.700 | 0.710 | 0.720 | 0.710 +- 0.008 |" in curve
-    assert "| 10 | 2 | C=0.3 | C=0.3 |" in curve
+    assert "| 10 | C=0.1 / C=0.2 / C=0.3 | C=0.1 / C=0.2 / C=0.3 |" in curve
+    assert "No per-seed figures" not in curve
+    (tmp_path / "protocols/bugs" / STEM / "5-per-class.json").unlink()
+    curve = protocols.write_protocol_page(tmp_path, "bugs").markdown.read_text()
+    assert "No per-seed figures for N = 5: the curve's files for it were written over" in curve
     assert "the curve cost 0.50 of one stage-one pass" in curve
     html = page.html.read_text()
     assert "<img alt='few-shot curve' src='data:image/png;base64," in html
@@ -187,3 +193,17 @@ def test_an_unwritable_page_is_a_note_not_a_failure(tmp_path: Path) -> None:
     link, notes = protocols.protocols_link(tmp_path, "bugs", tmp_path)
     assert link is None and len(notes) == 1
     assert notes[0].startswith("cannot write the protocols page into")
+
+
+def test_what_was_run_groups_heads_chosen_the_same_way(tmp_path: Path) -> None:
+    from pipeline.report.protocol_records import read_protocol
+
+    record = _record({"svm": [0.9, 0.8], "logreg": [0.9, 0.8], "linear_eval": [0.9, 0.8]})
+    for run in record["heads"]["linear_eval"]["seeds"]:
+        run["scheme"] = "C from 12 values on a held-out 20% of train"
+    facts = protocol_sections.described(read_protocol(_write(tmp_path, "x.json", record)))
+    assert facts[2] == (
+        "Hyper-parameters: svm and logreg: 3-fold cross-validation on each seed's training "
+        "images; linear_eval: C from 12 values on a held-out 20% of train (the values are below)."
+    )
+    assert facts[0].startswith("Split: 30 training images per class, drawn for each seed from all")

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.report.cells import fmt, listing
-from pipeline.report.protocol_sections import cost, figure_text, location, metric_name
+from pipeline.report.protocol_sections import (
+    cost,
+    figure_text,
+    location,
+    metric_name,
+    params_text,
+)
 from pipeline.report.render import Block, Table
 
 PLATEAU = 0.01  # a curve has levelled off once its means stay this close to the last one
@@ -76,7 +82,7 @@ def curve_described(curve: dict[str, Any]) -> list[str]:
         f"The N-per-class protocol at each N of {shots}: N training images per class drawn "
         "for each seed from all of the class's images, every other image test.",
         f"Seeds: {', '.join(map(str, curve['seeds']))}. Heads: {listing(curve['heads'])}.",
-        "Hyper-parameters: chosen as `make protocol` chooses them (cross-validation on the "
+        "Hyper-parameters: chosen as make protocol chooses them (cross-validation on the "
         "training images when every class has at least 5 of them, else fixed defaults).",
     ]
     shipped = [p for p in curve["points"] if p["shots"] == "all"]
@@ -114,27 +120,31 @@ def curve_seed_tables(curve: dict[str, Any], runs: dict[int, dict[str, Any]]) ->
             entry = record["heads"][h]
             figures.append(
                 [str(n), h, *[fmt(r["scores"][metric]) for r in entry["runs"]]]
-                + [figure_text(entry, metric, 2)]
+                + [figure_text(entry, metric, len(seeds))]
             )
-        for i, seed in enumerate(seeds):
-            params.append(
-                [str(n), str(seed)]
-                + [
-                    ", ".join(
-                        f"{k}={v}" for k, v in record["heads"][h]["runs"][i]["params"].items()
-                    )
-                    or "-"
-                    for h in heads
-                ]
-            )
+        chosen = [" / ".join(params_text(r) for r in record["heads"][h]["runs"]) for h in heads]
+        params.append([str(n), *chosen])
+    order = " / ".join(map(str, seeds))
     return [
         (
             f"{metric_name(metric).capitalize()} of each seed at each N",
             ["per class", "head", *[f"seed {s}" for s in seeds], "mean +- std"],
             figures,
         ),
-        ("Hyper-parameters chosen at each N and seed", ["per class", "seed", *heads], params),
+        (f"Hyper-parameters chosen at each N (seeds {order})", ["per class", *heads], params),
     ]
+
+
+def _missing_runs(curve: dict[str, Any], runs: dict[int, dict[str, Any]]) -> str | None:
+    """Which N have no per-seed figures here, and why."""
+    missing = [str(p["shots"]) for p in numbers_of(curve) if p["shots"] not in runs]
+    if not missing:
+        return None
+    return (
+        f"No per-seed figures for N = {', '.join(missing)}: the curve's files for "
+        f"{'it' if len(missing) == 1 else 'them'} were written over by a later make protocol "
+        "(shown in its own section) or are gone."
+    )
 
 
 def curve_blocks(
@@ -149,4 +159,5 @@ def curve_blocks(
         ("p", cost(curve["seconds"], curve["stage_one_seconds"], "The curve", fits)),
     ]
     blocks += [("table", t) for t in curve_seed_tables(curve, runs)]
+    blocks += [("p", note) for note in [_missing_runs(curve, runs)] if note]
     return blocks + [("p", location(curve["file"], curve["created"]))]

@@ -106,10 +106,17 @@ def _how_chosen(record: dict[str, Any]) -> str:
         ]
         return words[0] if len(words) == 1 else "by seed: " + "; ".join(words)
 
-    per_head = {h: phrase([r["scheme"] for r in e["runs"]]) for h, e in record["heads"].items()}
-    if len(set(per_head.values())) == 1:
-        return next(iter(per_head.values()))
-    return "; ".join(f"{h}: {p}" for h, p in per_head.items())
+    heads_of: dict[str, list[str]] = {}  # phrase -> the heads chosen that way
+    for head, entry in record["heads"].items():
+        heads_of.setdefault(phrase([r["scheme"] for r in entry["runs"]]), []).append(head)
+    if len(heads_of) == 1:
+        return next(iter(heads_of))
+    return "; ".join(f"{listing(heads)}: {words}" for words, heads in heads_of.items())
+
+
+def params_text(run: dict[str, Any]) -> str:
+    """``C=0.1`` (every plain hyper-parameter a run recorded), ``-`` when none."""
+    return ", ".join(f"{k}={v}" for k, v in run["params"].items()) or "-"
 
 
 def described(record: dict[str, Any]) -> list[str]:
@@ -163,7 +170,7 @@ def seeds_table(record: dict[str, Any]) -> Table:
     ranked = sorted(heads, key=lambda h: -heads[h]["mean"][metric])
     header = ["head", "mean +- std", *[f"seed {s}" for s in seeds], "fit s (all seeds)"]
     rows = [
-        [h, figure_text(heads[h], metric, 2)]
+        [h, figure_text(heads[h], metric, len(seeds))]
         + [fmt(r["scores"][metric]) for r in heads[h]["runs"]]
         + [fmt(heads[h]["fit_seconds"], 2)]
         for h in ranked
@@ -176,18 +183,19 @@ def metrics_table(record: dict[str, Any]) -> Table:
     heads = record["heads"]
     keys = [m for m in METRIC_WORDS if all(m in e["mean"] for e in heads.values())]
     ranked = sorted(heads, key=lambda h: -heads[h]["mean"][record["metric"]])
-    rows = [[h] + [figure_text(heads[h], m, 2) for m in keys] for h in ranked]
-    return "Every metric, mean +- std over the seeds", ["head", *map(metric_name, keys)], rows
+    n = len(record["seeds"])
+    rows = [[h] + [figure_text(heads[h], m, n) for m in keys] for h in ranked]
+    title = "Every metric" + (", mean +- std over the seeds" if n > 1 else "")
+    return title, ["head", *map(metric_name, keys)], rows
 
 
 def params_table(record: dict[str, Any]) -> Table:
     """The hyper-parameters each head used on each seed."""
     heads = record["heads"]
     rows = [
-        [str(seed)]
-        + [", ".join(f"{k}={v}" for k, v in e["runs"][i]["params"].items()) or "-" for e in heads.values()]
+        [str(seed), *[params_text(e["runs"][i]) for e in heads.values()]]
         for i, seed in enumerate(record["seeds"])
-    ]  # fmt: skip
+    ]
     return "Hyper-parameters chosen on each seed", ["seed", *heads], rows
 
 
