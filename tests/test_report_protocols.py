@@ -207,3 +207,22 @@ def test_what_was_run_groups_heads_chosen_the_same_way(tmp_path: Path) -> None:
         "images; linear_eval: C from 12 values on a held-out 20% of train (the values are below)."
     )
     assert facts[0].startswith("Split: 30 training images per class, drawn for each seed from all")
+
+
+def test_names_from_disk_print_as_written_never_as_markup(tmp_path: Path) -> None:
+    hostile = "<b>svm</b>|x"
+    _write(tmp_path, "30-per-class.json", _record({hostile: [0.9, 0.8], "logreg": [0.7, 0.6]}))
+    page = protocols.write_protocol_page(tmp_path, "bugs")
+    html, md = page.html.read_text(), page.markdown.read_text()
+    assert "<b>svm" not in html and "&lt;b&gt;svm&lt;/b&gt;|x 0.850 +- 0.050" in html
+    assert "<b>" not in md and "&lt;b&gt;svm&lt;/b&gt;\\|x" in md
+
+
+def test_a_report_with_no_heads_still_writes_the_page_and_says_where(tmp_path: Path) -> None:
+    from pipeline.core.errors import ReportError
+    from pipeline.report.collect import write_report
+
+    _write(tmp_path, "30-per-class.json", _record(AHEAD))
+    with pytest.raises(ReportError, match="its protocol results are on .*protocols/bugs/index"):
+        write_report("bugs", artifacts_dir=tmp_path)
+    assert (tmp_path / "protocols/bugs/index.html").is_file()

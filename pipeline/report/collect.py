@@ -392,8 +392,10 @@ def write_report(
     """
     check_options({"n_resamples": n_resamples})
     runs, notes = collect_runs(dataset, artifacts_dir)
-    if not runs:
-        raise _nothing_to_report(dataset, artifacts_dir, notes)
+    if not runs:  # protocols alone still get their page, and the error says where
+        link, _ = protocols_link(artifacts_dir, dataset, Path.cwd())
+        where = [f"its protocol results are on {link['path']}"] if link else []
+        raise _nothing_to_report(dataset, artifacts_dir, notes + where)
     if len({r.class_names for r in runs}) > 1:
         notes.append("runs disagree on the class list; each is scored on its own classes")
     data = build_report_data(dataset, runs, notes, n_resamples=n_resamples, seed=seed)

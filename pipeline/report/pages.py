@@ -9,6 +9,7 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from pipeline.report.plotting import safe_figure_name
 from pipeline.report.render import (
@@ -40,10 +41,10 @@ def _thumb_caption(entry: dict[str, Any]) -> str:
 
 def _markdown_table(table: Table) -> list[str]:
     title_, header, rows = table
-    lines = [f"**{title_}**", ""]
+    lines = [f"**{md_escape(title_)}**", ""]
     if not rows:
         return lines + ["(none)", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(md_escape, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows]
     return lines + [""]
 
@@ -85,7 +86,7 @@ def _markdown_block(
         link = f"[{md_escape(value['text'])}]({value['href']})"
         return [f"{md_escape(value['sentence'])} {link}.", ""]
     if kind == "image":  # (alt text, the PNG's path relative to the page)
-        return [f"![{md_escape(value[0])}]({value[1]})", ""]
+        return [f"![{md_escape(value[0])}]({quote(value[1])})", ""]
     if kind == "table":
         return _markdown_table(value)
     if kind == "figures":
