@@ -222,10 +222,10 @@ export: install $(VENV_DIR)/.export-installed ## features, labels, paths, splits
 PROTOCOL_ARGS = --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(filter command line environment%,$(origin HEAD)),--head "$$ARG_HEAD") \
 	$(call opt,SEEDS,--seeds) $(call opt,METRIC,--metric) --cv "$$ARG_CV"
 
-protocol: install ## N per class to train, the rest to test, over seeds: mean +- std per head (DATA= TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv SEEDS=0,1,2,3,4 HEAD=svm,logreg or linear_eval METRIC=balanced_accuracy) -> artifacts/protocols/
+protocol: install ## N per class to train, the rest to test, over seeds: mean +- std per head (DATA= TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv SEEDS=0,1,2,3,4 HEAD=svm,logreg or linear_eval METRIC=balanced_accuracy) -> artifacts/protocols/ (and its page, index.html)
 	$(call pipeline,protocol $(PROTOCOL_ARGS) $(call opt,TRAIN_PER_CLASS,--train-per-class) $(call opt,SPLIT_FILE,--split-file))
 
-curve: install ## few-shot curve on the cache: the protocol per N (DATA= SHOTS=1,2,5,10,all SEEDS=0,1,2 HEAD= METRIC=) -> artifacts/protocols/<dataset>/<cache>/curve.{json,md,png}
+curve: install ## few-shot curve on the cache: the protocol per N (DATA= SHOTS=1,2,5,10,all SEEDS=0,1,2 HEAD= METRIC=) -> artifacts/protocols/<dataset>/<cache>/curve.{json,md,png} and <dataset>/index.html
 	$(call pipeline,curve $(PROTOCOL_ARGS) --shots "$$ARG_SHOTS")
 
 bench-protocol: install ## head fits of a 5-seed, 30-per-class protocol on 100 synthetic classes (width 1,280; svm,logreg then linear_eval) / one stage-one pass of the same images -> artifacts/bench/protocol.json

@@ -444,3 +444,34 @@ def test_the_report_links_the_audit_and_says_its_leaks(artifacts, tmp_path):
     assert "audit/synthetic/audit.html'>The audit</a>" in html
     assert html.index("a leak") < html.index("Leaderboard (ranked")
     assert any("a leak" in line for line in result.lines)
+
+
+def test_the_report_writes_and_links_the_protocols_page(artifacts, tmp_path):
+    folder = artifacts / "protocols" / "synthetic" / "synth"
+    folder.mkdir(parents=True)
+    runs = [{"seed": s, "balanced_accuracy": v, "params": {"C": 1.0}, "scheme": "3-fold"}
+            for s, v in enumerate((0.8, 0.82, 0.81))]  # fmt: skip
+    record = {
+        "protocol": "5-per-class", "metric": "balanced_accuracy", "seeds": [0, 1, 2],
+        "heads": {"svm": {"seeds": runs}}, "split": {"kind": "per_class", "train_per_class": 5},
+    }  # fmt: skip
+    (folder / "5-per-class.json").write_text(json.dumps(record))
+    (folder / "2-per-class.json").write_text("{truncated")
+    try:
+        result = write_report("synthetic", artifacts_dir=artifacts, out_dir=tmp_path / "r")
+        page = (artifacts / "protocols" / "synthetic" / "index.html").read_text()
+    finally:
+        shutil.rmtree(artifacts / "protocols")
+    assert "5 per class over 3 seeds: svm 0.810 +- 0.008 balanced accuracy." in page
+    html = result.html.read_text()
+    link = re.search(r"<p>Research protocols on these images \(5 per class over 3 seeds\) are on "
+                     r"<a href='([^']+)'>their own page</a>.</p>", html)  # fmt: skip
+    assert (
+        link
+        and (tmp_path / "r" / link.group(1)).resolve()
+        == (artifacts / "protocols" / "synthetic" / "index.html").resolve()
+    )
+    assert html.count("Research protocols on") == 1
+    assert result.lines[-1].endswith("protocols/synthetic/index.html")
+    notes = json.loads(result.json.read_text())["notes"]
+    assert any(n.startswith("skipped ") and "2-per-class.json: not JSON" in n for n in notes)

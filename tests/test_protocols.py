@@ -278,3 +278,20 @@ def test_the_searches_choose_by_the_protocols_metric(
     split = protocol_run.per_class_split(fs.labels, 5, seed=0)
     protocol_run.evaluate_split(fs, split, ["svm", "logreg"], seed=0, metric=metric)
     assert used == [chooses, chooses]
+
+
+def test_protocol_and_curve_commands_write_the_protocols_page(tmp_path, capsys) -> None:
+    from heads_helpers import synthetic_cache
+
+    from pipeline.cli.main import main
+
+    cache = synthetic_cache(tmp_path, width=6, per_class=10, dataset="bugs")
+    common = ["--cache", str(cache), "--seeds", "0,1", "--head", "ridge"]
+    common += ["--artifacts", str(tmp_path / "art")]
+    assert main(["protocol", *common, "--train-per-class", "3"]) == 0
+    page = tmp_path / "art/protocols/bugs/index.html"
+    assert f"wrote {page} and {page.with_suffix('.md')}" in capsys.readouterr().out
+    assert main(["curve", *common, "--shots", "1,2"]) == 0
+    text = page.with_suffix(".md").read_text()
+    assert "## 3 per class" in text and "## Few-shot curve" in text
+    assert "| 1 | ridge |" in text  # each seed of the curve's N=1, in the curve's section

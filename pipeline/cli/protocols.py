@@ -2,7 +2,9 @@
 
 Thin calls of :func:`pipeline.heads.protocol_run.run_protocol` and
 :func:`pipeline.recipes.curve.run_curve` on the cache stage one wrote for ``--data``
-(or ``--cache``); :mod:`pipeline.cli.main` adds them (:func:`add_protocols`).
+(or ``--cache``), each followed by the data set's protocols page
+(:func:`pipeline.report.protocols.write_protocol_page`); :mod:`pipeline.cli.main` adds them
+(:func:`add_protocols`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import argparse
 
 from pipeline.cli.options import add_command, add_feature_options, one_of, optional_int
 from pipeline.cli.stage_two import checked_cache_for
+from pipeline.core.errors import ReportError
 from pipeline.heads.protocol_run import DEFAULT_HEADS, METRICS, run_protocol
 from pipeline.recipes.curve import run_curve
+from pipeline.report.protocols import write_protocol_page
 
 
 def seeds_value(value: str) -> list[int]:
@@ -42,6 +46,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
         log=print,
     )
     print(result.format())
+    _write_page(args, result.record["dataset"])
     return 0
 
 
@@ -58,7 +63,20 @@ def cmd_curve(args: argparse.Namespace) -> int:
         log=print,
     )
     print(result.format())
+    _write_page(args, result.record["dataset"])
     return 0
+
+
+def _write_page(args: argparse.Namespace, dataset: str | None) -> None:
+    """The data set's protocols page, rewritten with this result; a page that cannot be
+    written is a warning (the result is saved)."""
+    try:
+        page = write_protocol_page(args.artifacts, dataset or "unknown")
+    except ReportError as exc:
+        print(f"warning: {exc}")
+        return
+    if page is not None:
+        print(page.format())
 
 
 def _common(p: argparse.ArgumentParser, seeds: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
 
+from pipeline.core.artifacts import now_iso, safe_name
 from pipeline.core.errors import HeadError
 from pipeline.core.files import write_atomic
 from pipeline.core.options import PROTOCOL_METRICS, check_options
@@ -77,6 +78,7 @@ def run_protocol(
     cv: int = 3,
     artifacts_dir: str | Path | None = "artifacts",
     log: Any = None,
+    part_of: str | None = None,
 ) -> ProtocolResult:
     """Fit ``heads`` on ``train_per_class`` images per class (or a shipped ``split_list``),
     once per seed, and score the rest.
@@ -102,6 +104,9 @@ def run_protocol(
     artifacts_dir : path or None
         Where ``protocols/<dataset>/<cache stem>/<protocol>.json`` and ``.md`` go (None:
         nothing written).
+    part_of : str, optional
+        Recorded as ``part_of`` (``"curve"`` when :func:`pipeline.recipes.curve.run_curve`
+        runs it): the protocols page shows such a run with its curve.
 
     Raises
     ------
@@ -127,6 +132,9 @@ def run_protocol(
             f"{h} {per_seed[-1][h][metric]:.3f}" for h in names))  # fmt: skip
     record = _summarise(fs, name, metric, names, list(seeds), per_seed)
     record["seconds"] = time.perf_counter() - started
+    record["created"] = now_iso()
+    if part_of:
+        record["part_of"] = part_of
     record["split"] = (
         {"kind": "list", "file": str(split_list)}
         if split_list is not None
@@ -157,9 +165,9 @@ def _listed_split(
 
 
 def protocols_dir(artifacts_dir: str | Path, fs: FeatureSet) -> Path:
-    """``<artifacts>/protocols/<dataset>/<cache stem>/`` (made here)."""
+    """``<artifacts>/protocols/<dataset>/<cache stem>/`` (made here; each one safe path part)."""
     dataset = str(fs.attrs.get("dataset") or "unknown")
-    out = Path(artifacts_dir) / "protocols" / dataset / Path(fs.path).stem
+    out = Path(artifacts_dir) / "protocols" / safe_name(dataset) / safe_name(Path(fs.path).stem)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

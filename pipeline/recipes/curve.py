@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.artifacts import now_iso
 from pipeline.core.errors import HeadError
 from pipeline.core.files import write_atomic
 from pipeline.features.cache import FeatureSet, load_features
@@ -28,7 +29,8 @@ from pipeline.heads.protocol_run import (
     resolve_protocol_heads,
     run_protocol,
 )
-from pipeline.report.plotting import _figure, literal_text, png_bytes
+from pipeline.report.figures import curve_figure
+from pipeline.report.plotting import png_bytes
 
 
 @dataclass
@@ -91,7 +93,9 @@ def run_curve(
         if n == "all":
             point = _all_point(fs, names, seeds, metric, cv)
         else:
-            result = run_protocol(fs, n, seeds, names, metric, cv=cv, artifacts_dir=artifacts_dir)
+            result = run_protocol(
+                fs, n, seeds, names, metric, cv=cv, artifacts_dir=artifacts_dir, part_of="curve"
+            )
             point = {"shots": n, "seconds": result.record["seconds"], "heads": {
                 h: {"mean": r["mean"][metric], "std": r["std"][metric],
                     "n_train": r["seeds"][0]["n_train"]}
@@ -105,6 +109,7 @@ def run_curve(
         "dataset": fs.attrs.get("dataset"), "cache": str(Path(fs.path).resolve()),
         "metric": metric, "seeds": list(seeds), "heads": list(names), "points": points,
         "seconds": time.perf_counter() - started, "stage_one_seconds": fs.attrs.get("seconds"),
+        "created": now_iso(),
     }  # fmt: skip
     out = protocols_dir(artifacts_dir, fs)
     paths = (out / "curve.json", out / "curve.md", out / "curve.png")
@@ -155,31 +160,3 @@ def curve_table(record: dict[str, Any]) -> str:
         cells = [f"{p['heads'][h]['mean']:.3f} +- {p['heads'][h]['std']:.3f}" for h in heads]
         lines.append(f"| {p['shots']} | " + " | ".join(cells) + f" | {p['seconds']:.1f} |")
     return "\n".join(lines)
-
-
-@literal_text
-def curve_figure(record: dict[str, Any]) -> Any:
-    """Mean per head against training images per class (log axis), the std as a band."""
-    fig = _figure(figsize=(6.0, 4.0))
-    ax = fig.add_subplot()
-    numbers = [p for p in record["points"] if p["shots"] != "all"]
-    for head in record["heads"]:
-        x = [p["shots"] for p in numbers]
-        mean = np.array([p["heads"][head]["mean"] for p in numbers])
-        std = np.array([p["heads"][head]["std"] for p in numbers])
-        (line,) = ax.plot(x, mean, marker="o", label=head)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        for p in record["points"]:
-            if p["shots"] == "all":  # the shipped split: a dashed level, not a point on the axis
-                ax.axhline(p["heads"][head]["mean"], color=line.get_color(), ls="--", lw=1)
-    if numbers:
-        ax.set_xscale("log")
-        ax.set_xticks([p["shots"] for p in numbers], [str(p["shots"]) for p in numbers])
-        ax.minorticks_off()  # the log axis's minor labels are mathtext, printed raw here
-    shipped = any(p["shots"] == "all" for p in record["points"])
-    ax.set_xlabel("training images per class" + (" (dashed: the cache's own split)" * shipped))
-    ax.set_ylabel(f"{record['metric']} (band: +- std)")
-    ax.set_title(f"{record['dataset']}: {len(record['seeds'])} seeds")
-    ax.legend()
-    fig.tight_layout()
-    return fig

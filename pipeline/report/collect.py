@@ -119,6 +119,7 @@ from pipeline.report.audit_note import audit_note
 from pipeline.report.evaluation import build_report_data
 from pipeline.report.figures import report_figures
 from pipeline.report.fonts import class_labels
+from pipeline.report.protocols import protocols_link
 from pipeline.report.runs import Run
 
 __all__ = ["ReportResult", "Run", "collect_runs", "write_report"]
@@ -416,8 +417,10 @@ def write_report(
     """
     check_options({"n_resamples": n_resamples})
     runs, notes = collect_runs(dataset, artifacts_dir)
-    if not runs:
-        raise _nothing_to_report(dataset, artifacts_dir, notes)
+    if not runs:  # protocols alone still get their page, and the error says where
+        link, _ = protocols_link(artifacts_dir, dataset, Path.cwd())
+        where = [f"its protocol results are on {link['path']}"] if link else []
+        raise _nothing_to_report(dataset, artifacts_dir, notes + where)
     if len({r.class_names for r in runs}) > 1:
         notes.append("runs disagree on the class list; each is scored on its own classes")
     data = build_report_data(dataset, runs, notes, n_resamples=n_resamples, seed=seed)
@@ -431,6 +434,8 @@ def write_report(
     figures = report_figures(data)
     out = Path(out_dir) if out_dir else Artifacts(artifacts_dir).reports_dir(dataset)
     data["audit"] = audit_note(artifacts_dir, dataset, out)
+    data["protocols"], protocol_notes = protocols_link(artifacts_dir, dataset, out)
+    data["notes"] += protocol_notes
     try:
         paths = _write_files(out, data, figures, thumbs)
     except OSError as exc:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from pipeline.report.naming import phase_two_words
 from pipeline.report.plotting import (
+    _figure,
     calibration_figure,
     confusion_figure,
     confusion_name,
     cost_figure,
     curves_figure,
     forest_figure,
+    literal_text,
     png_bytes,
     roc_figure,
     run_colours,
@@ -107,3 +111,36 @@ def _cost_point(row: dict[str, Any], accuracy: float, colour: str) -> dict[str, 
         "extraction_seconds": row.get("extraction_seconds"),
         "finetuned": finetuned,
     }
+
+
+@literal_text
+def curve_figure(record: dict[str, Any]) -> Any:
+    """Mean per head against training images per class (log axis), the std as a band.
+
+    ``record`` is a curve's JSON (:func:`pipeline.recipes.curve.run_curve`): ``points``
+    of ``{"shots", "heads": {head: {"mean", "std"}}}``, ``heads``, ``metric``, ``seeds``,
+    ``dataset``; the ``all`` point is a dashed level.
+    """
+    fig = _figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    numbers = [p for p in record["points"] if p["shots"] != "all"]
+    for head in record["heads"]:
+        x = [p["shots"] for p in numbers]
+        mean = np.array([p["heads"][head]["mean"] for p in numbers])
+        std = np.array([p["heads"][head]["std"] for p in numbers])
+        (line,) = ax.plot(x, mean, marker="o", label=head)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        for p in record["points"]:
+            if p["shots"] == "all":  # the shipped split: a dashed level, not a point on the axis
+                ax.axhline(p["heads"][head]["mean"], color=line.get_color(), ls="--", lw=1)
+    if numbers:
+        ax.set_xscale("log")
+        ax.set_xticks([p["shots"] for p in numbers], [str(p["shots"]) for p in numbers])
+        ax.minorticks_off()  # the log axis's minor labels are mathtext, printed raw here
+    shipped = any(p["shots"] == "all" for p in record["points"])
+    ax.set_xlabel("training images per class" + (" (dashed: the cache's own split)" * shipped))
+    ax.set_ylabel(f"{record['metric'].replace('_', ' ')} (band: +- std)")
+    ax.set_title(f"{record['dataset']}: {len(record['seeds'])} seeds")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -9,9 +9,20 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from pipeline.report.plotting import safe_figure_name
-from pipeline.report.render import Block, Table, ci, fmt, intro, report_sections, title, verdict
+from pipeline.report.render import (
+    Block,
+    Section,
+    Table,
+    ci,
+    fmt,
+    intro,
+    report_sections,
+    title,
+    verdict,
+)
 
 
 def thumbnail_names(thumbs: Mapping[str, bytes]) -> dict[str, str]:
@@ -30,10 +41,10 @@ def _thumb_caption(entry: dict[str, Any]) -> str:
 
 def _markdown_table(table: Table) -> list[str]:
     title_, header, rows = table
-    lines = [f"**{title_}**", ""]
+    lines = [f"**{md_escape(title_)}**", ""]
     if not rows:
         return lines + ["(none)", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(md_escape, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows]
     return lines + [""]
 
@@ -71,6 +82,11 @@ def _markdown_block(
     if kind == "audit":
         link = f" [The audit]({value['href']})." if value["href"] else ""
         return [md_escape(value["sentence"]) + link, ""]
+    if kind == "link":
+        link = f"[{md_escape(value['text'])}]({value['href']})"
+        return [f"{md_escape(value['sentence'])} {link}.", ""]
+    if kind == "image":  # (alt text, the PNG's path relative to the page)
+        return [f"![{md_escape(value[0])}]({quote(value[1])})", ""]
     if kind == "table":
         return _markdown_table(value)
     if kind == "figures":
@@ -96,11 +112,24 @@ def markdown(
 ) -> str:
     """``report.md``: the sections, figures as links to ``figures/<name>``, thumbnails to
     ``thumbnails/<name>`` (``thumbs``: image path -> file name)."""
-    lines = [f"# {title(data)}", "", intro(data), ""]
-    for _, heading, blocks in report_sections(data, figures):
-        lines += [f"## {heading}", ""]
+    sections = report_sections(data, figures)
+    return markdown_document(title(data), intro(data), sections, data, thumbs)
+
+
+def markdown_document(
+    heading: str,
+    intro_text: str,
+    sections: Sequence[Section],
+    data: dict[str, Any] | None = None,
+    thumbs: Mapping[str, str] | None = None,
+) -> str:
+    """A Markdown page of ``sections`` under ``heading`` (``data``: the report's, for its
+    ``thumbs`` blocks; other pages have none)."""
+    lines = [f"# {heading}", "", intro_text, ""]
+    for _, title_, blocks in sections:
+        lines += [f"## {title_}", ""]
         for kind, value in _flat(blocks):
-            lines += _markdown_block(kind, value, data, thumbs or {})
+            lines += _markdown_block(kind, value, data or {}, thumbs or {})
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -175,6 +204,11 @@ def _html_block(
     if kind == "audit":
         link = f" <a href='{esc(value['href'])}'>The audit</a>." if value["href"] else ""
         return f"<p class='audit'>{esc(value['sentence'])}{link}</p>"
+    if kind == "link":  # {"sentence", "href", "text"}: a sentence ending in a link
+        link = f"<a href='{esc(value['href'])}'>{esc(value['text'])}</a>"
+        return f"<p>{esc(value['sentence'])} {link}.</p>"
+    if kind == "image":  # (alt text, name in figures)
+        return f"<div class='gallery'><img alt='{esc(value[0])}' src='{_png(figures[value[1]])}'></div>"
     if kind == "h3":
         return f"<h3>{esc(value)}</h3>"
     if kind == "table":
@@ -200,18 +234,31 @@ def html_page(
     data: dict[str, Any], figures: Mapping[str, bytes], thumbs: Mapping[str, bytes] | None = None
 ) -> str:
     """``report.html``: one self-contained page, figures and thumbnails embedded as base64 PNG."""
-    esc = html.escape
-    thumbs = thumbs or {}
     sections = report_sections(data, figures)
-    nav = "".join(f"<a href='#{sid}'>{esc(heading)}</a>" for sid, heading, _ in sections)
+    return html_document(title(data), intro(data), sections, figures, data, thumbs)
+
+
+def html_document(
+    heading: str,
+    intro_text: str,
+    sections: Sequence[Section],
+    figures: Mapping[str, bytes],
+    data: dict[str, Any] | None = None,
+    thumbs: Mapping[str, bytes] | None = None,
+) -> str:
+    """One self-contained HTML page of ``sections`` in the report's style, ``figures``
+    (name -> PNG bytes) embedded; ``data``: the report's, for its ``thumbs`` blocks."""
+    esc = html.escape
+    data, thumbs = data or {}, thumbs or {}
+    nav = "".join(f"<a href='#{esc(sid)}'>{esc(title_)}</a>" for sid, title_, _ in sections)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>{esc(title(data))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title(data))}</h1><p class='muted'>{esc(intro(data))}</p><nav>{nav}</nav>",
+        f"<title>{esc(heading)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(heading)}</h1><p class='muted'>{esc(intro_text)}</p><nav>{nav}</nav>",
     ]
-    for sid, heading, blocks in sections:
-        parts.append(f"<section id='{sid}'><h2>{esc(heading)}</h2>")
+    for sid, title_, blocks in sections:
+        parts.append(f"<section id='{esc(sid)}'><h2>{esc(title_)}</h2>")
         parts += [_html_block(kind, value, data, figures, thumbs) for kind, value in blocks]
         parts.append("</section>")
     parts.append("</body></html>")
@@ -237,6 +284,8 @@ def summary_lines(data: dict[str, Any], width: int = 100) -> list[str]:
             note["sentence"], width, initial_indent="  ", subsequent_indent="    "
         )
     lines += [f"  note: {n}" for n in data["notes"]]
+    if link := data.get("protocols"):
+        lines.append(f"  protocol results: {link['path']}")
     return lines
 
 

@@ -24,7 +24,8 @@ __all__ = ["ci", "fmt", "intro", "report_sections", "title", "verdict"]
 
 Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
 Block = tuple[str, Any]  # ("p", text), ("table", Table), ("figures", [names]), ("thumbs", split),
-# ("row", [[blocks], [blocks]]: columns side by side), ("verdict", [sentences]), ("list", [text])
+# ("row", [[blocks], [blocks]]: columns side by side), ("verdict", [sentences]), ("list", [text]),
+# ("link", {"sentence", "href", "text"}), ("image", (alt, figure name))
 Section = tuple[str, str, list[Block]]  # (id, title, blocks)
 
 NUMBERED_CLASSES = (
@@ -317,6 +318,8 @@ def report_sections(data: dict[str, Any], available: Collection[str]) -> list[Se
     verdict_blocks += [("table", t) for t in (final_table(data),) if t]
     if chosen["winner"]:
         verdict_blocks += [("table", cost_table(data)), ("p", cost_note(data))]
+    if data.get("protocols"):  # the protocols page of this data set (report.protocols)
+        verdict_blocks.append(("link", data["protocols"]))
     sections: list[Section] = [("verdict", "Verdict", verdict_blocks)]
     if data["leaderboard"]:
         blocks = [("table", leaderboard_table(data))] + _figures(
