@@ -152,15 +152,13 @@ def test_changed_images_or_split_folders_are_not_resplit(photos, tmp_path, split
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
     assert not resplittable(photos)  # an edited image: extract again
     folders = stage_one(split_folder, art)
-    folder = scan_folder(split_folder)
     attrs = read_attrs(folders)
-    assert not can_resplit(
-        folders,
-        folder,
-        attrs["config_json"],
-        data_root=attrs["data_root"],
-        dataset=attrs["dataset"],
-    )
+    where = {"data_root": attrs["data_root"], "dataset": attrs["dataset"]}
+    pooled = scan_folder(split_folder, SplitConfig(train_per_class=1))
+    assert pooled.pooled and can_resplit(folders, pooled, attrs["config_json"], **where)
+    (split_folder / "train" / "blue" / "new.png").write_bytes(b"not read here")
+    edited = scan_folder(split_folder, SplitConfig(train_per_class=1))
+    assert not can_resplit(folders, edited, attrs["config_json"], **where)  # other images
     assert split_record(attrs) == {"source": "folders"} and split_words(split_record(attrs)) == (
         "split folders"
     )
