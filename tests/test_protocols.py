@@ -194,6 +194,17 @@ def test_run_curve_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert "| all | " in result.paths[1].read_text()
 
 
+def test_curve_all_leaves_out_the_rows_a_split_file_left_unused(tmp_path: Path) -> None:
+    from pipeline.recipes.curve import run_curve
+
+    fs = _feature_set(tmp_path)
+    fs.split[::3] = "test"
+    fs.split[1::6] = "unused"  # make features SPLIT_FILE= did not list them
+    result = run_curve(fs, "all", seeds=[0], heads="ridge", artifacts_dir=tmp_path)
+    n_train = int(np.sum(fs.split == "train"))
+    assert result.record["points"][0]["heads"]["ridge"]["n_train"] == n_train
+
+
 def test_protocol_command_names_the_make_variable_in_one_line(capsys) -> None:
     from pipeline.cli.main import main
 
