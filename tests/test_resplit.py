@@ -417,3 +417,17 @@ def test_heads_fit_on_a_split_file_name_it_and_a_report_of_only_old_heads_says_w
     with pytest.raises(ReportError, match=r"left out 1 head\(s\) fit on another split") as caught:
         write_report(dataset, artifacts_dir=art)
     assert "the split left val and test empty" not in str(caught.value)
+
+
+def test_a_split_file_may_be_one_list_per_split(photos, tmp_path, monkeypatch):
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    (tmp_path / "tr.txt").write_text("".join(f"{c}/img0{i}.png\n" for c in ("red", "blue")
+                                             for i in range(5)))  # fmt: skip
+    (tmp_path / "te.txt").write_text("red/img05.png\nblue/img05.png\n")
+    spec = f"train={tmp_path / 'tr.txt'},test={tmp_path / 'te.txt'}"
+    assert run(photos, art, SplitConfig(split_file=spec), monkeypatch).status == "re-split"
+    fs = load_features(path)
+    assert [int(np.sum(fs.split == s)) for s in ("train", "val", "test", "unused")] == [10, 0, 2, 8]
+    assert read_attrs(path)["split_file"] == spec  # each list's absolute path
+    assert run(photos, art, SplitConfig(split_file=spec), monkeypatch).status == "up to date"

@@ -46,12 +46,20 @@ def split_attrs(folder: ImageFolder) -> dict[str, Any]:
         "images_fingerprint": folder.fingerprint(splits=False),  # the images, not their split
         # Every key always written: a re-split back to the default clears them.
         "train_per_class": int(folder.split.train_per_class or 0) if folder.split else 0,
-        "split_file": str(Path(folder.split.split_file).expanduser().resolve())
-        if folder.split and folder.split.split_file
-        else "",
+        "split_file": _where(folder.split.split_file) if folder.split else "",
         "split_file_sha256": folder.split_sha256,
         "split_pooled": folder.pooled,
     }
+
+
+def _where(spec: str | None) -> str:
+    """A split file's absolute path; a ``train=a.txt,test=b.txt`` spec with each list's."""
+    if not spec:
+        return ""
+    if "=" in spec and not Path(spec).is_file():
+        parts = [p.partition("=") for p in spec.split(",") if p.strip()]
+        return ",".join(f"{s.strip()}={_where(f.strip())}" for s, _, f in parts)
+    return str(Path(spec).expanduser().resolve())
 
 
 def recorded_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
