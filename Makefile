@@ -73,7 +73,8 @@ PHASE_TWO ?= auto
 CLASS_WEIGHT ?= balanced
 RESTART ?= 0
 NAME ?=
-# make protocol / make curve (research protocols on one cache): TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv,
+# make features TRAIN_PER_CLASS=30 SEED=1 or SPLIT_FILE=a.csv: the cache's own split (nothing extracted
+# again; docs/features.md). make protocol / make curve (research protocols on one cache): TRAIN_PER_CLASS=30 or SPLIT_FILE=a.csv,
 # SEEDS=0,1,2,3,4 (default 5 seeds for protocol, 3 for curve), SHOTS=1,2,5,10,all.
 TRAIN_PER_CLASS ?=
 SPLIT_FILE ?=
@@ -188,8 +189,8 @@ demo-data: install ## write scikit-learn's digits as PNG class folders under art
 backbones: install ## print the backbone registry
 	$(call pipeline,backbones)
 
-features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
-	$(call pipeline,features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY")
+features: install $(RAY_EXTRA) ## stage one: cache features (DATA= BACKBONE= WEIGHTS= INPUT_SIZE= POOLING= LAYER= BATCH= PRECISION=auto|float32|bfloat16|float16 STORAGE=float32|float16 RUNTIME=auto|keras|openvino SEED= VAL_FRACTION= TEST_FRACTION= or TRAIN_PER_CLASS=30 SEED= or SPLIT_FILE=a.csv ENGINE=local|ray RAY_ADDRESS= CONCURRENCY=)
+	$(call pipeline,features --data "$$ARG_DATA" $(FEATURE_ARGS) $(SPLIT_ARGS) $(call opt,TRAIN_PER_CLASS,--train-per-class) $(call opt,SPLIT_FILE,--split-file) $(RAY_ARGS) --concurrency "$$ARG_CONCURRENCY")
 
 head: install $(RAY_EXTRA) ## stage two: fit heads on cached features (DATA= BACKBONE= ... HEAD=svm|rbf_svm|logreg|knn|ridge|softmax|forest|all NORM= PCA= CV= JOBS= GRID= METRIC=accuracy|balanced_accuracy|macro_f1 FORCE=1 ENGINE=local|ray RAY_ADDRESS=)
 	$(call pipeline,head --data "$$ARG_DATA" $(FEATURE_ARGS) $(if $(ARG_FEATURES),--features "$$ARG_FEATURES" --join-norm "$$ARG_JOIN_NORM") --head "$$ARG_HEAD" $(call opt,NORM,--norm) $(call opt,PCA,--pca) --cv "$$ARG_CV" --seed "$$ARG_SEED" --jobs "$$ARG_JOBS" $(call opt,GRID,--grid) $(call opt,METRIC,--metric) $(if $(filter 1 yes true,$(ARG_FORCE)),--force) $(RAY_ARGS))

@@ -63,5 +63,5 @@ def test_unknown_split_values_are_one_line(tmp_path):
     path = _cache(tmp_path)
     with h5py.File(path, "r+") as f:
         f["split"][1] = "holdout"
-    with pytest.raises(CacheError, match="'holdout' are not train, val or test"):
+    with pytest.raises(CacheError, match="'holdout' are not train, val, test or unused"):
         load_features(path)

@@ -22,7 +22,8 @@ TARGETS: dict[str, dict[str, str]] = {
         "PRECISION": "--precision", "STORAGE": "--storage", "RUNTIME": "--runtime",
         "ARTIFACTS": "--artifacts", "SEED": "--seed", "VAL_FRACTION": "--val-fraction",
         "TEST_FRACTION": "--test-fraction", "ENGINE": "--engine", "RAY_ADDRESS": "--ray-address",
-        "CONCURRENCY": "--concurrency",
+        "CONCURRENCY": "--concurrency", "TRAIN_PER_CLASS": "--train-per-class",
+        "SPLIT_FILE": "--split-file",
     },
     "head": {
         "DATA": "--data", "FEATURES": "--features", "JOIN_NORM": "--join-norm", "HEAD": "--head",
@@ -123,6 +124,17 @@ def test_protocol_passes_head_and_seeds_only_when_given(tmp_path):
     (call,) = run_make(tmp_path, "protocol", "TRAIN_PER_CLASS=30")
     assert "--head" not in call["argv"] and "--seeds" not in call["argv"]
     assert option_values(call["argv"])["--train-per-class"] == ["30"]
+
+
+def test_features_passes_the_split_options_only_when_given(tmp_path):
+    # unset: the stratified split (or the split folders); set: the cache's split comes from them
+    (call,) = run_make(tmp_path, "features")
+    assert "--train-per-class" not in call["argv"] and "--split-file" not in call["argv"]
+    (call,) = run_make(tmp_path, "features", "SPLIT_FILE=lists/a b.csv")
+    assert option_values(call["argv"])["--split-file"] == ["lists/a b.csv"]
+    (call,) = run_make(tmp_path, "features", "TRAIN_PER_CLASS=30", "SEED=1")
+    got = option_values(call["argv"])
+    assert got["--train-per-class"] == ["30"] and got["--seed"] == ["1"]
 
 
 def test_metric_is_passed_only_when_given_each_command_keeping_its_own_default(tmp_path):

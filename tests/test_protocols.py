@@ -194,6 +194,32 @@ def test_run_curve_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert "| all | " in result.paths[1].read_text()
 
 
+def test_curve_all_leaves_out_the_rows_a_split_file_left_unused(tmp_path: Path) -> None:
+    from pipeline.recipes.curve import run_curve
+
+    fs = _feature_set(tmp_path)
+    fs.split[::3] = "test"
+    fs.split[1::6] = "unused"  # make features SPLIT_FILE= did not list them
+    result = run_curve(fs, "all", seeds=[0], heads="ridge", artifacts_dir=tmp_path)
+    n_train = int(np.sum(fs.split == "train"))
+    assert result.record["points"][0]["heads"]["ridge"]["n_train"] == n_train
+
+
+def test_n_per_class_draws_only_from_rows_in_a_split(tmp_path: Path, monkeypatch) -> None:
+    fs = _feature_set(tmp_path)
+    fs.split[1::4] = "unused"  # make features SPLIT_FILE= did not list them
+    seen = []
+    real = protocol_run.evaluate_split
+    monkeypatch.setattr(protocol_run, "evaluate_split",
+                        lambda fs, split, *a, **k: seen.append(split) or real(fs, split, *a, **k))  # fmt: skip
+    protocol_run.run_protocol(fs, 2, seeds=[0], heads="ridge", artifacts_dir=None)
+    (split,) = seen
+    assert set(split[fs.split == "unused"]) == {""} and set(split[fs.split != "unused"]) == {
+        "train",
+        "test",
+    }
+
+
 def test_protocol_command_names_the_make_variable_in_one_line(capsys) -> None:
     from pipeline.cli.main import main
 

@@ -152,15 +152,13 @@ def test_changed_images_or_split_folders_are_not_resplit(photos, tmp_path, split
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
     assert not resplittable(photos)  # an edited image: extract again
     folders = stage_one(split_folder, art)
-    folder = scan_folder(split_folder)
     attrs = read_attrs(folders)
-    assert not can_resplit(
-        folders,
-        folder,
-        attrs["config_json"],
-        data_root=attrs["data_root"],
-        dataset=attrs["dataset"],
-    )
+    where = {"data_root": attrs["data_root"], "dataset": attrs["dataset"]}
+    pooled = scan_folder(split_folder, SplitConfig(train_per_class=1))
+    assert pooled.pooled and can_resplit(folders, pooled, attrs["config_json"], **where)
+    (split_folder / "train" / "blue" / "new.png").write_bytes(b"not read here")
+    edited = scan_folder(split_folder, SplitConfig(train_per_class=1))
+    assert not can_resplit(folders, edited, attrs["config_json"], **where)  # other images
     assert split_record(attrs) == {"source": "folders"} and split_words(split_record(attrs)) == (
         "split folders"
     )
@@ -253,3 +251,183 @@ def test_skipped_images_take_the_new_split_too(tmp_path):
     with pytest.raises(CacheError, match="no longer has"):
         cache_writer.rewrite_split(path, {"a/1.png": "train"}, {})
     assert read_paths(path)["b/3.png"] == ("b", "val") and not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------ make features SPLIT_FILE= / TRAIN_PER_CLASS=
+
+
+def run(data: Path, art: Path, split: SplitConfig, monkeypatch):
+    """``make features`` with ``split``, a backbone that must not be built."""
+    monkeypatch.setattr(extract, "build_extractor", _no_backbone)
+    return extract.extract_features(data, CONFIG, split=split, artifacts_dir=art, progress=False)
+
+
+def _no_backbone(*args, **kwargs):
+    raise AssertionError("the backbone was built: features were extracted again")
+
+
+def write_list(path: Path, rows: list[str]) -> Path:
+    path.write_text("path,split,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def official(tmp_path: Path) -> Path:
+    """A paper's list for ``photos``: 6 train, 2 val, 1 test per class; img09 not listed."""
+    names = {**{i: "train" for i in range(6)}, 6: "val", 7: "val", 8: "test"}
+    return write_list(tmp_path / "official.csv", [
+        f"{c}/img{i:02d}.png,{s},{c}" for c in ("red", "blue") for i, s in names.items()
+    ])  # fmt: skip
+
+
+def test_a_split_file_resplits_the_cache_and_a_plain_run_gives_the_default_back(
+    photos, tmp_path, monkeypatch
+):
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    before = load_features(path)
+    listed = official(tmp_path)
+    summary = run(photos, art, SplitConfig(split_file=str(listed)), monkeypatch)
+    assert summary.status == "re-split" and summary.extracted == 0
+    assert summary.format().startswith("re-split 20 images with SPLIT_FILE=official.csv (sha256 ")
+    after = load_features(path)
+    assert np.array_equal(after.features, before.features)  # nothing extracted, rows untouched
+    split = dict(zip(after.paths, after.split, strict=True))
+    assert split["red/img00.png"] == "train" and split["blue/img07.png"] == "val"
+    assert split["red/img08.png"] == "test" and split["red/img09.png"] == "unused"
+    assert after.splits == ("train", "val", "test")  # unused: in no split
+    assert after.select("train")[0].shape[0] == 12
+    attrs = after.attrs
+    assert attrs["split_source"] == "split_file" and attrs["split_file"] == str(listed.resolve())
+    assert len(attrs["split_file_sha256"]) == 64 and attrs["train_per_class"] == 0
+    record = split_record(attrs)
+    assert split_words(record) == f"SPLIT_FILE=official.csv (sha256 {record['sha256'][:12]})"
+    assert check_cache_for(path, photos, CONFIG, artifacts_dir=art) == []  # make head reads it
+    assert run(photos, art, SplitConfig(split_file=str(listed)), monkeypatch).status == (
+        "up to date"
+    )
+    listed.rename(tmp_path / "moved.csv")  # the cache holds the split: make head still reads it
+    assert check_cache_for(path, photos, CONFIG, artifacts_dir=art) == []
+    back = run(photos, art, SplitConfig(), monkeypatch)  # no split option: the default split
+    assert back.status == "re-split"
+    assert dict(zip(*[load_features(path).paths, load_features(path).split], strict=True)) == (
+        splits_of(photos, 0)
+    )
+    attrs = read_attrs(path)
+    assert attrs["split_source"] == "stratified" and attrs["split_file"] == ""
+    assert attrs["fingerprint"] == before.attrs["fingerprint"]
+
+
+def test_train_per_class_draws_n_per_class_the_rest_test(photos, tmp_path, monkeypatch):
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    before = load_features(path)
+    summary = run(photos, art, SplitConfig(seed=1, train_per_class=3), monkeypatch)
+    assert summary.status == "re-split"
+    assert "with TRAIN_PER_CLASS=3, SEED=1: 0 extracted" in summary.format()
+    fs = load_features(path)
+    assert np.array_equal(fs.features, before.features) and fs.splits == ("train", "test")
+    assert np.bincount(fs.labels[fs.split == "train"]).tolist() == [3, 3]  # no val
+    attrs = fs.attrs
+    assert (attrs["split_source"], attrs["train_per_class"], attrs["split_seed"]) == (
+        "per_class",
+        3,
+        1,
+    )
+    assert split_words(split_record(attrs)) == "TRAIN_PER_CLASS=3, SEED=1"
+    notes = check_cache_for(path, photos, CONFIG, artifacts_dir=art)
+    assert notes == []  # no val: heads are compared on CV, the report says so itself
+    again = run(photos, art, SplitConfig(seed=1, train_per_class=3), monkeypatch)
+    assert again.status == "up to date"
+    other = run(photos, art, SplitConfig(seed=2, train_per_class=3), monkeypatch)
+    assert other.status == "re-split" and other.moved > 0
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (["../elsewhere.png,train,red"], "is outside the data folder"),
+        (["red/img00.png,train,red", "red/img00.png,test,red"], "listed twice"),
+        (["red/img00.png,train,green"], "unknown label 'green'"),
+        (["red/img99.png,train,red"], "'red/img99.png' is not an image of the data folder"),
+        (["red/img00.png,holdout,red"], "unknown split 'holdout'"),
+        (["red/img00.png,test,red"], "names no train image"),
+        (None, "cannot read split list"),
+        ("TRAIN_PER_CLASS=10", "class 'blue' has 10 images, fewer than TRAIN_PER_CLASS=10"),
+    ],
+)
+def test_a_bad_split_option_is_refused_in_one_line_with_nothing_written(
+    photos, tmp_path, monkeypatch, capsys, rows, message
+):
+    from pipeline.core.errors import DataError
+
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    before, files = path.read_bytes(), sorted(art.rglob("*"))
+    if rows == "TRAIN_PER_CLASS=10":
+        split = SplitConfig(train_per_class=10)
+    else:
+        listed = tmp_path / "list.csv"
+        split = SplitConfig(split_file=str(write_list(listed, rows) if rows else listed))
+    with pytest.raises(DataError, match=message) as caught:
+        run(photos, art, split, monkeypatch)
+    assert "\n" not in str(caught.value)
+    assert path.read_bytes() == before and sorted(art.rglob("*")) == files
+
+
+def test_split_folders_are_pooled_and_come_back(split_folder, tmp_path, monkeypatch):
+    from pipeline.data.folders import describe_folder
+
+    art = tmp_path / "art"
+    path = stage_one(split_folder, art)
+    folder = scan_folder(split_folder, SplitConfig(train_per_class=2))
+    line = describe_folder(folder).splitlines()[1]
+    assert line == (
+        "  split: train 6, test 18 (TRAIN_PER_CLASS=2, SEED=0; the split folders train/, val/ "
+        "pooled)"
+    )
+    assert run(split_folder, art, SplitConfig(train_per_class=2), monkeypatch).status == (
+        "re-split"
+    )
+    assert read_attrs(path)["split_pooled"] == "train/, val/"
+    assert check_cache_for(path, split_folder, CONFIG, artifacts_dir=art) == []
+    back = run(split_folder, art, SplitConfig(), monkeypatch)
+    assert back.status == "re-split" and back.format().startswith("re-split 24 images with split")
+    fs = load_features(path)
+    assert {p.split("/")[0] for p in fs.paths[fs.split == "val"]} == {"val"}
+    assert read_attrs(path)["split_source"] == "folders"
+
+
+def test_heads_fit_on_a_split_file_name_it_and_a_report_of_only_old_heads_says_why(
+    photos, tmp_path, monkeypatch
+):
+    from pipeline.core.errors import ReportError
+    from pipeline.heads.fit import fit_heads
+    from pipeline.report.collect import collect_runs, write_report
+    from pipeline.report.evaluation import run_config
+
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    run(photos, art, SplitConfig(split_file=str(official(tmp_path))), monkeypatch)
+    (fitted,) = fit_heads(path, "knn", data=photos, artifacts_dir=art, cv=2)
+    assert fitted.manifest["split"]["source"] == "split_file"
+    dataset = read_attrs(path)["dataset"]
+    runs, _ = collect_runs(dataset, art)
+    assert run_config(runs[0])["split"].startswith("SPLIT_FILE=official.csv (sha256 ")
+    run(photos, art, SplitConfig(), monkeypatch)  # back to the default split, heads not refit
+    with pytest.raises(ReportError, match=r"left out 1 head\(s\) fit on another split") as caught:
+        write_report(dataset, artifacts_dir=art)
+    assert "the split left val and test empty" not in str(caught.value)
+
+
+def test_a_split_file_may_be_one_list_per_split(photos, tmp_path, monkeypatch):
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    (tmp_path / "tr.txt").write_text("".join(f"{c}/img0{i}.png\n" for c in ("red", "blue")
+                                             for i in range(5)))  # fmt: skip
+    (tmp_path / "te.txt").write_text("red/img05.png\nblue/img05.png\n")
+    spec = f"train={tmp_path / 'tr.txt'},test={tmp_path / 'te.txt'}"
+    assert run(photos, art, SplitConfig(split_file=spec), monkeypatch).status == "re-split"
+    fs = load_features(path)
+    assert [int(np.sum(fs.split == s)) for s in ("train", "val", "test", "unused")] == [10, 0, 2, 8]
+    assert read_attrs(path)["split_file"] == spec  # each list's absolute path
+    assert run(photos, art, SplitConfig(split_file=spec), monkeypatch).status == "up to date"

@@ -182,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_feature_options(p)
     add_split_options(p)
+    p.add_argument(
+        "--train-per-class",
+        type=int,
+        default=None,
+        help="N train images per class (by --seed), the rest test, no val; split folders pooled",
+    )
+    p.add_argument(
+        "--split-file",
+        default=None,
+        help="CSV path,split[,label] or train=a.txt,test=b.txt: the split; split folders pooled",
+    )
     add_engine_options(p)
     p.add_argument(
         "--output",

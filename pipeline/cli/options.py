@@ -245,7 +245,11 @@ def feature_config(args: argparse.Namespace):
 def split_config(args: argparse.Namespace):
 
     return SplitConfig(
-        seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        train_per_class=getattr(args, "train_per_class", None),
+        split_file=getattr(args, "split_file", None) or None,
     )
 
 

@@ -151,6 +151,9 @@ OPTIONS: dict[str, Option] = {
     "seed": Option("SEED", "--seed", (Interval(Integral, 0, 2**32 - 1),)),
     "val_fraction": Option("VAL_FRACTION", "--val-fraction", (_fraction,)),
     "test_fraction": Option("TEST_FRACTION", "--test-fraction", (_fraction,)),
+    "train_per_class": Option(
+        "TRAIN_PER_CLASS", "--train-per-class", (Interval(Integral, 1, None), None)
+    ),
     # stage two and the report
     "norm": Option("NORM", "--norm", (OneOf(NORMS), None)),
     "pca": Option("PCA", "--pca", (Interval(Integral, 1, None), None)),

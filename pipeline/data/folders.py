@@ -10,10 +10,22 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.core.artifacts import dataset_name
 from pipeline.core.errors import DataError
 from pipeline.data.copies import content_hash, copy_groups
-from pipeline.data.splits import SPLITS, ImageRecord, SplitConfig, stratified_split, thin_splits
+from pipeline.data.splits import (
+    SPLITS,
+    UNUSED,
+    ImageRecord,
+    SplitConfig,
+    per_class_split,
+    split_file,
+    split_file_bytes,
+    stratified_split,
+    thin_splits,
+)
 
 __all__ = ["SPLITS", "ImageFolder", "ImageRecord", "SplitConfig", "scan_folder"]
 
@@ -54,13 +66,15 @@ class ImageFolder:
     root: Path
     class_names: tuple[str, ...]
     records: tuple[ImageRecord, ...]
-    split_source: str  # "folders" or "stratified"
-    split: SplitConfig | None = None  # set when split_source == "stratified"
+    split_source: str  # "folders", "stratified", "per_class" or "split_file"
+    split: SplitConfig | None = None  # set unless split_source == "folders"
     warnings: tuple[str, ...] = field(default=())
     dataset: str = ""  # the name stage one claimed (Artifacts.claim_dataset), when it did
     # "exact-copies" when the stratified split kept each group of copies in one split
     split_groups: str = ""
     copy_groups: int = 0  # how many such groups the folder holds
+    split_sha256: str = ""  # split_file: the sha256 of the file (its lists)
+    pooled: str = ""  # the split folders pooled for TRAIN_PER_CLASS= or SPLIT_FILE=: "train/, val/"
 
     @property
     def name(self) -> str:
@@ -68,11 +82,17 @@ class ImageFolder:
         return self.dataset or dataset_name(self.root)
 
     def counts(self) -> dict[str, int]:
-        """Number of images per split."""
-        out = {s: 0 for s in SPLITS}
+        """Number of images per split (``unused``: those a split file does not list)."""
+        out = {s: 0 for s in (*SPLITS, UNUSED)}
         for record in self.records:
             out[record.split] += 1
         return {s: n for s, n in out.items() if n}
+
+    def split_words(self) -> str:
+        """The split as the user set it (:meth:`SplitConfig.words`), or ``split folders``."""
+        if self.split is None or self.split_source == "folders":
+            return "split folders"
+        return self.split.words(self.split_sha256)
 
     def fingerprint(self, *, splits: bool = True) -> str:
         """sha256 of every image's path, size, modification time, class and split.
@@ -86,6 +106,10 @@ class ImageFolder:
             stat = _stat_line(self.root / record.path)
             split = f"\x1f{record.split}" if splits else ""
             digest.update(f"{record.path}\x1f{stat}\x1f{record.label}{split}\n".encode())
+        if splits and self.split_source == "per_class" and self.split is not None:
+            digest.update(f"per_class {self.split.train_per_class} {self.split.seed}".encode())
+        elif splits and self.split_source == "split_file":  # the file, wherever it lies
+            digest.update(f"split_file {self.split_sha256}".encode())
         return digest.hexdigest()
 
 
@@ -226,10 +250,18 @@ def scan_folder(
     if split_folders:
         scanned = _scan_split_folders(root, split_folders)
         others = [p for p in subfolders if p not in split_folders]
-        return replace(scanned, warnings=scanned.warnings + _ignored_beside(others, split_folders))
+        scanned = replace(
+            scanned, warnings=scanned.warnings + _ignored_beside(others, split_folders)
+        )
+        return scanned if split.source == "stratified" else apply_split(scanned, split)
 
     notes: list[str] = []
     by_class = _scan_classes(root, subfolders, where=str(root), notes=notes)
+    if split.source != "stratified":  # its own split: no copy groups to draw around
+        records = stratified_split(by_class, SplitConfig(), [])
+        folder = ImageFolder(root, tuple(by_class), tuple(records), "stratified", split,
+                             tuple(notes))  # fmt: skip
+        return apply_split(folder, split)
     groups = copy_groups(root, [p for ps in by_class.values() for p in ps]) if group_copies else []
     records = stratified_split(by_class, split, groups)
     notes += thin_splits(by_class, records, split)
@@ -237,6 +269,34 @@ def scan_folder(
         root, tuple(by_class), tuple(records), "stratified", split, tuple(notes),
         split_groups="exact-copies" if group_copies else "", copy_groups=len(groups),
     )  # fmt: skip
+
+
+def apply_split(folder: ImageFolder, split: SplitConfig) -> ImageFolder:
+    """``folder`` with the split ``split`` gives (``TRAIN_PER_CLASS=`` or ``SPLIT_FILE=``) in
+    place of its own; split folders are pooled (the folder's ``pooled`` says which).
+
+    Raises
+    ------
+    DataError
+        A class with too few images for N, or a bad split file (one line each).
+    """
+    paths = [r.path for r in folder.records]
+    labels = np.array([r.label for r in folder.records], dtype=np.int64)
+    digest = ""
+    if split.source == "per_class":
+        names = per_class_split(labels, int(split.train_per_class or 0), split.seed,
+                                folder.class_names)  # fmt: skip
+    else:
+        spec = str(split.split_file)
+        names = split_file(spec, paths, folder.root, labels=labels, class_names=folder.class_names)
+        names[names == ""] = UNUSED
+        digest = hashlib.sha256(split_file_bytes(spec)).hexdigest()
+    pooled = ""
+    if folder.split_source == "folders":
+        pooled = ", ".join(f"{s}/" for s in folder.counts())
+    records = tuple(replace(r, split=str(n)) for r, n in zip(folder.records, names, strict=True))
+    return replace(folder, records=records, split_source=split.source, split=split,
+                   split_groups="", split_sha256=digest, pooled=pooled)  # fmt: skip
 
 
 def _ignored_beside(others: list[Path], split_folders: list[Path]) -> tuple[str, ...]:
@@ -348,6 +408,12 @@ def describe_folder(folder: ImageFolder) -> str:
     counts = ", ".join(f"{split} {n}" for split, n in folder.counts().items())
     if folder.split_source == "folders":
         source = "from the split folders " + ", ".join(f"{s}/" for s in folder.counts())
+    elif folder.split_source != "stratified":
+        source = folder.split_words()
+        if folder.pooled:
+            source += f"; the split folders {folder.pooled} pooled"
+        if UNUSED in folder.counts():
+            source += f"; {folder.counts()[UNUSED]} image(s) the file does not list are in no split"
     else:
         source = f"stratified by class, {folder.split.words()}"
         if folder.split_groups and folder.copy_groups:
@@ -367,6 +433,8 @@ def cross_split_copies(folder: ImageFolder) -> str | None:
     """
     by_size: dict[int, list[ImageRecord]] = defaultdict(list)
     for record in folder.records:
+        if record.split == UNUSED:  # in no split: no held-out figure to spoil
+            continue
         try:
             by_size[os.stat(folder.root / record.path).st_size].append(record)
         except OSError:  # unreadable: stage one skips it with the reason

@@ -6,7 +6,7 @@ in short, one file per data set and backbone configuration::
     /features        (n, d) float32 or float16, chunked by rows
     /labels          (n,)   int32 class index
     /paths           (n,)   utf-8, relative to the data root
-    /split           (n,)   utf-8, "train" | "val" | "test"
+    /split           (n,)   utf-8, "train" | "val" | "test" | "unused" (not in a split file)
     /skipped/{paths,reasons,labels,split}   images that could not be read
     attributes       format_version, backbone, weights, input_size, pooling, layer,
                      preprocessing, class_names, created, fingerprint, config_json ...
@@ -181,11 +181,11 @@ def _check_rows(
             f"{path}: {len(bad)} label(s) outside the {n_classes} classes (first: {labels[first]} "
             f"of {paths[first]}); {_DAMAGED}"
         )
-    unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
+    unknown = sorted(set(split.tolist()) - {"train", "val", "test", "unused"})
     if unknown:
         raise CacheError(
-            f"{path}: split value(s) {', '.join(map(repr, unknown))} are not train, val or test; "
-            f"{_DAMAGED}"
+            f"{path}: split value(s) {', '.join(map(repr, unknown))} are not train, val, test "
+            f"or unused; {_DAMAGED}"
         )
 
 

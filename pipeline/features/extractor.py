@@ -104,7 +104,7 @@ class PreparedExtraction:
         self.record_name()
         summary = self.summary("re-split", time.perf_counter() - started)
         summary.extracted, summary.moved = 0, moved
-        summary.split = self.folder.split.words() if self.folder.split else ""
+        summary.split = self.folder.split_words()
         return summary
 
     def summary(self, status: str, seconds: float) -> ExtractionSummary:

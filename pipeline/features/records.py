@@ -18,10 +18,10 @@ from typing import Any
 
 from pipeline.core.artifacts import Artifacts, dataset_name, real_root
 from pipeline.core.errors import CacheError
-from pipeline.data.folders import ImageFolder, cross_split_copies, scan_folder
+from pipeline.data.folders import ImageFolder, cross_split_copies
 from pipeline.features import cache, cache_writer, runtimes
 from pipeline.features.config import FeatureConfig, ResolvedFeatures, resolve_features
-from pipeline.features.resplit import recorded_split, split_attrs
+from pipeline.features.resplit import recorded_folder, split_attrs
 
 
 @dataclass
@@ -226,8 +226,7 @@ def check_cache_for(
         resolved = resolve_features(config, artifacts_dir=artifacts_dir, choose_runtime=False)
         differ += _option_differences(recorded, resolved)
     root, made_from = Path(real_root(data)), attrs.get("data_root")
-    grouped = attrs.get("split_groups") == "exact-copies"
-    folder = scan_folder(data, recorded_split(attrs), group_copies=grouped)
+    folder = recorded_folder(path, data, attrs)
     if made_from is not None and made_from != str(root):
         differ.append(f"it was made from {made_from}, not {root}")
     elif folder.fingerprint() != attrs.get("fingerprint"):

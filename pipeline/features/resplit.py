@@ -8,6 +8,10 @@ new work). The images alone are its ``images_fingerprint``. So ``make features S
 after ``make features`` finds the cache of the same features and the same images and
 rewrites only its split (:func:`resplit_cache`), each group of exact copies still in one
 split (the folder's scan draws it: :func:`pipeline.data.splits.stratified_split`).
+``make features TRAIN_PER_CLASS=30 SEED=1`` and ``make features SPLIT_FILE=a.csv`` re-split
+it the same way (:func:`pipeline.data.folders.apply_split`; split folders pooled); the
+cache records the source (``split_source``, ``train_per_class``, ``split_file`` and its
+``split_file_sha256``), and a run with no split option gives the default split back.
 
 Caches written before recorded the split in ``config_json`` and no ``images_fingerprint``:
 their features identity is read without the split
@@ -18,6 +22,7 @@ the split they record again and comparing the fingerprint (:func:`same_images`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,22 @@ def split_attrs(folder: ImageFolder) -> dict[str, Any]:
         "split_groups": folder.split_groups,
         "split_copy_groups": folder.copy_groups,
         "images_fingerprint": folder.fingerprint(splits=False),  # the images, not their split
+        # Every key always written: a re-split back to the default clears them.
+        "train_per_class": int(folder.split.train_per_class or 0) if folder.split else 0,
+        "split_file": _where(folder.split.split_file) if folder.split else "",
+        "split_file_sha256": folder.split_sha256,
+        "split_pooled": folder.pooled,
     }
+
+
+def _where(spec: str | None) -> str:
+    """A split file's absolute path; a ``train=a.txt,test=b.txt`` spec with each list's."""
+    if not spec:
+        return ""
+    if "=" in spec and not Path(spec).is_file():
+        parts = [p.partition("=") for p in spec.split(",") if p.strip()]
+        return ",".join(f"{s.strip()}={_where(f.strip())}" for s, _, f in parts)
+    return str(Path(spec).expanduser().resolve())
 
 
 def recorded_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
@@ -54,31 +74,71 @@ def recorded_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
 
 
 def split_record(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The split of a cache as heads' manifests record it: ``{"source": "folders"}`` or
-    ``{"source": "stratified", "seed", "val_fraction", "test_fraction", "groups"}``."""
+    """The split of a cache as heads' manifests record it: ``{"source": "folders"}``,
+    ``{"source": "stratified", "seed", "val_fraction", "test_fraction", "groups"}``,
+    ``{"source": "per_class", "train_per_class", "seed"}`` or
+    ``{"source": "split_file", "file", "sha256"}``."""
+    source = str(attrs.get("split_source") or "folders")
+    if source == "per_class":
+        n, seed = int(attrs.get("train_per_class") or 0), int(attrs.get("split_seed") or 0)
+        return {"source": source, "train_per_class": n, "seed": seed}
+    if source == "split_file":
+        file, sha = str(attrs.get("split_file") or ""), str(attrs.get("split_file_sha256") or "")
+        return {"source": source, "file": file, "sha256": sha}
     split = recorded_split(attrs)
     if split is None:
-        return {"source": str(attrs.get("split_source") or "folders")}
+        return {"source": source}
     groups = str(attrs.get("split_groups") or "")
-    return {"source": "stratified", **vars(split), "groups": groups}
+    return {"source": "stratified", "seed": split.seed, "val_fraction": split.val_fraction,
+            "test_fraction": split.test_fraction, "groups": groups}  # fmt: skip
 
 
 def split_words(record: Any) -> str:
     """A :func:`split_record` in words: ``SEED=1, VAL_FRACTION=0.2, TEST_FRACTION=0.2``,
-    ``split folders``, or ``not recorded`` (heads fit before manifests recorded it)."""
+    ``TRAIN_PER_CLASS=30, SEED=1``, ``SPLIT_FILE=a.csv (sha256 1a2b3c4d5e6f)``, ``split
+    folders``, or ``not recorded`` (heads fit before manifests recorded it)."""
     if not isinstance(record, Mapping) or "source" not in record:
         return "not recorded"
-    if record["source"] != "stratified":
-        return "split folders"
+    source, sha = record["source"], ""
     try:
-        split = SplitConfig(
-            seed=int(record["seed"]),
-            val_fraction=float(record["val_fraction"]),
-            test_fraction=float(record["test_fraction"]),
-        )
+        if source == "per_class":
+            split = SplitConfig(seed=int(record["seed"]),
+                                train_per_class=int(record["train_per_class"]))  # fmt: skip
+        elif source == "split_file":
+            split, sha = SplitConfig(split_file=str(record["file"])), str(record["sha256"])
+        elif source == "stratified":
+            split = SplitConfig(
+                seed=int(record["seed"]),
+                val_fraction=float(record["val_fraction"]),
+                test_fraction=float(record["test_fraction"]),
+            )
+        else:
+            return "split folders"
     except (KeyError, TypeError, ValueError, PipelineError):  # a manifest anyone can edit
         return "not recorded"
-    return split.words()
+    return split.words(sha)
+
+
+def recorded_folder(path: str | Path, data: str | Path, attrs: Mapping[str, Any]) -> ImageFolder:
+    """``data`` scanned as the cache at ``path`` (its attributes ``attrs``) split it, so its ``fingerprint`` is the
+    cache's while the images are unchanged. ``TRAIN_PER_CLASS=`` and ``SPLIT_FILE=`` splits
+    are taken from the cache's rows (a split file may have moved since)."""
+    grouped = attrs.get("split_groups") == "exact-copies"
+    source = attrs.get("split_source")
+    if source not in ("per_class", "split_file"):
+        return scan_folder(data, recorded_split(attrs), group_copies=grouped)
+    folder = scan_folder(data, SplitConfig(), group_copies=False)
+    split = split_record(attrs)
+    config = (
+        SplitConfig(seed=split["seed"], train_per_class=split["train_per_class"])
+        if source == "per_class"
+        else SplitConfig(split_file=split["file"])
+    )
+    held = cache.read_paths(path)
+    records = tuple(replace(r, split=held.get(r.path, ("", r.split))[1]) for r in folder.records)
+    return replace(folder, records=records, split_source=source, split=config,
+                   split_groups="", split_sha256=split.get("sha256", ""),
+                   pooled=str(attrs.get("split_pooled") or ""))  # fmt: skip
 
 
 def same_images(attrs: Mapping[str, Any], folder: ImageFolder) -> bool:
@@ -100,16 +160,15 @@ def can_resplit(
     path: Path, folder: ImageFolder, config_json: str, *, data_root: str, dataset: str
 ) -> bool:
     """Whether the finished cache at ``path`` holds these features of these images under
-    another stratified split (so :func:`resplit_cache` gives the cache ``folder`` asks for)."""
-    if folder.split_source != "stratified" or not path.is_file():
+    another split (so :func:`resplit_cache` gives the cache ``folder`` asks for)."""
+    if not path.is_file():
         return False
     try:
         attrs = cache.read_attrs(path)
     except CacheError:
         return False
     return (
-        attrs.get("split_source") == "stratified"
-        and attrs.get("data_root") == data_root
+        attrs.get("data_root") == data_root
         and attrs.get("dataset") == dataset
         and cache.same_features(attrs.get("config_json"), config_json)
         and same_images(attrs, folder)

@@ -30,7 +30,7 @@ from pipeline.heads import scoring
 from pipeline.heads import search as head_search
 from pipeline.heads.linear_eval import NAME as LINEAR_EVAL
 from pipeline.heads.linear_eval import fit_linear_eval
-from pipeline.heads.protocols import TEST, TRAIN, per_class_split, split_file
+from pipeline.heads.protocols import TEST, TRAIN, UNUSED, per_class_split, split_file
 from pipeline.heads.registry import HEADS, build_head, resolve_heads
 from pipeline.heads.store import head_outputs
 
@@ -123,10 +123,7 @@ def run_protocol(
     fixed, name = _listed_split(fs, train_per_class, split_list, data_root)
     started, per_seed = time.perf_counter(), []
     for seed in seeds:
-        if fixed is not None:
-            split = fixed
-        else:
-            split = per_class_split(fs.labels, int(train_per_class), seed, fs.class_names)
+        split = fixed if fixed is not None else _drawn(fs, int(train_per_class), seed)
         per_seed.append(evaluate_split(fs, split, names, seed, cv, metric))
         _log(log, f"{name} seed {seed}: " + ", ".join(
             f"{h} {per_seed[-1][h][metric]:.3f}" for h in names))  # fmt: skip
@@ -147,6 +144,15 @@ def run_protocol(
         result.json_path = _write(out / f"{name}.json", json.dumps(record, indent=2))
         result.md_path = _write(out / f"{name}.md", markdown_table(record) + "\n")
     return result
+
+
+def _drawn(fs: FeatureSet, n: int, seed: int) -> np.ndarray:
+    """N per class over the cache's rows in a split (rows a split file left ``unused``
+    at stage one stay out of the protocol too)."""
+    used = fs.split != "unused"
+    split = np.full(len(fs.labels), UNUSED, dtype=object)
+    split[used] = per_class_split(fs.labels[used], n, seed, fs.class_names)
+    return split
 
 
 def _listed_split(

@@ -133,6 +133,7 @@ def _all_point(
     split = np.where(fs.split == scored, "test", "train").astype(object)
     if scored == "test":
         split[fs.split == "val"] = "train"
+    split[fs.split == "unused"] = ""  # a split file left them out of every split
     started = time.perf_counter()
     runs = [evaluate_split(fs, split, names, seed, cv, metric) for seed in seeds]
     return {"shots": "all", "seconds": time.perf_counter() - started, "scored": scored,

@@ -340,6 +340,9 @@ def _nothing_to_report(dataset: str, artifacts_dir: str | Path, notes: list[str]
     art = Artifacts(artifacts_dir)
     known = art.datasets_with_heads()
     extra = f" ({'; '.join(notes)})" if notes else ""
+    another = [note for note in notes if "fit on another split" in note]
+    if another:  # every head was fit before a re-split: not a split without val or test
+        return ReportError(f"nothing to report for {dataset!r}: {'; '.join(another)}")
     if dataset in known:  # heads exist, but the split gave them no val or test images to score
         return ReportError(
             f"nothing to report for {dataset!r}: its heads under {art.heads_root() / dataset} have "
