@@ -431,3 +431,27 @@ def test_a_split_file_may_be_one_list_per_split(photos, tmp_path, monkeypatch):
     assert [int(np.sum(fs.split == s)) for s in ("train", "val", "test", "unused")] == [10, 0, 2, 8]
     assert read_attrs(path)["split_file"] == spec  # each list's absolute path
     assert run(photos, art, SplitConfig(split_file=spec), monkeypatch).status == "up to date"
+
+
+def test_other_commands_read_the_split_the_cache_holds(photos, tmp_path, monkeypatch):
+    """make finetune and make auto pass split_in_use to stage one: a cache make features
+    re-split stays so (their own SEED default would split it back)."""
+    from pipeline.features.resplit import split_in_use
+
+    art = tmp_path / "art"
+    default = SplitConfig()
+    assert split_in_use(photos, CONFIG, default, art) is default  # no cache yet
+    path = stage_one(photos, art)
+    features(photos, art, 1, monkeypatch)
+    held = split_in_use(photos, CONFIG, default, art)
+    assert held == SplitConfig(seed=1)
+    before = load_features(path).split
+    monkeypatch.setattr(extract, "build_extractor", lambda *a, **k: None)
+    summary = extract.extract_features(photos, CONFIG, split=held, artifacts_dir=art)
+    assert summary.status == "up to date"
+    assert np.array_equal(load_features(path).split, before)
+    extract.extract_features(
+        photos, CONFIG, split=SplitConfig(train_per_class=3, seed=2), artifacts_dir=art,
+        progress=False,
+    )  # fmt: skip
+    assert split_in_use(photos, CONFIG, default, art) == SplitConfig(seed=2, train_per_class=3)

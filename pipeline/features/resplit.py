@@ -26,10 +26,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.artifacts import now_iso
+from pipeline.core.artifacts import dataset_name, now_iso
 from pipeline.core.errors import CacheError, PipelineError
 from pipeline.data.folders import ImageFolder, SplitConfig, scan_folder
 from pipeline.features import cache, cache_writer
+from pipeline.features.config import cache_path_for
 
 
 def split_attrs(folder: ImageFolder) -> dict[str, Any]:
@@ -71,6 +72,35 @@ def recorded_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
         val_fraction=float(attrs["val_fraction"]),
         test_fraction=float(attrs["test_fraction"]),
     )
+
+
+def cache_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
+    """The split options that give the split a cache holds (``None``: its split folders).
+
+    What commands other than ``make features`` (fine-tuning, ``make auto``) pass to stage one,
+    so that they read the cache as it is split rather than splitting it back to their own
+    defaults."""
+    source = attrs.get("split_source")
+    if source == "per_class":
+        record = split_record(attrs)
+        return SplitConfig(seed=record["seed"], train_per_class=record["train_per_class"])
+    if source == "split_file":
+        return SplitConfig(split_file=split_record(attrs)["file"])
+    return recorded_split(attrs)
+
+
+def split_in_use(
+    data_dir: str | Path, config: Any, split: SplitConfig | None, artifacts_dir: str | Path
+) -> SplitConfig | None:
+    """The split a command that is not ``make features`` reads ``data_dir`` with: that of
+    stage one's cache for ``config`` (a :class:`~pipeline.features.config.FeatureConfig`)
+    when there is one, so a cache ``make features SEED=1`` re-split stays so; else ``split``."""
+    path = cache_path_for(dataset_name(data_dir, artifacts_dir), config, artifacts_dir)
+    try:
+        attrs = cache.read_attrs(path) if path.is_file() else None
+    except CacheError:  # stage one says what is wrong with it
+        attrs = None
+    return (cache_split(attrs) if attrs else None) or split
 
 
 def split_record(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,12 +158,7 @@ def recorded_folder(path: str | Path, data: str | Path, attrs: Mapping[str, Any]
     if source not in ("per_class", "split_file"):
         return scan_folder(data, recorded_split(attrs), group_copies=grouped)
     folder = scan_folder(data, SplitConfig(), group_copies=False)
-    split = split_record(attrs)
-    config = (
-        SplitConfig(seed=split["seed"], train_per_class=split["train_per_class"])
-        if source == "per_class"
-        else SplitConfig(split_file=split["file"])
-    )
+    split, config = split_record(attrs), cache_split(attrs)
     held = cache.read_paths(path)
     records = tuple(replace(r, split=held.get(r.path, ("", r.split))[1]) for r in folder.records)
     return replace(folder, records=records, split_source=source, split=config,

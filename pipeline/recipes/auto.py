@@ -46,6 +46,7 @@ from pipeline.features.cache import read_attrs
 from pipeline.features.config import FeatureConfig
 from pipeline.features.extract import extract_features
 from pipeline.features.joins import join_caches
+from pipeline.features.resplit import split_in_use
 from pipeline.heads.fit import fit_heads
 from pipeline.heads.registry import HEADS
 from pipeline.recipes.probe import stage_ends
@@ -321,7 +322,9 @@ class _RecipeCaches:
         self, data_dir: str | Path, config: Any, *, split: Any, artifacts_dir: str | Path,
         progress: bool, say: Callable[[str], Any],
     ) -> None:  # fmt: skip
-        self.data_dir, self.config, self.split = data_dir, config, split
+        self.data_dir, self.config = data_dir, config
+        # the split stage one's cache holds (make features SEED= / SPLIT_FILE=), not a default
+        self.split = split_in_use(data_dir, config, split, artifacts_dir)
         self.artifacts_dir, self.progress, self.say = artifacts_dir, progress, say
         self.caches: dict[str, Path] = {}  # FeatureConfig repr -> cache (a shared part runs once)
         self.middle: str | None = None
