@@ -9,8 +9,9 @@ the tf.data way, and every head's accuracy at each precision.
   TensorFlow tutorial's way (``image_dataset_from_directory``, ``prefetch``, ``model.predict``
   of Keras MobileNetV2 at batch 32, the features written to HDF5). The three run in
   interleaved rounds, so a busy machine slows each alike; ratios are per round.
-* **decoding**: seconds per image of decode and resize, with and without JPEG draft mode
-  (Pillow decoding at a reduced DCT scale), on the first 300 of the images.
+* **decoding**: seconds per image of decode and resize on the first 300 of the images:
+  today's (JPEG draft mode, Pillow decoding at a reduced DCT scale, then OpenCV's bilinear
+  resize), without draft mode, and with Pillow's antialiased resize (before).
 * **heads**: every default head's val accuracy on each ``--heads-data`` folder at float32
   and at each reduced precision, in images.
 """
@@ -59,16 +60,34 @@ def _child_tfdata(folder: Path, out: Path, batch_size: int) -> dict:
     return {"images": int(len(features))}
 
 
+def _pillow_resize(path: Path, size: int) -> np.ndarray:
+    """The decoding stage one had before OpenCV's resize: JPEG draft, then Pillow's
+    antialiased bilinear resize (timed beside today's)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
 def _child_decode(folder: Path) -> dict:
-    """Decode and resize to 224, seconds per image, with and without JPEG draft mode."""
+    """Decode and resize to 224, seconds per image: today's way (JPEG draft, OpenCV's
+    resize), the same without draft, and Pillow's antialiased resize (before)."""
     paths = [folder / r.path for r in scan_folder(folder).records][:DECODE_IMAGES]
-    result = {}
-    for draft in (True, False, True):  # the first pass warms the page cache
-        images_module.JPEG_DRAFT = draft
-        started = time.perf_counter()
-        for path in paths:
-            images_module.load_image(path, 224)
-        result[f"draft_{draft}".lower()] = (time.perf_counter() - started) / len(paths)
+    ways = {
+        "now": lambda p: images_module.load_image(p, 224),
+        "draft_off": lambda p: images_module.load_image(p, 224),
+        "pillow_resize": lambda p: _pillow_resize(p, 224),
+    }
+    result: dict = {}
+    for _ in range(2):  # the first round warms the page cache; the second's times are kept
+        for name, way in ways.items():
+            images_module.JPEG_DRAFT = 0.0 if name == "draft_off" else 1.0
+            started = time.perf_counter()
+            for path in paths:
+                way(path)
+            result[name] = (time.perf_counter() - started) / len(paths)
+    images_module.JPEG_DRAFT = 1.0
     return {"seconds_per_image": result, "images": len(paths)}
 
 
