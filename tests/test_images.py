@@ -167,6 +167,30 @@ def test_opencv_decodes_plain_jpegs_as_pillow_does(tmp_path, monkeypatch, mode, 
     assert np.abs(fast.astype(int) - pillow).max() <= 2  # the same libjpeg-turbo decoding
 
 
+def test_draft_scale_is_read_back_from_the_sizes_pillow_gives():
+    from pipeline.data.images import _draft_scale
+
+    assert _draft_scale((450, 375), (450, 375)) == 1
+    assert _draft_scale((449, 375), (225, 188)) == 2  # sides rounded up, as libjpeg does
+    assert _draft_scale((600, 500), (150, 125)) == 4
+    assert _draft_scale((9, 9), (2, 2)) == 8
+
+
+def test_missing_opencv_is_one_line_saying_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.core.errors import PipelineError
+    from pipeline.data import images
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails
+    images._opencv.cache_clear()
+    try:
+        with pytest.raises(PipelineError, match=r"pip install opencv-python-headless"):
+            load_image(_save(Image.new("RGB", (40, 30), "red"), tmp_path / "r.png"), 8)
+    finally:
+        images._opencv.cache_clear()
+
+
 def test_grayscale_becomes_three_equal_channels(tmp_path):
     path = _save(Image.new("L", (10, 6), 77), tmp_path / "g.png")
     x = load_image(path, 8)

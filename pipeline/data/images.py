@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.core.errors import PipelineError
 from pipeline.data.folders import shown
 
 # The most pixels an image may have once decoded (after JPEG's reduced-scale decoding):
@@ -72,10 +73,10 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
                     image.draft("RGB", (side, side))
                 _check_pixels(image)
                 if fast:
-                    return _opencv_jpeg(path, image, size, round(full[0] / image.size[0]))
+                    return _opencv_jpeg(path, image, size, _draft_scale(full, image.size))
                 image.load()
                 return _to_rgb_array(_oriented(image), size)
-    except ImageError:
+    except (ImageError, PipelineError):  # PipelineError: not this image's fault (no OpenCV)
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown or corrupt format)") from None
@@ -99,6 +100,14 @@ def _plain_jpeg(image: Image.Image, path: str | Path) -> bool:
     with open(path, "rb") as f:  # a truncated file lacks its end marker: Pillow says so
         f.seek(-2, os.SEEK_END)
         return f.read(2) == b"\xff\xd9"
+
+
+def _draft_scale(full: tuple[int, int], drafted: tuple[int, int]) -> int:
+    """The DCT scale (1, 2, 4 or 8) that turned ``full`` into ``drafted`` (sides rounded up)."""
+    for scale in (8, 4, 2):
+        if all(-(-side // scale) == got for side, got in zip(full, drafted, strict=True)):
+            return scale
+    return 1
 
 
 def _opencv_jpeg(path: str | Path, image: Image.Image, size: int, scale: int) -> np.ndarray:
@@ -177,7 +186,13 @@ def _to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
 
 @functools.cache
 def _opencv() -> Any:
-    import cv2  # opencv-python-headless, a dependency
+    try:
+        import cv2  # opencv-python-headless, a dependency
+    except ImportError:
+        raise PipelineError(
+            "decoding images needs OpenCV, which is not installed: "
+            "pip install opencv-python-headless (or make install)"
+        ) from None
 
     cv2.setNumThreads(1)  # the decoding threads are the parallelism; no pool inside each
     return cv2
