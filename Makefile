@@ -23,7 +23,7 @@ COMBINE ?= mean
 FEATURES ?=
 JOIN_NORM ?= l2
 BATCH ?= 32
-# PRECISION: the backbone's compute precision (auto|float32|bfloat16|float16), whichever runtime
+# PRECISION: the backbone's compute precision (auto|float32|bfloat16|float16|int8), whichever runtime
 # runs it; STORAGE: how the features are stored (float32|float16).
 PRECISION ?= auto
 STORAGE ?= float32

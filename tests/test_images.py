@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.core.errors import DataError
 from pipeline.data.folders import SplitConfig, scan_folder
-from pipeline.data.images import ImageError, iter_batches, load_image
+from pipeline.data.images import ImageError, iter_batches, load_image, resize_square
 
 # --- layouts and splits ---------------------------------------------------------
 
@@ -129,6 +129,66 @@ def test_fingerprint_changes_when_an_image_changes(image_folder):
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
     image.save(path, **kwargs)
     return path
+
+
+def test_resize_is_bilinear_with_half_pixel_centres_and_no_antialiasing():
+    # Halving samples each output pixel at the centre of a 2x2 block: its mean, exactly
+    # (an antialiased filter, Pillow's, would blend in the neighbouring blocks too).
+    x = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    blocks = x.reshape(4, 2, 4, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    got = resize_square(x, 4)
+    assert got.shape == (4, 4, 3) and got.dtype == np.uint8
+    assert np.abs(got - blocks).max() <= 0.5 + 1e-9
+    pillow = np.asarray(Image.fromarray(x).resize((4, 4), Image.BILINEAR))
+    assert np.abs(pillow.astype(np.float64) - blocks).max() > 1  # the difference is real
+    assert resize_square(x[:, :, 0], 4).shape == (4, 4)  # grayscale stays one channel
+    assert np.array_equal(resize_square(x, 8), x)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape", "size"),
+    [("RGB", (90, 70), 32), ("L", (90, 70), 32), ("RGB", (600, 500), 64)],  # the last: draft 1/4
+)
+def test_opencv_decodes_plain_jpegs_as_pillow_does(tmp_path, monkeypatch, mode, shape, size):
+    from pipeline.data import images
+
+    rng = np.random.default_rng(1)
+    smooth = rng.integers(0, 256, (shape[1] // 10 + 1, shape[0] // 10 + 1, 3)).astype(np.uint8)
+    picture = Image.fromarray(smooth).resize(shape, Image.BICUBIC).convert(mode)
+    path = _save(picture, tmp_path / "p.jpg")
+    decoded = []
+    real = images._opencv_jpeg
+    monkeypatch.setattr(images, "_opencv_jpeg", lambda *a: decoded.append(1) or real(*a))
+    fast = load_image(path, size)
+    assert decoded == [1]  # OpenCV decoded it
+    monkeypatch.setattr(images, "_plain_jpeg", lambda image, path: False)
+    pillow = load_image(path, size)
+    assert fast.shape == pillow.shape == (size, size, 3)
+    assert np.abs(fast.astype(int) - pillow).max() <= 2  # the same libjpeg-turbo decoding
+
+
+def test_draft_scale_is_read_back_from_the_sizes_pillow_gives():
+    from pipeline.data.images import _draft_scale
+
+    assert _draft_scale((450, 375), (450, 375)) == 1
+    assert _draft_scale((449, 375), (225, 188)) == 2  # sides rounded up, as libjpeg does
+    assert _draft_scale((600, 500), (150, 125)) == 4
+    assert _draft_scale((9, 9), (2, 2)) == 8
+
+
+def test_missing_opencv_is_one_line_saying_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.core.errors import PipelineError
+    from pipeline.data import images
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails
+    images._opencv.cache_clear()
+    try:
+        with pytest.raises(PipelineError, match=r"pip install opencv-python-headless"):
+            load_image(_save(Image.new("RGB", (40, 30), "red"), tmp_path / "r.png"), 8)
+    finally:
+        images._opencv.cache_clear()
 
 
 def test_grayscale_becomes_three_equal_channels(tmp_path):

@@ -3,13 +3,15 @@ the tf.data way, and every head's accuracy at each precision.
 
 * **whole stage** on N real images (default 2,000 cats and dogs), each run its own process
   timed from outside (interpreter start, imports, model loading, decoding, forward pass,
-  writing the HDF5 file): ``PRECISION=int8`` (the fastest; ``auto`` is float32) with its conversion
-  (and quantization) stored by a first, cold run that is timed too; OpenVINO float32; and the
+  writing the HDF5 file): ``PRECISION=int8`` (the fastest; ``auto`` takes it from 4,000
+  images) with its conversion (and quantization) stored by a first, cold run that is timed
+  too; OpenVINO float32; and the
   TensorFlow tutorial's way (``image_dataset_from_directory``, ``prefetch``, ``model.predict``
   of Keras MobileNetV2 at batch 32, the features written to HDF5). The three run in
   interleaved rounds, so a busy machine slows each alike; ratios are per round.
-* **decoding**: seconds per image of decode and resize, with and without JPEG draft mode
-  (Pillow decoding at a reduced DCT scale), on the first 300 of the images.
+* **decoding**: seconds per image of decode and resize on the first 300 of the images:
+  today's (JPEG draft mode, Pillow decoding at a reduced DCT scale, then OpenCV's bilinear
+  resize), without draft mode, and with Pillow's antialiased resize (before).
 * **heads**: every default head's val accuracy on each ``--heads-data`` folder at float32
   and at each reduced precision, in images.
 """
@@ -58,16 +60,34 @@ def _child_tfdata(folder: Path, out: Path, batch_size: int) -> dict:
     return {"images": int(len(features))}
 
 
+def _pillow_resize(path: Path, size: int) -> np.ndarray:
+    """The decoding stage one had before OpenCV's resize: JPEG draft, then Pillow's
+    antialiased bilinear resize (timed beside today's)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
 def _child_decode(folder: Path) -> dict:
-    """Decode and resize to 224, seconds per image, with and without JPEG draft mode."""
+    """Decode and resize to 224, seconds per image: today's way (JPEG draft, OpenCV's
+    resize), the same without draft, and Pillow's antialiased resize (before)."""
     paths = [folder / r.path for r in scan_folder(folder).records][:DECODE_IMAGES]
-    result = {}
-    for draft in (True, False, True):  # the first pass warms the page cache
-        images_module.JPEG_DRAFT = draft
-        started = time.perf_counter()
-        for path in paths:
-            images_module.load_image(path, 224)
-        result[f"draft_{draft}".lower()] = (time.perf_counter() - started) / len(paths)
+    ways = {
+        "now": lambda p: images_module.load_image(p, 224),
+        "draft_off": lambda p: images_module.load_image(p, 224),
+        "pillow_resize": lambda p: _pillow_resize(p, 224),
+    }
+    result: dict = {}
+    for _ in range(2):  # the first round warms the page cache; the second's times are kept
+        for name, way in ways.items():
+            images_module.JPEG_DRAFT = 0.0 if name == "draft_off" else 1.0
+            started = time.perf_counter()
+            for path in paths:
+                way(path)
+            result[name] = (time.perf_counter() - started) / len(paths)
+    images_module.JPEG_DRAFT = 1.0
     return {"seconds_per_image": result, "images": len(paths)}
 
 
@@ -155,13 +175,43 @@ def bench_whole_stage(
     return {"images": n, "cold_int8": cold, "rounds": rounds, "median_ratios": medians}
 
 
-def bench_heads_precisions(heads_data: list[Path], tmp: Path, say: Any) -> dict:
-    """Every default head's val accuracy (in images) at float32 and each reduced precision."""
+def fixed_grid(row: dict[str, dict]) -> dict[str, dict[str, list]]:
+    """``GRID=`` holding each searched head of ``row`` (:func:`_fit_row`) at its chosen values
+    (the softmax head is not searched: it is refitted as it is)."""
+    from pipeline.heads.registry import HEADS
+
+    searched = (h for h in row if h in HEADS and not HEADS[h].keras)
+    return {h: {k: [v] for k, v in row[h]["params"].items()} for h in searched}
+
+
+def largest_differences(rows: dict[str, dict[str, dict]]) -> dict[str, int]:
+    """Each row's largest difference in correct val images from the first row, over its heads."""
+    first = next(iter(rows.values()))
+    return {
+        name: max(abs(row[h]["val"] - first[h]["val"]) for h in first if h in row)
+        for name, row in list(rows.items())[1:]
+    }
+
+
+def _fit_row(cache: Path, art: Path, seed: int = 0, grid: dict | None = None) -> dict:
+    """Every default head on ``cache``: correct val images and the chosen values, per head."""
     from pipeline.features.cache import load_features
+    from pipeline.heads.fit import fit_heads
+
+    n_val = int(np.sum(load_features(cache).split == "val"))
+    heads = fit_heads(cache, artifacts_dir=art, seed=seed, grid=grid, force=True)
+    return {
+        h.head: {"val": round(float(h.val_accuracy) * n_val), "params": h.params} for h in heads
+    }
+
+
+def bench_heads_precisions(heads_data: list[Path], tmp: Path, say: Any) -> dict:
+    """Every default head's val accuracy (in images) at float32 and each reduced precision,
+    beside the head search's own noise: float32 again with another seed (other CV folds,
+    another softmax start), and each reduced precision at float32's chosen hyper-parameters."""
     from pipeline.features.config import FeatureConfig
     from pipeline.features.extract import extract_features
     from pipeline.features.runtimes import cpu_supports_bf16
-    from pipeline.heads.fit import fit_heads
 
     precisions = ["float32", "int8"] + (["bfloat16"] if cpu_supports_bf16() else [])
     result: dict = {}
@@ -170,20 +220,18 @@ def bench_heads_precisions(heads_data: list[Path], tmp: Path, say: Any) -> dict:
         for precision in precisions:
             config = FeatureConfig(runtime="openvino", precision=precision)
             art = tmp / "heads" / precision
-            summary = extract_features(data, config, artifacts_dir=art, progress=False)
-            heads = fit_heads(summary.cache_path, artifacts_dir=art)
-            n_val = int(np.sum(load_features(summary.cache_path).split == "val"))
-            rows[precision] = {h.name: round(float(h.val_accuracy) * n_val) for h in heads} | {
-                "n_val": n_val
-            }
-        worst = max(
-            abs(rows[p][h] - rows["float32"][h])
-            for p in precisions[1:]
-            for h in rows["float32"]
-            if h != "n_val"
-        )
+            cache = extract_features(data, config, artifacts_dir=art, progress=False).cache_path
+            rows[precision] = _fit_row(cache, art)
+            if precision == "float32":
+                rows["float32, seed 1"] = _fit_row(cache, art, seed=1)
+            else:
+                fixed = fixed_grid(rows["float32"])
+                rows[f"{precision} at float32's values"] = _fit_row(cache, art, grid=fixed)
+        worst = largest_differences(rows)
         result[data.name] = {"correct_val_images": rows, "largest_difference_images": worst}
-        say(f"  heads on {data.name}: " + json.dumps(rows) + f"; largest difference {worst}")
+        for name, row in rows.items():
+            say(f"  {data.name}, {name}: " + ", ".join(f"{h} {r['val']}" for h, r in row.items())
+                + (f"; largest difference {worst[name]}" if name in worst else ""))  # fmt: skip
     return result
 
 

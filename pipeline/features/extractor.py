@@ -207,6 +207,7 @@ def settle_runtime(resolved: ResolvedFeatures, folder: ImageFolder) -> ResolvedF
         sample=sample,
         reduced_sample=reduced_sample,
         data=folder.name,
+        images=len(folder.records),
     )
     return replace(resolved, runtime=choice)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,26 @@ import numpy as np
 # OpenVINO's names of our precisions (``INFERENCE_PRECISION_HINT``); int8's quantized ops
 # are int8 whatever the hint, the few others stay float32.
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be imported (without importing it)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+@functools.cache
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU (``("BF16", "FP32", ...)``)."""
+    if not openvino_installed():
+        return ()
+    import openvino as ov
+
+    return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), per OpenVINO."""
+    return "BF16" in cpu_capabilities()
 
 
 class OpenVINOModel:

@@ -37,6 +37,12 @@ AGREEMENT_MIN = 0.99  # share of the sample whose predictions must agree with fl
 ACCURACY_SLACK = 1  # images the correct count may differ from float32's
 FOLDS = 5
 CALIBRATION_IMAGES = 160  # images int8's quantization measures activation ranges on
+# PRECISION=auto takes a reduced precision on a data set only where its one-off cost there is
+# paid back within the same run (measured on 2 cores, docs/benchmarks.md): int8's quantization
+# and check, 12 to 22 s, against about 3 ms saved per image of the whole stage; bf16's check,
+# about 2 s, against about 2.5 ms. Once paid (checked and stored), it is taken at any size.
+AUTO_MIN_IMAGES = {"int8": 4000, "bf16": 1000}
+ONE_OFF = {"int8": "quantization, 10 to 20 s,", "bf16": "check, about 2 s,"}
 
 
 def nncf_installed() -> bool:
@@ -114,6 +120,28 @@ def head_agreement(reference: np.ndarray, reduced: np.ndarray, labels: np.ndarra
         "correct_reduced": correct_red,
         "cosine_min": round(cosine_min(reduced, reference), 6),
     }
+
+
+def payback_note(precision: str, images: int) -> str | None:
+    """Why ``PRECISION=auto`` leaves ``precision`` out on a new data set of ``images`` images
+    (its one-off cost would not pay back), or ``None`` where it pays."""
+    least = AUTO_MIN_IMAGES.get(precision)
+    if least is None or images >= least:
+        return None
+    return f"{precision}'s one-off {ONE_OFF[precision]} pays back from {least:,} images"
+
+
+def auto_reason(precision: str, check: dict | None, unpaid: list[str], images: int | None) -> str:
+    """The runtime line's reason for what ``PRECISION=auto`` took (``check``: the precision's
+    recorded agreement check; ``unpaid``: the :func:`payback_note` of those left out)."""
+    if precision == "fp32" and unpaid:
+        return f"PRECISION=auto: {', '.join(unpaid)}; this data set has {images:,}"
+    if precision == "fp32" or check is None:
+        return ""  # the plain line (fp32 without a reduced precision here; a check to come)
+    return (
+        f"PRECISION=auto: the fastest that passes the agreement check here, "
+        f"{check['agreement']:.1%} of {check['images']} predictions as float32's"
+    )
 
 
 def describe_failure(precision: str, check: dict[str, Any], data: str) -> str:

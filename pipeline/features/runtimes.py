@@ -14,7 +14,8 @@ the backbone and passes two checks: the conversion's, where float32 features of
 :data:`CHECK_IMAGES` images of the user's data keep a cosine of at least
 :data:`CHECK_COSINE` to Keras's; and, for a reduced precision, the agreement
 check (:func:`pipeline.features.precisions.head_agreement`): a linear head's
-predictions on a labelled sample agree with float32's. The
+predictions on a labelled sample agree with float32's, taken by ``PRECISION=auto`` where
+its one-off cost on a new data set pays back (:func:`precisions.payback_note`). The
 converted model is stored once per backbone, weights, input size, pooling and
 layer under ``artifacts/runtimes/openvino/<key>/`` (``model.xml``, ``model.bin``,
 ``meta.json``); each data set's check is recorded there with the images it ran on,
@@ -32,7 +33,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -49,7 +49,13 @@ from pipeline.core.artifacts import Artifacts
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import make_work_folder, remove_stale_work_folders, write_json_atomic
 from pipeline.features import precisions
-from pipeline.features.ov_model import OV_PRECISION, OpenVINOModel
+from pipeline.features.ov_model import (  # re-exported: the runtime's capabilities
+    OV_PRECISION,
+    OpenVINOModel,
+    cpu_capabilities,  # noqa: F401
+    cpu_supports_bf16,
+    openvino_installed,
+)
 
 CHECK_COSINE = 0.998  # smallest cosine to Keras float32 features a runtime may have
 CHECK_IMAGES = 16  # images of the user's data the check runs on
@@ -70,6 +76,7 @@ class RuntimeChoice:
     precision: str = "fp32"  # "fp32", "bf16", "fp16" or "int8": the backbone's compute precision
     notes: tuple[str, ...] = ()
     model_xml: str = ""  # int8: the model quantized on this data set's images
+    reason: str = ""  # PRECISION=auto: why this precision, for the runtime's line
 
     @property
     def keras_policy(self) -> str:
@@ -87,38 +94,15 @@ def precision_tag(precision: str) -> str:
     return "" if precision == "fp32" else precision
 
 
-# What PRECISION=auto tries. Reduced precisions are asked for by name: they pass the agreement
-# check, but their features move the heads' searched choices by up to 3 val images on the real
-# sets (docs/benchmarks.md), more than a default may change a user's numbers.
-AUTO_PRECISIONS = ("fp32",)
+# What PRECISION=auto tries, fastest first: each reduced precision where the runtime has it, it
+# passes the agreement check and its one-off cost pays back (precisions.payback_note). Their
+# heads' val accuracy moves no more than a float32 rerun's (docs/benchmarks.md).
+AUTO_PRECISIONS = ("int8", "bf16", "fp32")
 
 
 def compute_precisions(precision: str) -> list[str]:
     """The compute precisions ``PRECISION=`` allows, fastest first."""
     return list(AUTO_PRECISIONS) if precision == "auto" else [COMPUTE[precision]]
-
-
-# --------------------------------------------------------------------------- capabilities
-
-
-def openvino_installed() -> bool:
-    """Whether the ``openvino`` package can be imported (without importing it)."""
-    return importlib.util.find_spec("openvino") is not None
-
-
-@functools.cache
-def cpu_capabilities() -> tuple[str, ...]:
-    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU (``("BF16", "FP32", ...)``)."""
-    if not openvino_installed():
-        return ()
-    import openvino as ov
-
-    return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), per OpenVINO."""
-    return "BF16" in cpu_capabilities()
 
 
 # --------------------------------------------------------------------------- the store
@@ -285,12 +269,15 @@ def choose(
     store: ConversionStore | None = None,
     random_weights: bool = False,
     data: str = "",
+    images: int | None = None,
 ) -> RuntimeChoice:
     """Pick the runtime from what is installed, the CPU and what ``store`` recorded.
 
     Cheap (no conversion, no Keras): candidates whose conversion or checks (on the
     images of ``data``) have not run yet are taken optimistically; :func:`settle`
-    runs them. ``auto`` with random weights (``WEIGHTS=none``, a baseline) stays on Keras.
+    runs them. ``auto`` with random weights (``WEIGHTS=none``, a baseline) stays on Keras;
+    ``auto`` on a data set of ``images`` images (when known) leaves out a reduced precision
+    not yet checked on it whose one-off cost would not pay back (:func:`precisions.payback_note`).
 
     Raises
     ------
@@ -328,6 +315,7 @@ def choose(
         if not explicit:
             return replace(keras, notes=(f"runtime: {failed}; not used",))
         notes.append(f"warning: {failed}; used because RUNTIME={runtime} was asked for")
+    unpaid: list[str] = []  # auto: reduced precisions whose one-off cost would not pay back
     for name, prec in candidates(runtime, precision):
         if name == "keras":
             return replace(keras, notes=tuple(notes))
@@ -340,6 +328,11 @@ def choose(
             notes.append(f"runtime: {NO_NNCF}; not tried")  # auto only: int8 asked for raised
             continue
         check = _recorded_check(meta, data, prec) if prec != "fp32" else None
+        if precision == "auto" and check is None and prec != "fp32" and images is not None:
+            why = precisions.payback_note(prec, images)
+            if why:
+                unpaid.append(why)
+                continue
         if check is not None and not check["passed"]:
             failed = precisions.describe_failure(prec, check, data)
             if precision == "auto":
@@ -349,7 +342,8 @@ def choose(
         model_xml = ""
         if prec == "int8" and store is not None:
             model_xml = str(precisions.quantized_xml(store.directory, data))
-        return RuntimeChoice(name, prec, tuple(notes), model_xml)
+        reason = precisions.auto_reason(prec, check, unpaid, images) if precision == "auto" else ""
+        return RuntimeChoice(name, prec, tuple(notes), model_xml, reason)
     return replace(keras, notes=tuple(notes))
 
 
@@ -366,7 +360,9 @@ def describe(choice: RuntimeChoice) -> str:
     """One line for the output: ``runtime: openvino 2026.4.1, bf16 (native on this CPU)``."""
     if choice.runtime == "keras":
         return "runtime: keras" + ("" if choice.precision == "fp32" else f", {choice.keras_policy}")
-    if choice.precision == "int8":
+    if choice.reason:
+        why = choice.reason
+    elif choice.precision == "int8":
         why = "int8, quantized on this data set's images"
     elif choice.precision == "bf16":
         why = "bfloat16, native on this CPU"
@@ -443,6 +439,7 @@ def settle(
     sample: Callable[[], tuple[np.ndarray, list[str]]],
     reduced_sample: Callable[[], precisions.Sample | None] | None = None,
     data: str = "",
+    images: int | None = None,
 ) -> RuntimeChoice:
     """:func:`choose`, after converting and checking what the choice needs (once, recorded).
 
@@ -450,15 +447,14 @@ def settle(
     reference features); ``sample`` returns a preprocessed batch of the user's
     images and their paths, for the conversion's check; ``reduced_sample`` a labelled
     :class:`~pipeline.features.precisions.Sample` for a reduced precision's agreement check (and int8's calibration).
-    The checks run once per data set ``data``; nothing is called when ``store`` already
-    holds them. Without ``reduced_sample`` (or a sample), ``auto`` stays at float32.
+    The checks run once per data set ``data`` (of ``images`` images, for ``auto``'s pay-back
+    rule); nothing is called when ``store`` already holds them. Without ``reduced_sample`` (or a sample), ``auto`` stays at float32.
     """
     if precision == "auto" and reduced_sample is None:
         precision = "float32"
     # The choice reads what ``store`` holds: asked again after each conversion and check.
-    choose_now = functools.partial(
-        choose, runtime, precision, store=store, random_weights=random_weights, data=data
-    )
+    options = {"store": store, "random_weights": random_weights, "data": data, "images": images}
+    choose_now = functools.partial(choose, runtime, precision, **options)
     choice = choose_now()
     keras_model = None
 
@@ -483,14 +479,7 @@ def settle(
             if labelled is None and precision == "auto":
                 notes.append("runtime: no labelled sample to check reduced precisions on")
                 precision = "float32"
-                choose_now = functools.partial(
-                    choose,
-                    runtime,
-                    precision,
-                    store=store,
-                    random_weights=random_weights,
-                    data=data,
-                )
+                choose_now = functools.partial(choose, runtime, precision, **options)
             elif labelled is None:
                 break  # asked for: used unchecked
             else:

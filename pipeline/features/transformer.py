@@ -29,7 +29,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from pipeline.core.errors import DataError
 from pipeline.core.files import write_atomic
-from pipeline.data.images import ImageError, default_workers, load_image
+from pipeline.data.images import ImageError, default_workers, load_image, resize_square
 from pipeline.features import extractor, runtimes
 from pipeline.features.config import FeatureConfig, ResolvedFeatures, resolve_features
 from pipeline.features.records import extractor_identity
@@ -305,8 +305,7 @@ def _pixels(image: Any, size: int) -> np.ndarray:
     if mode == "RGBA":  # transparent pixels onto white, as files are read
         white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
         picture = Image.alpha_composite(white, picture)
-    array = np.asarray(picture.convert("RGB").resize((size, size), Image.BILINEAR))
-    return array
+    return resize_square(np.asarray(picture.convert("RGB")), size)
 
 
 def _content_key(image: Any) -> str:
