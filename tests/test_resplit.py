@@ -455,3 +455,17 @@ def test_other_commands_read_the_split_the_cache_holds(photos, tmp_path, monkeyp
         progress=False,
     )  # fmt: skip
     assert split_in_use(photos, CONFIG, default, art) == SplitConfig(seed=2, train_per_class=3)
+
+
+def test_a_cache_resized_before_the_resize_was_recorded_is_refused(photos, tmp_path):
+    """Features of Pillow's antialiased resize are not today's: make head says to rebuild."""
+    import h5py
+
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    identity = json.loads(read_attrs(path)["config_json"])
+    del identity["resize"]
+    with h5py.File(path, "r+") as f:
+        f.attrs["config_json"] = json.dumps(identity, sort_keys=True)
+    with pytest.raises(CacheError, match=r"image resize .* is unset in the cache, bilinear asked"):
+        check_cache_for(path, photos, CONFIG, artifacts_dir=art)

@@ -381,3 +381,22 @@ def test_settle_checks_the_conversion_then_each_reduced_precision_once(tmp_path,
     # No labelled sample (the Python API's images): auto stays at float32.
     plain = runtimes.settle("auto", "auto", **settle, data="other")
     assert plain.precision == "fp32" and ran[-1] == "fp32"
+
+
+def test_the_agreement_rule_refuses_a_loss_not_a_gain():
+    """Two images float32's head gets wrong, moved to their class's centre in the reduced
+    features: 99% agreement, two more right, passes; the same two moved the wrong way fail."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 100)
+    reference = rng.normal(size=(200, 4)) + labels[:, None] * 2.0
+    centres = np.array([reference[labels == c].mean(axis=0) for c in (0, 1)])
+    margin = (reference.sum(axis=1) - 4.0) * (2 * labels - 1)  # < 0: past the boundary
+    order = np.argsort(margin)
+    wrong, right = order[:2], order[-2:]  # the furthest on the wrong side, and on the right one
+    better = reference.copy()
+    better[wrong] = centres[labels[wrong]]
+    result = precisions.head_agreement(reference, better, labels)
+    assert result["correct_reduced"] >= result["correct_float32"] + 2 and result["passed"]
+    worse = reference.copy()
+    worse[right] = centres[1 - labels[right]]
+    assert not precisions.head_agreement(reference, worse, labels)["passed"]

@@ -198,6 +198,11 @@ def _opencv() -> Any:
     return cv2
 
 
+# How :func:`resize_square` resizes, in every cache's identity: caches written before it
+# (no ``resize`` there) resized with Pillow's antialiased bilinear, other features.
+RESIZE = "bilinear"
+
+
 def resize_square(array: np.ndarray, size: int) -> np.ndarray:
     """Resize a uint8 ``(H, W)`` or ``(H, W, C)`` array to ``(size, size[, C])``: bilinear
     with half-pixel centres and no antialiasing (OpenCV's ``INTER_LINEAR``).

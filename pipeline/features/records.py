@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.core.artifacts import Artifacts, dataset_name, real_root
 from pipeline.core.errors import CacheError
+from pipeline.data import images
 from pipeline.data.folders import ImageFolder, cross_split_copies
 from pipeline.features import cache, cache_writer, runtimes
 from pipeline.features.config import FeatureConfig, ResolvedFeatures, resolve_features
@@ -93,6 +94,7 @@ def extractor_identity(resolved: ResolvedFeatures) -> dict[str, Any]:
         "preprocessing": spec.preprocessing,
         "dtype": resolved.dtype,
         "precision": resolved.runtime.precision,  # the compute precision, whichever runtime
+        "resize": images.RESIZE,
     }
     if resolved.views is not None:  # the plain view adds nothing: today's caches stay valid
         identity["views"] = resolved.views.identity()
@@ -166,6 +168,7 @@ _OPTION_WORDS = {
     "dtype": "STORAGE",
     "precision": "PRECISION",
     "views": "VIEWS",
+    "resize": "the image resize (Pillow's antialiased before this version)",
 }
 
 
