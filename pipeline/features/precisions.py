@@ -111,9 +111,7 @@ def head_agreement(reference: np.ndarray, reduced: np.ndarray, labels: np.ndarra
     agreement = float(np.mean(pred_ref == pred_red))
     correct_ref, correct_red = int(np.sum(pred_ref == labels)), int(np.sum(pred_red == labels))
     return {
-        "passed": bool(
-            agreement >= AGREEMENT_MIN and correct_ref - correct_red <= ACCURACY_SLACK
-        ),
+        "passed": bool(agreement >= AGREEMENT_MIN and correct_ref - correct_red <= ACCURACY_SLACK),
         "rule": "agreement",
         "images": len(labels),
         "agreement": round(agreement, 4),
