@@ -331,6 +331,13 @@ def test_aug_copies_zero_runs_the_images_and_says_so(colours, tmp_path):
     )  # fmt: skip
     assert "images, a full forward pass every epoch (AUG_COPIES=0)" in result.format()
     assert json.loads(result.manifest_path.read_text())["phase_two_input"]["mode"] == "images"
+    # Validated and predicted by the top on the frozen part's output, made once: what the
+    # whole network gives on the images.
+    (row,) = [h for h in result.history if h["phase"] == 2]
+    assert isinstance(row["val_loss"], float) and isinstance(row["val_accuracy"], float)
+    entries = json.loads(result.predictions_path.read_text())["predictions"]
+    whole = result.model.predict(_images(colours, list(entries)), verbose=0)
+    np.testing.assert_allclose([e["proba"] for e in entries.values()], whole, atol=1e-5)
 
 
 @pytest.mark.parametrize("value", [-1, 65, 1.5, True])

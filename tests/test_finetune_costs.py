@@ -21,20 +21,23 @@ def test_a_short_run_trains_on_the_images_a_long_one_on_cached_activations():
     long = estimate_paths(COSTS, epochs=10, **HYMENOPTERA)
     assert choose_path(short) == "images"
     assert choose_path(long) == "activations"
-    assert short.break_even == long.break_even == 5
+    assert short.break_even == long.break_even == 6
     # the choice flips exactly at the break-even epoch count
-    assert choose_path(estimate_paths(COSTS, epochs=4, **HYMENOPTERA)) == "images"
-    assert choose_path(estimate_paths(COSTS, epochs=5, **HYMENOPTERA)) == "activations"
+    assert choose_path(estimate_paths(COSTS, epochs=5, **HYMENOPTERA)) == "images"
+    assert choose_path(estimate_paths(COSTS, epochs=6, **HYMENOPTERA)) == "activations"
 
 
 def test_the_estimate_adds_up_the_measured_costs():
     c = PathCosts(image_step=2.0, image_eval=1.0, view=1.5, cut=1.0, top_step=0.5, top_eval=0.25)
     e = estimate_paths(c, n_train=10, n_val=4, n_images=16, epochs=3, copies=2)
-    assert e.per_epoch_images == 10 * 2.0 + 4 * 1.0
-    assert e.images == 3 * 24.0
+    # validation is the top on activations on both paths: no full pass per epoch
+    assert e.per_epoch_images == 10 * 2.0 + 4 * 0.25
+    # the images path runs its 6 val and test images through the frozen part once
+    assert e.images_one_off == 6 * 1.0
+    assert e.images == 6.0 + 3 * 21.0
     assert e.one_off == 16 * 1.0 + 10 * 2 * 1.5
     assert e.activations == 46.0 + 3 * (10 * 0.5 + 4 * 0.25)
-    assert e.break_even == 3  # 46 s of caches / (24 - 6) s saved per epoch, rounded up
+    assert e.break_even == 3  # (46 - 6) s more up front / (21 - 6) s saved per epoch, rounded up
 
 
 def test_caches_on_disk_make_cached_activations_the_choice_for_one_epoch():
@@ -71,7 +74,7 @@ def test_one_line_says_which_and_why():
     line = describe_choice(short, "images", copies=8)
     assert "\n" not in line
     assert line.startswith("phase 2: on the images")
-    assert "EPOCHS=3" in line and "they pay from 5 epochs" in line
+    assert "EPOCHS=3" in line and "they pay from 6 epochs" in line
     assert f"about {short.images:.0f} s" in line and f"{short.activations:.0f} s" in line
     assert "PHASE_TWO=activations" in line
     long = estimate_paths(COSTS, epochs=10, **HYMENOPTERA)

@@ -185,6 +185,7 @@ class FinetuneRun:
     cut: Cut | None = None  # where phase two's input is cached; None: images, every epoch
     activations: dict[str, Any] = field(default_factory=dict)  # the caches, for the manifest
     decoded: dict[str, np.ndarray] = field(default_factory=dict)  # images decoded once (on images)
+    evaluation: Any = None  # CutEvaluation: val and test on the frozen part's output, made once
 
     def note(self, line: str) -> None:
         self.notes.append(line)

@@ -14,6 +14,11 @@ are already on disk, on the activations.
 functions of their arguments. :meth:`PathCosts.from_stage_one` scales the
 factors below by the stage-one seconds per image recorded in the cache, so
 the estimate follows the machine and the backbone.
+
+Validation runs the top of the network on the val images' activations at the
+cut on both paths (:mod:`pipeline.finetuning.validation`): read from the cut
+cache on cached activations, made once by the frozen part on the images (with
+the test images', for the final predictions) on the images.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 # step on cached activations 0.30; the epochs of `make finetune` 1.6, 1.05 and 0.1. Rounded
 # between the two; the choice moves little with them (the caches pay from 5 epochs either way).
 IMAGE_STEP = 2.0  # a training image through the whole network: augment, forward, backward
-IMAGE_EVAL = 1.0  # a validation image through the whole network
+IMAGE_EVAL = 1.0  # a validation image through the whole network (when there is no cut)
 VIEW = 1.2  # an augmented copy at the cut
 CUT = 1.0  # an image into the cut cache
 TOP_STEP = 0.2  # a training step of the top on cached activations
@@ -43,7 +48,8 @@ class PathCosts:
     ----------
     image_step, image_eval : float
         A training image through the whole network (decode, augment, forward,
-        backward through the unfrozen layers); a validation image (forward).
+        backward through the unfrozen layers); a validation image (forward; not
+        in the estimate, which has a cut: validation runs there).
     view, cut : float
         An augmented copy of a training image at the cut; an image into the cut cache.
     top_step, top_eval : float
@@ -69,9 +75,11 @@ class PathEstimate:
     """Estimated seconds of phase two on each path, for ``epochs`` epochs.
 
     ``one_off`` is the part of ``activations`` spent building the caches (``0``
-    when they are on disk), ``per_epoch_images`` and ``per_epoch_activations``
-    the rest per epoch; ``break_even`` the fewest epochs at which the caches
-    pay (``None``: never, an epoch on activations costs as much as on images).
+    when they are on disk), ``images_one_off`` the part of ``images`` spent on
+    the frozen part's pass over the val and test images; ``per_epoch_images`` and
+    ``per_epoch_activations`` the rest per epoch; ``break_even`` the fewest
+    epochs at which the caches pay (``None``: never, an epoch on activations
+    costs as much as on images).
     """
 
     epochs: int
@@ -81,6 +89,7 @@ class PathEstimate:
     per_epoch_images: float
     per_epoch_activations: float
     break_even: int | None
+    images_one_off: float = 0.0
 
 
 def estimate_paths(
@@ -98,33 +107,37 @@ def estimate_paths(
 
     ``n_images`` counts every image (the cut cache holds them all), ``copies``
     the augmented copies per training image (``0``: no augmentation, training
-    reads the cut cache). Caches already on disk cost nothing.
+    reads the cut cache). Caches already on disk cost nothing. Validation is
+    the top on activations on both paths; on the images the val and test
+    images (``n_images - n_train``) first pass through the frozen part once.
 
     Examples
     --------
     >>> costs = PathCosts(1.6, 1.0, 1.1, 1.0, 0.08, 0.02)
     >>> e = estimate_paths(costs, n_train=100, n_val=50, n_images=150, epochs=3, copies=8)
     >>> round(e.images), round(e.activations), e.break_even
-    (630, 1057, 6)
+    (533, 1057, 7)
     """
     epochs = max(0, int(epochs))
-    per_images = n_train * costs.image_step + n_val * costs.image_eval
+    per_images = n_train * costs.image_step + n_val * costs.top_eval
     per_activations = n_train * costs.top_step + n_val * costs.top_eval
+    images_one_off = max(0, n_images - n_train) * costs.cut
     one_off = 0.0 if cut_cached else n_images * costs.cut
     if copies > 0 and not views_cached:
         one_off += n_train * copies * costs.view
     saving = per_images - per_activations
     break_even = None
-    if saving > 0:
-        break_even = max(1, -int(-one_off // saving))  # the ceiling: whole epochs
+    if saving > 0:  # the ceiling: whole epochs
+        break_even = max(1, -int(-(one_off - images_one_off) // saving))
     return PathEstimate(
         epochs=epochs,
-        images=epochs * per_images,
+        images=images_one_off + epochs * per_images,
         activations=one_off + epochs * per_activations,
         one_off=one_off,
         per_epoch_images=per_images,
         per_epoch_activations=per_activations,
         break_even=break_even,
+        images_one_off=images_one_off,
     )
 
 

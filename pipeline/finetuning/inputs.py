@@ -230,22 +230,26 @@ def _cut_cache(
 # --- the feeds -------------------------------------------------------------------------------
 
 
-def training_feeds(run: FinetuneRun, sigmoid: bool) -> tuple[Any, Any, list]:
+def training_feeds(
+    run: FinetuneRun, sigmoid: bool, *, validation: bool = True
+) -> tuple[Any, Any, list]:
     """Phase two's training and validation ``PyDataset``, and the readers to close after ``fit``.
 
     On the images when ``run.cut`` is ``None``; else on the cut cache
     (validation) and the views cache (training; the cut cache without views).
+    ``validation=False`` gives ``None`` for validation (a callback validates).
     """
 
     train_rows, val_rows = np.flatnonzero(run.splits["train"]), np.flatnonzero(run.splits["val"])
     if run.cut is None:
         train = image_feed(run, train_rows, sigmoid, shuffle=True)
-        return train, image_feed(run, val_rows, sigmoid), []
+        return train, image_feed(run, val_rows, sigmoid) if validation else None, []
     readers = [FeatureRows(run.activations["cut_cache"])]
     if run.activations["copies_cache"]:
         readers.append(FeatureRows(run.activations["copies_cache"]))
     train = _activation_feed(run, readers[-1], train_rows, sigmoid, shuffle=True)
-    return train, _activation_feed(run, readers[0], val_rows, sigmoid), readers
+    val = _activation_feed(run, readers[0], val_rows, sigmoid) if validation else None
+    return train, val, readers
 
 
 def _activation_feed(run: FinetuneRun, reader, rows: np.ndarray, sigmoid: bool, *, shuffle=False):

@@ -133,13 +133,23 @@ def _caption_words(activations: dict[str, Any]) -> str:
 
 
 def _write_predictions(run: FinetuneRun, model, sigmoid: bool) -> tuple[float, dict[str, float]]:
-    """Predict the val and test images; write them; seconds per image and accuracy per split."""
+    """Predict the val and test images; write them; seconds per image and accuracy per split.
+
+    The whole network predicts them: its top on their activations at the cut
+    when phase two kept them (:mod:`pipeline.finetuning.validation`; the seconds
+    then add the frozen part's), else on the images.
+    """
 
     features = run.features
     rows = np.flatnonzero(run.splits["val"] | run.splits["test"])
     tick = time.perf_counter()
-    proba = two_columns(model.predict(image_feed(run, rows, sigmoid), verbose=0))
-    seconds_per_image = (time.perf_counter() - tick) / max(1, len(rows))
+    if run.evaluation is not None:
+        proba = two_columns(run.evaluation.predict(rows))
+        seconds = time.perf_counter() - tick + run.evaluation.seconds
+    else:
+        proba = two_columns(model.predict(image_feed(run, rows, sigmoid), verbose=0))
+        seconds = time.perf_counter() - tick
+    seconds_per_image = seconds / max(1, len(rows))
     pred, labels, split = proba.argmax(axis=1), features.labels[rows], features.split[rows]
     write_predictions(
         run.files.predictions, features.class_names, paths=features.paths[rows], split=split,

@@ -71,6 +71,7 @@ from pipeline.finetuning.model import (
     starting_head,
 )
 from pipeline.finetuning.outputs import FinetuneResult, write_outputs
+from pipeline.finetuning.validation import cut_evaluation
 from pipeline.heads.softmax import two_columns
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ def finetune(
         sigmoid = int(head.output_shape[-1]) == 1
         resumed_from = int(run.state["epoch"]) if run.state else None
         state = _phase_one(run, trainee, head, head_source, sigmoid)
-        state = _phase_two(run, trainee, state, sigmoid, progress, callbacks)
+        state = _phase_two(run, trainee, head, state, sigmoid, callbacks)
         return write_outputs(run, model, state, sigmoid, resumed_from)
     finally:
         run.checkpoint.release()
@@ -347,13 +348,13 @@ def _phase_one(run: FinetuneRun, model, head, head_source: str, sigmoid: bool) -
     return run.checkpoint.start(model, run.identity, history, val_accuracy, head_source)
 
 
-def _phase_two(
-    run: FinetuneRun, model, state: dict, sigmoid: bool, progress: bool, callbacks
-) -> dict:
+def _phase_two(run: FinetuneRun, model, head, state: dict, sigmoid: bool, callbacks) -> dict:
     """Unfreeze the last layers, recompile, train from the checkpoint's epoch.
 
     ``model`` is the whole model (on images) or the top model (on the cached
-    activations), as :func:`_assemble` chose.
+    activations), as :func:`_assemble` chose. Validation runs the top on the
+    val activations at the cut, made once (:mod:`pipeline.finetuning.validation`),
+    when there is a cut.
     """
     from pipeline.finetuning.training import CheckpointedEarlyStopping, EpochLog, fit_phase_two
 
@@ -362,19 +363,25 @@ def _phase_two(
     compile_model(model, config.learning_rate, sigmoid=sigmoid)
     run.checkpoint.restore(model, state)
     history = list(state["history"])
-    train_seq, val_seq, readers = training_feeds(run, sigmoid)
+    run.evaluation = cut_evaluation(run, model, head)
+    validator = None
+    if run.evaluation is not None:
+        val_rows = np.flatnonzero(run.splits["val"])
+        labels = run.features.labels[val_rows]
+        validator = run.evaluation.callback(val_rows, labels, sigmoid=sigmoid)
+    train_seq, val_seq, readers = training_feeds(run, sigmoid, validation=validator is None)
     stopping = CheckpointedEarlyStopping(
         run.checkpoint, state, history, patience=config.patience, elapsed=run.elapsed,
         echo=run.echo,
     )  # fmt: skip
     log = EpochLog(
         2, history, epochs=config.epochs, learning_rate=config.learning_rate, echo=run.echo,
-        progress=progress,
+        progress=run.progress,
     )  # fmt: skip
     try:
         fit_phase_two(
             model, train_seq, val_seq, epochs=config.epochs, stopping=stopping, log=log,
-            callbacks=callbacks,
+            callbacks=callbacks, validator=validator,
         )  # fmt: skip
     finally:
         for reader in readers:

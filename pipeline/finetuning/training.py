@@ -176,11 +176,16 @@ def fit_phase_two(
     stopping: CheckpointedEarlyStopping,
     log: EpochLog,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    validator: keras.callbacks.Callback | None = None,
 ) -> None:
     """Train from the checkpoint's epoch to ``epochs`` (or early stopping); keep the best.
 
     ``train`` has ``set_epoch`` (:func:`pipeline.finetuning.image_feed.image_sequence`):
     epoch ``e`` is shuffled the same way whether the run was resumed or not.
+    ``validation`` is Keras's validation data, or ``None`` when ``validator`` adds
+    ``val_loss`` and ``val_accuracy`` to each epoch's logs
+    (:meth:`pipeline.finetuning.validation.CutEvaluation.callback`), before the
+    callbacks that read them.
     """
     state = stopping.state
     done = int(state["epoch"])
@@ -193,7 +198,7 @@ def fit_phase_two(
     model.fit(
         train, validation_data=validation, epochs=epochs, initial_epoch=done, verbose=0,
         shuffle=False,  # `train` shuffles itself, by epoch; Keras would draw from `random`
-        callbacks=[shuffle, log, stopping, *callbacks],
+        callbacks=[shuffle, *([validator] if validator else []), log, stopping, *callbacks],
     )  # fmt: skip
 
 
