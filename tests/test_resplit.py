@@ -469,3 +469,20 @@ def test_a_cache_resized_before_the_resize_was_recorded_is_refused(photos, tmp_p
         f.attrs["config_json"] = json.dumps(identity, sort_keys=True)
     with pytest.raises(CacheError, match=r"image resize .* is unset in the cache, bilinear asked"):
         check_cache_for(path, photos, CONFIG, artifacts_dir=art)
+
+
+def test_finetuning_reads_the_split_a_cache_was_resplit_to(photos, tmp_path, monkeypatch):
+    """make finetune DATA=photos after make features SEED=1: the cache's split, not SEED=0's."""
+    from pipeline.finetuning.config import FinetuneConfig
+    from pipeline.finetuning.run import _config_from_cache
+
+    art = tmp_path / "art"
+    path = stage_one(photos, art)
+    features(photos, art, 1, monkeypatch)
+    notes: list[str] = []
+    config = FinetuneConfig(features=CONFIG)
+    _, from_folder, _ = _config_from_cache(photos, config, notes.append, art)
+    assert from_folder.split == SplitConfig(seed=1)
+    assert notes == ["using the cache's split: SEED=1, VAL_FRACTION=0.2, TEST_FRACTION=0.2"]
+    _, from_cache, _ = _config_from_cache(path, config, notes.append, art)
+    assert from_cache.split == SplitConfig(seed=1)

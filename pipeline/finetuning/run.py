@@ -50,10 +50,11 @@ import numpy as np
 
 from pipeline.core.artifacts import Artifacts, dataset_name
 from pipeline.core.errors import FinetuneError
-from pipeline.data.folders import SplitConfig, scan_folder
+from pipeline.data.folders import scan_folder
 from pipeline.features import backbones, cache, runtimes
 from pipeline.features.config import FeatureConfig, ResolvedFeatures
 from pipeline.features.extract import extract_features
+from pipeline.features.resplit import cache_split, split_in_use
 from pipeline.finetuning.activations import build_top_model
 from pipeline.finetuning.checkpoints import CHECKPOINT_VERSION, Checkpoint
 from pipeline.finetuning.config import FinetuneConfig, FinetuneRun
@@ -160,7 +161,7 @@ def _prepare(
         notes.append(line)
         echo(line)
 
-    data_dir, config, given_cache = _config_from_cache(data, config, note)
+    data_dir, config, given_cache = _config_from_cache(data, config, note, artifacts_dir)
     resolved = config.validate()
     folder = scan_folder(data_dir, config.split)
     dataset = dataset_name(folder.root, artifacts_dir)  # stage one's name for it
@@ -210,7 +211,7 @@ def _prepare(
 
 
 def _config_from_cache(
-    data: Path, config: FinetuneConfig, note: Callable[[str], None]
+    data: Path, config: FinetuneConfig, note: Callable[[str], None], artifacts_dir: str | Path
 ) -> tuple[Path, FinetuneConfig, Path | None]:
     """A data folder as is; a stage-one cache gives its folder, feature configuration and split.
 
@@ -219,7 +220,12 @@ def _config_from_cache(
     fitted on it; the network that trains and is exported is Keras's.
     """
     if not (data.suffix == ".h5" and data.is_file()):
-        return data, config, None
+        # The split stage one's cache holds (make features SEED=/SPLIT_FILE=): splitting it
+        # back to this command's defaults would leave the heads on another split.
+        split = split_in_use(data, config.features, config.split, artifacts_dir) or config.split
+        if split != config.split:
+            note(f"using the cache's split: {split.words()}")
+        return data, replace(config, split=split), None
 
     attrs = cache.read_attrs(data)
     if attrs.get("pooling") != "avg" or attrs.get("layer"):
@@ -231,12 +237,7 @@ def _config_from_cache(
     features = FeatureConfig.from_cache_attrs(
         attrs, batch_size=config.features.batch_size, workers=config.features.workers
     )
-    split = config.split
-    if int(attrs.get("split_seed", -1)) >= 0:
-        split = SplitConfig(
-            seed=int(attrs["split_seed"]), val_fraction=float(attrs["val_fraction"]),
-            test_fraction=float(attrs["test_fraction"]),
-        )  # fmt: skip
+    split = cache_split(attrs) or config.split
     before = {**asdict(config.features), **asdict(config.split)}
     after = {**asdict(features), **asdict(split)}
     # The runtime is execution, not identity: not worth a line.
