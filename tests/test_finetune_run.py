@@ -139,10 +139,10 @@ def test_option_messages_name_what_the_user_can_type(change, label):
         replace(TINY, features=replace(TINY.features, workers=0)).validate()
 
 
-def test_a_stage_one_cache_as_data_gives_its_configuration(colours):
+def test_a_stage_one_cache_as_data_gives_its_configuration(colours, tmp_path):
     notes: list[str] = []
     config = replace(TINY, split=SplitConfig(seed=3), features=FeatureConfig(batch_size=4))
-    data, got, given = ft._config_from_cache(cache_file(colours[1]), config, notes.append)
+    data, got, given = ft._config_from_cache(cache_file(colours[1]), config, notes.append, tmp_path)
     assert data == colours[0].resolve() and given == cache_file(colours[1])
     # the cache's runtime is kept (so the cache is up to date), not echoed as a difference
     assert got.features == FeatureConfig(
@@ -153,7 +153,7 @@ def test_a_stage_one_cache_as_data_gives_its_configuration(colours):
     assert ft._default_name(got.validate(), got.unfreeze) == "mobilenet_v2_32_random_layers-5"
 
 
-def test_a_stage_one_cache_at_a_reduced_precision_is_used_and_said(colours, monkeypatch):
+def test_a_stage_one_cache_at_a_reduced_precision_is_used_and_said(colours, monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from pipeline.features import cache
@@ -162,7 +162,7 @@ def test_a_stage_one_cache_at_a_reduced_precision_is_used_and_said(colours, monk
     openvino = {"runtime": "openvino", "precision": "bf16"}
     monkeypatch.setattr(cache, "read_attrs", lambda path: {**read_attrs(path), **openvino})
     notes: list[str] = []
-    _, got, _ = ft._config_from_cache(cache_file(colours[1]), TINY, notes.append)
+    _, got, _ = ft._config_from_cache(cache_file(colours[1]), TINY, notes.append, tmp_path)
     assert (got.features.runtime, got.features.precision) == ("openvino", "bfloat16")
     assert not any("runtime" in line for line in notes)
     features = SimpleNamespace(path=Path("x.h5"), attrs=openvino)
@@ -172,10 +172,10 @@ def test_a_stage_one_cache_at_a_reduced_precision_is_used_and_said(colours, monk
     assert "phase two and the exported model run on Keras" in ft._runtime_note(features)
     assert ft._runtime_note(SimpleNamespace(path=Path("x.h5"), attrs={})) == ""
     # a folder: the options as given (stage one's cache is found from them, whichever runtime)
-    _, got, _ = ft._config_from_cache(colours[0], TINY, notes.append)
+    _, got, _ = ft._config_from_cache(colours[0], TINY, notes.append, tmp_path)
     assert got.features == TINY.features
     openvino_config = replace(TINY, features=replace(TINY.features, runtime="openvino"))
-    _, got, _ = ft._config_from_cache(colours[0], openvino_config, notes.append)
+    _, got, _ = ft._config_from_cache(colours[0], openvino_config, notes.append, tmp_path)
     assert got.features.runtime == "openvino"
 
 
