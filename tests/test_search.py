@@ -187,3 +187,69 @@ def test_a_grid_that_stops_rising_at_its_new_edge_says_flat():
         (3, 666, 0.5 / 1000), head_search.Progress(),
     )  # fmt: skip
     assert moves["C"]["stopped"] == "flat" and moves["C"]["searched"][-1] == 100.0
+
+
+def test_a_parallel_search_counts_its_fits_and_scores_as_a_serial_one():
+    X, y = blobs(30, 3, 24, separation=0.8, seed=1)
+    counts = []
+    for jobs in (1, 2):
+        progress = _Counter()
+        _, params, info = head_search.search(
+            HEADS["svm"], build_head("svm"), X, y, 3, 0, jobs, grid={"C": (0.1, 1.0)},
+            progress=progress,
+        )  # fmt: skip
+        counts.append((progress.count, params, info["scores"]))
+    assert counts[0] == counts[1] and counts[0][0] == 2 * 3 + 1  # two values x three folds, refit
+
+
+class _Counter(head_search.Progress):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def fitted(self) -> None:
+        self.count += 1
+
+
+@pytest.mark.parametrize("norm", ["l2", "standard"])
+def test_knn_scores_every_k_from_one_query_per_fold_as_grid_search_does(norm, monkeypatch):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = blobs(40, 4, 16, separation=0.5, seed=3)
+    ks = (1, 2, 3, 7, 20, 60)
+    pipe = build_head("knn", norm=norm)
+    reference = GridSearchCV(
+        pipe, {"knn__n_neighbors": list(ks)}, cv=StratifiedKFold(3, shuffle=True, random_state=0)
+    ).fit(X, y)
+    queries = []
+    real = KNeighborsClassifier.kneighbors
+    monkeypatch.setattr(
+        KNeighborsClassifier,
+        "kneighbors",
+        lambda self, *a, **k: queries.append(1) or real(self, *a, **k),
+    )
+    fitted, params, info = head_search.search(
+        HEADS["knn"], build_head("knn", norm=norm), X, y, 3, 0, 1, grid={"n_neighbors": ks}
+    )
+    expected = {
+        f'{{"n_neighbors": {k}}}': s
+        for k, s in zip(ks, reference.cv_results_["mean_test_score"], strict=True)
+    }
+    assert info["scores"] == pytest.approx(expected, abs=1e-12)
+    assert params == reference.best_params_
+    assert len(queries) == 3  # one per fold, whatever the number of k (the refit predicts nothing)
+
+
+def test_knn_grid_that_moves_asks_no_fold_again(monkeypatch):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = blobs(60, 2, 8, separation=0.3, seed=4)  # noisy: more neighbours score better
+    calls = []
+    real = KNeighborsClassifier.kneighbors
+    monkeypatch.setattr(
+        KNeighborsClassifier,
+        "kneighbors",
+        lambda self, *a, **k: calls.append(1) or real(self, *a, **k),
+    )
+    _, _, info = head_search.search(HEADS["knn"], build_head("knn"), X, y, 3, 0, 1)
+    assert info["grid_moves"]["n_neighbors"]["direction"] == "up"
+    assert len(calls) == 3

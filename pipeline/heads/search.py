@@ -25,6 +25,8 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
+from pipeline.heads.neighbours import PARAM, NeighbourPath
+
 if TYPE_CHECKING:
     from pipeline.heads.registry import HeadSpec
 
@@ -133,14 +135,22 @@ def search(
         return fitted, params, {**info, "grid_moves": {}}
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     scoring = _CountedAccuracy(progress) if jobs == 1 else "accuracy"
+    path = _neighbour_path(spec, pipe, X, y, splitter, values, given)
 
     def score(points: Mapping[str, list]) -> dict[str, float]:
         """Each grid point's mean accuracy over the folds (the same folds every call)."""
+        if path is not None:  # knn: one neighbour query per fold serves every k
+            ks = points[f"{spec.name}__{PARAM}"]
+            found = path.scores(ks, _accuracy, progress.fitted)
+            return {json.dumps({PARAM: k}): s for k, s in found.items()}
         found = GridSearchCV(
             pipe, dict(points), cv=splitter, scoring=scoring, n_jobs=jobs, refit=False,
             error_score="raise",
         ).fit(X, y)  # fmt: skip
         results = found.cv_results_
+        if jobs != 1:  # the folds were scored in worker processes: count them here
+            for _ in range(len(results["params"]) * folds):
+                progress.fitted()
         return {
             json.dumps(unprefixed(p), sort_keys=True): float(s)
             for p, s in zip(results["params"], results["mean_test_score"], strict=True)
@@ -166,6 +176,24 @@ def search(
     }
     info.update(score=scores[_key(best)], scores=scores, grid_moves=moves)
     return fitted, params, {**info, "refit_seconds": refit_seconds}
+
+
+def _accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean(predicted == truth))
+
+
+def _neighbour_path(
+    spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, splitter: Any,
+    values: Mapping[str, list], given: bool,
+) -> NeighbourPath | None:  # fmt: skip
+    """The knn head's one query per fold (:mod:`pipeline.heads.neighbours`), asked for the
+    most neighbours its grid may move to; ``None`` for every other head."""
+    if not NeighbourPath.applies(pipe, values):
+        return None
+    most = max(values[PARAM])
+    if not given and PARAM in spec.extend:
+        most = max(most, int(spec.extend[PARAM][1]))
+    return NeighbourPath(pipe, X, y, list(splitter.split(X, y)), most)
 
 
 def _fold_bounded(spec: HeadSpec, key: str, values: Sequence, fold_size: int) -> list:
