@@ -253,3 +253,39 @@ def test_knn_grid_that_moves_asks_no_fold_again(monkeypatch):
     _, _, info = head_search.search(HEADS["knn"], build_head("knn"), X, y, 3, 0, 1)
     assert info["grid_moves"]["n_neighbors"]["direction"] == "up"
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("norm", ["l2", "standard"])
+def test_rbf_svm_scores_every_c_from_one_kernel_per_fold_as_grid_search_does(norm, monkeypatch):
+    from pipeline.heads import kernels
+
+    X, y = blobs(30, 4, 16, separation=0.6, seed=5)
+    Cs = (0.1, 1.0, 10.0, 100.0)
+    reference = GridSearchCV(
+        build_head("rbf_svm", norm=norm),
+        {"rbf_svm__C": list(Cs)},
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
+    ).fit(X, y)
+    computed = []
+    real = kernels.rbf_kernel
+    monkeypatch.setattr(kernels, "rbf_kernel", lambda *a, **k: computed.append(1) or real(*a, **k))
+    fitted, params, info = head_search.search(
+        HEADS["rbf_svm"], build_head("rbf_svm", norm=norm), X, y, 3, 0, 1, grid={"C": Cs}
+    )
+    expected = {
+        f'{{"C": {c}}}': s
+        for c, s in zip(Cs, reference.cv_results_["mean_test_score"], strict=True)
+    }
+    assert info["scores"] == pytest.approx(expected, abs=1e-12)
+    assert params == reference.best_params_
+    assert len(computed) == 3 * 2  # per fold: its train kernel and its held-out rows', once
+    assert fitted.named_steps["rbf_svm"].kernel == "rbf"  # the saved head is the usual SVC
+
+
+def test_kernels_too_big_to_keep_leave_the_search_to_grid_search():
+    from pipeline.heads.kernels import KernelPath
+
+    pipe = build_head("rbf_svm")
+    assert KernelPath.applies(pipe, {"C": [1.0]}, 3000, 3)  # 144 MB of kernels
+    assert not KernelPath.applies(pipe, {"C": [1.0]}, 10_000, 3)  # 1.6 GB
+    assert not KernelPath.applies(build_head("svm"), {"C": [1.0]}, 300, 3)

@@ -25,6 +25,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
+from pipeline.heads.kernels import KernelPath
 from pipeline.heads.neighbours import PARAM, NeighbourPath
 
 if TYPE_CHECKING:
@@ -135,14 +136,13 @@ def search(
         return fitted, params, {**info, "grid_moves": {}}
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     scoring = _CountedAccuracy(progress) if jobs == 1 else "accuracy"
-    path = _neighbour_path(spec, pipe, X, y, splitter, values, given)
+    path, key = _path(spec, pipe, X, y, splitter, values, given)
 
     def score(points: Mapping[str, list]) -> dict[str, float]:
         """Each grid point's mean accuracy over the folds (the same folds every call)."""
-        if path is not None:  # knn: one neighbour query per fold serves every k
-            ks = points[f"{spec.name}__{PARAM}"]
-            found = path.scores(ks, _accuracy, progress.fitted)
-            return {json.dumps({PARAM: k}): s for k, s in found.items()}
+        if path is not None:  # one neighbour query or kernel per fold serves every value
+            found = path.scores(points[f"{spec.name}__{key}"], _accuracy, progress.fitted)
+            return {json.dumps({key: v}): s for v, s in found.items()}
         found = GridSearchCV(
             pipe, dict(points), cv=splitter, scoring=scoring, n_jobs=jobs, refit=False,
             error_score="raise",
@@ -182,18 +182,22 @@ def _accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean(predicted == truth))
 
 
-def _neighbour_path(
+def _path(
     spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, splitter: Any,
     values: Mapping[str, list], given: bool,
-) -> NeighbourPath | None:  # fmt: skip
-    """The knn head's one query per fold (:mod:`pipeline.heads.neighbours`), asked for the
-    most neighbours its grid may move to; ``None`` for every other head."""
-    if not NeighbourPath.applies(pipe, values):
-        return None
-    most = max(values[PARAM])
-    if not given and PARAM in spec.extend:
-        most = max(most, int(spec.extend[PARAM][1]))
-    return NeighbourPath(pipe, X, y, list(splitter.split(X, y)), most)
+) -> tuple[NeighbourPath | KernelPath | None, str]:  # fmt: skip
+    """What scores a head's grid without GridSearchCV's refits, and its parameter: knn's one
+    neighbour query per fold (:mod:`pipeline.heads.neighbours`), asked for the most
+    neighbours its grid may move to; rbf_svm's one kernel per fold
+    (:mod:`pipeline.heads.kernels`); ``None`` for every other head."""
+    if NeighbourPath.applies(pipe, values):
+        most = max(values[PARAM])
+        if not given and PARAM in spec.extend:
+            most = max(most, int(spec.extend[PARAM][1]))
+        return NeighbourPath(pipe, X, y, list(splitter.split(X, y)), most), PARAM
+    if KernelPath.applies(pipe, values, len(y), splitter.get_n_splits()):
+        return KernelPath(pipe, X, y, list(splitter.split(X, y))), "C"
+    return None, ""
 
 
 def _fold_bounded(spec: HeadSpec, key: str, values: Sequence, fold_size: int) -> list:
