@@ -6,6 +6,9 @@ each grid point scored by stratified cross-validation (accuracy) on train, the b
 the best value of a head's own grid sits at its edge with the score still rising
 there, the grid moves: GridSearchCV scores the next value out, on the same folds,
 until the best is inside (within the head's bounds, three values at most).
+Two heads score their grid without GridSearchCV's refits, on the same folds and with the
+same scores: ``knn`` from one neighbour query per fold (:mod:`pipeline.heads.neighbours`),
+``rbf_svm`` from one kernel matrix per fold (:mod:`pipeline.heads.kernels`).
 A Keras head (softmax) is not searched (:func:`held_out_fit`): one fit with its
 grid's single values, scored on its own early-stopping hold-out of train. Both
 report the same way (``params``, ``scores``, ``score``).
