@@ -289,3 +289,25 @@ def test_kernels_too_big_to_keep_leave_the_search_to_grid_search():
     assert KernelPath.applies(pipe, {"C": [1.0]}, 3000, 3)  # 144 MB of kernels
     assert not KernelPath.applies(pipe, {"C": [1.0]}, 10_000, 3)  # 1.6 GB
     assert not KernelPath.applies(build_head("svm"), {"C": [1.0]}, 300, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "jobs", "rows", "classes", "expected"),
+    [
+        ("svm", 0, 1000, 10, -1),  # 10,000 images x classes: a one-core solver on every core
+        ("rbf_svm", 0, 3000, 100, -1),
+        ("svm", 0, 999, 10, 1),  # smaller: starting the workers would cost more
+        ("logreg", 0, 3000, 100, 1),  # BLAS already uses the cores
+        ("ridge", 0, 3000, 100, 1),
+        ("svm", 1, 3000, 100, 1),  # JOBS= given: as given
+        ("logreg", 2, 30, 2, 2),
+        ("knn", -1, 30, 2, -1),
+    ],
+)
+def test_jobs_zero_runs_only_big_searches_of_one_core_solvers_in_parallel(
+    name, jobs, rows, classes, expected
+):
+    from pipeline.heads.registry import search_jobs
+
+    y = np.arange(rows) % classes
+    assert search_jobs(HEADS[name], jobs, y) == expected

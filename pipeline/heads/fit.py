@@ -35,6 +35,7 @@ from pipeline.heads.registry import (
     parse_grid,
     planned_fits,
     resolve_heads,
+    search_jobs,
 )
 from pipeline.heads.results import HeadResultAccess, HeadResultsAccess, chosen_head
 from pipeline.heads.reuse import library_versions, reusable_manifests, reuse_key
@@ -115,7 +116,7 @@ def fit_heads(
     pca: int | None = None,
     cv: int = 3,
     seed: int = 0,
-    jobs: int = 1,
+    jobs: int = 0,
     grid: str | Mapping[str, Mapping[str, Sequence]] | None = None,
     force: bool = False,
     log: Any = None,
@@ -147,7 +148,9 @@ def fit_heads(
     seed : int
         Seed of the folds and of every random step.
     jobs : int
-        Parallel fits of the search (Keras heads always use one).
+        Parallel fits of the search (Keras heads always use one); ``-1`` every core; ``0``
+        every core for big searches of the heads whose solver uses one (svm, rbf_svm), one
+        job otherwise (:func:`~pipeline.heads.registry.search_jobs`).
     grid, force : str or mapping, bool
         ``GRID=`` (:func:`~pipeline.heads.registry.parse_grid`); refit all (:mod:`.reuse`).
     log : callable, optional
@@ -198,6 +201,7 @@ def _fit_one(
     startup = _import_keras() if HEADS[name].keras else None
     results.keras_import_seconds += startup or 0.0
     pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+    jobs = search_jobs(HEADS[name], jobs, y_train)
     searched = head_search.timed_search(
         HEADS[name], pipe, X_train, y_train, cv, seed, jobs, grid=grid, progress=progress
     )
