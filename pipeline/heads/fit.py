@@ -148,9 +148,7 @@ def fit_heads(
     seed : int
         Seed of the folds and of every random step.
     jobs : int
-        Parallel fits of the search (Keras heads always use one); ``-1`` every core; ``0``
-        every core for big searches of the heads whose solver uses one (svm, rbf_svm), one
-        job otherwise (:func:`~pipeline.heads.registry.search_jobs`).
+        Parallel fits of each search (``-1`` all cores, ``0``: :func:`.registry.search_jobs`).
     grid, force : str or mapping, bool
         ``GRID=`` (:func:`~pipeline.heads.registry.parse_grid`); refit all (:mod:`.reuse`).
     log : callable, optional

@@ -146,18 +146,11 @@ def search(
         if path is not None:  # one neighbour query or kernel per fold serves every value
             found = path.scores(points[f"{spec.name}__{key}"], _accuracy, progress.fitted)
             return {json.dumps({key: v}): s for v, s in found.items()}
-        found = GridSearchCV(
+        searched = GridSearchCV(
             pipe, dict(points), cv=splitter, scoring=scoring, n_jobs=jobs, refit=False,
             error_score="raise",
-        ).fit(X, y)  # fmt: skip
-        results = found.cv_results_
-        if jobs != 1:  # the folds were scored in worker processes: count them here
-            for _ in range(len(results["params"]) * folds):
-                progress.fitted()
-        return {
-            json.dumps(unprefixed(p), sort_keys=True): float(s)
-            for p, s in zip(results["params"], results["mean_test_score"], strict=True)
-        }
+        )  # fmt: skip
+        return _grid_scores(searched, X, y, progress)
 
     scores = score(prefixed)
     # A rise must be worth an image (about 1 / rows of the mean fold accuracy): not one
@@ -179,6 +172,21 @@ def search(
     }
     info.update(score=scores[_key(best)], scores=scores, grid_moves=moves)
     return fitted, params, {**info, "refit_seconds": refit_seconds}
+
+
+def _grid_scores(
+    searched: GridSearchCV, X: np.ndarray, y: np.ndarray, progress: Progress
+) -> dict[str, float]:
+    """Run an unfitted GridSearchCV; each grid point's mean score, keyed as the manifest keys
+    it. Folds scored in worker processes (``n_jobs`` other than 1) are counted here."""
+    results = searched.fit(X, y).cv_results_
+    if searched.n_jobs != 1:
+        for _ in range(len(results["params"]) * searched.cv.get_n_splits()):
+            progress.fitted()
+    return {
+        json.dumps(unprefixed(p), sort_keys=True): float(s)
+        for p, s in zip(results["params"], results["mean_test_score"], strict=True)
+    }
 
 
 def _accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
