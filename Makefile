@@ -36,7 +36,9 @@ NORM ?=
 PCA ?=
 # CV: folds of every cross-validation (the heads' searches, make probe, make auto).
 CV ?= 3
-JOBS ?= 1
+# JOBS: parallel fits of each search; 0 (the default): every core for big searches of the
+# heads whose solver uses one (svm, rbf_svm), one job for the others.
+JOBS ?= 0
 # GRID="svm:C=0.01,0.1,1;logreg:C=1e-3,1e-2": grids searched instead of the heads' own;
 # FORCE=1: refit heads that an earlier `make head` fitted on the same cache with the same options.
 GRID ?=

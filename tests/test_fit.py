@@ -220,10 +220,10 @@ def test_refusals_write_nothing(tmp_path):
     before = _tree(artifacts / "heads")
     with pytest.raises(HeadError, match="did you mean"):
         fit_heads(one_class, "svm,sofmax", artifacts_dir=artifacts)
-    with pytest.raises(HeadError, match=r"JOBS= \(--jobs\) must be a whole number in \[1, 256\]"):
+    with pytest.raises(HeadError, match=r"JOBS= \(--jobs\) must be a whole number in \[0, 256\]"):
         fit_heads(unseen, "svm", artifacts_dir=artifacts, jobs=-2)
-    with pytest.raises(HeadError, match=r"JOBS= \(--jobs\) must be .*; got 0"):
-        fit_heads(unseen, "svm", artifacts_dir=artifacts, jobs=0)
+    with pytest.raises(HeadError, match=r"JOBS= \(--jobs\) must be .*; got 257"):
+        fit_heads(unseen, "svm", artifacts_dir=artifacts, jobs=257)
     with pytest.raises(HeadError, match=r"CV= \(--cv\) must be"):
         fit_heads(unseen, "svm", artifacts_dir=artifacts, cv=1)
     assert _tree(artifacts / "heads") == before == {}

@@ -21,7 +21,7 @@ from pipeline.core.options import OPTIONS, check_options, option_label
         ({"learning_rate": float("nan")}, r"LR= \(--lr\)"),
         ({"pooling": "mean"}, "POOLING= .* one of avg, max, flatten"),
         ({"norm": "l3"}, "did you mean l2"),
-        ({"jobs": 0}, r"JOBS= \(--jobs\) must be .*; got 0"),
+        ({"jobs": -2}, r"JOBS= \(--jobs\) must be .*; got -2"),
         ({"input_size": 100_000}, r"INPUT_SIZE= \(--input-size\)"),
     ],
 )

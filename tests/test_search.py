@@ -187,3 +187,127 @@ def test_a_grid_that_stops_rising_at_its_new_edge_says_flat():
         (3, 666, 0.5 / 1000), head_search.Progress(),
     )  # fmt: skip
     assert moves["C"]["stopped"] == "flat" and moves["C"]["searched"][-1] == 100.0
+
+
+def test_a_parallel_search_counts_its_fits_and_scores_as_a_serial_one():
+    X, y = blobs(30, 3, 24, separation=0.8, seed=1)
+    counts = []
+    for jobs in (1, 2):
+        progress = _Counter()
+        _, params, info = head_search.search(
+            HEADS["svm"], build_head("svm"), X, y, 3, 0, jobs, grid={"C": (0.1, 1.0)},
+            progress=progress,
+        )  # fmt: skip
+        counts.append((progress.count, params, info["scores"]))
+    assert counts[0] == counts[1] and counts[0][0] == 2 * 3 + 1  # two values x three folds, refit
+
+
+class _Counter(head_search.Progress):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def fitted(self) -> None:
+        self.count += 1
+
+
+@pytest.mark.parametrize("norm", ["l2", "standard"])
+def test_knn_scores_every_k_from_one_query_per_fold_as_grid_search_does(norm, monkeypatch):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = blobs(40, 4, 16, separation=0.5, seed=3)
+    ks = (1, 2, 3, 7, 20, 60)
+    pipe = build_head("knn", norm=norm)
+    reference = GridSearchCV(
+        pipe, {"knn__n_neighbors": list(ks)}, cv=StratifiedKFold(3, shuffle=True, random_state=0)
+    ).fit(X, y)
+    queries = []
+    real = KNeighborsClassifier.kneighbors
+    monkeypatch.setattr(
+        KNeighborsClassifier,
+        "kneighbors",
+        lambda self, *a, **k: queries.append(1) or real(self, *a, **k),
+    )
+    fitted, params, info = head_search.search(
+        HEADS["knn"], build_head("knn", norm=norm), X, y, 3, 0, 1, grid={"n_neighbors": ks}
+    )
+    expected = {
+        f'{{"n_neighbors": {k}}}': s
+        for k, s in zip(ks, reference.cv_results_["mean_test_score"], strict=True)
+    }
+    assert info["scores"] == pytest.approx(expected, abs=1e-12)
+    assert params == reference.best_params_
+    assert len(queries) == 3  # one per fold, whatever the number of k (the refit predicts nothing)
+
+
+def test_knn_grid_that_moves_asks_no_fold_again(monkeypatch):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = blobs(60, 2, 8, separation=0.3, seed=4)  # noisy: more neighbours score better
+    calls = []
+    real = KNeighborsClassifier.kneighbors
+    monkeypatch.setattr(
+        KNeighborsClassifier,
+        "kneighbors",
+        lambda self, *a, **k: calls.append(1) or real(self, *a, **k),
+    )
+    _, _, info = head_search.search(HEADS["knn"], build_head("knn"), X, y, 3, 0, 1)
+    assert info["grid_moves"]["n_neighbors"]["direction"] == "up"
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("norm", ["l2", "standard"])
+def test_rbf_svm_scores_every_c_from_one_kernel_per_fold_as_grid_search_does(norm, monkeypatch):
+    from pipeline.heads import kernels
+
+    X, y = blobs(30, 4, 16, separation=0.6, seed=5)
+    Cs = (0.1, 1.0, 10.0, 100.0)
+    reference = GridSearchCV(
+        build_head("rbf_svm", norm=norm),
+        {"rbf_svm__C": list(Cs)},
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
+    ).fit(X, y)
+    computed = []
+    real = kernels.rbf_kernel
+    monkeypatch.setattr(kernels, "rbf_kernel", lambda *a, **k: computed.append(1) or real(*a, **k))
+    fitted, params, info = head_search.search(
+        HEADS["rbf_svm"], build_head("rbf_svm", norm=norm), X, y, 3, 0, 1, grid={"C": Cs}
+    )
+    expected = {
+        f'{{"C": {c}}}': s
+        for c, s in zip(Cs, reference.cv_results_["mean_test_score"], strict=True)
+    }
+    assert info["scores"] == pytest.approx(expected, abs=1e-12)
+    assert params == reference.best_params_
+    assert len(computed) == 3 * 2  # per fold: its train kernel and its held-out rows', once
+    assert fitted.named_steps["rbf_svm"].kernel == "rbf"  # the saved head is the usual SVC
+
+
+def test_kernels_too_big_to_keep_leave_the_search_to_grid_search():
+    from pipeline.heads.kernels import KernelPath
+
+    pipe = build_head("rbf_svm")
+    assert KernelPath.applies(pipe, {"C": [1.0]}, 3000, 3)  # 144 MB of kernels
+    assert not KernelPath.applies(pipe, {"C": [1.0]}, 10_000, 3)  # 1.6 GB
+    assert not KernelPath.applies(build_head("svm"), {"C": [1.0]}, 300, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "jobs", "rows", "classes", "expected"),
+    [
+        ("svm", 0, 1000, 10, -1),  # 10,000 images x classes: a one-core solver on every core
+        ("rbf_svm", 0, 3000, 100, -1),
+        ("svm", 0, 999, 10, 1),  # smaller: starting the workers would cost more
+        ("logreg", 0, 3000, 100, 1),  # BLAS already uses the cores
+        ("ridge", 0, 3000, 100, 1),
+        ("svm", 1, 3000, 100, 1),  # JOBS= given: as given
+        ("logreg", 2, 30, 2, 2),
+        ("knn", -1, 30, 2, -1),
+    ],
+)
+def test_jobs_zero_runs_only_big_searches_of_one_core_solvers_in_parallel(
+    name, jobs, rows, classes, expected
+):
+    from pipeline.heads.registry import search_jobs
+
+    y = np.arange(rows) % classes
+    assert search_jobs(HEADS[name], jobs, y) == expected

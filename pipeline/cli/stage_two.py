@@ -83,7 +83,7 @@ def cmd_head(args: argparse.Namespace) -> int:
     jobs, engine = args.jobs, contextlib.nullcontext()
     if args.engine == "ray":  # the same search, its fits sent to Ray through joblib
         engine = joblib_on_ray(args.ray_address or None)
-        if jobs == 1:  # one job would stay in this process
+        if jobs in (0, 1):  # one job would stay in this process
             jobs = -1
             print("ENGINE=ray: the search's fits run on every CPU of the Ray cluster (JOBS=-1)")
     checked = not (args.cache or getattr(args, "features", None))  # found for DATA: check it
@@ -228,7 +228,11 @@ def _add_head(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cv", type=int, default=3, help="folds of the hyper-parameter search")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's folds")
     p.add_argument(
-        "--jobs", type=int, default=1, help="parallel fits of the search (JOBS=; -1: all cores)"
+        "--jobs",
+        type=int,
+        default=0,
+        help="parallel fits of the search (JOBS=; -1: all cores; 0: all cores for big "
+        "searches of the heads whose solver uses one, svm and rbf_svm, else one job)",
     )
     p.add_argument("--grid", help=f"grids searched as given (GRID=), e.g. {GRID_EXAMPLE}")
     p.add_argument("--force", action="store_true", help="refit heads reused otherwise (FORCE=1)")

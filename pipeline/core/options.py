@@ -158,7 +158,8 @@ OPTIONS: dict[str, Option] = {
     "norm": Option("NORM", "--norm", (OneOf(NORMS), None)),
     "pca": Option("PCA", "--pca", (Interval(Integral, 1, None), None)),
     "cv": Option("CV", "--cv", (Interval(Integral, 2, 20),)),
-    "jobs": Option("JOBS", "--jobs", (Interval(Integral, 1, 256), Interval(Integral, -1, -1))),
+    # 0: each head its own (every core for big searches of one-core solvers, else one job)
+    "jobs": Option("JOBS", "--jobs", (Interval(Integral, 0, 256), Interval(Integral, -1, -1))),
     "n_resamples": Option(None, "--resamples", (Interval(Integral, 1, 1_000_000),)),
     "metric": Option("METRIC", "--metric", (OneOf(METRICS),)),
     "protocol_metric": Option("METRIC", "--metric", (OneOf(PROTOCOL_METRICS),)),

@@ -37,6 +37,7 @@ from pipeline.heads.registry import (
     parse_grid,
     planned_fits,
     resolve_heads,
+    search_jobs,
 )
 from pipeline.heads.results import HeadResultAccess, HeadResultsAccess
 from pipeline.heads.reuse import library_versions, reusable_manifests, reuse_key
@@ -117,7 +118,7 @@ def fit_heads(
     pca: int | None = None,
     cv: int = 3,
     seed: int = 0,
-    jobs: int = 1,
+    jobs: int = 0,
     grid: str | Mapping[str, Mapping[str, Sequence]] | None = None,
     force: bool = False,
     metric: str = scoring.DEFAULT_METRIC,
@@ -144,8 +145,8 @@ def fit_heads(
     norm, pca : {"l2", "standard", "none"} and int, optional
         Override every head's normalisation step; keep this many principal components.
     cv, seed, jobs : int
-        Folds of the search (fewer when a class is smaller); the seed of the folds and of
-        every random step; parallel fits of the search (Keras heads always use one).
+        Folds of the search (fewer when a class is smaller); seed of every random step;
+        parallel fits of each search (``-1`` all cores, ``0``: :func:`.registry.search_jobs`).
     grid, force : str or mapping, bool
         ``GRID=`` (:func:`~pipeline.heads.registry.parse_grid`); refit all (:mod:`.reuse`).
     metric : {"accuracy", "balanced_accuracy", "macro_f1"}
@@ -200,6 +201,7 @@ def _fit_one(
     startup = _import_keras() if HEADS[name].keras else None
     results.keras_import_seconds += startup or 0.0
     pipe = build_head(name, norm=norm, pca=pca, seed=seed)
+    jobs = search_jobs(HEADS[name], jobs, y_train)
     searched = head_search.timed_search(
         HEADS[name], pipe, X_train, y_train, cv, seed, jobs, grid=grid, progress=progress,
         metric=metric,

@@ -31,7 +31,7 @@ from pipeline.heads import search as head_search
 from pipeline.heads.linear_eval import NAME as LINEAR_EVAL
 from pipeline.heads.linear_eval import fit_linear_eval
 from pipeline.heads.protocols import TEST, TRAIN, UNUSED, per_class_split, split_file
-from pipeline.heads.registry import HEADS, build_head, resolve_heads
+from pipeline.heads.registry import HEADS, build_head, resolve_heads, search_jobs
 from pipeline.heads.store import head_outputs
 
 METRICS = PROTOCOL_METRICS  # make head's three (METRIC=), and top5
@@ -262,7 +262,8 @@ def _fit(
         return fit_linear_eval(X, y, seed, metric=metric)
     pipe = build_head(name, seed=seed)
     if searchable:
-        searched = head_search.timed_search(HEADS[name], pipe, X, y, cv, seed, 1, metric=metric)
+        jobs = search_jobs(HEADS[name], 0, y)  # every core for a big one-core search
+        searched = head_search.timed_search(HEADS[name], pipe, X, y, cv, seed, jobs, metric=metric)
         return searched.fitted, head_search.unprefixed(searched.params), searched.cv_info["scheme"]
     spec = HEADS[name]
     bounded = {

@@ -82,6 +82,9 @@ class HeadSpec:
         an edge of the grid with the score still rising there, the grid grows by
         ``factor`` in that direction, within ``[low, high]``
         (:data:`MAX_EXTENSIONS` steps at most).
+    one_core : bool
+        Its solver runs on one core (liblinear, libsvm): ``JOBS=0``, the default, runs a big
+        search's fits on every core (:func:`search_jobs`); BLAS-threaded solvers keep one.
     """
 
     name: str
@@ -94,6 +97,7 @@ class HeadSpec:
     fold_bounded: tuple[str, ...] = ()
     max_rows: int | None = None
     extend: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
+    one_core: bool = False
 
     def estimator(self, seed: int) -> BaseEstimator:
         """A fresh, unfitted classifier (the last step of the head's pipeline)."""
@@ -114,6 +118,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         # At most 100: on L2-normalised features the dual's iterations grow with C (digits'
         # C=1000 fits took minutes against seconds at C=10 for the same CV score).
         extend={"C": (1e-4, 100.0, 10.0)},
+        one_core=True,  # liblinear: one core per fit
     ),
     HeadSpec(
         name="rbf_svm",
@@ -125,6 +130,7 @@ _REGISTRY: tuple[HeadSpec, ...] = (
         # Kernel SVMs cost time with the square of the images (and one-vs-one pairs with the
         # square of the classes): about 3 minutes of search at 10,000 images of 100 classes.
         max_rows=10_000,
+        one_core=True,  # libsvm: one core per fit
     ),
     HeadSpec(
         name="logreg",
@@ -269,6 +275,22 @@ def planned_fits(spec: HeadSpec, cv: int, grid: Mapping[str, Sequence] | None = 
     grid = spec.grid if grid is None else grid
     points = int(np.prod([len(values) for values in grid.values()])) if grid else 1
     return points * cv + 1
+
+
+PARALLEL_FROM = 10_000  # train images x classes from which JOBS=0 runs a search's fits in parallel
+
+
+def search_jobs(spec: HeadSpec, jobs: int, y: np.ndarray) -> int:
+    """The parallel fits of a head's search on labels ``y``: ``jobs`` (``JOBS=``) as given,
+    but ``0`` (the default) means every core (``-1``) for a one-core solver once train
+    images times classes reach :data:`PARALLEL_FROM`, and one job otherwise: a smaller
+    search takes about a second, less than starting the worker processes, and BLAS-threaded
+    solvers already use the cores.
+    """
+    if jobs != 0:
+        return jobs
+    size = len(y) * len(np.unique(y))
+    return -1 if spec.one_core and size >= PARALLEL_FROM else 1
 
 
 MAX_EXTENSIONS = 3  # steps a grid may move past an edge, per parameter and search

@@ -7,6 +7,9 @@ unless ``METRIC=`` says otherwise, :mod:`pipeline.heads.scoring`), the best
 the best value of a head's own grid sits at its edge with the score still rising
 there, the grid moves: GridSearchCV scores the next value out, on the same folds,
 until the best is inside (within the head's bounds, three values at most).
+Two heads score their grid without GridSearchCV's refits, on the same folds and with the
+same scores: ``knn`` from one neighbour query per fold (:mod:`pipeline.heads.neighbours`),
+``rbf_svm`` from one kernel matrix per fold (:mod:`pipeline.heads.kernels`).
 A Keras head (softmax) is not searched (:func:`held_out_fit`): one fit with its
 grid's single values, scored on its own early-stopping hold-out of train. Both
 report the same way (``params``, ``scores``, ``score``).
@@ -14,6 +17,7 @@ report the same way (``params``, ``scores``, ``score``).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -27,6 +31,8 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from pipeline.heads import scoring
+from pipeline.heads.kernels import KernelPath
+from pipeline.heads.neighbours import PARAM, NeighbourPath
 
 if TYPE_CHECKING:
     from pipeline.heads.registry import HeadSpec
@@ -141,20 +147,21 @@ def search(
         progress.fitted()
         return fitted, params, {**info, "grid_moves": {}, "metric": metric}
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    # Other processes cannot count into this one's progress: they get a scorer that counts nowhere.
+    # Workers cannot count into this process's progress: _grid_scores counts their folds.
     scorer = _CountedScore(metric, progress if jobs == 1 else Progress())
+    path, key = _path(spec, pipe, X, y, splitter, values, given)
+    of_metric = functools.partial(scoring.score, metric)  # (truth, predicted) -> score
 
     def score(points: Mapping[str, list]) -> dict[str, float]:
         """Each grid point's mean score over the folds (the same folds every call)."""
-        found = GridSearchCV(
+        if path is not None:  # one neighbour query or kernel per fold serves every value
+            found = path.scores(points[f"{spec.name}__{key}"], of_metric, progress.fitted)
+            return {json.dumps({key: v}): s for v, s in found.items()}
+        searched = GridSearchCV(
             pipe, dict(points), cv=splitter, scoring=scorer, n_jobs=jobs, refit=False,
             error_score="raise",
-        ).fit(X, y)  # fmt: skip
-        results = found.cv_results_
-        return {
-            json.dumps(unprefixed(p), sort_keys=True): float(s)
-            for p, s in zip(results["params"], results["mean_test_score"], strict=True)
-        }
+        )  # fmt: skip
+        return _grid_scores(searched, X, y, progress)
 
     scores = score(prefixed)
     # A rise must be worth an image (about 1 / rows of the mean fold accuracy): not one
@@ -176,6 +183,39 @@ def search(
     }
     info.update(score=scores[_key(best)], scores=scores, grid_moves=moves, metric=metric)
     return fitted, params, {**info, "refit_seconds": refit_seconds}
+
+
+def _grid_scores(
+    searched: GridSearchCV, X: np.ndarray, y: np.ndarray, progress: Progress
+) -> dict[str, float]:
+    """Run an unfitted GridSearchCV; each grid point's mean score, keyed as the manifest keys
+    it. Folds scored in worker processes (``n_jobs`` other than 1) are counted here."""
+    results = searched.fit(X, y).cv_results_
+    if searched.n_jobs != 1:
+        for _ in range(len(results["params"]) * searched.cv.get_n_splits()):
+            progress.fitted()
+    return {
+        json.dumps(unprefixed(p), sort_keys=True): float(s)
+        for p, s in zip(results["params"], results["mean_test_score"], strict=True)
+    }
+
+
+def _path(
+    spec: HeadSpec, pipe: Pipeline, X: np.ndarray, y: np.ndarray, splitter: Any,
+    values: Mapping[str, list], given: bool,
+) -> tuple[NeighbourPath | KernelPath | None, str]:  # fmt: skip
+    """What scores a head's grid without GridSearchCV's refits, and its parameter: knn's one
+    neighbour query per fold (:mod:`pipeline.heads.neighbours`), asked for the most
+    neighbours its grid may move to; rbf_svm's one kernel per fold
+    (:mod:`pipeline.heads.kernels`); ``None`` for every other head."""
+    if NeighbourPath.applies(pipe, values):
+        most = max(values[PARAM])
+        if not given and PARAM in spec.extend:
+            most = max(most, int(spec.extend[PARAM][1]))
+        return NeighbourPath(pipe, X, y, list(splitter.split(X, y)), most), PARAM
+    if KernelPath.applies(pipe, values, len(y), splitter.get_n_splits()):
+        return KernelPath(pipe, X, y, list(splitter.split(X, y))), "C"
+    return None, ""
 
 
 def _fold_bounded(spec: HeadSpec, key: str, values: Sequence, fold_size: int) -> list:
