@@ -151,3 +151,16 @@ def test_the_saved_model_is_uncompiled_and_holds_the_weights(tmp_path):
     for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert model.compiled and model.optimizer.iterations.numpy() == 1  # the original untouched
+
+
+def test_an_image_that_no_longer_decodes_stops_the_run_in_one_line():
+    from pipeline.core.errors import FinetuneError
+    from pipeline.finetuning.image_feed import check_readable
+
+    paths = ["ants/a.jpg", "ants/b.jpg", "bees/c.jpg"]
+    check_readable(SimpleNamespace(errors={}, start=0), paths)  # nothing failed: goes on
+    with pytest.raises(FinetuneError) as info:
+        check_readable(SimpleNamespace(errors={1: "truncated"}, start=1), paths)
+    assert str(info.value) == (
+        "bees/c.jpg can no longer be read (truncated); re-run `make features`"
+    )

@@ -40,11 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.core.errors import FinetuneError
 from pipeline.data.images import iter_batches, load_image
 from pipeline.features import cache, cache_writer
 from pipeline.finetuning.freezing import backbone_layers
-from pipeline.finetuning.image_feed import training_batch
+from pipeline.finetuning.image_feed import check_readable, training_batch
 
 if TYPE_CHECKING:
     import keras
@@ -259,12 +258,7 @@ def write_views(
             )  # fmt: skip
             with bar:
                 for batch in batches:
-                    if batch.errors:
-                        offset, reason = next(iter(batch.errors.items()))
-                        raise FinetuneError(
-                            f"{paths[batch.start + offset]} can no longer be read ({reason}); "
-                            "re-run `make features`"
-                        )
+                    check_readable(batch, paths)
                     tick = time.perf_counter()
                     out = _views_of(batch.x, batch.start, spec, model, augmentation, batch_size)
                     ok = np.ones(len(out), dtype=bool)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,3 +106,14 @@ def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     weights = np.ones(n_classes)
     weights[present] = len(labels) / (present.sum() * counts[present])
     return weights
+
+
+def check_readable(batch: Any, paths: Sequence[str]) -> None:
+    """Stop at the first image of a loaded batch that failed to decode: stage one read it,
+    so it changed since (one line: which, and to re-run ``make features``)."""
+    if batch.errors:
+        offset, reason = next(iter(batch.errors.items()))
+        raise FinetuneError(
+            f"{paths[batch.start + offset]} can no longer be read ({reason}); "
+            "re-run `make features`"
+        )

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.core.errors import FinetuneError
 from pipeline.data.images import default_workers, iter_batches
 from pipeline.features import backbones
 from pipeline.features.cache import FeatureRows
+from pipeline.finetuning.image_feed import check_readable
 
 if TYPE_CHECKING:
     import keras
@@ -175,12 +175,7 @@ def _frozen_pass(run: FinetuneRun, cut: Cut, rows: np.ndarray) -> np.ndarray:
         workers=run.config.features.workers or default_workers(),
     )  # fmt: skip
     for batch in batches:
-        if batch.errors:
-            offset, reason = next(iter(batch.errors.items()))
-            raise FinetuneError(
-                f"{paths[batch.start + offset]} can no longer be read ({reason}); "
-                "re-run `make features`"
-            )
+        check_readable(batch, paths)
         n, images = len(batch.x), batch.x
         if n < batch_size:
             images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]))])
