@@ -288,13 +288,7 @@ def choose(
     explicit = runtime != "auto"
     meta = store.meta() if store is not None else None
     if precision == "int8" and runtime != "keras":
-        why_not = _why_not_openvino(precision, meta)
-        why_not = why_not or (None if precisions.nncf_installed() else NO_NNCF)
-        if why_not or random_weights:
-            why_not = why_not or "WEIGHTS=none (random weights) is a baseline, not quantized"
-            raise PipelineError(
-                f"PRECISION=int8 cannot run: {why_not}; int8 runs on OpenVINO (RUNTIME=auto)"
-            )
+        _check_int8(meta, random_weights)
     keras = keras_choice(precision)
     if runtime == "keras" or (random_weights and not explicit):
         # Random weights are a baseline, not worth a conversion; their features are
@@ -345,6 +339,16 @@ def choose(
         reason = precisions.auto_reason(prec, check, unpaid, images) if precision == "auto" else ""
         return RuntimeChoice(name, prec, tuple(notes), model_xml, reason)
     return replace(keras, notes=tuple(notes))
+
+
+def _check_int8(meta: dict | None, random_weights: bool) -> None:
+    """``PRECISION=int8`` asked for where it cannot run: one line saying why."""
+    why_not = _why_not_openvino("int8", meta) or (None if precisions.nncf_installed() else NO_NNCF)
+    if why_not or random_weights:
+        why_not = why_not or "WEIGHTS=none (random weights) is a baseline, not quantized"
+        raise PipelineError(
+            f"PRECISION=int8 cannot run: {why_not}; int8 runs on OpenVINO (RUNTIME=auto)"
+        )
 
 
 def _recorded_check(meta: dict | None, data: str, precision: str) -> dict | None:
