@@ -106,4 +106,4 @@ def test_make_head_metric_reaches_the_reports_headline(tmp_path):
     result = write_report("synthetic", artifacts_dir=artifacts, n_resamples=50)
     assert result.lines[0] == "synthetic: 2 runs, ranked on val macro F1:"
     assert any("the best val macro F1, " in line for line in result.lines)
-    assert "macro F1 [95% CI]" in result.markdown.read_text()
+    assert r"macro F1 \[95% CI\]" in result.markdown.read_text()  # headers escaped as cells
