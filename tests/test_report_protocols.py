@@ -226,3 +226,17 @@ def test_a_report_with_no_heads_still_writes_the_page_and_says_where(tmp_path: P
     with pytest.raises(ReportError, match="its protocol results are on .*protocols/bugs/index"):
         write_report("bugs", artifacts_dir=tmp_path)
     assert (tmp_path / "protocols/bugs/index.html").is_file()
+
+
+def test_the_curves_spread_band_stays_between_0_and_1() -> None:
+    """A mean of 0.95 +- 0.1 draws its band up to 1, not to 1.05."""
+    from pipeline.report.figures import curve_figure
+
+    points = [
+        {"shots": n, "heads": {"svm": {"mean": m, "std": 0.1}}} for n, m in ((1, 0.05), (2, 0.95))
+    ]
+    record = {"dataset": "d", "metric": "balanced_accuracy", "seeds": [0, 1], "heads": ["svm"],
+              "points": points}  # fmt: skip
+    fig = curve_figure(record)
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() >= 0.0 and band.max() <= 1.0 and band.max() == pytest.approx(1.0)

@@ -129,7 +129,9 @@ def curve_figure(record: dict[str, Any]) -> Any:
         mean = np.array([p["heads"][head]["mean"] for p in numbers])
         std = np.array([p["heads"][head]["std"] for p in numbers])
         (line,) = ax.plot(x, mean, marker="o", label=head)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        # every metric here is a share: a band past 0 or 1 would draw scores nobody can get
+        low, high = np.clip(mean - std, 0.0, 1.0), np.clip(mean + std, 0.0, 1.0)
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
         for p in record["points"]:
             if p["shots"] == "all":  # the shipped split: a dashed level, not a point on the axis
                 ax.axhline(p["heads"][head]["mean"], color=line.get_color(), ls="--", lw=1)
