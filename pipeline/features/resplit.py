@@ -80,13 +80,7 @@ def cache_split(attrs: Mapping[str, Any]) -> SplitConfig | None:
     What commands other than ``make features`` (fine-tuning, ``make auto``) pass to stage one,
     so that they read the cache as it is split rather than splitting it back to their own
     defaults."""
-    source = attrs.get("split_source")
-    if source == "per_class":
-        record = split_record(attrs)
-        return SplitConfig(seed=record["seed"], train_per_class=record["train_per_class"])
-    if source == "split_file":
-        return SplitConfig(split_file=split_record(attrs)["file"])
-    return recorded_split(attrs)
+    return _split_config(split_record(attrs))
 
 
 def split_in_use(
@@ -129,24 +123,28 @@ def split_words(record: Any) -> str:
     folders``, or ``not recorded`` (heads fit before manifests recorded it)."""
     if not isinstance(record, Mapping) or "source" not in record:
         return "not recorded"
-    source, sha = record["source"], ""
     try:
-        if source == "per_class":
-            split = SplitConfig(seed=int(record["seed"]),
-                                train_per_class=int(record["train_per_class"]))  # fmt: skip
-        elif source == "split_file":
-            split, sha = SplitConfig(split_file=str(record["file"])), str(record["sha256"])
-        elif source == "stratified":
-            split = SplitConfig(
-                seed=int(record["seed"]),
-                val_fraction=float(record["val_fraction"]),
-                test_fraction=float(record["test_fraction"]),
-            )
-        else:
-            return "split folders"
+        split = _split_config(record)
+        sha = str(record["sha256"]) if record["source"] == "split_file" else ""
     except (KeyError, TypeError, ValueError, PipelineError):  # a manifest anyone can edit
         return "not recorded"
-    return split.words(sha)
+    return "split folders" if split is None else split.words(sha)
+
+
+def _split_config(record: Mapping[str, Any]) -> SplitConfig | None:
+    """The split options of a :func:`split_record` (``None``: split folders)."""
+    source = record["source"]
+    if source == "per_class":
+        return SplitConfig(seed=int(record["seed"]), train_per_class=int(record["train_per_class"]))
+    if source == "split_file":
+        return SplitConfig(split_file=str(record["file"]))
+    if source == "stratified":
+        return SplitConfig(
+            seed=int(record["seed"]),
+            val_fraction=float(record["val_fraction"]),
+            test_fraction=float(record["test_fraction"]),
+        )
+    return None
 
 
 def recorded_folder(path: str | Path, data: str | Path, attrs: Mapping[str, Any]) -> ImageFolder:
