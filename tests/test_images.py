@@ -161,7 +161,7 @@ def test_opencv_decodes_plain_jpegs_as_pillow_does(tmp_path, monkeypatch, mode, 
     monkeypatch.setattr(images, "_opencv_jpeg", lambda *a: decoded.append(1) or real(*a))
     fast = load_image(path, size)
     assert decoded == [1]  # OpenCV decoded it
-    monkeypatch.setattr(images, "_plain_jpeg", lambda image, path: False)
+    monkeypatch.setattr(images, "_plain_jpeg", lambda image: None)
     pillow = load_image(path, size)
     assert fast.shape == pillow.shape == (size, size, 3)
     assert np.abs(fast.astype(int) - pillow).max() <= 2  # the same libjpeg-turbo decoding

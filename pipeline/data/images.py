@@ -66,14 +66,14 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's palette/EXIF chatter
             with Image.open(path) as image:  # the header only, so far
-                fast, full = _plain_jpeg(image, path), image.size
+                jpeg, full = _plain_jpeg(image), image.size
                 if image.format == "JPEG" and JPEG_DRAFT:
                     # Decode at a reduced DCT scale when the file is large enough.
                     side = max(1, math.ceil(size * JPEG_DRAFT))
                     image.draft("RGB", (side, side))
                 _check_pixels(image)
-                if fast:
-                    return _opencv_jpeg(path, image, size, _draft_scale(full, image.size))
+                if jpeg is not None:
+                    return _opencv_jpeg(jpeg, image, size, _draft_scale(full, image.size))
                 image.load()
                 return _to_rgb_array(_oriented(image), size)
     except (ImageError, PipelineError):  # PipelineError: not this image's fault (no OpenCV)
@@ -90,16 +90,18 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 
-def _plain_jpeg(image: Image.Image, path: str | Path) -> bool:
-    """Whether OpenCV may decode this file instead of Pillow: a whole baseline-or-progressive
-    RGB or grayscale JPEG that needs no EXIF rotation (everything else, Pillow decodes)."""
+def _plain_jpeg(image: Image.Image) -> np.ndarray | None:
+    """The file's bytes when OpenCV may decode it instead of Pillow: a whole
+    baseline-or-progressive RGB or grayscale JPEG that needs no EXIF rotation; ``None`` for
+    everything else, which Pillow decodes. Read from the file Pillow opened, once."""
     if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-        return False
+        return None
     if image.getexif().get(0x0112, 1) != 1:  # orientation: Pillow's transpose does it
-        return False
-    with open(path, "rb") as f:  # a truncated file lacks its end marker: Pillow says so
-        f.seek(-2, os.SEEK_END)
-        return f.read(2) == b"\xff\xd9"
+        return None
+    image.fp.seek(0)  # Pillow seeks to each tile itself if it decodes after all
+    data = np.frombuffer(image.fp.read(), np.uint8)
+    # a truncated file lacks its end marker: Pillow decodes it, and says what is wrong
+    return data if data[-2:].tobytes() == b"\xff\xd9" else None
 
 
 def _draft_scale(full: tuple[int, int], drafted: tuple[int, int]) -> int:
@@ -110,7 +112,7 @@ def _draft_scale(full: tuple[int, int], drafted: tuple[int, int]) -> int:
     return 1
 
 
-def _opencv_jpeg(path: str | Path, image: Image.Image, size: int, scale: int) -> np.ndarray:
+def _opencv_jpeg(data: np.ndarray, image: Image.Image, size: int, scale: int) -> np.ndarray:
     """Decode with OpenCV at the DCT ``scale`` (1, 2, 4, 8) Pillow's draft chose (the same
     libjpeg-turbo decoding, without Pillow's copies), then resize."""
     cv2 = _opencv()
@@ -120,7 +122,6 @@ def _opencv_jpeg(path: str | Path, image: Image.Image, size: int, scale: int) ->
     if grey:
         flags = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
                  4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}  # fmt: skip
-    data = np.fromfile(path, np.uint8)
     array = cv2.imdecode(data, flags.get(scale, flags[1]) | cv2.IMREAD_IGNORE_ORIENTATION)
     if array is None:
         raise ImageError("corrupt or truncated image: OpenCV cannot decode it")
