@@ -51,7 +51,6 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-
     result = run_curve(
         checked_cache_for(args),
         args.shots,
@@ -93,7 +92,8 @@ def _common(p: argparse.ArgumentParser, seeds: str) -> None:
         "--metric",
         default="balanced_accuracy",
         metavar=one_of(METRICS),
-        help="the headline metric (balanced_accuracy: mean per-class accuracy; top5: > 10 classes)",
+        help="chooses hyper-parameters and heads the result (balanced_accuracy: mean "
+        "per-class accuracy; top5: more than 10 classes, reported only)",
     )
     p.add_argument("--cv", type=int, default=3, help="folds of each head's search on train")
 

@@ -95,7 +95,8 @@ def run_protocol(
         same each time; the seeds vary the folds and the heads' own randomness.
     heads, metric : str
         Head names (comma-separated or a list; registered heads, or ``linear_eval``:
-        :mod:`pipeline.heads.linear_eval`); the headline metric, one of :data:`METRICS`.
+        :mod:`pipeline.heads.linear_eval`); the metric the searches choose by and the
+        headline reports, one of :data:`METRICS`.
     split_list, data_root : path
         A CSV ``path,split[,label]`` or ``train=a.txt,test=b.txt`` (:func:`split_file`), and
         the image folder its paths are relative to.
